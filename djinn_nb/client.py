@@ -1,0 +1,339 @@
+"""The public Python API: :func:`connect`, :class:`Client` and :class:`Run`.
+
+A ``Run`` is a handle: its state lives on the server, and each property reads
+the summary that came back with the last call (``refresh()`` asks again).
+Tensors cross only when asked for (``activation()``, ``logits()``); every step
+reply carries the generated ids, the top-k next tokens and activation
+statistics, a few KB however large the model.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from . import wire
+from .errors import BadRequestError, DjinnError, error_from_wire
+from .server import DEFAULT_PORT, PROTOCOL, DjinnServer
+from .transport import open_connection
+
+__all__ = ["connect", "Client", "Run"]
+
+
+def _call(conn_fn: Any, *args: Any) -> Any:
+    """Call an exposed method; raise the server's error locally, return its result."""
+    try:
+        reply = conn_fn(*args)
+    except EOFError as e:
+        raise DjinnError(f"connection to the djinn server was lost: {e}") from None
+    payload = None
+    if isinstance(reply, tuple):
+        reply, payload = reply
+    msg = wire.loads(reply, "server reply")
+    if not msg.get("ok"):
+        err = msg.get("error") or {}
+        raise error_from_wire(err.get("kind", "DjinnError"), err.get("message", "unknown server error"))
+    return (msg["result"], payload) if payload is not None else msg["result"]
+
+
+def _edit_args(activation: torch.Tensor | None, scale: float | None, add: torch.Tensor | Sequence[float] | None):
+    spec: dict[str, Any] = {}
+    act_bytes = add_bytes = None
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise BadRequestError(f"scale must be a number, got {scale!r}")
+        spec["scale"] = float(scale)
+    if activation is not None:
+        if not isinstance(activation, torch.Tensor):
+            raise BadRequestError(f"activation must be a torch.Tensor, got {type(activation).__name__}")
+        spec["activation"], act_bytes = wire.encode_tensor(activation)
+    if add is not None:
+        if not isinstance(add, torch.Tensor):
+            add = torch.tensor(add, dtype=torch.float32)
+        spec["add"], add_bytes = wire.encode_tensor(add)
+    return wire.dumps(spec), act_bytes, add_bytes
+
+
+class Run:
+    """A generation on the server: paused at a breakpoint, done, failed or closed."""
+
+    def __init__(self, client: "Client", summary: dict[str, Any]):
+        self._client = client
+        self._s = summary
+
+    # ----- where it is ------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._s["id"]
+
+    @property
+    def state(self) -> str:
+        return self._s["state"]
+
+    @property
+    def paused(self) -> bool:
+        return self.state == "paused"
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    @property
+    def layer(self) -> int | None:
+        return self._s["layer"]
+
+    @property
+    def step(self) -> int:
+        return self._s["step"]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._s["token_ids"])
+
+    @property
+    def text(self) -> str:
+        return self._client.decode(self.token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return self._s["prompt_len"]
+
+    @property
+    def parent(self) -> str | None:
+        return self._s.get("parent")
+
+    @property
+    def error(self) -> str | None:
+        return self._s.get("error")
+
+    @property
+    def topk(self) -> list[tuple[int, float]] | None:
+        """(token id, log-probability) of the most likely next tokens after the last finished step."""
+        tk = self._s.get("topk")
+        return [tuple(x) for x in tk] if tk else None
+
+    @property
+    def activation_stats(self) -> dict[str, Any] | None:
+        """Shape, dtype, norm/mean/max overall and per position of the paused activation."""
+        return self._s.get("activation")
+
+    @property
+    def bytes_held(self) -> int:
+        return self._s["bytes_held"]
+
+    @property
+    def timings_ms(self) -> dict[str, float]:
+        return dict(self._s.get("timings_ms") or {})
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return dict(self._s)
+
+    # ----- tensors ----------------------------------------------------------------
+    def activation(self, original: bool = False) -> torch.Tensor:
+        """The paused activation on this machine's CPU, (batch, positions, hidden).
+
+        With ``original=True``: the block's own output, before any ``edit``.
+        """
+        meta, data = _call(self._client._conn.root.activation, self.id, bool(original))
+        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+
+    def logits(self, step: int | None = None) -> torch.Tensor:
+        """Next-token logits (vocab,) of the last finished step, or of ``step`` if recorded."""
+        meta, data = _call(self._client._conn.root.logits, self.id, step)
+        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+
+    # ----- control ----------------------------------------------------------------
+    def resume(
+        self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None
+    ) -> "Run":
+        """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation."""
+        self._s = _call(self._client._conn.root.resume, self.id, *_edit_args(activation, scale, add))
+        return self
+
+    def fork(
+        self,
+        activation: torch.Tensor | None = None,
+        scale: float | None = None,
+        add: Any = None,
+        breakpoints: Iterable[Any] | None = None,
+    ) -> "Run":
+        """A new run continued from this checkpoint with the edit; this run stays paused as it was.
+
+        ``breakpoints=None`` keeps this run's breakpoints; ``[]`` runs the fork to its end.
+        """
+        bps = None if breakpoints is None else wire.dumps(_plain_breakpoints(breakpoints))
+        s = _call(self._client._conn.root.fork, self.id, *_edit_args(activation, scale, add), bps)
+        return Run(self._client, s)
+
+    def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None) -> "Run":
+        """Change the paused activation on the server; later resume/fork start from it."""
+        self._s = _call(self._client._conn.root.edit, self.id, *_edit_args(activation, scale, add))
+        return self
+
+    def reset(self) -> "Run":
+        """Undo edits: the paused activation is the block's own output again."""
+        self._s = _call(self._client._conn.root.reset_edit, self.id)
+        return self
+
+    def refresh(self) -> "Run":
+        self._s = _call(self._client._conn.root.status, self.id)
+        return self
+
+    def run_to_end(self) -> "Run":
+        """Resume unmodified until the run is done (a convenience for scripts)."""
+        while self.paused:
+            self.resume()
+        return self
+
+    def close(self) -> None:
+        """Free the run's server memory now."""
+        if self.state != "closed":
+            _call(self._client._conn.root.close, self.id)
+            self._s = {**self._s, "state": "closed"}
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.close()
+        except DjinnError:
+            pass
+
+    def __repr__(self) -> str:
+        where = f" at layer {self.layer} step {self.step}" if self.paused else ""
+        return f"<djinn Run {self.id} {self.state}{where}, {len(self._s['token_ids'])} tokens>"
+
+
+def _plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
+    if isinstance(bps, (int, str, tuple, dict)):
+        bps = [bps]
+    out = []
+    for b in bps:
+        if isinstance(b, tuple):
+            b = list(b)
+        if hasattr(b, "as_dict"):
+            b = b.as_dict()
+        out.append(b)
+    return out
+
+
+class Client:
+    """A connection to a djinn server (remote, or embedded in this process)."""
+
+    def __init__(self, host: str, port: int, token: str | None = None, server: DjinnServer | None = None):
+        self._server = server
+        self._conn = open_connection(host, port)
+        self._lock = threading.Lock()
+        try:
+            self._info = _call(self._conn.root.hello, PROTOCOL, token)
+        except Exception:
+            self._conn.close()
+            raise
+        self.address = f"{host}:{port}"
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """model, num_layers, hidden_size, device, dtype, and more."""
+        return dict(self._info)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 16,
+        breakpoints: Iterable[Any] | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        record_logits: bool = False,
+    ) -> Run:
+        """Start a run; returns it paused at its first breakpoint, or done."""
+        if not isinstance(prompt, str):
+            prompt = [int(t) for t in prompt]
+        args = {
+            "prompt": prompt,
+            "max_new_tokens": max_new_tokens,
+            "breakpoints": None if breakpoints is None else _plain_breakpoints(breakpoints),
+            "temperature": temperature,
+            "top_k": top_k,
+            "seed": seed,
+            "record_logits": record_logits,
+        }
+        return Run(self, _call(self._conn.root.generate, wire.dumps(args)))
+
+    def runs(self) -> list[dict[str, Any]]:
+        """This client's runs on the server: id, state, layer, step, bytes held."""
+        return _call(self._conn.root.runs)
+
+    def attach(self, run_id: str) -> Run:
+        """A live handle on an existing run (after a kernel restart, say)."""
+        return Run(self, _call(self._conn.root.status, run_id))
+
+    def tokenize(self, text: str) -> list[int]:
+        return _call(self._conn.root.tokenize, text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return _call(self._conn.root.decode, wire.dumps([int(i) for i in ids]))
+
+    def close(self) -> None:
+        """Close the connection (and the embedded server, if this client started one)."""
+        try:
+            self._conn.close()
+        finally:
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        i = self._info
+        return f"<djinn Client {i['model']} ({i['num_layers']} layers, {i['device']}, {i['dtype']}) at {self.address}>"
+
+
+_embedded: dict[tuple, DjinnServer] = {}
+_embedded_lock = threading.Lock()
+
+
+def connect(
+    address: str | None = None,
+    *,
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    token: str | None = None,
+) -> Client:
+    """Connect to a djinn server.
+
+    ``connect("host:port", token=...)`` reaches a running ``djinn-server``.
+    ``connect(model=..., device=...)`` (no address) loads the model into an
+    embedded server on loopback in this process and talks to it over the same
+    rpyc protocol; the model is loaded once per (model, device, dtype).
+    ``connect()`` uses the embedded default model.
+    """
+    token = token if token is not None else os.environ.get("DJINN_TOKEN")
+    if address is not None:
+        if model is not None:
+            raise BadRequestError("pass either an address or model=..., not both: the server chose its model")
+        host, _, port = address.rpartition(":")
+        if not host:
+            host, port = address, str(DEFAULT_PORT)
+        if not port.isdigit():
+            raise BadRequestError(f"address must be 'host:port', got {address!r}")
+        return Client(host, int(port), token)
+    from .server import build_engine
+
+    key = (model or "embedded", device, dtype)
+    with _embedded_lock:
+        server = _embedded.get(key)
+        if server is None:
+            server = DjinnServer(build_engine(model, device, dtype), "127.0.0.1", 0).start()
+            _embedded[key] = server
+    return Client("127.0.0.1", server.port, None)

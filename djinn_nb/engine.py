@@ -1,0 +1,698 @@
+"""The engine: generations that pause at decoder blocks, on the model's device.
+
+A run is a greedy (or seeded sampling) generation with a KV cache. Each step
+calls the model's own forward; when the step has a breakpoint, a hook on that
+block records the block's arguments and output and stops the forward there
+(``_Pause``). The run is then *paused*: its cache, checkpoint and tokens stay
+on the device and the call returns. Resuming runs the remaining blocks by hand
+with the recorded arguments, then the final norm and the head; the split is
+checked bit-for-bit against the model's own forward at load time
+(:func:`architecture.check_split_is_exact`), which is what makes a paused and
+resumed run give exactly the tokens of an unpaused one.
+
+A fork copies the checkpoint and the cache (sharing tensors, see
+:mod:`kvcache`) and continues from the layer after the breakpoint, so the
+layers before it are never recomputed.
+
+One run executes on the device at a time (``Engine._device_lock``); a paused
+run holds no lock. This module knows nothing of rpyc or notebooks.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from . import kvcache
+from .architecture import Anatomy, block_output, check_split_is_exact, find_anatomy, run_tail
+from .errors import (
+    ActivationError,
+    BadRequestError,
+    BreakpointError,
+    ExecutionError,
+    NoTokenizerError,
+    RunStateError,
+    UnknownRunError,
+)
+
+ALL_STEPS = "all"
+TOP_K = 5
+
+
+@dataclass(frozen=True, order=True)
+class Breakpoint:
+    """Stop after decoder block ``layer`` at generation step ``step`` (``None``: every step)."""
+
+    layer: int
+    step: int | None = 0
+
+    def hits(self, layer: int, step: int) -> bool:
+        return self.layer == layer and (self.step is None or self.step == step)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step}
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise BreakpointError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def parse_breakpoint(spec: Any) -> Breakpoint:
+    """``6`` → (6, 0); ``(6, 3)``, ``{"layer": 6, "step": "all"}`` and ``"6:all"`` as written."""
+    if isinstance(spec, Breakpoint):
+        return spec
+    if isinstance(spec, str) and ":" in spec:
+        spec = tuple(spec.split(":", 1))
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"layer", "step"}
+        if unknown or "layer" not in spec:
+            raise BreakpointError(f"a breakpoint dict takes 'layer' and optional 'step', got {sorted(spec)}")
+        spec = (spec["layer"], spec.get("step", 0))
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise BreakpointError(f"a breakpoint is (layer, step), got {spec!r}")
+        layer, step = spec
+    else:
+        layer, step = spec, 0
+    layer = _int(layer, "breakpoint layer")
+    if isinstance(step, str) and step.strip().lower() == ALL_STEPS:
+        return Breakpoint(layer, None)
+    if step is None:
+        return Breakpoint(layer, None)
+    return Breakpoint(layer, _int(step, "breakpoint step"))
+
+
+def parse_breakpoints(
+    specs: Iterable[Any] | None, num_layers: int, max_new_tokens: int
+) -> tuple[Breakpoint, ...]:
+    """Parse and range-check breakpoints; duplicates collapse."""
+    if specs is None:
+        return ()
+    if isinstance(specs, (int, str, dict, Breakpoint)):
+        specs = [specs]
+    out = set()
+    for spec in specs:
+        bp = parse_breakpoint(spec)
+        if not 0 <= bp.layer < num_layers:
+            raise BreakpointError(
+                f"breakpoint layer {bp.layer} is out of range: this model has layers 0..{num_layers - 1}"
+            )
+        if bp.step is not None and not 0 <= bp.step < max_new_tokens:
+            raise BreakpointError(
+                f"breakpoint step {bp.step} is out of range: max_new_tokens={max_new_tokens} "
+                f"gives steps 0..{max_new_tokens - 1} (0 is the prompt pass)"
+            )
+        out.add(bp)
+    return tuple(sorted(out, key=lambda b: (b.layer, -1 if b.step is None else b.step)))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when ``temperature`` is 0; otherwise seeded multinomial sampling."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            raise BadRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise BadRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise BadRequestError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class Edit:
+    """A change to a paused activation: replace, then scale, then add."""
+
+    activation: torch.Tensor | None = None
+    scale: float | None = None
+    add: torch.Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.activation is None and self.scale is None and self.add is None
+
+
+class _Pause(Exception):
+    """Raised inside a forward hook to stop the model's forward after a block."""
+
+    def __init__(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        super().__init__(layer)
+        self.layer, self.hidden, self.args, self.kwargs = layer, hidden, args, kwargs
+
+
+@dataclass
+class Checkpoint:
+    """Where a run paused: block ``layer``'s output at ``step`` and how to call the next blocks."""
+
+    layer: int
+    step: int
+    hidden: torch.Tensor  # as the block produced it; never modified
+    pending: torch.Tensor  # what resume/fork continue from (hidden unless edited)
+    args: tuple  # the block's positional args after hidden_states
+    kwargs: dict
+    created: float = field(default_factory=time.perf_counter)
+
+    @property
+    def edited(self) -> bool:
+        return self.pending is not self.hidden
+
+
+class RunState:
+    PAUSED = "paused"
+    DONE = "done"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass
+class Run:
+    """One generation's server-side state. Use it through :class:`Engine`."""
+
+    id: str
+    owner: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    breakpoints: tuple[Breakpoint, ...]
+    sampling: Sampling
+    generator: torch.Generator | None
+    cache: Any
+    record_logits: bool = False
+    token_ids: list[int] = field(default_factory=list)
+    step: int = 0
+    state: str = RunState.PAUSED
+    checkpoint: Checkpoint | None = None
+    error: str | None = None
+    parent: str | None = None
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    last_logits: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    last_used: float = field(default_factory=time.monotonic)
+    offloaded: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def paused(self) -> bool:
+        return self.state == RunState.PAUSED
+
+    @property
+    def done(self) -> bool:
+        return self.state == RunState.DONE
+
+    @property
+    def layer(self) -> int | None:
+        return self.checkpoint.layer if self.checkpoint else None
+
+    def bytes_held(self) -> int:
+        total = kvcache.cache_bytes(self.cache)
+        if self.checkpoint is not None:
+            total += self.checkpoint.hidden.untyped_storage().nbytes()
+            if self.checkpoint.edited:
+                total += self.checkpoint.pending.untyped_storage().nbytes()
+        if self.last_logits is not None:
+            total += self.last_logits.untyped_storage().nbytes()
+        return total + sum(t.untyped_storage().nbytes() for t in self.logits)
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values describing the run (what a client shows by default)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state,
+            "step": self.checkpoint.step if self.checkpoint else self.step,
+            "layer": self.layer,
+            "token_ids": list(self.token_ids),
+            "prompt_len": len(self.prompt_ids),
+            "max_new_tokens": self.max_new_tokens,
+            "breakpoints": [b.as_dict() for b in self.breakpoints],
+            "bytes_held": self.bytes_held(),
+            "offloaded": self.offloaded,
+            "parent": self.parent,
+            "error": self.error,
+            "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.items()},
+            "topk": self.topk[-1] if self.topk else None,
+        }
+        cp = self.checkpoint
+        if cp is not None:
+            out["activation"] = {
+                "shape": list(cp.pending.shape),
+                "dtype": str(cp.pending.dtype).replace("torch.", ""),
+                "edited": cp.edited,
+                **activation_stats(cp.pending),
+            }
+        return out
+
+
+def activation_stats(t: torch.Tensor) -> dict[str, Any]:
+    """Small statistics of an activation: overall and per-position norm, mean, max."""
+    f = t.detach().float()
+    per_pos = f[0] if f.dim() == 3 else f.reshape(-1, f.shape[-1])
+    return {
+        "norm": float(f.norm()),
+        "mean": float(f.mean()),
+        "std": float(f.std()) if f.numel() > 1 else 0.0,
+        "max": float(f.max()),
+        "min": float(f.min()),
+        "position_norm": [float(x) for x in per_pos.norm(dim=-1)],
+        "position_mean": [float(x) for x in per_pos.mean(dim=-1)],
+        "position_max": [float(x) for x in per_pos.max(dim=-1).values],
+    }
+
+
+class Engine:
+    """A loaded causal LM plus its runs. Thread-safe; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        name: str = "model",
+        check_exact: bool = True,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.anatomy: Anatomy = find_anatomy(model)
+        self.device = self.anatomy.lm_head.weight.device
+        self.dtype = self.anatomy.lm_head.weight.dtype
+        self._device_lock = threading.Lock()
+        self._runs: dict[str, Run] = {}
+        self._runs_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        gen_cfg = getattr(model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        self.eos_ids: frozenset[int] = frozenset(
+            [eos] if isinstance(eos, int) else (eos or [])
+        )
+        if check_exact:
+            check_split_is_exact(model, self.anatomy, self._probe_split)
+
+    # ----- facts ------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.anatomy.num_layers
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {
+            "model": self.name,
+            "architecture": type(self.model).__name__,
+            "num_layers": self.num_layers,
+            "hidden_size": int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
+            "vocab_size": int(getattr(cfg, "vocab_size", 0)),
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "has_tokenizer": self.tokenizer is not None,
+            "block_path": self.anatomy.block_path,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    # ----- tokens -----------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise NoTokenizerError(
+                    f"{self.name} has no tokenizer: pass the prompt as a list of token ids"
+                )
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        else:
+            ids = list(prompt)
+        vocab = int(getattr(self.model.config, "vocab_size", 0)) or None
+        if not ids:
+            raise BadRequestError("the prompt is empty")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab and t >= vocab):
+                raise BadRequestError(f"token id {t!r} is not an integer in 0..{(vocab or 0) - 1}")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise NoTokenizerError(f"{self.name} has no tokenizer to decode with")
+        return self.tokenizer.decode(list(ids))
+
+    # ----- registry ---------------------------------------------------------------
+    def get(self, run_id: str, owner: str = "") -> Run:
+        with self._runs_lock:
+            run = self._runs.get(run_id)
+        if run is None or run.owner != owner:
+            raise UnknownRunError(f"no run {run_id!r} (closed, expired, or another client's)")
+        run.last_used = time.monotonic()
+        return run
+
+    def runs(self, owner: str = "") -> list[Run]:
+        with self._runs_lock:
+            return [r for r in self._runs.values() if r.owner == owner]
+
+    def all_runs(self) -> list[Run]:
+        with self._runs_lock:
+            return list(self._runs.values())
+
+    def _register(self, run: Run) -> None:
+        with self._runs_lock:
+            self._runs[run.id] = run
+
+    def _new_id(self) -> str:
+        return f"r{next(self._ids)}"
+
+    def close(self, run_id: str, owner: str = "") -> None:
+        """Free a run's device memory now; closing twice is an error (unknown run)."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            with self._runs_lock:
+                self._runs.pop(run.id, None)
+            self._free(run, RunState.CLOSED)
+
+    @staticmethod
+    def _free(run: Run, state: str) -> None:
+        run.cache = None
+        run.checkpoint = None
+        run.logits = []
+        run.last_logits = None
+        run.state = state
+
+    # ----- public operations ------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 16,
+        breakpoints: Iterable[Any] | None = None,
+        sampling: Sampling | None = None,
+        owner: str = "",
+        record_logits: bool = False,
+    ) -> Run:
+        """Start a run and execute it to its first breakpoint or its end."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise BadRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        ids = self.encode(prompt)
+        bps = parse_breakpoints(breakpoints, self.num_layers, max_new_tokens)
+        sampling = sampling or Sampling()
+        gen = None
+        if sampling.temperature > 0:
+            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        from transformers import DynamicCache
+
+        run = Run(
+            id=self._new_id(),
+            owner=owner,
+            prompt_ids=ids,
+            max_new_tokens=max_new_tokens,
+            breakpoints=bps,
+            sampling=sampling,
+            generator=gen,
+            cache=DynamicCache(config=self.model.config),
+            record_logits=record_logits,
+        )
+        self._register(run)
+        with run.lock:
+            self._advance(run, None)
+        return run
+
+    def resume(self, run_id: str, edit: Edit | None = None, owner: str = "") -> Run:
+        """Continue a paused run (with an optional edit) to its next breakpoint or end."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            start = self._edited(run.checkpoint, edit)  # validates before anything changes
+            self._advance(run, start)
+        return run
+
+    def fork(
+        self,
+        run_id: str,
+        edit: Edit | None = None,
+        breakpoints: Iterable[Any] | None = None,
+        owner: str = "",
+    ) -> Run:
+        """A new run continued from this run's checkpoint; the original stays paused, untouched.
+
+        ``breakpoints=None`` keeps the parent's; pass ``[]`` to run the fork to its end.
+        """
+        parent = self.get(run_id, owner)
+        with parent.lock:
+            self._require_paused(parent)
+            cp = parent.checkpoint
+            start = self._edited(cp, edit)
+            bps = (
+                parent.breakpoints
+                if breakpoints is None
+                else parse_breakpoints(breakpoints, self.num_layers, parent.max_new_tokens)
+            )
+            t0 = time.perf_counter()
+            cache = kvcache.fork_cache(parent.cache)
+            swap = {id(parent.cache): cache}
+            child_cp = Checkpoint(
+                cp.layer,
+                cp.step,
+                cp.hidden,
+                cp.pending,
+                tuple(swap.get(id(a), a) for a in cp.args),
+                {k: swap.get(id(v), v) for k, v in cp.kwargs.items()},
+            )
+            gen = None
+            if parent.generator is not None:
+                gen = torch.Generator(device=self.device)
+                gen.set_state(parent.generator.get_state())
+            child = Run(
+                id=self._new_id(),
+                owner=owner,
+                prompt_ids=list(parent.prompt_ids),
+                max_new_tokens=parent.max_new_tokens,
+                breakpoints=bps,
+                sampling=parent.sampling,
+                generator=gen,
+                cache=cache,
+                record_logits=parent.record_logits,
+                token_ids=list(parent.token_ids),
+                step=parent.step,
+                checkpoint=child_cp,
+                parent=parent.id,
+                topk=list(parent.topk),
+                logits=list(parent.logits),
+            )
+            child.timings["fork_copy"] = time.perf_counter() - t0
+        self._register(child)
+        with child.lock:
+            self._advance(child, start)
+        return child
+
+    def edit(self, run_id: str, edit: Edit, owner: str = "") -> Run:
+        """Change the paused activation in place; later resume/fork continue from it."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            run.checkpoint.pending = self._edited(run.checkpoint, edit)
+        return run
+
+    def reset_edit(self, run_id: str, owner: str = "") -> Run:
+        """Drop edits: the pending activation is the block's own output again."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            run.checkpoint.pending = run.checkpoint.hidden
+        return run
+
+    def activation(self, run_id: str, owner: str = "", original: bool = False) -> torch.Tensor:
+        """The paused activation (edits applied unless ``original``), on the device."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            cp = run.checkpoint
+            return cp.hidden if original else cp.pending
+
+    # ----- validation -------------------------------------------------------------
+    @staticmethod
+    def _require_paused(run: Run) -> None:
+        if run.state != RunState.PAUSED or run.checkpoint is None:
+            detail = f": {run.error}" if run.error else ""
+            raise RunStateError(f"run {run.id} is {run.state}, not paused{detail}")
+        if run.offloaded:
+            raise RunStateError(f"run {run.id} is offloaded; restore it first")
+
+    def _edited(self, cp: Checkpoint, edit: Edit | None) -> torch.Tensor:
+        """The activation to continue from: the pending one with ``edit`` applied (validated)."""
+        h = cp.pending
+        if edit is None or edit.empty:
+            return h
+        ref = cp.hidden
+        if edit.activation is not None:
+            a = edit.activation
+            if not isinstance(a, torch.Tensor):
+                raise ActivationError(f"activation must be a tensor, got {type(a).__name__}")
+            if tuple(a.shape) != tuple(ref.shape):
+                raise ActivationError(
+                    f"activation has shape {tuple(a.shape)}, the checkpoint at layer {cp.layer} "
+                    f"step {cp.step} has {tuple(ref.shape)}"
+                )
+            if a.dtype != ref.dtype:
+                raise ActivationError(
+                    f"activation has dtype {str(a.dtype).replace('torch.', '')}, the model runs in "
+                    f"{str(ref.dtype).replace('torch.', '')}"
+                )
+            if not bool(torch.isfinite(a).all()):
+                raise ActivationError("activation contains NaN or infinite values")
+            h = a.to(ref.device)
+        if edit.scale is not None:
+            s = edit.scale
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise ActivationError(f"scale must be a finite number, got {s!r}")
+            h = h * s
+        if edit.add is not None:
+            v = edit.add
+            if not isinstance(v, torch.Tensor):
+                raise ActivationError(f"add must be a tensor, got {type(v).__name__}")
+            hidden = ref.shape[-1]
+            if tuple(v.shape) not in ((hidden,), tuple(ref.shape)):
+                raise ActivationError(
+                    f"add must have shape ({hidden},) or {tuple(ref.shape)}, got {tuple(v.shape)}"
+                )
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                raise ActivationError("add must be a finite floating-point tensor")
+            h = h + v.to(device=ref.device, dtype=ref.dtype)
+        return h
+
+    # ----- execution --------------------------------------------------------------
+    def _step_input(self, run: Run) -> torch.Tensor:
+        ids = run.prompt_ids if run.step == 0 else run.token_ids[-1:]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _model_kwargs(self, cache: Any) -> dict[str, Any]:
+        kw: dict[str, Any] = {self.anatomy.cache_arg: cache, "use_cache": True}
+        if self.anatomy.logits_to_keep:
+            kw["logits_to_keep"] = 1
+        return kw
+
+    def _forward_until(self, ids: torch.Tensor, cache: Any, stop_layer: int | None) -> torch.Tensor:
+        """The model's own forward; with ``stop_layer``, raise ``_Pause`` after that block."""
+        if stop_layer is None:
+            return self.model(input_ids=ids, **self._model_kwargs(cache)).logits[:, -1, :]
+        block = self.anatomy.blocks[stop_layer]
+        seen: dict[str, Any] = {}
+
+        def pre(_mod, args, kwargs):
+            seen["args"], seen["kwargs"] = args, kwargs
+
+        def post(_mod, _args, _kwargs, out):
+            a, kw = seen["args"], seen["kwargs"]
+            if a:
+                a = a[1:]
+            else:
+                kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+            raise _Pause(stop_layer, block_output(out), a, kw)
+
+        handles = [
+            block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.register_forward_hook(post, with_kwargs=True),
+        ]
+        try:
+            self.model(input_ids=ids, **self._model_kwargs(cache))
+        finally:
+            for h in handles:
+                h.remove()
+        raise ExecutionError(f"the forward finished without reaching block {stop_layer}")
+
+    def _continue(
+        self, h: torch.Tensor, start: int, args: tuple, kwargs: dict, stop_layers: set[int]
+    ) -> torch.Tensor:
+        """Blocks ``start..`` and the head from ``h``; ``_Pause`` after any of ``stop_layers``."""
+        blocks = self.anatomy.blocks
+        for i in range(start, len(blocks)):
+            h = block_output(blocks[i](h, *args, **kwargs))
+            if i in stop_layers:
+                raise _Pause(i, h, args, kwargs)
+        return run_tail(self.anatomy, h)
+
+    def _probe_split(self, ids: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
+        try:
+            self._forward_until(ids, cache, layer)
+        except _Pause as p:
+            return self._continue(p.hidden, layer + 1, p.args, p.kwargs, set())
+        raise ExecutionError("probe did not pause")
+
+    def _stop_layers(self, run: Run, step: int, after: int = -1) -> list[int]:
+        return [b.layer for b in run.breakpoints if b.layer > after and b.hits(b.layer, step)]
+
+    def _advance(self, run: Run, start: torch.Tensor | None) -> None:
+        """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
+        with self._device_lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            try:
+                self._advance_locked(run, start)
+            except _Pause:  # pragma: no cover - _advance_locked handles every pause
+                raise
+            except torch.OutOfMemoryError as e:
+                self._fail(run, f"out of device memory: {e}")
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                self._fail(run, f"{type(e).__name__}: {e}")
+            finally:
+                run.timings["execute"] = time.perf_counter() - t0
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                    run.timings["execute"] = time.perf_counter() - t0
+
+    def _fail(self, run: Run, message: str) -> None:
+        self._free(run, RunState.FAILED)
+        run.error = message
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ExecutionError(f"run {run.id} failed: {message}")
+
+    def _advance_locked(self, run: Run, start: torch.Tensor | None) -> None:
+        while True:
+            cp = run.checkpoint
+            try:
+                if cp is not None:
+                    if start is None:
+                        start = cp.pending
+                    logits = self._continue(
+                        start, cp.layer + 1, cp.args, cp.kwargs, set(self._stop_layers(run, cp.step, cp.layer))
+                    )
+                    run.checkpoint = None
+                else:
+                    stops = self._stop_layers(run, run.step)
+                    logits = self._forward_until(
+                        self._step_input(run), run.cache, min(stops) if stops else None
+                    )
+            except _Pause as p:
+                run.checkpoint = Checkpoint(p.layer, run.step, p.hidden, p.hidden, p.args, p.kwargs)
+                run.state = RunState.PAUSED
+                return
+            start = None
+            token = self._pick(run, logits)
+            run.token_ids.append(token)
+            run.step += 1
+            if run.step >= run.max_new_tokens or token in self.eos_ids:
+                run.state = RunState.DONE
+                run.cache = None  # frees the device memory; tokens and logits stay
+                return
+
+    def _pick(self, run: Run, logits: torch.Tensor) -> int:
+        row = logits[0]
+        vals, idx = torch.topk(row.float().log_softmax(-1), min(TOP_K, row.shape[-1]))
+        run.topk.append([(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())])
+        run.last_logits = row
+        if run.record_logits:
+            run.logits.append(row)
+        s = run.sampling
+        if s.temperature == 0:
+            return int(torch.argmax(row, dim=-1))
+        scores = row.float() / s.temperature
+        if s.top_k:
+            kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=run.generator))

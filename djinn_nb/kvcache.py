@@ -1,0 +1,60 @@
+"""Copy, measure and move HuggingFace KV caches.
+
+A fork must not disturb the run it came from. HF's dynamic cache layers never
+write into their tensors: each update concatenates into a new tensor. So a fork
+can share every tensor with its parent and only needs its own layer objects,
+an O(layers) copy with no device traffic. Layer types that update in place
+(static caches) get real clones.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+def _tensors(layer: object) -> list[tuple[str, torch.Tensor]]:
+    return [(k, v) for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]
+
+
+def fork_cache(cache: Cache) -> Cache:
+    """An independent cache with the same contents; shares tensors where that is safe."""
+    new = copy.copy(cache)
+    layers = []
+    for layer in cache.layers:
+        if isinstance(layer, DynamicLayer):
+            layers.append(copy.copy(layer))
+        else:
+            layers.append(copy.deepcopy(layer))
+    new.layers = layers
+    return new
+
+
+def cache_bytes(cache: Cache | None) -> int:
+    """Bytes held by the cache's tensors (shared tensors counted once)."""
+    if cache is None:
+        return 0
+    seen: set[int] = set()
+    total = 0
+    for layer in cache.layers:
+        for _, t in _tensors(layer):
+            key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def move_cache(cache: Cache, device: torch.device | str, pin: bool = False) -> None:
+    """Move every tensor of the cache to ``device`` in place (pinned host memory if ``pin``)."""
+    for layer in cache.layers:
+        for name, t in _tensors(layer):
+            if pin and t.device.type != "cpu":
+                moved = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                moved.copy_(t, non_blocking=True)
+            else:
+                moved = t.to(device, non_blocking=True)
+            setattr(layer, name, moved)
+        if hasattr(layer, "device") and not isinstance(layer.device, torch.Tensor):
+            layer.device = torch.device(device)

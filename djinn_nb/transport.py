@@ -1,0 +1,99 @@
+"""rpyc streams that move bulk bytes at close to socket speed.
+
+rpyc's defaults cost three things on tensors (measured in
+``shared/notes/measurements.md``): zlib on every frame over 3 KB, Nagle's
+delayed ACK on the frame's trailing write, and ``data = data[count:]`` slicing
+that makes one large write quadratic. Here compression is off, TCP_NODELAY is
+set, writes go through ``sendall`` on a memoryview and reads fill one
+preallocated buffer with ``recv_into``.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import rpyc
+from rpyc.core.channel import Channel
+from rpyc.core.stream import SocketStream
+from rpyc.utils.factory import connect_channel
+
+#: The attribute rules for both ends: nothing but ``exposed_`` names, no pickle.
+RPYC_CONFIG: dict[str, Any] = {
+    "allow_public_attrs": False,
+    "allow_all_attrs": False,
+    "allow_setattr": False,
+    "allow_delattr": False,
+    "allow_pickle": False,
+    "import_custom_exceptions": False,
+    "instantiate_custom_exceptions": False,
+    "instantiate_oldstyle_exceptions": False,
+    "include_local_traceback": False,
+    "include_local_version": False,
+    "propagate_SystemExit_locally": True,
+    "log_exceptions": False,
+    "sync_request_timeout": 3600,
+}
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+class FastSocketStream(SocketStream):
+    """A SocketStream without the quadratic write and with buffer-filling reads."""
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(memoryview(data))
+        except OSError as ex:
+            self.close()
+            raise EOFError(ex) from None
+
+    def read(self, count: int) -> bytes:
+        buf = bytearray(count)
+        view = memoryview(buf)
+        got = 0
+        while got < count:
+            try:
+                n = self.sock.recv_into(view[got:], count - got)
+            except socket.timeout:
+                continue
+            except OSError as ex:
+                self.close()
+                raise EOFError(ex) from None
+            if not n:
+                self.close()
+                raise EOFError("connection closed by peer")
+            got += n
+        return bytes(buf)
+
+
+class FastChannel(Channel):
+    """An uncompressed rpyc channel that writes each frame with as few copies as it can."""
+
+    __slots__ = ()
+
+    def __init__(self, stream: FastSocketStream):
+        super().__init__(stream, compress=False)
+
+    def send(self, data: bytes) -> None:
+        header = self.FRAME_HEADER.pack(len(data), 0)
+        if len(data) < 1 << 16:
+            self.stream.write(header + data + self.FLUSHER)
+        else:  # one copy less than joining: three writes on a NODELAY socket
+            self.stream.write(header)
+            self.stream.write(data)
+            self.stream.write(self.FLUSHER)
+
+
+def open_connection(host: str, port: int, timeout: float = 10.0) -> rpyc.Connection:
+    """A client rpyc connection over the fast stream, with the locked-down config."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.settimeout(None)
+    tune_socket(sock)
+    return connect_channel(FastChannel(FastSocketStream(sock)), service=rpyc.VoidService, config=dict(RPYC_CONFIG))

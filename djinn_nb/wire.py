@@ -1,0 +1,89 @@
+"""Tensors and structured values as plain bytes and JSON, validated on the way in.
+
+rpyc copies only primitives (str, bytes, numbers, tuples of those) by value;
+anything else becomes a remote reference whose every use is a network round
+trip and, on a server, an attack surface. So every call crosses as JSON text
+plus raw tensor bytes described by ``(dtype, shape)``: never pickle.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from .errors import BadRequestError
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
+    """``({"dtype", "shape"}, raw bytes)`` of a tensor, in C order."""
+    name = dtype_name(t.dtype)
+    if name not in WIRE_DTYPES:
+        raise BadRequestError(f"dtype {name} cannot cross the wire; use one of {sorted(WIRE_DTYPES)}")
+    t = t.detach().to("cpu").contiguous()
+    raw = t.view(torch.uint8) if t.numel() else t
+    data = raw.numpy().tobytes() if t.numel() else b""
+    return {"dtype": name, "shape": list(t.shape)}, data
+
+
+def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> torch.Tensor:
+    """Rebuild a tensor from ``encode_tensor``'s output; any mismatch is a ``BadRequestError``."""
+    if not isinstance(meta, dict) or set(meta) != {"dtype", "shape"}:
+        raise BadRequestError("a tensor header must be {'dtype': str, 'shape': [int, ...]}")
+    name, shape = meta["dtype"], meta["shape"]
+    if type(name) is not str or name not in WIRE_DTYPES:
+        raise BadRequestError(f"unknown dtype {name!r}; known: {sorted(WIRE_DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 8
+        or any(type(d) is not int or d < 0 for d in shape)
+    ):
+        raise BadRequestError(f"shape must be a list of at most 8 non-negative ints, got {shape!r}")
+    if type(data) is not bytes:
+        raise BadRequestError(f"tensor payload must be bytes, got {type(data).__name__}")
+    dtype = WIRE_DTYPES[name]
+    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if expected > max_bytes:
+        raise BadRequestError(f"tensor of {expected} bytes is over the server's cap of {max_bytes} bytes")
+    if len(data) != expected:
+        raise BadRequestError(
+            f"payload has {len(data)} bytes, but {name} {tuple(shape)} needs {expected}"
+        )
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: Any, what: str = "arguments") -> Any:
+    """Parse JSON text from the other side; non-text or bad JSON is a ``BadRequestError``."""
+    if type(text) is not str:
+        raise BadRequestError(f"{what} must be JSON text, got {type(text).__name__}")
+    if len(text) > 1 << 24:
+        raise BadRequestError(f"{what} are over 16 MiB of JSON")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise BadRequestError(f"{what} are not valid JSON: {e}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
