@@ -1,0 +1,1 @@
+"""Baselines of the exp3 experiment: plain PyTorch with hooks, and vLLM."""

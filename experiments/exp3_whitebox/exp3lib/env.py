@@ -1,0 +1,105 @@
+"""Where a result was measured (versions, device names, time), JSON output and the run log."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import REPO_ROOT
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 - absent or broken: report as not available
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name(device: str | torch.device) -> str:
+    """``torch.cuda.get_device_name`` for a CUDA device, else the CPU's description."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def environment(device: str | torch.device) -> dict[str, Any]:
+    """Versions and hardware of this run; every result file embeds it."""
+    cuda = torch.cuda.is_available()
+    return {
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "accelerate": _version("accelerate"),
+        "rpyc": _version("rpyc"),
+        "djinn_nb": _version("djinn_nb"),
+        "git_commit": _git_commit(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "cuda_runtime": torch.version.cuda if cuda else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become None, tuples lists, unknown objects strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    return str(obj)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(obj), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def setup_logging(log_file: str | Path, name: str = "exp3") -> logging.Logger:
+    """A logger writing to ``log_file`` (everything) and stderr (info and up)."""
+    log = logging.getLogger(name)
+    log.setLevel(logging.DEBUG)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setLevel(logging.INFO)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(fh)
+    log.addHandler(sh)
+    log.propagate = False
+    return log
