@@ -18,7 +18,7 @@ from . import eager
 from .config import TimingConfig
 from .metrics import token_accuracy
 from .session import Session
-from .timing import Stats, measure, ratio, stats, sync
+from .timing import Case, Stats, measure, measure_interleaved, ratio, stats, sync
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -58,90 +58,70 @@ def checkpoint_capture(session: Session, prompt: list[int], layer: int, timing: 
     return stats(samples)
 
 
-def remaining_layers(session: Session, prompt: list[int], layer: int, timing: TimingConfig) -> tuple[Stats, torch.Tensor]:
-    """Blocks ``layer+1..`` + final norm + head alone, from a captured input; and their logits."""
-    anatomy = session.engine.anatomy
-    cap = eager.capture(session.model, anatomy, prompt, layer)
-    setup, run = eager.tail_runner(anatomy, cap)
-    st, outs = measure(run, timing.warmup, timing.repeats, setup=setup)
-    return st, outs[-1]
-
-
-def fork_engine(session: Session, prompt: list[int], layer: int, timing: TimingConfig) -> dict[str, Any]:
-    """In-process fork latency: ``Engine.fork`` of a paused one-token run, to its end."""
-    engine = session.engine
-    parent = engine.generate(prompt, 1, [layer])
-    try:
-        st, children = measure(lambda _: engine.fork(parent.id, None, []), timing.warmup, timing.repeats)
-        parts = {
-            "fork_copy_ms": _median([c.timings.get("fork_copy", 0.0) * 1e3 for c in children]),
-            "execute_ms": _median([c.timings.get("execute", 0.0) * 1e3 for c in children]),
-        }
-        logits = children[-1].last_logits.detach().clone()
-        for c in engine.runs():
-            if c.parent == parent.id:
-                engine.close(c.id)
-    finally:
-        engine.close(parent.id)
-    return {"latency": st, "server_parts": parts, "logits": logits}
-
-
-def fork_client(session: Session, prompt: list[int], layer: int, timing: TimingConfig) -> dict[str, Any]:
-    """End-to-end fork latency through the client over loopback, with the server's own parts."""
-    parent = session.client.generate(prompt, 1, [layer])
-    try:
-        st, children = measure(
-            lambda _: parent.fork(breakpoints=[]), timing.warmup, timing.repeats,
-            teardown=lambda c: c.close(),
-        )
-    finally:
-        parent.close()
-    server = [c.timings_ms.get("fork_copy", 0.0) + c.timings_ms.get("execute", 0.0) for c in children]
-    transport = [rtt - s for rtt, s in zip(st.samples_ms, server)]
-    return {
-        "latency": st,
-        "server_parts": {
-            "fork_copy_ms": _median([c.timings_ms.get("fork_copy", 0.0) for c in children]),
-            "execute_ms": _median([c.timings_ms.get("execute", 0.0) for c in children]),
-        },
-        "transport_ms": _median(transport),
-    }
-
-
-def resume_client(session: Session, prompt: list[int], layer: int, timing: TimingConfig) -> Stats:
-    """End-to-end ``resume()`` latency of a paused one-token run (a new pause per sample, untimed)."""
-    st, _ = measure(
-        lambda r: r.resume(), timing.warmup, timing.repeats,
-        setup=lambda: session.client.generate(prompt, 1, [layer]),
-        teardown=lambda r: r.close(),
-    )
-    return st
-
-
 def latency_breakdown(session: Session, prompt: list[int], layer: int, timing: TimingConfig) -> dict[str, Any]:
-    """Every part of a pause and a restore at ``layer`` on the prompt pass, and the goal ratios."""
+    """Every part of a pause and a restore at ``layer`` on the prompt pass, and the goal ratios.
+
+    The remaining layers alone, the in-process fork, the client fork and the client
+    resume are timed interleaved (one of each per round) so their ratios are fair.
+    A fork continues a paused one-token run to its end: the remaining blocks, the
+    head and picking the token, i.e. exactly the work of the reference.
+    """
+    engine, client = session.engine, session.client
     cp = checkpoint_capture(session, prompt, layer, timing)
-    tail, tail_logits = remaining_layers(session, prompt, layer, timing)
-    fe = fork_engine(session, prompt, layer, timing)
-    fc = fork_client(session, prompt, layer, timing)
-    rc = resume_client(session, prompt, layer, timing)
-    exact = torch.equal(fe["logits"].to(tail_logits.device), tail_logits[0])
+    cap = eager.capture(session.model, engine.anatomy, prompt, layer)
+    tail_setup, tail_run = eager.tail_runner(engine.anatomy, cap)
+    e_parent = engine.generate(prompt, 1, [layer])
+    c_parent = client.generate(prompt, 1, [layer])
+    engine_children: list[Any] = []
+
+    def engine_fork(_: Any) -> Any:
+        child = engine.fork(e_parent.id, None, [])
+        engine_children.append((child.id, child.timings.get("fork_copy", 0.0), child.timings.get("execute", 0.0)))
+        return child
+
+    try:
+        res = measure_interleaved({
+            "remaining_layers": Case(tail_run, tail_setup),
+            "fork_engine": Case(engine_fork, teardown=lambda c: engine.close(c.id)),
+            "fork_client": Case(lambda _: c_parent.fork(breakpoints=[]), teardown=lambda c: c.close()),
+            "resume_client": Case(lambda r: r.resume(), setup=lambda: client.generate(prompt, 1, [layer]),
+                                  teardown=lambda r: r.close()),
+        }, timing.warmup, timing.repeats)
+        check = engine.fork(e_parent.id, None, [])
+        fork_logits = check.last_logits.detach().clone()
+        engine.close(check.id)
+    finally:
+        engine.close(e_parent.id)
+        c_parent.close()
+    tail, tail_outs = res["remaining_layers"]
+    fe, _ = res["fork_engine"]
+    fc, c_children = res["fork_client"]
+    rc, _ = res["resume_client"]
+    e_parts = engine_children[-timing.repeats:]
+    c_server = [c.timings_ms.get("fork_copy", 0.0) + c.timings_ms.get("execute", 0.0) for c in c_children]
+    exact = torch.equal(fork_logits.to(tail_outs[-1].device), tail_outs[-1][0])
     return {
         "layer": layer,
         "block_device": session.block_devices()[layer],
         "seq_len": len(prompt),
         "checkpoint_ms": cp.as_dict(),
         "remaining_layers_alone_ms": tail.as_dict(),
-        "fork_engine_ms": fe["latency"].as_dict(),
-        "fork_engine_server_parts_ms": fe["server_parts"],
-        "fork_client_ms": fc["latency"].as_dict(),
-        "fork_client_server_parts_ms": fc["server_parts"],
-        "transport_ms": fc["transport_ms"],
+        "fork_engine_ms": fe.as_dict(),
+        "fork_engine_server_parts_ms": {
+            "fork_copy_ms": _median([p[1] * 1e3 for p in e_parts]),
+            "execute_ms": _median([p[2] * 1e3 for p in e_parts]),
+        },
+        "fork_client_ms": fc.as_dict(),
+        "fork_client_server_parts_ms": {
+            "fork_copy_ms": _median([c.timings_ms.get("fork_copy", 0.0) for c in c_children]),
+            "execute_ms": _median([c.timings_ms.get("execute", 0.0) for c in c_children]),
+        },
+        "transport_ms": _median([rtt - s for rtt, s in zip(fc.samples_ms, c_server)]),
         "resume_client_ms": rc.as_dict(),
         "fork_logits_equal_remaining_layers_logits": bool(exact),
         "ratios": {
-            "fork_engine_over_remaining_layers": ratio(fe["latency"].median_ms, tail.median_ms),
-            "fork_client_over_remaining_layers": ratio(fc["latency"].median_ms, tail.median_ms),
+            "fork_engine_over_remaining_layers": ratio(fe.median_ms, tail.median_ms),
+            "fork_client_over_remaining_layers": ratio(fc.median_ms, tail.median_ms),
         },
     }
 
@@ -167,41 +147,29 @@ def armed_overhead(session: Session, prompt: list[int], layer: int, n: int, timi
     """Whole generations of ``n`` tokens, plain vs a breakpoint at ``(layer, every step)`` auto-resumed.
 
     Timed in-process through the Engine and end to end through the client; the
-    four variants alternate within each repeat so drift hits them alike.
+    four variants are interleaved within each round so drift hits them alike.
     """
+    engine = session.engine
     armed = [{"layer": layer, "step": "all"}]
-    variants = {
-        "engine_plain": lambda: _generate_engine(session, prompt, n, None),
-        "engine_armed": lambda: _generate_engine(session, prompt, n, armed),
-        "client_plain": lambda: _generate_client(session, prompt, n, None),
-        "client_armed": lambda: _generate_client(session, prompt, n, armed),
-    }
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    pauses = 0
-    tokens: dict[str, list[int]] = {}
-    for i in range(timing.warmup + timing.generation_repeats):
-        for name, fn in variants.items():
-            sync()
-            t0 = time.perf_counter()
-            run, n_pauses = fn()
-            sync()
-            dt = (time.perf_counter() - t0) * 1e3
-            tokens[name] = list(run.token_ids)
-            if name == "engine_armed":
-                pauses = n_pauses
-            if hasattr(run, "close"):
-                run.close()
-            else:
-                session.engine.close(run.id)
-            if i >= timing.warmup:
-                samples[name].append(dt)
-    st = {k: stats(v) for k, v in samples.items()}
+
+    def close(out: tuple[Any, int]) -> None:
+        run = out[0]
+        run.close() if hasattr(run, "close") else engine.close(run.id)
+
+    res = measure_interleaved({
+        "engine_plain": Case(lambda _: _generate_engine(session, prompt, n, None), teardown=close),
+        "engine_armed": Case(lambda _: _generate_engine(session, prompt, n, armed), teardown=close),
+        "client_plain": Case(lambda _: _generate_client(session, prompt, n, None), teardown=close),
+        "client_armed": Case(lambda _: _generate_client(session, prompt, n, armed), teardown=close),
+    }, timing.warmup, timing.generation_repeats)
+    st = {k: v[0] for k, v in res.items()}
+    tokens = {k: list(v[1][-1][0].token_ids) for k, v in res.items()}
     n_tok = len(tokens["engine_plain"])
     out: dict[str, Any] = {
         "layer": layer,
         "max_new_tokens": n,
         "tokens_generated": n_tok,
-        "pauses_per_generation": pauses,
+        "pauses_per_generation": res["engine_armed"][1][-1][1],
         "same_tokens_all_variants": len({tuple(t) for t in tokens.values()}) == 1,
         "token_accuracy_engine_armed": token_accuracy(tokens["engine_armed"], tokens["engine_plain"]),
         "token_accuracy_client_armed": token_accuracy(tokens["client_armed"], tokens["client_plain"]),

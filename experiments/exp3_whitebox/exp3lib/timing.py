@@ -46,6 +46,37 @@ def stats(samples_ms: list[float]) -> Stats:
     )
 
 
+@dataclass
+class Case:
+    """One thing to time: ``fn(setup())``, then ``teardown(result)``; setup/teardown are untimed."""
+
+    fn: Callable[[Any], Any]
+    setup: Callable[[], Any] | None = None
+    teardown: Callable[[Any], None] | None = None
+
+
+def measure_interleaved(cases: dict[str, Case], warmup: int, repeats: int) -> dict[str, tuple[Stats, list[Any]]]:
+    """Time several cases side by side: each round runs every case once, so drift and
+    noise fall on all of them alike and their ratios stay fair. Returns, per case,
+    the statistics of ``repeats`` samples (after ``warmup`` rounds) and ``fn``'s results."""
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    results: dict[str, list[Any]] = {k: [] for k in cases}
+    for i in range(warmup + repeats):
+        for name, case in cases.items():
+            arg = case.setup() if case.setup else None
+            sync()
+            t0 = time.perf_counter()
+            out = case.fn(arg)
+            sync()
+            dt = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                samples[name].append(dt)
+                results[name].append(out)
+            if case.teardown:
+                case.teardown(out)
+    return {k: (stats(samples[k]), results[k]) for k in cases}
+
+
 def measure(
     fn: Callable[[Any], Any],
     warmup: int,
@@ -53,26 +84,8 @@ def measure(
     setup: Callable[[], Any] | None = None,
     teardown: Callable[[Any], None] | None = None,
 ) -> tuple[Stats, list[Any]]:
-    """Time ``fn(setup())`` ``repeats`` times after ``warmup`` untimed calls.
-
-    ``setup`` and ``teardown(result)`` run outside the timed region. Returns the
-    statistics and the values ``fn`` returned (for checks and server-side timings).
-    """
-    samples: list[float] = []
-    results: list[Any] = []
-    for i in range(warmup + repeats):
-        arg = setup() if setup else None
-        sync()
-        t0 = time.perf_counter()
-        out = fn(arg)
-        sync()
-        dt = (time.perf_counter() - t0) * 1e3
-        if i >= warmup:
-            samples.append(dt)
-            results.append(out)
-        if teardown:
-            teardown(out)
-    return stats(samples), results
+    """Time ``fn(setup())`` ``repeats`` times after ``warmup`` untimed calls (see ``measure_interleaved``)."""
+    return measure_interleaved({"fn": Case(fn, setup, teardown)}, warmup, repeats)["fn"]
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
