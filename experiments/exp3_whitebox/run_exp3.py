@@ -79,7 +79,7 @@ def _setup(session: Session, cfg: Exp3Config, layers: list[int], steer_layer: in
 
 def _log_summary(djinn: dict[str, Any]) -> None:
     trials = djinn.get("trials") or []
-    for layer in djinn["setup"]["breakpoint_layers"]:
+    for layer in (djinn.get("setup") or {}).get("breakpoint_layers", []):
         accs = [t["token_accuracy"] for t in trials if t["layer"] == layer]
         if accs:
             log.info("Token Accuracy layer %d: %s over %d trials", layer, ", ".join(f"{a:.2%}" for a in accs), len(accs))
@@ -100,6 +100,59 @@ def _log_summary(djinn: dict[str, Any]) -> None:
                  a["layer"], a["engine_overhead_pct"], a["client_overhead_pct"])
 
 
+def _run_phases(
+    session: Session, cfg: Exp3Config, errors: dict[str, str], skip_pytorch: bool, skip_vllm: bool
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Every phase on a loaded session; returns the djinn, PyTorch-baseline and vLLM results."""
+    engine = session.engine
+    num_layers = engine.num_layers
+    layers = cfg.resolve_layers(num_layers)
+    steer_layer = cfg.resolve_steering_layer(layers, num_layers)
+    prompt = prompt_ids(cfg, engine.tokenizer, vocab_size(session.model))
+    setup = _setup(session, cfg, layers, steer_layer, prompt)
+    log.info("model %s: %d layers on %s; breakpoints at layers %s (devices %s), prompt of %d tokens",
+             setup["model"], num_layers, setup["device"], layers, setup["breakpoint_layer_devices"], len(prompt))
+    baseline_run = session.client.generate(prompt, cfg.max_new_tokens)
+    baseline = baseline_run.token_ids
+    baseline_run.close()
+    plain = eager.greedy(session.model, engine.anatomy, prompt, cfg.max_new_tokens)
+    djinn: dict[str, Any] = {
+        "setup": setup,
+        "unpaused_token_ids": baseline,
+        "unpaused_equals_plain_pytorch": baseline == plain.token_ids,
+    }
+    if cfg.steering.enabled:
+        djinn["steering"] = _phase("steering demo", errors, lambda: phases.steering_demo(session, cfg, prompt, steer_layer, baseline))
+    djinn["trials"] = _phase("breakpoint trials", errors, lambda: phases.breakpoint_trials(session, cfg, prompt, layers, baseline, plain.token_ids))
+    djinn["latency_breakdown"] = [
+        b for b in (
+            _phase(f"latency breakdown layer {l}", errors, lambda l=l: costs.latency_breakdown(session, prompt, l, cfg.timing))
+            for l in layers if l != num_layers - 1
+        ) if b is not None
+    ]
+    if steer_layer not in layers and steer_layer != num_layers - 1:
+        b = _phase("latency breakdown steering layer", errors, lambda: costs.latency_breakdown(session, prompt, steer_layer, cfg.timing))
+        if b:
+            djinn["latency_breakdown"].append(b)
+    djinn["armed_overhead"] = _phase("armed vs plain generation", errors, lambda: costs.armed_overhead(session, prompt, steer_layer, cfg.max_new_tokens, cfg.timing))
+    if cfg.concurrent_demo:
+        djinn["concurrent"] = _phase("concurrent demo", errors, lambda: phases.concurrent_demo(session, cfg, prompt, steer_layer, baseline))
+    trials = djinn.get("trials") or []
+    djinn["token_accuracy_all_100pct"] = bool(trials) and all(t["token_accuracy"] == 1.0 for t in trials)
+    if skip_pytorch:
+        eager_res = not_run("skipped (--skip-pytorch)")
+    else:
+        eager_res = _phase("PyTorch eager baseline", errors, lambda: run_eager_baseline(session.model, engine.anatomy, prompt, cfg, layers, steer_layer)) \
+            or not_run(f"failed: {errors.get('PyTorch eager baseline')}")
+    if djinn.get("steering") and eager_res.get("steering"):
+        djinn["steering_matches_eager_hook"] = djinn["steering"]["steered_token_ids"] == eager_res["steering"]["steered_token_ids"]
+    if skip_vllm:
+        vllm_res = {"run": False, "reason": "skipped (--skip-vllm)", "reason_short": "skipped (--skip-vllm)"}
+    else:
+        vllm_res = _phase("vLLM baseline", errors, lambda: run_vllm_test(cfg, prompt, session.model)) or {"run": False, "reason": errors.get("vLLM baseline")}
+    return djinn, eager_res, vllm_res
+
+
 def run_experiment(
     cfg: Exp3Config, output_dir: str | Path, skip_pytorch: bool = False, skip_vllm: bool = False
 ) -> dict[str, Any]:
@@ -110,56 +163,24 @@ def run_experiment(
     env = environment(cfg.device)
     log.info("exp3: %s (%s) on %s [%s]; config %s", cfg.model_name, cfg.model_source, cfg.device, env["device_name"], cfg.path)
     errors: dict[str, str] = {}
-    session = open_session(cfg)
+    djinn: dict[str, Any] = {"setup": None}
+    eager_res: dict[str, Any] = not_run("the experiment stopped before the baseline")
+    vllm_res: dict[str, Any] = {"run": False, "reason": "the experiment stopped before the baseline", "reason_short": "not reached"}
     try:
-        engine = session.engine
-        num_layers = engine.num_layers
-        layers = cfg.resolve_layers(num_layers)
-        steer_layer = cfg.resolve_steering_layer(layers, num_layers)
-        prompt = prompt_ids(cfg, engine.tokenizer, vocab_size(session.model))
-        setup = _setup(session, cfg, layers, steer_layer, prompt)
-        log.info("model %s: %d layers on %s; breakpoints at layers %s (devices %s), prompt of %d tokens",
-                 setup["model"], num_layers, setup["device"], layers, setup["breakpoint_layer_devices"], len(prompt))
-        baseline_run = session.client.generate(prompt, cfg.max_new_tokens)
-        baseline = baseline_run.token_ids
-        baseline_run.close()
-        plain = eager.greedy(session.model, engine.anatomy, prompt, cfg.max_new_tokens)
-        djinn: dict[str, Any] = {
-            "setup": setup,
-            "unpaused_token_ids": baseline,
-            "unpaused_equals_plain_pytorch": baseline == plain.token_ids,
-        }
-        if cfg.steering.enabled:
-            djinn["steering"] = _phase("steering demo", errors, lambda: phases.steering_demo(session, cfg, prompt, steer_layer, baseline))
-        djinn["trials"] = _phase("breakpoint trials", errors, lambda: phases.breakpoint_trials(session, cfg, prompt, layers, baseline, plain.token_ids))
-        djinn["latency_breakdown"] = [
-            b for b in (
-                _phase(f"latency breakdown layer {l}", errors, lambda l=l: costs.latency_breakdown(session, prompt, l, cfg.timing))
-                for l in layers if l != num_layers - 1
-            ) if b is not None
-        ]
-        if steer_layer not in layers and steer_layer != num_layers - 1:
-            b = _phase("latency breakdown steering layer", errors, lambda: costs.latency_breakdown(session, prompt, steer_layer, cfg.timing))
-            if b:
-                djinn["latency_breakdown"].append(b)
-        djinn["armed_overhead"] = _phase("armed vs plain generation", errors, lambda: costs.armed_overhead(session, prompt, steer_layer, cfg.max_new_tokens, cfg.timing))
-        if cfg.concurrent_demo:
-            djinn["concurrent"] = _phase("concurrent demo", errors, lambda: phases.concurrent_demo(session, cfg, prompt, steer_layer, baseline))
-        trials = djinn.get("trials") or []
-        djinn["token_accuracy_all_100pct"] = bool(trials) and all(t["token_accuracy"] == 1.0 for t in trials)
-        if skip_pytorch:
-            eager_res = not_run("skipped (--skip-pytorch)")
-        else:
-            eager_res = _phase("PyTorch eager baseline", errors, lambda: run_eager_baseline(session.model, engine.anatomy, prompt, cfg, layers, steer_layer)) \
-                or not_run(f"failed: {errors.get('PyTorch eager baseline')}")
-        if djinn.get("steering") and eager_res.get("steering"):
-            djinn["steering_matches_eager_hook"] = djinn["steering"]["steered_token_ids"] == eager_res["steering"]["steered_token_ids"]
-        if skip_vllm:
-            vllm_res = {"run": False, "reason": "skipped (--skip-vllm)", "reason_short": "skipped (--skip-vllm)"}
-        else:
-            vllm_res = _phase("vLLM baseline", errors, lambda: run_vllm_test(cfg, prompt, session.model)) or {"run": False, "reason": errors.get("vLLM baseline")}
-    finally:
-        session.close()
+        session = open_session(cfg)
+    except Exception as e:  # noqa: BLE001 - still write the five files, saying why
+        errors["setup"] = f"{type(e).__name__}: {e}"
+        log.error("loading %s failed: %s\n%s", cfg.model_source, errors["setup"], traceback.format_exc())
+        session = None
+    if session is not None:
+        try:
+            djinn, eager_res, vllm_res = _run_phases(session, cfg, errors, skip_pytorch, skip_vllm)
+        except Exception as e:  # noqa: BLE001 - a failure outside any phase (setup of the prompt, say)
+            errors["setup"] = f"{type(e).__name__}: {e}"
+            log.error("experiment failed: %s\n%s", errors["setup"], traceback.format_exc())
+        finally:
+            session.close()
+    djinn.setdefault("token_accuracy_all_100pct", False)
     djinn["errors"] = errors
     rows = report.comparative_rows(djinn, eager_res, vllm_res)
     table = report.format_table(rows)

@@ -107,7 +107,7 @@ def comparative_rows(djinn: dict[str, Any], eager: dict[str, Any], vllm: dict[st
     e_acc = None
     if eager and eager.get("run"):
         e_acc = min((a for x in eager.get("layers") or [] for a in x["token_accuracy_per_trial"]), default=None)
-    off = "not run (--skip-pytorch)" if eager and not eager.get("run") else "-"
+    off = f"not run: {eager.get('reason')}" if eager and not eager.get("run") else "-"
     rows = [
         ["token accuracy (min over layers x trials)", _fmt(_min_accuracy(djinn.get("trials")), "pct"),
          _fmt(armed.get("token_accuracy_engine_armed"), "pct"), _fmt(e_acc, "pct") if e_acc is not None else off,
