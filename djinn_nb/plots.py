@@ -24,6 +24,8 @@ __all__ = [
     "plot_latency_breakdown",
     "plot_steering_effect",
     "plot_activation",
+    "to_png",
+    "show",
 ]
 
 LATENCY_PARTS = ["checkpoint_ms", "restore_ms", "remaining_ms", "transport_ms"]
@@ -169,3 +171,19 @@ def plot_activation(tensor: "torch.Tensor", tokens: Sequence[str] | None = None,
     if title:
         fig.suptitle(title)
     return fig
+
+
+def to_png(fig: "Figure", dpi: int = 100) -> bytes:
+    """The figure as PNG bytes."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def show(fig: "Figure", dpi: int = 100) -> None:
+    """Display the figure as a PNG image in the notebook, whatever matplotlib's backend."""
+    from IPython.display import Image, display
+
+    display(Image(data=to_png(fig, dpi)))

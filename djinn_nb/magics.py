@@ -1,0 +1,347 @@
+"""IPython magics: ``%load_ext djinn_nb`` registers ``%djinn_connect``, ``%djinn_break``,
+``%djinn_run``/``%%djinn_run``, ``%djinn_inspect``, ``%djinn_resume``, ``%djinn_steer``
+and ``%djinn_runs``.
+
+The magics parse their arguments and call the client API (:mod:`djinn_nb.client`);
+nothing else. A user's mistake, and any error the server reports, is raised as
+IPython's ``UsageError``: one line, no traceback.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+
+from . import magic_args as A
+from .client import Client, Run, connect
+from .display import Activation, Comparison, token_strings
+from .errors import DjinnError, UnknownRunError
+
+__all__ = ["DjinnMagics", "register"]
+
+_CONNECT_HINT = "run %djinn_connect first (no address: the embedded default model)"
+_RUN_HINT = "set a breakpoint with %djinn_break layer=6, then start a run with %djinn_run <prompt>"
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split())
+
+
+def _usage_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn argument mistakes and server errors into a one-line ``UsageError``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except A.ArgError as e:
+            raise UsageError(_one_line(e)) from None
+        except UnknownRunError as e:
+            raise UsageError(f"{_one_line(e)}; list the runs with %djinn_runs") from None
+        except DjinnError as e:
+            raise UsageError(_one_line(e)) from None
+
+    return wrapper
+
+
+@magics_class
+class DjinnMagics(Magics):
+    """The magics' state: the client, the breakpoints for the next runs and the current run."""
+
+    def __init__(self, shell: Any):
+        super().__init__(shell)
+        self.client: Client | None = None
+        self.breakpoints: list[dict[str, Any]] = []
+        self.run: Run | None = None
+        self.widgets: list[Any] = []
+        self._prompts: dict[str, list[int]] = {}  # run id -> prompt token ids
+        self._baselines: dict[str, list[int]] = {}  # run id -> its unmodified continuation
+
+    # ----- helpers ----------------------------------------------------------------
+    def _client(self) -> Client:
+        if self.client is None:
+            raise UsageError(f"not connected: {_CONNECT_HINT}")
+        return self.client
+
+    def _target(self, run_id: str | None) -> Run:
+        """The run named by ``run=`` (re-attached), else the current one."""
+        client = self._client()
+        if run_id is not None:
+            return client.attach(run_id)
+        if self.run is None:
+            raise UsageError(f"no run yet: {_RUN_HINT}")
+        return self.run
+
+    def _paused(self, run_id: str | None) -> Run:
+        run = self._target(run_id)
+        if not run.paused:
+            raise UsageError(f"run {run.id} is {run.state}, not paused: {_RUN_HINT}")
+        return run
+
+    def _prompt_ids(self, run: Run) -> list[int] | None:
+        return self._prompts.get(run.id) or (self._prompts.get(run.parent) if run.parent else None)
+
+    def _position_tokens(self, run: Run) -> list[str] | None:
+        """The text of each position of the paused activation, if the prompt is known."""
+        if run.step > 0:
+            return token_strings(self._client(), run.token_ids[-1:])
+        ids = self._prompt_ids(run)
+        return token_strings(self._client(), ids) if ids else None
+
+    def _tensor_arg(self, name: str, key: str) -> Any:
+        import torch
+
+        if name not in self.shell.user_ns:
+            raise UsageError(f"{key}={name}: no variable {name!r} in the notebook; assign a tensor to it first")
+        value = self.shell.user_ns[name]
+        if not isinstance(value, torch.Tensor):
+            raise UsageError(f"{key}={name}: {name} is a {type(value).__name__}, not a torch.Tensor")
+        return value
+
+    def _start(self, prompt: str | list[int], **kw: Any) -> Run:
+        client = self._client()
+        run = client.generate(prompt, breakpoints=list(self.breakpoints) or None, **kw)
+        self._prompts[run.id] = client.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.run = run
+        return run
+
+    # ----- magics -----------------------------------------------------------------
+    @line_magic
+    @_usage_errors
+    def djinn_connect(self, line: str = "") -> Client:
+        """Connect to a djinn server; returns the Client.
+
+        %djinn_connect [address] [model=...] [device=cpu] [dtype=...] [token=...]
+
+        With no address, the model (default: the embedded SmolLM2-135M-Instruct)
+        is loaded into a server inside this kernel. With an address
+        (``host:port`` or ``address=host:port``), reaches a running djinn-server;
+        the server has chosen its model. Example: ``client = %djinn_connect model=random:gpt2-tiny``
+        """
+        spec = dict(address=A.text, model=A.text, device=A.text, dtype=A.text, token=A.text)
+        p = A.parse(line, spec, "djinn_connect")
+        address = p.options.pop("address", None)
+        if p.rest:
+            if address is not None or len(p.rest.split()) != 1:
+                raise UsageError(f"%djinn_connect takes one address (host:port), got {p.rest!r}")
+            address = p.rest
+        if address is not None and "model" in p.options:
+            raise UsageError("pass an address or model=..., not both: a running server has chosen its model")
+        try:
+            client = connect(address, **p.options)
+        except DjinnError:
+            raise
+        except (ConnectionError, TimeoutError, OSError) as e:
+            where = f"a djinn server at {address}" if address else f"model {p.options.get('model', 'embedded')!r}"
+            raise UsageError(
+                f"could not reach {where}: {_one_line(e)}; check the address/model (start a server with djinn-server --port 5556)"
+            ) from None
+        if self.client is not None:
+            self.client.close()
+        self.client, self.run = client, None
+        n = client.info["num_layers"]
+        self.breakpoints = [b for b in self.breakpoints if b["layer"] < n]
+        return client
+
+    @line_magic
+    @_usage_errors
+    def djinn_break(self, line: str = "") -> list[dict[str, Any]] | None:
+        """Add a breakpoint for the next runs, list them, or clear them.
+
+        %djinn_break layer=6 [step=0|all]   pause after decoder block 6 (step 0: the prompt pass,
+                                            k: the k-th decoding step, all: every step)
+        %djinn_break                        returns the list of breakpoints
+        %djinn_break clear                  removes them all
+        """
+        p = A.parse(line, dict(layer=A.integer, step=A.step_value), "djinn_break")
+        if p.rest == "clear" and not p.options:
+            self.breakpoints = []
+            print("breakpoints cleared")
+            return None
+        if p.rest:
+            if "layer" in p.options or not p.rest.lstrip("-").isdigit():
+                raise UsageError(f"%djinn_break takes layer=N [step=K|all], 'clear', or nothing (got {p.rest!r})")
+            p.options["layer"] = int(p.rest)
+        if "layer" not in p.options:
+            if p.options:
+                raise UsageError("a breakpoint needs a layer: write %djinn_break layer=6 step=...")
+            return list(self.breakpoints)
+        n = self._client().info["num_layers"]
+        layer = p.options["layer"]
+        if not 0 <= layer < n:
+            raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n - 1}; use layer=0..{n - 1}")
+        bp = {"layer": layer, "step": p.options.get("step", 0)}
+        if bp not in self.breakpoints:
+            self.breakpoints.append(bp)
+        print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']}" for b in self.breakpoints))
+        return None
+
+    @line_cell_magic
+    @_usage_errors
+    def djinn_run(self, line: str = "", cell: str | None = None) -> Run:
+        """Start a run with the breakpoints of %djinn_break; returns the Run, paused at the first one (or done).
+
+        %djinn_run [max_new_tokens=16] [temperature=0] [top_k=0] [seed=0] [record_logits=false] <prompt>
+
+        %%djinn_run [max_new_tokens=...]
+        <prompt: the whole cell body>
+
+        A prompt written as [1, 2, 3] is a list of token ids (for models without a tokenizer).
+        Example: ``r = %djinn_run max_new_tokens=20 The capital of France is``
+        """
+        spec = dict(max_new_tokens=A.integer, temperature=A.number, top_k=A.integer, seed=A.integer,
+                    record_logits=A.flag)
+        p = A.parse(line, spec, "djinn_run")
+        if cell is not None:
+            if p.rest:
+                raise UsageError("%%djinn_run takes key=value words on its line and the prompt in the cell body")
+            prompt = A.parse_prompt(cell, "%djinn_run")
+        else:
+            prompt = A.parse_prompt(p.rest)
+        return self._start(prompt, **p.options)
+
+    @line_magic
+    @_usage_errors
+    def djinn_inspect(self, line: str = "") -> Activation:
+        """The paused activation: per-position norm/mean/max with the tokens, and a plot.
+
+        %djinn_inspect [run=r3] [plot=true]
+
+        Returns an Activation (``.tensor`` is the tensor on this machine, ``.table()`` a DataFrame).
+        """
+        p = A.parse(line, dict(run=A.text, plot=A.flag), "djinn_inspect")
+        if p.rest:
+            raise UsageError(f"%djinn_inspect takes run=ID and plot=true|false, not {p.rest!r}")
+        run = self._paused(p.options.get("run"))
+        act = Activation(run.id, run.layer, run.step, run.activation(), run.activation_stats or {},
+                         self._position_tokens(run) or [])
+        if p.options.get("plot", True):
+            from .plots import plot_activation, show
+
+            show(plot_activation(act.tensor, act.tokens, f"run {run.id}: output of layer {run.layer}, step {run.step}"))
+        return act
+
+    @line_magic
+    @_usage_errors
+    def djinn_resume(self, line: str = "") -> Run:
+        """Continue the paused run to its next breakpoint or end; returns the Run.
+
+        %djinn_resume [scale=0.9] [add=VAR] [activation=VAR] [compare=true] [run=r3]
+
+        scale multiplies the paused activation; add=VAR adds the tensor in variable VAR
+        (shape (hidden,) or the activation's); activation=VAR replaces it. With an edit,
+        the unmodified continuation is computed first (a fork) and, once the run is done,
+        shown beside the edited one with the changed tokens highlighted (compare=false skips it).
+        """
+        spec = dict(scale=A.number, add=A.text, activation=A.text, compare=A.flag, run=A.text)
+        p = A.parse(line, spec, "djinn_resume")
+        if p.rest:
+            raise UsageError(f"%djinn_resume takes key=value words such as scale=0.9, not {p.rest!r}")
+        run = self._paused(p.options.get("run"))
+        edit = {k: self._tensor_arg(p.options[k], k) for k in ("add", "activation") if k in p.options}
+        if "scale" in p.options:
+            edit["scale"] = p.options["scale"]
+        if edit and p.options.get("compare", True) and run.id not in self._baselines:
+            with run.fork(breakpoints=[]) as base:
+                self._baselines[run.id] = base.token_ids
+        run.resume(**edit)
+        self.run = run
+        baseline = self._baselines.get(run.id)
+        if run.done and baseline is not None:
+            from IPython.display import display
+
+            client = self._client()
+            display(Comparison(baseline, token_strings(client, baseline), run.token_ids,
+                               token_strings(client, run.token_ids), "edited run"))
+        return run
+
+    @line_magic
+    @_usage_errors
+    def djinn_steer(self, line: str = "") -> Any:
+        """A slider over the steering factor: each change forks the paused run with its activation scaled.
+
+        %djinn_steer [layer=N] [min=0] [max=2] [step=0.05] [value=1] [run=r3] [prompt]
+
+        Shows the fork's continuation beside the unmodified one, changed tokens highlighted,
+        with the fork's latency. layer=N different from the paused run's layer starts a new
+        run paused at N (same prompt; or the prompt given after the options).
+        Returns the SteeringWidget (``w.set(0.5)`` moves it from code and waits).
+        """
+        spec = dict(layer=A.integer, min=A.number, max=A.number, step=A.number, value=A.number, run=A.text)
+        p = A.parse(line, spec, "djinn_steer")
+        o = p.options
+        lo, hi, step = o.get("min", 0.0), o.get("max", 2.0), o.get("step", 0.05)
+        value = o.get("value", min(max(1.0, lo), hi))
+        if not lo < hi:
+            raise UsageError(f"min must be below max (got min={lo} max={hi}); e.g. min=0 max=2")
+        if not 0 < step <= hi - lo:
+            raise UsageError(f"step must be > 0 and at most max-min (got step={step}); e.g. step=0.05")
+        if not lo <= value <= hi:
+            raise UsageError(f"value={value} is outside min..max ({lo}..{hi}); pick a value between them")
+        run = self._steer_run(o.get("layer"), o.get("run"), p.rest)
+        from .widgets import SteeringWidget
+
+        widget = SteeringWidget(self._client(), run, min=lo, max=hi, step=step, value=value)
+        self.widgets.append(widget)
+        return widget
+
+    def _steer_run(self, layer: int | None, run_id: str | None, prompt_text: str) -> Run:
+        """The paused run to steer: the current one, or a new one paused at ``layer``."""
+        if layer is None:
+            if prompt_text:
+                raise UsageError("a prompt for %djinn_steer needs layer=N: write %djinn_steer layer=6 <prompt>")
+            return self._paused(run_id)
+        n = self._client().info["num_layers"]
+        if not 0 <= layer < n:
+            raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n - 1}; use layer=0..{n - 1}")
+        if prompt_text:
+            prompt, max_new = A.parse_prompt(prompt_text, "djinn_steer layer=6"), 16
+        else:
+            current = self._target(run_id)
+            if current.paused and current.layer == layer:
+                return current
+            prompt = self._prompt_ids(current)
+            if prompt is None:
+                raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
+            max_new = current.summary.get("max_new_tokens", 16)
+        run = self._client().generate(prompt, max_new_tokens=max_new, breakpoints=[layer])
+        self._prompts[run.id] = self._client().tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not run.paused:
+            raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
+        return run
+
+    @line_magic
+    @_usage_errors
+    def djinn_runs(self, line: str = "") -> Any:
+        """This client's runs on the server (id, state, layer, step, tokens, bytes held) as a DataFrame.
+
+        %djinn_runs [close=r3|all]
+
+        Any of them can be picked up again: run=ID in %djinn_inspect/%djinn_resume/%djinn_steer,
+        or client.attach(ID). close=ID frees one run's server memory, close=all every run.
+        """
+        import pandas as pd
+
+        p = A.parse(line, dict(close=A.text), "djinn_runs")
+        if p.rest:
+            raise UsageError(f"%djinn_runs takes close=ID|all, not {p.rest!r}")
+        client = self._client()
+        target = p.options.get("close")
+        if target is not None:
+            ids = [r["id"] for r in client.runs()] if target == "all" else [target]
+            for run_id in ids:
+                client.attach(run_id).close()
+                self._baselines.pop(run_id, None)
+                if self.run is not None and self.run.id == run_id:
+                    self.run = None
+        cols = ["id", "state", "layer", "step", "tokens", "bytes_held", "parent"]
+        return pd.DataFrame(client.runs(), columns=cols).astype({"layer": "Int64"})
+
+
+def register(ipython: Any) -> DjinnMagics:
+    """Register the djinn magics with an IPython shell (``%load_ext djinn_nb`` calls this)."""
+    magics = DjinnMagics(ipython)
+    ipython.register_magics(magics)
+    return magics
