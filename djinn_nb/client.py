@@ -9,6 +9,7 @@ statistics, a few KB however large the model.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 import weakref
@@ -17,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from . import wire
-from .errors import BadRequestError, DjinnError, error_from_wire
+from .errors import ActivationError, BadRequestError, DjinnError, error_from_wire
 from .server import DEFAULT_PORT, PROTOCOL, DjinnServer
 from .transport import open_connection
 
@@ -44,8 +45,8 @@ def _edit_args(activation: torch.Tensor | None, scale: float | None, add: torch.
     spec: dict[str, Any] = {}
     act_bytes = add_bytes = None
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise BadRequestError(f"scale must be a number, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ActivationError(f"scale must be a finite number, got {scale!r}")
         spec["scale"] = float(scale)
     if activation is not None:
         if not isinstance(activation, torch.Tensor):
@@ -161,14 +162,37 @@ class Run:
         scale: float | None = None,
         add: Any = None,
         breakpoints: Iterable[Any] | None = None,
+        max_new_tokens: int | None = None,
     ) -> "Run":
         """A new run continued from this checkpoint with the edit; this run stays paused as it was.
 
         ``breakpoints=None`` keeps this run's breakpoints; ``[]`` runs the fork to its end.
+        ``max_new_tokens`` changes how long the fork generates (it must exceed the paused step).
         """
         bps = None if breakpoints is None else wire.dumps(_plain_breakpoints(breakpoints))
-        s = _call(self._client._conn.root.fork, self.id, *_edit_args(activation, scale, add), bps)
+        s = _call(self._client._conn.root.fork, self.id, *_edit_args(activation, scale, add), bps, max_new_tokens)
         return Run(self._client, s)
+
+    def offload(self) -> "Run":
+        """Move this paused run's KV cache and checkpoint to the server's host memory.
+
+        The next resume/fork/edit/activation brings it back to the device transparently.
+        """
+        self._s = _call(self._client._conn.root.offload, self.id)
+        return self
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self._s.get("offloaded"))
+
+    def watched(self) -> list[dict[str, Any]]:
+        """Every watch hit so far: index, layer, step, shape, norm/mean/max (overall and per position)."""
+        return _call(self._client._conn.root.watched, self.id)
+
+    def watched_activation(self, index: int) -> torch.Tensor:
+        """The block output recorded by watch hit ``index`` (see :meth:`watched`)."""
+        meta, data = _call(self._client._conn.root.watched_activation, self.id, index)
+        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
 
     def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None) -> "Run":
         """Change the paused activation on the server; later resume/fork start from it."""
@@ -257,14 +281,22 @@ class Client:
         top_k: int = 0,
         seed: int = 0,
         record_logits: bool = False,
+        watches: Iterable[Any] | None = None,
     ) -> Run:
-        """Start a run; returns it paused at its first breakpoint, or done."""
+        """Start a run; returns it paused at its first breakpoint, or done.
+
+        ``breakpoints`` pause the run: ``6`` (layer 6, prompt pass), ``(6, 3)`` (4th
+        decoding call), ``(6, "all")``. ``watches`` take the same form but only record
+        the block's output on the server (``run.watched()``), without pausing.
+        ``record_logits`` keeps every step's next-token logits (``run.logits(step)``).
+        """
         if not isinstance(prompt, str):
             prompt = [int(t) for t in prompt]
         args = {
             "prompt": prompt,
             "max_new_tokens": max_new_tokens,
             "breakpoints": None if breakpoints is None else _plain_breakpoints(breakpoints),
+            "watches": None if watches is None else _plain_breakpoints(watches),
             "temperature": temperature,
             "top_k": top_k,
             "seed": seed,

@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -149,9 +149,10 @@ class Edit:
 class _Pause(Exception):
     """Raised inside a forward hook to stop the model's forward after a block."""
 
-    def __init__(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
+    def __init__(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict, capture_s: float = 0.0):
         super().__init__(layer)
         self.layer, self.hidden, self.args, self.kwargs = layer, hidden, args, kwargs
+        self.capture_s = capture_s
 
 
 @dataclass
@@ -191,6 +192,8 @@ class Run:
     generator: torch.Generator | None
     cache: Any
     record_logits: bool = False
+    watches: tuple[Breakpoint, ...] = ()
+    watch_log: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     step: int = 0
     state: str = RunState.PAUSED
@@ -225,6 +228,7 @@ class Run:
                 total += self.checkpoint.pending.untyped_storage().nbytes()
         if self.last_logits is not None:
             total += self.last_logits.untyped_storage().nbytes()
+        total += sum(t.untyped_storage().nbytes() for _, _, t in self.watch_log)
         return total + sum(t.untyped_storage().nbytes() for t in self.logits)
 
     def summary(self) -> dict[str, Any]:
@@ -238,6 +242,8 @@ class Run:
             "prompt_len": len(self.prompt_ids),
             "max_new_tokens": self.max_new_tokens,
             "breakpoints": [b.as_dict() for b in self.breakpoints],
+            "watches": [b.as_dict() for b in self.watches],
+            "watched": len(self.watch_log),
             "bytes_held": self.bytes_held(),
             "offloaded": self.offloaded,
             "parent": self.parent,
@@ -382,7 +388,9 @@ class Engine:
         run.cache = None
         run.checkpoint = None
         run.logits = []
+        run.watch_log = []
         run.last_logits = None
+        run.offloaded = False
         run.state = state
 
     # ----- public operations ------------------------------------------------------
@@ -394,12 +402,18 @@ class Engine:
         sampling: Sampling | None = None,
         owner: str = "",
         record_logits: bool = False,
+        watches: Iterable[Any] | None = None,
     ) -> Run:
-        """Start a run and execute it to its first breakpoint or its end."""
+        """Start a run and execute it to its first breakpoint or its end.
+
+        ``watches`` are breakpoints that do not pause: the block's output at each
+        hit is kept on the server (see :meth:`watched`), with no round trip.
+        """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise BadRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         ids = self.encode(prompt)
         bps = parse_breakpoints(breakpoints, self.num_layers, max_new_tokens)
+        watch = parse_breakpoints(watches, self.num_layers, max_new_tokens)
         sampling = sampling or Sampling()
         gen = None
         if sampling.temperature > 0:
@@ -416,6 +430,7 @@ class Engine:
             generator=gen,
             cache=DynamicCache(config=self.model.config),
             record_logits=record_logits,
+            watches=watch,
         )
         self._register(run)
         with run.lock:
@@ -427,6 +442,7 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
+            self._restore(run)
             start = self._edited(run.checkpoint, edit)  # validates before anything changes
             self._advance(run, start)
         return run
@@ -437,20 +453,28 @@ class Engine:
         edit: Edit | None = None,
         breakpoints: Iterable[Any] | None = None,
         owner: str = "",
+        max_new_tokens: int | None = None,
     ) -> Run:
         """A new run continued from this run's checkpoint; the original stays paused, untouched.
 
         ``breakpoints=None`` keeps the parent's; pass ``[]`` to run the fork to its end.
+        ``max_new_tokens`` shortens (or lengthens) the fork; it must exceed the paused step.
         """
         parent = self.get(run_id, owner)
         with parent.lock:
             self._require_paused(parent)
+            self._restore(parent)
             cp = parent.checkpoint
             start = self._edited(cp, edit)
+            limit = parent.max_new_tokens if max_new_tokens is None else max_new_tokens
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= cp.step:
+                raise BadRequestError(
+                    f"max_new_tokens for a fork paused at step {cp.step} must be an integer > {cp.step}, got {limit!r}"
+                )
             bps = (
-                parent.breakpoints
+                tuple(b for b in parent.breakpoints if b.step is None or b.step < limit)
                 if breakpoints is None
-                else parse_breakpoints(breakpoints, self.num_layers, parent.max_new_tokens)
+                else parse_breakpoints(breakpoints, self.num_layers, limit)
             )
             t0 = time.perf_counter()
             cache = kvcache.fork_cache(parent.cache)
@@ -471,8 +495,10 @@ class Engine:
                 id=self._new_id(),
                 owner=owner,
                 prompt_ids=list(parent.prompt_ids),
-                max_new_tokens=parent.max_new_tokens,
+                max_new_tokens=limit,
                 breakpoints=bps,
+                watches=parent.watches,
+                watch_log=list(parent.watch_log),
                 sampling=parent.sampling,
                 generator=gen,
                 cache=cache,
@@ -495,6 +521,7 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
+            self._restore(run)
             run.checkpoint.pending = self._edited(run.checkpoint, edit)
         return run
 
@@ -514,14 +541,100 @@ class Engine:
             cp = run.checkpoint
             return cp.hidden if original else cp.pending
 
+    def watched(self, run_id: str, owner: str = "") -> list[tuple[int, int, torch.Tensor]]:
+        """(layer, step, block output) for every watch hit so far, in execution order."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            return list(run.watch_log)
+
+    # ----- residency --------------------------------------------------------------
+    def offload(self, run_id: str, owner: str = "") -> Run:
+        """Move a paused run's KV cache and checkpoint to (pinned) host memory, freeing the device.
+
+        Resume, fork, edit and activation bring it back transparently. On a CPU
+        engine the state is already in host memory: the run is only marked.
+        """
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            if not run.offloaded:
+                t0 = time.perf_counter()
+                cuda = self.device.type == "cuda"
+                with self._device_lock:
+                    self._move_run(run, torch.device("cpu"), pin=cuda)
+                    if cuda:
+                        torch.cuda.synchronize(self.device)
+                        torch.cuda.empty_cache()
+                run.offloaded = True
+                run.timings["offload"] = time.perf_counter() - t0
+        return run
+
+    def _restore(self, run: Run) -> None:
+        if not run.offloaded:
+            return
+        t0 = time.perf_counter()
+        with self._device_lock:
+            self._move_run(run, self.device, pin=False)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        run.offloaded = False
+        run.timings["restore"] = time.perf_counter() - t0
+
+    def _move_run(self, run: Run, device: torch.device, pin: bool) -> None:
+        cache = run.cache
+        kvcache.move_cache(cache, device, pin=pin)
+        move = lambda t: _move_tensor(t, device, pin)  # noqa: E731
+        cp = run.checkpoint
+        hidden = move(cp.hidden)
+        pending = hidden if not cp.edited else move(cp.pending)
+        cp.hidden, cp.pending = hidden, pending
+        cp.args = _map_tensors(cp.args, move, keep=cache)
+        cp.kwargs = _map_tensors(cp.kwargs, move, keep=cache)
+        run.watch_log = [(l, s, move(t)) for l, s, t in run.watch_log]
+
+    def resident_paused_bytes(self) -> int:
+        return sum(r.bytes_held() for r in self.all_runs() if r.paused and not r.offloaded)
+
+    def enforce_budget(self, max_bytes: int, keep: str | None = None) -> list[str]:
+        """Offload least-recently-used paused runs until resident paused state fits ``max_bytes``."""
+        moved: list[str] = []
+        candidates = sorted(
+            (r for r in self.all_runs() if r.paused and not r.offloaded and r.id != keep),
+            key=lambda r: r.last_used,
+        )
+        for run in candidates:
+            if self.resident_paused_bytes() <= max_bytes:
+                break
+            try:
+                self.offload(run.id, run.owner)
+                moved.append(run.id)
+            except (RunStateError, UnknownRunError):
+                continue  # closed or resumed meanwhile
+        return moved
+
+    def expire(self, lease_seconds: float) -> list[str]:
+        """Close every run nobody has touched for ``lease_seconds``; returns their ids."""
+        now = time.monotonic()
+        gone = []
+        for run in self.all_runs():
+            if now - run.last_used > lease_seconds and run.lock.acquire(blocking=False):
+                try:
+                    with self._runs_lock:
+                        self._runs.pop(run.id, None)
+                    self._free(run, RunState.CLOSED)
+                    gone.append(run.id)
+                finally:
+                    run.lock.release()
+        if gone and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return gone
+
     # ----- validation -------------------------------------------------------------
     @staticmethod
     def _require_paused(run: Run) -> None:
         if run.state != RunState.PAUSED or run.checkpoint is None:
             detail = f": {run.error}" if run.error else ""
             raise RunStateError(f"run {run.id} is {run.state}, not paused{detail}")
-        if run.offloaded:
-            raise RunStateError(f"run {run.id} is offloaded; restore it first")
 
     def _edited(self, cp: Checkpoint, edit: Edit | None) -> torch.Tensor:
         """The activation to continue from: the pending one with ``edit`` applied (validated)."""
@@ -576,29 +689,43 @@ class Engine:
             kw["logits_to_keep"] = 1
         return kw
 
-    def _forward_until(self, ids: torch.Tensor, cache: Any, stop_layer: int | None) -> torch.Tensor:
-        """The model's own forward; with ``stop_layer``, raise ``_Pause`` after that block."""
-        if stop_layer is None:
-            return self.model(input_ids=ids, **self._model_kwargs(cache)).logits[:, -1, :]
-        block = self.anatomy.blocks[stop_layer]
-        seen: dict[str, Any] = {}
+    def _forward_until(
+        self,
+        ids: torch.Tensor,
+        cache: Any,
+        stop_layer: int | None,
+        watch: Callable[[int, torch.Tensor], None] | None = None,
+        watch_layers: Sequence[int] = (),
+    ) -> torch.Tensor:
+        """The model's own forward; with ``stop_layer``, raise ``_Pause`` after that block.
 
-        def pre(_mod, args, kwargs):
-            seen["args"], seen["kwargs"] = args, kwargs
-
-        def post(_mod, _args, _kwargs, out):
-            a, kw = seen["args"], seen["kwargs"]
-            if a:
-                a = a[1:]
-            else:
-                kw = {k: v for k, v in kw.items() if k != "hidden_states"}
-            raise _Pause(stop_layer, block_output(out), a, kw)
-
-        handles = [
-            block.register_forward_pre_hook(pre, with_kwargs=True),
-            block.register_forward_hook(post, with_kwargs=True),
-        ]
+        ``watch(layer, output)`` is called after each block in ``watch_layers`` it reaches.
+        """
+        handles = []
+        for layer in watch_layers:
+            if stop_layer is None or layer <= stop_layer:
+                hook = lambda _m, _a, out, layer=layer: watch(layer, block_output(out))  # noqa: E731
+                handles.append(self.anatomy.blocks[layer].register_forward_hook(hook))
         try:
+            if stop_layer is None:
+                return self.model(input_ids=ids, **self._model_kwargs(cache)).logits[:, -1, :]
+            block = self.anatomy.blocks[stop_layer]
+            seen: dict[str, Any] = {}
+
+            def pre(_mod, args, kwargs):
+                seen["args"], seen["kwargs"] = args, kwargs
+
+            def post(_mod, _args, _kwargs, out):
+                t0 = time.perf_counter()
+                a, kw = seen["args"], seen["kwargs"]
+                if a:
+                    a = a[1:]
+                else:
+                    kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+                raise _Pause(stop_layer, block_output(out), a, kw, time.perf_counter() - t0)
+
+            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(block.register_forward_hook(post, with_kwargs=True))
             self.model(input_ids=ids, **self._model_kwargs(cache))
         finally:
             for h in handles:
@@ -606,12 +733,21 @@ class Engine:
         raise ExecutionError(f"the forward finished without reaching block {stop_layer}")
 
     def _continue(
-        self, h: torch.Tensor, start: int, args: tuple, kwargs: dict, stop_layers: set[int]
+        self,
+        h: torch.Tensor,
+        start: int,
+        args: tuple,
+        kwargs: dict,
+        stop_layers: set[int],
+        watch: Callable[[int, torch.Tensor], None] | None = None,
+        watch_layers: Sequence[int] = (),
     ) -> torch.Tensor:
         """Blocks ``start..`` and the head from ``h``; ``_Pause`` after any of ``stop_layers``."""
         blocks = self.anatomy.blocks
         for i in range(start, len(blocks)):
             h = block_output(blocks[i](h, *args, **kwargs))
+            if i in watch_layers:
+                watch(i, h)
             if i in stop_layers:
                 raise _Pause(i, h, args, kwargs)
         return run_tail(self.anatomy, h)
@@ -623,8 +759,9 @@ class Engine:
             return self._continue(p.hidden, layer + 1, p.args, p.kwargs, set())
         raise ExecutionError("probe did not pause")
 
-    def _stop_layers(self, run: Run, step: int, after: int = -1) -> list[int]:
-        return [b.layer for b in run.breakpoints if b.layer > after and b.hits(b.layer, step)]
+    @staticmethod
+    def _stop_layers(run: Run, step: int, after: int = -1, points: str = "breakpoints") -> list[int]:
+        return [b.layer for b in getattr(run, points) if b.layer > after and b.hits(b.layer, step)]
 
     def _advance(self, run: Run, start: torch.Tensor | None) -> None:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
@@ -654,21 +791,34 @@ class Engine:
     def _advance_locked(self, run: Run, start: torch.Tensor | None) -> None:
         while True:
             cp = run.checkpoint
+            step = run.step
+            watch = lambda layer, out: run.watch_log.append((layer, step, out))  # noqa: E731
             try:
                 if cp is not None:
                     if start is None:
                         start = cp.pending
                     logits = self._continue(
-                        start, cp.layer + 1, cp.args, cp.kwargs, set(self._stop_layers(run, cp.step, cp.layer))
+                        start,
+                        cp.layer + 1,
+                        cp.args,
+                        cp.kwargs,
+                        set(self._stop_layers(run, step, cp.layer)),
+                        watch,
+                        set(self._stop_layers(run, step, cp.layer, "watches")),
                     )
                     run.checkpoint = None
                 else:
-                    stops = self._stop_layers(run, run.step)
+                    stops = self._stop_layers(run, step)
                     logits = self._forward_until(
-                        self._step_input(run), run.cache, min(stops) if stops else None
+                        self._step_input(run),
+                        run.cache,
+                        min(stops) if stops else None,
+                        watch,
+                        self._stop_layers(run, step, points="watches"),
                     )
             except _Pause as p:
-                run.checkpoint = Checkpoint(p.layer, run.step, p.hidden, p.hidden, p.args, p.kwargs)
+                run.checkpoint = Checkpoint(p.layer, step, p.hidden, p.hidden, p.args, p.kwargs)
+                run.timings["checkpoint"] = p.capture_s
                 run.state = RunState.PAUSED
                 return
             start = None
@@ -696,3 +846,25 @@ class Engine:
             scores = scores.masked_fill(scores < kth, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=run.generator))
+
+
+def _move_tensor(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if pin and t.device.type != "cpu":
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], keep: Any) -> Any:
+    """Apply ``fn`` to every tensor inside tuples, lists and dicts; ``keep`` passes through."""
+    if obj is keep:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(x, fn, keep) for x in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(x, fn, keep) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, keep) for k, v in obj.items()}
+    return obj

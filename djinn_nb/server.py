@@ -27,12 +27,13 @@ import rpyc
 from rpyc.utils.server import ThreadedServer
 
 from . import __version__, wire
-from .engine import Edit, Engine, Run, Sampling
+from .engine import Edit, Engine, Run, Sampling, activation_stats
 from .errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
 from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, tune_socket
 
 PROTOCOL = 1
 DEFAULT_PORT = 5556
+DEFAULT_LEASE_SECONDS = 600.0
 log = logging.getLogger("djinn_nb.server")
 
 
@@ -53,10 +54,22 @@ def owner_of(token: str | None) -> str:
 class ServerState:
     """What all connections share: the engine, the token and the limits."""
 
-    def __init__(self, engine: Engine, token: str | None = None, max_payload: int = wire.DEFAULT_MAX_PAYLOAD):
+    def __init__(
+        self,
+        engine: Engine,
+        token: str | None = None,
+        max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
+        max_paused_bytes: int | None = None,
+    ):
         self.engine = engine
         self.token = token or None
         self.max_payload = max_payload
+        self.max_paused_bytes = max_paused_bytes
+
+    def after_change(self, run: Run) -> None:
+        """Apply the residency budget once a call has left ``run`` paused or done."""
+        if self.max_paused_bytes is not None:
+            self.engine.enforce_budget(self.max_paused_bytes, keep=run.id)
 
 
 def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -146,7 +159,7 @@ class DjinnService(rpyc.Service):
         """Start a run: {prompt, max_new_tokens, breakpoints, temperature, top_k, seed, record_logits}."""
         owner = self._who()
         a = wire.loads(args_json)
-        allowed = {"prompt", "max_new_tokens", "breakpoints", "temperature", "top_k", "seed", "record_logits"}
+        allowed = {"prompt", "max_new_tokens", "breakpoints", "watches", "temperature", "top_k", "seed", "record_logits"}
         if not isinstance(a, dict) or "prompt" not in a or set(a) - allowed:
             raise BadRequestError(f"generate takes {sorted(allowed)} with 'prompt' required")
         prompt = a["prompt"]
@@ -162,25 +175,60 @@ class DjinnService(rpyc.Service):
             Sampling(a.get("temperature", 0.0), a.get("top_k", 0), a.get("seed", 0)),
             owner=owner,
             record_logits=record,
+            watches=a.get("watches"),
         )
+        self._state.after_change(run)
         return run.summary()
 
     @_reply
     def exposed_resume(self, run_id: Any, edit_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
         owner = self._who()
         edit = self._edit(edit_json, act, add)
-        return self._engine.resume(_str(run_id, "run id"), edit, owner).summary()
+        run = self._engine.resume(_str(run_id, "run id"), edit, owner)
+        self._state.after_change(run)
+        return run.summary()
 
     @_reply
     def exposed_fork(
-        self, run_id: Any, edit_json: Any, act: Any = None, add: Any = None, breakpoints_json: Any = None
+        self,
+        run_id: Any,
+        edit_json: Any,
+        act: Any = None,
+        add: Any = None,
+        breakpoints_json: Any = None,
+        max_new_tokens: Any = None,
     ) -> dict[str, Any]:
         owner = self._who()
         edit = self._edit(edit_json, act, add)
         bps = None if breakpoints_json is None else wire.loads(breakpoints_json, "breakpoints")
         if bps is not None and not isinstance(bps, list):
             raise BadRequestError("breakpoints must be a list")
-        return self._engine.fork(_str(run_id, "run id"), edit, bps, owner).summary()
+        if max_new_tokens is not None and type(max_new_tokens) is not int:
+            raise BadRequestError("max_new_tokens must be an integer or None")
+        run = self._engine.fork(_str(run_id, "run id"), edit, bps, owner, max_new_tokens)
+        self._state.after_change(run)
+        return run.summary()
+
+    @_reply
+    def exposed_offload(self, run_id: Any) -> dict[str, Any]:
+        """Move a paused run's state to host memory; later calls bring it back."""
+        return self._engine.offload(_str(run_id, "run id"), self._who()).summary()
+
+    @_reply
+    def exposed_watched(self, run_id: Any) -> list[dict[str, Any]]:
+        """Statistics of every watch hit so far: layer, step, shape and norm/mean/max."""
+        hits = self._engine.watched(_str(run_id, "run id"), self._who())
+        return [
+            {"index": i, "layer": layer, "step": step, "shape": list(t.shape), **activation_stats(t)}
+            for i, (layer, step, t) in enumerate(hits)
+        ]
+
+    @_reply
+    def exposed_watched_activation(self, run_id: Any, index: Any) -> tuple[dict[str, Any], bytes]:
+        hits = self._engine.watched(_str(run_id, "run id"), self._who())
+        if type(index) is not int or not 0 <= index < len(hits):
+            raise BadRequestError(f"watch index must be an integer in 0..{len(hits) - 1}, got {index!r}")
+        return wire.encode_tensor(hits[index][2])
 
     @_reply
     def exposed_edit(self, run_id: Any, edit_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
@@ -268,9 +316,20 @@ class _FastThreadedServer(ThreadedServer):
         conn = self.service._connect(FastChannel(FastSocketStream(sock)), config)
         self._handle_connection(conn)
 
+    def _handle_connection(self, conn) -> None:  # noqa: ANN001
+        try:
+            conn.serve_all()
+        except OSError:  # the server closed this client's socket while it was being polled
+            conn.close()
+
 
 class DjinnServer:
-    """Serve an engine over rpyc; ``start()`` runs it in a background thread."""
+    """Serve an engine over rpyc; ``start()`` runs it in a background thread.
+
+    Runs untouched for ``lease_seconds`` are closed by a reaper thread (their device
+    memory is freed), so a notebook that dies leaks nothing for long, while one
+    that restarts within the lease can ``attach`` to its paused runs again.
+    """
 
     def __init__(
         self,
@@ -279,13 +338,20 @@ class DjinnServer:
         port: int = DEFAULT_PORT,
         token: str | None = None,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        max_paused_bytes: int | None = None,
     ):
         if not is_loopback(host) and not token:
             raise AuthenticationError(
                 f"refusing to bind {host} without a token: pass --token or set DJINN_TOKEN "
                 "(clients then connect with token=...)"
             )
-        self.state = ServerState(engine, token, max_payload)
+        if not lease_seconds > 0:
+            raise BadRequestError(f"lease_seconds must be positive, got {lease_seconds!r}")
+        self.state = ServerState(engine, token, max_payload, max_paused_bytes)
+        self.lease_seconds = float(lease_seconds)
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
         self._server = _FastThreadedServer(
             rpyc.utils.helpers.classpartial(DjinnService, self.state),
             hostname=host,
@@ -300,7 +366,14 @@ class DjinnServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def _reap(self) -> None:
+        interval = min(5.0, max(0.05, self.lease_seconds / 4))
+        while not self._stop.wait(interval):
+            for run_id in self.state.engine.expire(self.lease_seconds):
+                log.info("lease expired: closed run %s", run_id)
+
     def start(self) -> "DjinnServer":
+        self._reaper.start()
         self._thread = threading.Thread(target=self._server.start, name="djinn-server", daemon=True)
         self._thread.start()
         while not self._server.active:
@@ -308,9 +381,11 @@ class DjinnServer:
         return self
 
     def serve_forever(self) -> None:
+        self._reaper.start()
         self._server.start()
 
     def close(self) -> None:
+        self._stop.set()
         self._server.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -334,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--token", default=os.environ.get("DJINN_TOKEN"), help="required off loopback (or DJINN_TOKEN)")
     p.add_argument("--max-payload-bytes", type=int, default=wire.DEFAULT_MAX_PAYLOAD)
+    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
+                   help="close runs untouched this long (default 600)")
+    p.add_argument("--max-paused-bytes", type=int, default=None,
+                   help="offload least-recently-used paused runs to host memory above this many device bytes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not is_loopback(args.host) and not args.token:
@@ -343,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     engine = build_engine(args.model, args.device, args.dtype, args.device_map)
-    server = DjinnServer(engine, args.host, args.port, args.token, args.max_payload_bytes)
+    server = DjinnServer(
+        engine, args.host, args.port, args.token, args.max_payload_bytes, args.lease_seconds, args.max_paused_bytes
+    )
     info = engine.info()
     print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}", flush=True)
     try:

@@ -1,0 +1,178 @@
+"""Bad input gets a clear error and loses nothing: the run stays paused and resumes exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import djinn_nb
+from djinn_nb.errors import (
+    ActivationError,
+    BadRequestError,
+    BreakpointError,
+    ExecutionError,
+    NoTokenizerError,
+    RunStateError,
+    UnknownRunError,
+    UnsupportedModelError,
+)
+from reference import generate, hf_model
+
+PROMPT = [9, 8, 7, 6, 5, 4]
+N = 8
+
+
+@pytest.fixture(scope="module")
+def env(saved_models):
+    path = saved_models["llama-tiny"]
+    client = djinn_nb.connect(model=path)
+    return client, generate(hf_model(path), PROMPT, N)
+
+
+def paused(client):
+    return client.generate(PROMPT, max_new_tokens=N, breakpoints=[6])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"breakpoints": [12]}, BreakpointError, "layer 12 is out of range: this model has layers 0..11"),
+        ({"breakpoints": [-1]}, BreakpointError, "out of range"),
+        ({"breakpoints": [(3, 8)]}, BreakpointError, "step 8 is out of range: max_new_tokens=8"),
+        ({"breakpoints": [(3, "sometimes")]}, BreakpointError, "must be an integer"),
+        ({"breakpoints": [(1, 2, 3)]}, BreakpointError, "(layer, step)"),
+        ({"max_new_tokens": 0}, BadRequestError, "max_new_tokens must be a positive integer"),
+        ({"watches": [40]}, BreakpointError, "out of range"),
+    ],
+)
+def test_bad_generate_arguments(env, kwargs, error, words):
+    client, _ = env
+    before = {r["id"] for r in client.runs()}
+    args = {"max_new_tokens": N, **kwargs}
+    with pytest.raises(error, match=None) as info:
+        client.generate(PROMPT, **args)
+    assert words in str(info.value)
+    assert {r["id"] for r in client.runs()} == before, "a refused generate must not leave a run behind"
+
+
+def test_text_prompt_without_tokenizer(env):
+    client, _ = env
+    with pytest.raises(NoTokenizerError, match="no tokenizer: pass the prompt as a list of token ids"):
+        client.generate("hello", max_new_tokens=2)
+
+
+def test_token_id_out_of_vocabulary(env):
+    client, _ = env
+    with pytest.raises(BadRequestError, match="token id 512 is not an integer in 0..511"):
+        client.generate([1, 512], max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda h: h[:, :-1], ActivationError, "has shape (1, 5, 64), the checkpoint at layer 6 step 0 has (1, 6, 64)"),
+        (lambda h: h.double(), ActivationError, "dtype float64, the model runs in float32"),
+        (lambda h: h.masked_fill(h > h.max() - 1e-3, float("nan")), ActivationError, "NaN or infinite"),
+        (lambda h: h * float("inf"), ActivationError, "NaN or infinite"),
+    ],
+)
+def test_bad_activation_loses_nothing(env, make, error, words):
+    client, plain = env
+    run = paused(client)
+    other = paused(client)
+    bad = make(run.activation())
+    with pytest.raises(error) as info:
+        run.resume(activation=bad)
+    assert words in str(info.value)
+    with pytest.raises(error):
+        run.fork(activation=bad)
+    assert run.refresh().paused and (run.layer, run.step) == (6, 0)
+    assert run.resume().token_ids == plain
+    assert other.resume().token_ids == plain
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"scale": float("nan")}, "scale must be a finite number"),
+        ({"add": torch.ones(3)}, "add must have shape (64,) or (1, 6, 64), got (3,)"),
+        ({"add": torch.full((64,), float("inf"))}, "finite floating-point"),
+    ],
+)
+def test_bad_edits(env, kwargs, words):
+    client, plain = env
+    run = paused(client)
+    with pytest.raises(ActivationError) as info:
+        run.resume(**kwargs)
+    assert words in str(info.value)
+    assert run.resume().token_ids == plain
+
+
+def test_bad_fork_length(env):
+    client, plain = env
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[(6, 3)])
+    with pytest.raises(BadRequestError, match="must be an integer > 3"):
+        run.fork(max_new_tokens=3)
+    assert run.fork(max_new_tokens=5, breakpoints=[]).token_ids == plain[:5]
+    assert run.resume().token_ids == plain
+
+
+def test_resume_finished_closed_and_unknown_runs(env):
+    client, plain = env
+    done = client.generate(PROMPT, max_new_tokens=N)
+    with pytest.raises(RunStateError, match=f"run {done.id} is done, not paused"):
+        done.resume()
+    with pytest.raises(RunStateError, match="not paused"):
+        done.fork()
+    with pytest.raises(RunStateError, match="not paused"):
+        done.activation()
+    run = paused(client)
+    run_id = run.id
+    run.close()
+    assert run_id not in {r["id"] for r in client.runs()}
+    with pytest.raises(UnknownRunError, match=f"no run '{run_id}'"):
+        client.attach(run_id).resume()
+    with pytest.raises(UnknownRunError, match="no run 'r999999'"):
+        client.attach("r999999")
+    assert done.token_ids == plain
+
+
+def test_failure_during_execution_fails_only_that_run(env, saved_models):
+    """A fault inside the model (as an out-of-memory would be) fails the run, frees it, spares others."""
+    from djinn_nb.engine import Engine
+
+    model = hf_model(saved_models["gpt2-tiny"])
+    engine = Engine(model)
+    keep = engine.generate(PROMPT, N, breakpoints=[4])
+    victim = engine.generate(PROMPT, N, breakpoints=[4])
+    block = engine.anatomy.blocks[8]
+
+    def boom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = block.register_forward_pre_hook(boom)
+    try:
+        with pytest.raises(ExecutionError, match=f"run {victim.id} failed: out of device memory"):
+            engine.resume(victim.id)
+    finally:
+        handle.remove()
+    assert victim.state == "failed" and victim.cache is None and victim.checkpoint is None
+    with pytest.raises(RunStateError, match="is failed, not paused: out of device memory"):
+        engine.resume(victim.id)
+    assert engine.resume(keep.id).token_ids == generate(model, PROMPT, N)
+
+
+def test_unknown_architecture_names_what_was_looked_for():
+    from djinn_nb.engine import Engine
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    with pytest.raises(UnsupportedModelError, match=r"Odd: could not find the decoder blocks; looked for .*model\.layers, transformer\.h, gpt_neox\.layers"):
+        Engine(Odd())
+
+
+def test_connect_rejects_address_and_model_together():
+    with pytest.raises(BadRequestError, match="either an address or model"):
+        djinn_nb.connect("127.0.0.1:1", model="gpt2")
