@@ -4,8 +4,14 @@ rpyc's defaults cost three things on tensors (measured in
 ``shared/notes/measurements.md``): zlib on every frame over 3 KB, Nagle's
 delayed ACK on the frame's trailing write, and ``data = data[count:]`` slicing
 that makes one large write quadratic. Here compression is off, TCP_NODELAY is
-set, writes go through ``sendall`` on a memoryview and reads fill one
-preallocated buffer with ``recv_into``.
+set, writes go through ``sendall`` on a memoryview and a frame is read with
+``recv_into`` into one buffer that the protocol then slices without copying.
+Each stream counts the bytes it moved (``bytes_in``/``bytes_out``) so that
+benchmarks can report what really crossed the socket.
+
+This path still copies a payload several times inside rpyc's brine and
+protocol (about four copies each way); tensors of megabytes and up move at
+link speed through :mod:`djinn_nb.sidechannel` instead.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ RPYC_CONFIG: dict[str, Any] = {
 
 
 def tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY (both ends need it, or a frame's tail waits on delayed ACK) and 4 MiB buffers."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
@@ -45,7 +52,14 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 class FastSocketStream(SocketStream):
-    """A SocketStream without the quadratic write and with buffer-filling reads."""
+    """A SocketStream without the quadratic write, with buffer-filling reads and byte counters."""
+
+    __slots__ = ("bytes_in", "bytes_out")
+
+    def __init__(self, sock: socket.socket):
+        super().__init__(sock)
+        self.bytes_in = 0
+        self.bytes_out = 0
 
     def write(self, data: bytes) -> None:
         try:
@@ -53,11 +67,11 @@ class FastSocketStream(SocketStream):
         except OSError as ex:
             self.close()
             raise EOFError(ex) from None
+        self.bytes_out += len(data)
 
-    def read(self, count: int) -> bytes:
-        buf = bytearray(count)
-        view = memoryview(buf)
-        got = 0
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` from the socket; ``EOFError`` if the peer goes away first."""
+        count, got = len(view), 0
         while got < count:
             try:
                 n = self.sock.recv_into(view[got:], count - got)
@@ -70,11 +84,16 @@ class FastSocketStream(SocketStream):
                 self.close()
                 raise EOFError("connection closed by peer")
             got += n
+        self.bytes_in += count
+
+    def read(self, count: int) -> bytes:
+        buf = bytearray(count)
+        self.read_into(memoryview(buf))
         return bytes(buf)
 
 
 class FastChannel(Channel):
-    """An uncompressed rpyc channel that writes each frame with as few copies as it can."""
+    """An uncompressed rpyc channel that writes and reads each frame with as few copies as it can."""
 
     __slots__ = ()
 
@@ -89,6 +108,22 @@ class FastChannel(Channel):
             self.stream.write(header)
             self.stream.write(data)
             self.stream.write(self.FLUSHER)
+
+    def recv(self) -> memoryview:
+        """The next frame as a read-only view of one buffer filled by ``recv_into``.
+
+        rpyc only slices the frame and hands it to ``BytesIO``, both of which take
+        a memoryview; returning one saves the two whole-frame copies that
+        ``bytes(buf)`` and ``[:-1]`` would make.
+        """
+        length, compressed = self.FRAME_HEADER.unpack(self.stream.read(self.FRAME_HEADER.size))
+        if compressed:
+            raise EOFError("peer sent a compressed frame; djinn_nb never compresses")
+        buf = bytearray(length + len(self.FLUSHER))
+        self.stream.read_into(memoryview(buf))
+        if buf[length:] != self.FLUSHER:
+            raise EOFError("frame does not end with the flusher byte: the stream is out of sync")
+        return memoryview(buf)[:length].toreadonly()
 
 
 def open_connection(host: str, port: int, timeout: float = 10.0) -> rpyc.Connection:

@@ -24,6 +24,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
 }
 DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB
+MAX_DIM = 1 << 40  # any larger dimension is a malformed header, whatever the other dims are
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -36,13 +37,12 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
     if name not in WIRE_DTYPES:
         raise BadRequestError(f"dtype {name} cannot cross the wire; use one of {sorted(WIRE_DTYPES)}")
     t = t.detach().to("cpu").contiguous()
-    raw = t.view(torch.uint8) if t.numel() else t
-    data = raw.numpy().tobytes() if t.numel() else b""
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return {"dtype": name, "shape": list(t.shape)}, data
 
 
-def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> torch.Tensor:
-    """Rebuild a tensor from ``encode_tensor``'s output; any mismatch is a ``BadRequestError``."""
+def check_header(meta: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[torch.dtype, list[int], int]:
+    """Validate a tensor header; returns ``(dtype, shape, nbytes)`` or raises ``BadRequestError``."""
     if not isinstance(meta, dict) or set(meta) != {"dtype", "shape"}:
         raise BadRequestError("a tensor header must be {'dtype': str, 'shape': [int, ...]}")
     name, shape = meta["dtype"], meta["shape"]
@@ -51,21 +51,28 @@ def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) ->
     if (
         not isinstance(shape, list)
         or len(shape) > 8
-        or any(type(d) is not int or d < 0 for d in shape)
+        or any(type(d) is not int or not 0 <= d <= MAX_DIM for d in shape)
     ):
-        raise BadRequestError(f"shape must be a list of at most 8 non-negative ints, got {shape!r}")
+        raise BadRequestError(f"shape must be a list of at most 8 ints in 0..2**40, got {shape!r}")
+    dtype = WIRE_DTYPES[name]
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > max_bytes:
+        raise BadRequestError(f"tensor of {nbytes} bytes is over the server's cap of {max_bytes} bytes")
+    return dtype, list(shape), nbytes
+
+
+def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> torch.Tensor:
+    """Rebuild a tensor from ``encode_tensor``'s output; any mismatch is a ``BadRequestError``."""
+    dtype, shape, expected = check_header(meta, max_bytes)
     if type(data) is not bytes:
         raise BadRequestError(f"tensor payload must be bytes, got {type(data).__name__}")
-    dtype = WIRE_DTYPES[name]
-    expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if expected > max_bytes:
-        raise BadRequestError(f"tensor of {expected} bytes is over the server's cap of {max_bytes} bytes")
     if len(data) != expected:
         raise BadRequestError(
-            f"payload has {len(data)} bytes, but {name} {tuple(shape)} needs {expected}"
+            f"payload has {len(data)} bytes, but {meta['dtype']} {tuple(shape)} needs {expected}"
         )
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
+    # one copy: the tensor must own writable memory, and ``bytes`` is immutable
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
