@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 LATENCY_PARTS = ["checkpoint_ms", "restore_ms", "remaining_ms", "transport_ms"]
+_LATENCY_LABELS = {"checkpoint_ms": "checkpoint", "restore_ms": "restore", "remaining_ms": "remaining layers",
+                   "transport_ms": "transport"}
 _STEERING_METRICS = [
     ("token_change_rate", "token change rate"),
     ("kl", "KL(base ‖ steered), nats"),
@@ -88,9 +90,9 @@ def plot_token_accuracy(data: Any) -> "Figure":
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("breakpoint layer")
     ax.set_ylabel("token accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)
     ax.set_title("Paused-and-resumed vs unpaused generation")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", ncol=min(len(trials), 5), fontsize=8, frameon=False)
     return fig
 
 
@@ -120,7 +122,7 @@ def plot_latency_breakdown(data: Any) -> "Figure":
     labels = [str(x) for x in table.index]
     for part in table.columns:
         vals = table[part].tolist()
-        ax.barh(labels, vals, left=left, label=part.removesuffix("_ms").replace("_", " "))
+        ax.barh(labels, vals, left=left, label=_LATENCY_LABELS[part])
         left = [a + b for a, b in zip(left, vals)]
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds")
