@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import kvcache
+from . import kvcache, offload
 from .architecture import Anatomy, block_output, check_split_is_exact, find_anatomy, run_tail
 from .errors import (
     ActivationError,
@@ -205,7 +205,7 @@ class Run:
     last_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     last_used: float = field(default_factory=time.monotonic)
-    offloaded: bool = False
+    host_pack: offload.HostPack | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @property
@@ -220,16 +220,23 @@ class Run:
     def layer(self) -> int | None:
         return self.checkpoint.layer if self.checkpoint else None
 
+    @property
+    def offloaded(self) -> bool:
+        return self.host_pack is not None
+
     def bytes_held(self) -> int:
-        total = kvcache.cache_bytes(self.cache)
-        if self.checkpoint is not None:
-            total += self.checkpoint.hidden.untyped_storage().nbytes()
-            if self.checkpoint.edited:
-                total += self.checkpoint.pending.untyped_storage().nbytes()
-        if self.last_logits is not None:
-            total += self.last_logits.untyped_storage().nbytes()
-        total += sum(t.untyped_storage().nbytes() for _, _, t in self.watch_log)
-        return total + sum(t.untyped_storage().nbytes() for t in self.logits)
+        """Bytes of every tensor the run keeps (shared storage counted once), wherever it is."""
+        seen: dict[int, int] = {}
+
+        def count(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            seen[st.data_ptr() or id(t)] = st.nbytes()
+            return t
+
+        map_run_tensors(self, count)
+        for t in self.logits + ([self.last_logits] if self.last_logits is not None else []):
+            count(t)
+        return sum(seen.values())
 
     def summary(self) -> dict[str, Any]:
         """Plain values describing the run (what a client shows by default)."""
@@ -390,7 +397,7 @@ class Engine:
         run.logits = []
         run.watch_log = []
         run.last_logits = None
-        run.offloaded = False
+        run.host_pack = None
         run.state = state
 
     # ----- public operations ------------------------------------------------------
@@ -561,11 +568,17 @@ class Engine:
                 t0 = time.perf_counter()
                 cuda = self.device.type == "cuda"
                 with self._device_lock:
-                    self._move_run(run, torch.device("cpu"), pin=cuda)
+                    tensors: list[torch.Tensor] = []
+                    map_run_tensors(run, lambda t: tensors.append(t) or t)
+                    hp = offload.pack(tensors, pin=cuda)
                     if cuda:
                         torch.cuda.synchronize(self.device)
+                    del tensors
+                    views = iter(hp.host_views())
+                    map_run_tensors(run, lambda _t: next(views), torch.device("cpu"))
+                    run.host_pack = hp
+                    if cuda:
                         torch.cuda.empty_cache()
-                run.offloaded = True
                 run.timings["offload"] = time.perf_counter() - t0
         return run
 
@@ -574,23 +587,12 @@ class Engine:
             return
         t0 = time.perf_counter()
         with self._device_lock:
-            self._move_run(run, self.device, pin=False)
+            views = iter(run.host_pack.to_device(self.device))
+            map_run_tensors(run, lambda _t: next(views), self.device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-        run.offloaded = False
+        run.host_pack = None
         run.timings["restore"] = time.perf_counter() - t0
-
-    def _move_run(self, run: Run, device: torch.device, pin: bool) -> None:
-        cache = run.cache
-        kvcache.move_cache(cache, device, pin=pin)
-        move = lambda t: _move_tensor(t, device, pin)  # noqa: E731
-        cp = run.checkpoint
-        hidden = move(cp.hidden)
-        pending = hidden if not cp.edited else move(cp.pending)
-        cp.hidden, cp.pending = hidden, pending
-        cp.args = _map_tensors(cp.args, move, keep=cache)
-        cp.kwargs = _map_tensors(cp.kwargs, move, keep=cache)
-        run.watch_log = [(l, s, move(t)) for l, s, t in run.watch_log]
 
     def resident_paused_bytes(self) -> int:
         return sum(r.bytes_held() for r in self.all_runs() if r.paused and not r.offloaded)
@@ -848,11 +850,22 @@ class Engine:
         return int(torch.multinomial(probs, 1, generator=run.generator))
 
 
-def _move_tensor(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    if pin and t.device.type != "cpu":
-        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        return out.copy_(t, non_blocking=True)
-    return t.to(device, non_blocking=True)
+def map_run_tensors(
+    run: Run, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None
+) -> None:
+    """Replace each tensor a paused run holds (cache, checkpoint, block arguments, watch hits)
+    by ``fn(tensor)``, always in the same order: offload and restore rely on it."""
+    cache = run.cache
+    if cache is not None:
+        kvcache.map_cache_tensors(cache, fn, device)
+    cp = run.checkpoint
+    if cp is not None:
+        edited = cp.edited
+        cp.hidden = fn(cp.hidden)
+        cp.pending = fn(cp.pending) if edited else cp.hidden
+        cp.args = _map_tensors(cp.args, fn, keep=cache)
+        cp.kwargs = _map_tensors(cp.kwargs, fn, keep=cache)
+    run.watch_log = [(layer, step, fn(t)) for layer, step, t in run.watch_log]
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], keep: Any) -> Any:

@@ -9,6 +9,7 @@ an O(layers) copy with no device traffic. Layer types that update in place
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -46,15 +47,12 @@ def cache_bytes(cache: Cache | None) -> int:
     return total
 
 
-def move_cache(cache: Cache, device: torch.device | str, pin: bool = False) -> None:
-    """Move every tensor of the cache to ``device`` in place (pinned host memory if ``pin``)."""
+def map_cache_tensors(
+    cache: Cache, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None
+) -> None:
+    """Replace every tensor of every layer by ``fn(tensor)``, in a fixed order; set the layers' device."""
     for layer in cache.layers:
         for name, t in _tensors(layer):
-            if pin and t.device.type != "cpu":
-                moved = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-                moved.copy_(t, non_blocking=True)
-            else:
-                moved = t.to(device, non_blocking=True)
-            setattr(layer, name, moved)
-        if hasattr(layer, "device") and not isinstance(layer.device, torch.Tensor):
-            layer.device = torch.device(device)
+            setattr(layer, name, fn(t))
+        if device is not None and isinstance(getattr(layer, "device", None), torch.device):
+            layer.device = device

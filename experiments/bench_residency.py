@@ -1,0 +1,169 @@
+"""Residency benchmark (issue 3): offload/restore of paused runs, and what paused runs cost others.
+
+    python experiments/bench_residency.py --model random:gpt2 --device cuda:0 --out DIR
+
+1. Restore of an offloaded paused run vs a raw pinned host-to-device copy of the
+   same number of bytes (goal <= 1.2x), at several prompt lengths.
+2. Run B's latency (a whole generation, no breakpoints) on an idle server vs with
+   32 paused runs resident on the device vs with those 32 offloaded (goal <= 1.1x).
+Timed in one process with the engine, interleaved, GPU synchronized around every
+sample; medians. Prediction (written before the first GPU run): restore is one
+H2D copy plus ~3 view ops per tensor, so ~1.1x for GPT-2 seq 128 (9 MB) and ~1.0x
+for larger states; paused runs do no work, so run B's ratio is ~1.0 either way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "exp3_whitebox"))
+from exp3lib.env import environment, write_json  # noqa: E402
+from exp3lib.timing import Case, measure_interleaved, ratio, sync  # noqa: E402
+
+from djinn_nb.engine import Engine  # noqa: E402
+from djinn_nb.models import load_model  # noqa: E402
+
+
+def restore_vs_raw(engine: Engine, seq: int, layer: int, repeats: int) -> dict:
+    prompt = torch.randint(0, engine.info()["vocab_size"], (seq,), generator=torch.Generator().manual_seed(seq)).tolist()
+    run = engine.generate(prompt, 4, breakpoints=[layer])
+    engine.offload(run.id)
+    nbytes = run.host_pack.nbytes
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=engine.device.type == "cuda")
+
+    def offloaded() -> None:
+        engine.offload(run.id)
+
+    res = measure_interleaved(
+        {
+            "restore": Case(lambda _: engine._restore(run), setup=offloaded),
+            "raw_pinned_copy": Case(lambda _: host.to(engine.device, non_blocking=True)),
+        },
+        warmup=5,
+        repeats=repeats,
+    )
+    engine.resume(run.id)
+    exact_tokens = list(run.token_ids)
+    plain = engine.generate(prompt, 4)
+    out = {
+        "seq_len": seq,
+        "layer": layer,
+        "state_bytes": nbytes,
+        "restore_ms": res["restore"][0].as_dict(),
+        "raw_pinned_copy_ms": res["raw_pinned_copy"][0].as_dict(),
+        "restore_over_raw": ratio(res["restore"][0].median_ms, res["raw_pinned_copy"][0].median_ms),
+        "tokens_after_restore_equal_unpaused": exact_tokens == plain.token_ids,
+    }
+    engine.close(run.id)
+    engine.close(plain.id)
+    return out
+
+
+def run_b_latency(engine: Engine, paused: int, seq: int, layer: int, new_tokens: int, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.info()["vocab_size"]
+    prompt_b = torch.randint(0, vocab, (seq,), generator=gen).tolist()
+    others = [engine.generate(torch.randint(0, vocab, (seq,), generator=gen).tolist(), 8, [layer]) for _ in range(paused)]
+    held = sum(r.bytes_held() for r in others)
+
+    def run_b(_: object) -> list[int]:
+        r = engine.generate(prompt_b, new_tokens)
+        engine.close(r.id)
+        return r.token_ids
+
+    def set_offloaded(flag: bool):
+        def setup() -> None:
+            for r in others:
+                if flag and not r.offloaded:
+                    engine.offload(r.id)
+                elif not flag and r.offloaded:
+                    engine._restore(r)
+            sync()
+        return setup
+
+    idle_engine_state = {"others": others}
+    res = measure_interleaved(
+        {
+            "idle": Case(run_b, setup=lambda: _hide(engine, idle_engine_state)),
+            "paused_resident": Case(run_b, setup=lambda: (_show(engine, idle_engine_state), set_offloaded(False)())),
+            "paused_offloaded": Case(run_b, setup=lambda: (_show(engine, idle_engine_state), set_offloaded(True)())),
+        },
+        warmup=3,
+        repeats=repeats,
+    )
+    _show(engine, idle_engine_state)
+    tokens = {k: v[1][-1] for k, v in res.items()}
+    for r in others:
+        engine.close(r.id)
+    idle = res["idle"][0].median_ms
+    return {
+        "paused_runs": paused,
+        "paused_bytes": held,
+        "run_b_new_tokens": new_tokens,
+        "run_b_ms": {k: v[0].as_dict() for k, v in res.items()},
+        "resident_over_idle": ratio(res["paused_resident"][0].median_ms, idle),
+        "offloaded_over_idle": ratio(res["paused_offloaded"][0].median_ms, idle),
+        "run_b_tokens_identical": len({tuple(t) for t in tokens.values()}) == 1,
+        "device_memory_allocated": torch.cuda.memory_allocated(engine.device) if engine.device.type == "cuda" else None,
+    }
+
+
+def _hide(engine: Engine, state: dict) -> None:
+    """'Idle server': the paused runs are taken out of the registry (their memory stays allocated
+    only if resident; the idle case offloads them first so the device holds nothing of theirs)."""
+    for r in state["others"]:
+        if not r.offloaded:
+            engine.offload(r.id)
+    with engine._runs_lock:
+        for r in state["others"]:
+            engine._runs.pop(r.id, None)
+    sync()
+
+
+def _show(engine: Engine, state: dict) -> None:
+    with engine._runs_lock:
+        for r in state["others"]:
+            engine._runs[r.id] = r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--paused", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default="experiments/out/residency")
+    args = p.parse_args(argv)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+    layer = engine.num_layers // 2
+    result = {
+        "benchmark": "residency",
+        "model": args.model,
+        "environment": environment(args.device),
+        "restore": [restore_vs_raw(engine, s, layer, args.repeats) for s in args.seq_lens],
+        "run_b": run_b_latency(engine, args.paused, 128, layer, 16, max(5, args.repeats // 3)),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"residency_{args.model.replace(':', '_').replace('/', '_')}.json"
+    write_json(out / name, result)
+    for r in result["restore"]:
+        print(f"restore seq {r['seq_len']:5d}: {r['state_bytes'] / 1e6:8.2f} MB  restore {r['restore_ms']['median_ms']:.3f} ms"
+              f"  raw pinned copy {r['raw_pinned_copy_ms']['median_ms']:.3f} ms  ratio {r['restore_over_raw']:.2f}"
+              f"  exact {r['tokens_after_restore_equal_unpaused']}")
+    b = result["run_b"]
+    print(f"run B ({b['run_b_new_tokens']} tokens) idle {b['run_b_ms']['idle']['median_ms']:.2f} ms; with {b['paused_runs']} paused"
+          f" ({b['paused_bytes'] / 1e6:.1f} MB): resident x{b['resident_over_idle']:.3f}, offloaded x{b['offloaded_over_idle']:.3f}")
+    print(json.dumps({"written": str(out / name)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
