@@ -20,6 +20,7 @@ Converter = Callable[[str, str], Any]
 _VALUE = r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|\S*)"
 _KEY_EQ = re.compile(r"\s*(?:--)?([A-Za-z_]\w*)=" + _VALUE + r"(?=\s|$)")
 _DASH_KEY = re.compile(r"\s*--([A-Za-z_]\w*)(?=\s|$)")
+_WORD = re.compile(r"\s*(\S+)")
 _NEXT_WORD = re.compile(r"\s+" + _VALUE.replace(r"\S*", r"\S+") + r"(?=\s|$)")
 
 
@@ -79,9 +80,14 @@ def step_value(key: str, raw: str) -> int | str:
     return value
 
 
-def parse(line: str, spec: dict[str, Converter], magic: str) -> Parsed:
-    """Split ``line`` into the options named in ``spec`` (converted) and the free text after them."""
+def parse(line: str, spec: dict[str, Converter], magic: str, anywhere: bool = False) -> Parsed:
+    """Split ``line`` into the options named in ``spec`` (converted) and the free text.
+
+    The options lead and the free text follows them; with ``anywhere``, options and
+    free words may mix (``%djinn_connect host:port token=...``).
+    """
     options: dict[str, Any] = {}
+    words: list[str] = []
     pos = 0
     while True:
         m = _KEY_EQ.match(line, pos)
@@ -90,7 +96,12 @@ def parse(line: str, spec: dict[str, Converter], magic: str) -> Parsed:
         else:
             m = _DASH_KEY.match(line, pos)
             if not m:
-                break
+                word = _WORD.match(line, pos) if anywhere else None
+                if word is None:
+                    break
+                words.append(word.group(1))
+                pos = word.end()
+                continue
             key, pos = m.group(1), m.end()
             nxt = _NEXT_WORD.match(line, pos)
             if spec.get(key) is flag and not (nxt and nxt.group(1).lower() in ("true", "false", "1", "0")):
@@ -108,7 +119,7 @@ def parse(line: str, spec: dict[str, Converter], magic: str) -> Parsed:
         if raw in ("", "None"):
             continue
         options[key] = spec[key](key, raw)
-    return Parsed(options, line[pos:].strip())
+    return Parsed(options, " ".join([*words, line[pos:].strip()]).strip())
 
 
 def parse_prompt(raw: str, magic: str = "djinn_run") -> str | list[int]:

@@ -121,7 +121,7 @@ class DjinnMagics(Magics):
         the server has chosen its model. Example: ``client = %djinn_connect model=random:gpt2-tiny``
         """
         spec = dict(address=A.text, model=A.text, device=A.text, dtype=A.text, token=A.text)
-        p = A.parse(line, spec, "djinn_connect")
+        p = A.parse(line, spec, "djinn_connect", anywhere=True)
         address = p.options.pop("address", None)
         if p.rest:
             if address is not None or len(p.rest.split()) != 1:
@@ -155,7 +155,7 @@ class DjinnMagics(Magics):
         %djinn_break                        returns the list of breakpoints
         %djinn_break clear                  removes them all
         """
-        p = A.parse(line, dict(layer=A.integer, step=A.step_value), "djinn_break")
+        p = A.parse(line, dict(layer=A.integer, step=A.step_value), "djinn_break", anywhere=True)
         if p.rest == "clear" and not p.options:
             self.breakpoints = []
             print("breakpoints cleared")
@@ -211,7 +211,7 @@ class DjinnMagics(Magics):
 
         Returns an Activation (``.tensor`` is the tensor on this machine, ``.table()`` a DataFrame).
         """
-        p = A.parse(line, dict(run=A.text, plot=A.flag), "djinn_inspect")
+        p = A.parse(line, dict(run=A.text, plot=A.flag), "djinn_inspect", anywhere=True)
         if p.rest:
             raise UsageError(f"%djinn_inspect takes run=ID and plot=true|false, not {p.rest!r}")
         run = self._paused(p.options.get("run"))
@@ -236,7 +236,7 @@ class DjinnMagics(Magics):
         shown beside the edited one with the changed tokens highlighted (compare=false skips it).
         """
         spec = dict(scale=A.number, add=A.text, activation=A.text, compare=A.flag, run=A.text)
-        p = A.parse(line, spec, "djinn_resume")
+        p = A.parse(line, spec, "djinn_resume", anywhere=True)
         if p.rest:
             raise UsageError(f"%djinn_resume takes key=value words such as scale=0.9, not {p.rest!r}")
         run = self._paused(p.options.get("run"))
@@ -324,7 +324,7 @@ class DjinnMagics(Magics):
         """
         import pandas as pd
 
-        p = A.parse(line, dict(close=A.text), "djinn_runs")
+        p = A.parse(line, dict(close=A.text), "djinn_runs", anywhere=True)
         if p.rest:
             raise UsageError(f"%djinn_runs takes close=ID|all, not {p.rest!r}")
         client = self._client()

@@ -1,0 +1,75 @@
+"""Execute the three notebooks headless with papermill on the embedded default model, on CPU.
+
+Fails on any cell error, and checks that the executed notebooks hold their plots
+(image/png outputs) and tables (text/html outputs).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+papermill = pytest.importorskip("papermill")
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+CELL_TIMEOUT_S = 600
+PARAMS = {"model": None, "device": "cpu", "address": None}
+# shorter factor sweeps than the notebooks' defaults, to keep the suite quick on two cores
+EXTRA = {
+    "02_steering.ipynb": {"factors": [0.0, 0.5, 1.0, 1.5, 2.0]},
+    "03_reproduce_exp3.ipynb": {"factors": [0.0, 0.9, 1.0, 2.0]},
+}
+
+# notebook -> (least image/png outputs, least text/html outputs)
+EXPECTED = {
+    "01_quickstart.ipynb": (1, 6),
+    "02_steering.ipynb": (2, 4),
+    "03_reproduce_exp3.ipynb": (3, 5),
+}
+
+
+def _outputs(nb, mime: str) -> list[str]:
+    return [o["data"][mime] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if mime in o.get("data", {})]
+
+
+def test_generated_notebooks_are_committed_as_written():
+    """The .ipynb files are what make_notebooks.py writes (sources), and carry no outputs."""
+    sys.path.insert(0, str(NOTEBOOKS))
+    try:
+        import make_notebooks
+    finally:
+        sys.path.remove(str(NOTEBOOKS))
+    for name, cells in make_notebooks.NOTEBOOKS.items():
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        assert [c.source for c in nb.cells] == [c.source for c in cells()], f"rerun make_notebooks.py for {name}"
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} has outputs"
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and all(f"{k} =" in tagged[0].source for k in PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_runs_headless(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    params = {**PARAMS, **EXTRA.get(name, {})}
+    if name.startswith("03"):
+        params["output_dir"] = str(tmp_path / "exp3")
+    out = tmp_path / name
+    papermill.execute_notebook(
+        str(NOTEBOOKS / name), str(out), parameters=params, kernel_name="python3",
+        cwd=str(NOTEBOOKS), execution_timeout=CELL_TIMEOUT_S, progress_bar=False,
+    )  # raises PapermillExecutionError on any cell error
+    nb = nbformat.read(out, as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    pngs, htmls = _outputs(nb, "image/png"), _outputs(nb, "text/html")
+    least_png, least_html = EXPECTED[name]
+    assert len(pngs) >= least_png and all(len(p) > 1000 for p in pngs)
+    assert len(htmls) >= least_html and sum("<table" in h for h in htmls) >= least_html - 1
+    if name.startswith("03"):
+        assert (tmp_path / "exp3" / "djinn_breakpoint_results.json").is_file()

@@ -1,0 +1,120 @@
+"""The steering slider: each value forks the checkpoint; fast moves do not pile up; forks are closed."""
+from __future__ import annotations
+
+import html
+import threading
+
+import pytest
+
+import djinn_nb
+from djinn_nb.widgets import SteeringWidget
+
+PROMPT = [11, 22, 33, 44, 55, 66]
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = djinn_nb.connect(model="random:gpt2-tiny")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def paused(client):
+    run = client.generate(PROMPT, max_new_tokens=8, breakpoints=[6])
+    yield run
+    run.close()
+    for r in client.runs():  # nothing else may be left behind
+        client.attach(r["id"]).close()
+
+
+@pytest.fixture
+def widget(client, paused):
+    w = SteeringWidget(client, paused, min=0.0, max=3.0, step=0.25)
+    yield w
+    w.close()
+
+
+def _expected(run, scale):
+    with run.fork(scale=scale, breakpoints=[]) as f:
+        return f.token_ids
+
+
+def test_slider_is_float_and_not_continuous(widget):
+    import ipywidgets
+
+    assert isinstance(widget.slider, ipywidgets.FloatSlider)
+    assert widget.slider.continuous_update is False
+    assert (widget.slider.min, widget.slider.max, widget.slider.step, widget.slider.value) == (0.0, 3.0, 0.25, 1.0)
+    assert "baseline (unmodified)" in widget.output.value
+    assert "application/vnd.jupyter.widget-view+json" in widget._repr_mimebundle_()
+
+
+def test_setting_slider_value_shows_that_forks_text(client, paused, widget):
+    for value in (0.0, 2.5, 0.75):
+        widget.slider.value = value
+        result = widget.wait()
+        expected = _expected(paused, value)
+        assert result.scale == value and result.token_ids == expected
+        for t in expected:
+            assert html.escape(f"#{t}") in widget.output.value
+        assert f"scale {value:.3g}" in widget.output.value
+        assert "fork latency" in widget.output.value and result.latency_ms > 0
+    assert widget.baseline_ids == _expected(paused, 1.0)
+    assert paused.refresh().paused and paused.layer == 6  # the checkpoint is untouched
+
+
+def test_changed_tokens_are_highlighted(paused, widget):
+    result = widget.set(0.0)
+    changed = [i for i, (a, b) in enumerate(zip(widget.baseline_ids, result.token_ids)) if a != b]
+    assert changed, "zeroing layer 6's output changes the continuation"
+    assert widget.output.value.count("background:#ffe08a") == result.comparison.changed
+
+
+def test_fast_moves_run_only_the_latest_value(client, paused, widget):
+    calls, gate, started = [], threading.Event(), threading.Event()
+    real_fork = paused.fork
+
+    def slow_fork(*args, **kwargs):
+        calls.append(kwargs.get("scale"))
+        started.set()
+        gate.wait(30)
+        return real_fork(*args, **kwargs)
+
+    paused.fork = slow_fork
+    try:
+        widget.slider.value = 0.25
+        assert started.wait(30)
+        for v in (0.5, 0.75, 1.25, 1.5, 1.75, 2.0, 2.25):
+            widget.slider.value = v
+        gate.set()
+        result = widget.wait()
+    finally:
+        del paused.fork
+    assert calls == [0.25, 2.25]
+    assert result.scale == 2.25 and result.token_ids == _expected(paused, 2.25)
+    assert [r.scale for r in widget.results] == [0.25, 2.25]
+
+
+def test_forks_are_closed(client, paused, widget):
+    for v in (0.5, 1.5, 2.0, 0.5):
+        widget.set(v)
+    assert [r["id"] for r in client.runs()] == [paused.id]
+
+
+def test_a_failed_fork_is_reported_and_the_widget_keeps_working(client, widget):
+    other = client.generate(PROMPT, max_new_tokens=8, breakpoints=[6])
+    w = SteeringWidget(client, other)
+    try:
+        other.close()
+        assert w.set(0.5) is None
+        assert "failed" in w.status.value and w.error
+    finally:
+        w.close()
+    assert widget.set(0.5).scale == 0.5
+
+
+def test_needs_a_paused_run(client):
+    done = client.generate(PROMPT, max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs a paused run"):
+        SteeringWidget(client, done)
