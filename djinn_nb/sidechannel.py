@@ -151,7 +151,7 @@ class BulkServer:
                 slot.claimed = True  # single use: a second connection with this ticket gets nothing
                 if not slot.upload:
                     del self._slots[key]
-            conn.settimeout(None)
+            conn.settimeout(60.0)  # per recv/send: a stalled peer frees its thread within a minute
             if slot.upload:
                 _recv_into(conn, tensor_view(slot.tensor))
                 slot.done.set()
@@ -224,6 +224,7 @@ def push(host: str, slot: Any, tensor: torch.Tensor, timeout: float = 60.0) -> N
     sock = _connect(host, slot["port"], slot["ticket"], timeout)
     try:
         sock.sendall(tensor_view(t))
+        sock.shutdown(socket.SHUT_WR)  # a short upload then ends at the server at once, not at a timeout
         if _recv_exact(sock, 1) != _ACK:
             raise EOFError("no acknowledgement")
     except (OSError, EOFError) as e:

@@ -114,6 +114,9 @@ class StubEngine:
     def activation(self, run_id: str, owner: str = "", original: bool = False) -> torch.Tensor:
         return self.tensor
 
+    def expire(self, lease_seconds: float) -> list[str]:  # the server's lease reaper asks
+        return []
+
 
 def rpyc_activation(n: int, repeats: int) -> list[float]:
     """``Run.activation()`` through the real DjinnServer and Client (engine stubbed to a preset tensor)."""
