@@ -1,0 +1,62 @@
+"""Many clients pausing and resuming at once against one server get exactly the unmodified tokens."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import djinn_nb
+from serving import NEW_TOKENS, PROMPT, serve
+
+THREADS = 16
+CYCLES = 20
+
+
+@pytest.fixture(scope="module")
+def served():
+    s = serve()
+    yield s
+    s.server.close()
+
+
+def _cycles(port: int, index: int, reference: list[int], start: threading.Barrier, out: dict[int, object]) -> None:
+    """CYCLES generate/pause/resume cycles on this thread's own connection; records tokens or the error."""
+    try:
+        client = djinn_nb.connect(f"127.0.0.1:{port}")
+        start.wait(timeout=60)
+        got = []
+        for cycle in range(CYCLES):
+            bps = [(index + cycle) % 12, ((index * 7 + cycle) % 12, cycle % NEW_TOKENS)]
+            run = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, breakpoints=bps)
+            pauses = 0
+            while run.paused:
+                pauses += 1
+                run.resume()
+            assert pauses >= 1, f"cycle {cycle} never paused at {bps}"
+            got.append(run.token_ids)
+            run.close()
+        client.close()
+        out[index] = got
+    except BaseException as e:  # noqa: BLE001 - reported by the test thread
+        out[index] = e
+
+
+def test_sixteen_clients_pausing_and_resuming_get_the_unmodified_tokens(served):
+    holder = djinn_nb.connect(f"127.0.0.1:{served.port}")
+    parked = holder.generate(PROMPT, max_new_tokens=NEW_TOKENS, breakpoints=[5])  # paused all along
+    start, out = threading.Barrier(THREADS), {}
+    threads = [threading.Thread(target=_cycles, args=(served.port, i, served.reference, start, out), daemon=True)
+               for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "a client is stuck: deadlock or lost reply"
+    errors = {i: r for i, r in out.items() if isinstance(r, BaseException)}
+    assert not errors, errors
+    assert all(tokens == served.reference for i in range(THREADS) for tokens in out[i])
+    assert len(out) == THREADS and all(len(out[i]) == CYCLES for i in range(THREADS))
+    assert parked.refresh().paused and (parked.layer, parked.step) == (5, 0)
+    assert parked.run_to_end().token_ids == served.reference
+    assert [r["id"] for r in holder.runs()] == [parked.id]  # the 320 closed runs are gone
+    holder.close()
