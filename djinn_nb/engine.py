@@ -312,6 +312,9 @@ class Engine:
         self.eos_ids: frozenset[int] = frozenset(
             [eos] if isinstance(eos, int) else (eos or [])
         )
+        self._parameters = sum(p.numel() for p in model.parameters())
+        cfg = model.config
+        self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if check_exact:
             check_split_is_exact(model, self.anatomy, self._probe_split)
 
@@ -332,7 +335,8 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "has_tokenizer": self.tokenizer is not None,
             "block_path": self.anatomy.block_path,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": self._parameters,
+            "max_positions": self.max_positions,
         }
 
     # ----- tokens -----------------------------------------------------------------
@@ -419,6 +423,13 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise BadRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         ids = self.encode(prompt)
+        if self.max_positions and len(ids) + max_new_tokens > self.max_positions:
+            # Past this, learned position embeddings index out of range: on a GPU that is a
+            # device-side assert, which would take the whole server down, not just this run.
+            raise BadRequestError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"{self.max_positions} positions"
+            )
         bps = parse_breakpoints(breakpoints, self.num_layers, max_new_tokens)
         watch = parse_breakpoints(watches, self.num_layers, max_new_tokens)
         sampling = sampling or Sampling()
@@ -477,6 +488,11 @@ class Engine:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit <= cp.step:
                 raise BadRequestError(
                     f"max_new_tokens for a fork paused at step {cp.step} must be an integer > {cp.step}, got {limit!r}"
+                )
+            if self.max_positions and len(parent.prompt_ids) + limit > self.max_positions:
+                raise BadRequestError(
+                    f"prompt ({len(parent.prompt_ids)} tokens) + max_new_tokens ({limit}) exceeds the model's "
+                    f"{self.max_positions} positions"
                 )
             bps = (
                 tuple(b for b in parent.breakpoints if b.step is None or b.step < limit)
@@ -778,10 +794,9 @@ class Engine:
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 self._fail(run, f"{type(e).__name__}: {e}")
             finally:
+                # Host time: a finished step has synchronized (the token was read); a pause has
+                # not, on purpose: the client's next look at the activation will wait for it.
                 run.timings["execute"] = time.perf_counter() - t0
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                    run.timings["execute"] = time.perf_counter() - t0
 
     def _fail(self, run: Run, message: str) -> None:
         self._free(run, RunState.FAILED)

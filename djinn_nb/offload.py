@@ -1,11 +1,12 @@
-"""Move a paused run's state between the device and host memory in one copy each way.
+"""Move a paused run's state between the device and host memory in one copy per dtype.
 
 A paused run's state is many tensors (two per layer of KV cache, the checkpoint,
 the block arguments). Copying them one by one costs a launch and a Python round
 per tensor; instead they are packed into one (pinned, when leaving a GPU) host
-buffer, and restored with a single host-to-device copy, after which every tensor
-is a view into that one device buffer. Restore time then tracks a raw pinned
-copy of the same bytes.
+buffer per dtype, and restored with one host-to-device copy per buffer, after
+which every tensor is a view into its device buffer (``split`` makes all views
+of a buffer in one call). Restore time then tracks a raw pinned copy of the
+same bytes.
 """
 from __future__ import annotations
 
@@ -13,43 +14,53 @@ from dataclasses import dataclass
 
 import torch
 
-ALIGN = 256  # bytes; keeps every view aligned for any dtype
+
+@dataclass
+class _Group:
+    buffer: torch.Tensor  # 1-D, this group's dtype
+    numels: list[int]
+    shapes: list[torch.Size]
+    order: list[int]  # position of each member in the packed list
 
 
 @dataclass
 class HostPack:
-    """Tensors packed back to back in one uint8 host buffer."""
+    """Tensors packed back to back, one flat host buffer per dtype."""
 
-    buffer: torch.Tensor
-    layout: list[tuple[int, int, torch.dtype, torch.Size]]  # offset, nbytes, dtype, shape
+    groups: list[_Group]
+    count: int
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel()
+        return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)
 
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o : o + n].view(dt).view(shape) for o, n, dt, shape in self.layout]
+    def _unflatten(self, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [None] * self.count  # type: ignore[list-item]
+        for g, flat in zip(self.groups, flats):
+            for i, chunk, shape in zip(g.order, flat.split(g.numels), g.shapes):
+                out[i] = chunk.view(shape)
+        return out
 
     def host_views(self) -> list[torch.Tensor]:
-        """The packed tensors, as views of the host buffer."""
-        return self._views(self.buffer)
+        """The packed tensors, in their original order, as views of the host buffers."""
+        return self._unflatten([g.buffer for g in self.groups])
 
     def to_device(self, device: torch.device) -> list[torch.Tensor]:
-        """One host-to-device copy; the tensors as views of the device buffer."""
-        flat = self.buffer.to(device, non_blocking=True)
-        return self._views(flat)
+        """One host-to-device copy per dtype; the tensors as views of the device buffers."""
+        return self._unflatten([g.buffer.to(device, non_blocking=True) for g in self.groups])
 
 
 def pack(tensors: list[torch.Tensor], pin: bool) -> HostPack:
-    """Copy ``tensors`` into one host buffer (asynchronously from a GPU: synchronize before use)."""
-    layout = []
-    total = 0
-    for t in tensors:
-        n = t.numel() * t.element_size()
-        layout.append((total, n, t.dtype, t.shape))
-        total += -(-n // ALIGN) * ALIGN
-    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    hp = HostPack(buffer, layout)
-    for view, t in zip(hp.host_views(), tensors):
-        view.copy_(t, non_blocking=pin)
-    return hp
+    """Copy ``tensors`` into host buffers (asynchronously from a GPU: synchronize before use)."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    groups = []
+    for dtype, idx in by_dtype.items():
+        numels = [tensors[i].numel() for i in idx]
+        buffer = torch.empty(sum(numels), dtype=dtype, pin_memory=pin)
+        group = _Group(buffer, numels, [tensors[i].shape for i in idx], idx)
+        for chunk, i in zip(buffer.split(numels), idx):
+            chunk.view(tensors[i].shape).copy_(tensors[i], non_blocking=pin)
+        groups.append(group)
+    return HostPack(groups, len(tensors))

@@ -359,6 +359,7 @@ class DjinnServer:
             protocol_config=dict(RPYC_CONFIG),
             logger=log,
         )
+        self._server._listen()  # listen now, so the address is connectable once we return
         self.host, self.port = self._server.host, self._server.port
         self._thread: threading.Thread | None = None
 

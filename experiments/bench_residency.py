@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="random:gpt2")
     p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1024])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1000])
     p.add_argument("--paused", type=int, default=32)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", default="experiments/out/residency")

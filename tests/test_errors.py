@@ -176,3 +176,14 @@ def test_unknown_architecture_names_what_was_looked_for():
 def test_connect_rejects_address_and_model_together():
     with pytest.raises(BadRequestError, match="either an address or model"):
         djinn_nb.connect("127.0.0.1:1", model="gpt2")
+
+
+def test_prompt_longer_than_the_model_positions(env):
+    client, plain = env
+    limit = client.info["max_positions"]
+    with pytest.raises(BadRequestError, match=f"exceeds the model's {limit} positions"):
+        client.generate([1] * (limit - 2), max_new_tokens=3)
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[6])
+    with pytest.raises(BadRequestError, match=f"exceeds the model's {limit} positions"):
+        run.fork(max_new_tokens=limit)
+    assert run.resume().token_ids == plain
