@@ -80,8 +80,15 @@ class DjinnMagics(Magics):
             raise UsageError(f"run {run.id} is {run.state}, not paused: {_RUN_HINT}")
         return run
 
+    def _check_layer(self, layer: int) -> int:
+        n = self._client().info["num_layers"]
+        if not 0 <= layer < n:
+            raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n - 1}; use layer=0..{n - 1}")
+        return layer
+
     def _prompt_ids(self, run: Run) -> list[int] | None:
-        return self._prompts.get(run.id) or (self._prompts.get(run.parent) if run.parent else None)
+        ids = self._prompts.get(run.id) or (self._prompts.get(run.parent) if run.parent else None)
+        return ids if ids is not None and len(ids) == run.prompt_len else None
 
     def _position_tokens(self, run: Run) -> list[str] | None:
         """The text of each position of the paused activation, if the prompt is known."""
@@ -100,12 +107,16 @@ class DjinnMagics(Magics):
             raise UsageError(f"{key}={name}: {name} is a {type(value).__name__}, not a torch.Tensor")
         return value
 
-    def _start(self, prompt: str | list[int], **kw: Any) -> Run:
+    def _generate(self, prompt: str | list[int], breakpoints: list[Any], **kw: Any) -> Run:
+        """Start a run and remember its prompt's token ids (to label positions in %djinn_inspect)."""
         client = self._client()
-        run = client.generate(prompt, breakpoints=list(self.breakpoints) or None, **kw)
+        run = client.generate(prompt, breakpoints=breakpoints or None, **kw)
         self._prompts[run.id] = client.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self.run = run
         return run
+
+    def _start(self, prompt: str | list[int], **kw: Any) -> Run:
+        self.run = self._generate(prompt, list(self.breakpoints), **kw)
+        return self.run
 
     # ----- magics -----------------------------------------------------------------
     @line_magic
@@ -138,9 +149,13 @@ class DjinnMagics(Magics):
             raise UsageError(
                 f"could not reach {where}: {_one_line(e)}; check the address/model (start a server with djinn-server --port 5556)"
             ) from None
+        for widget in self.widgets:
+            widget.close()
         if self.client is not None:
             self.client.close()
-        self.client, self.run = client, None
+        self.client, self.run, self.widgets = client, None, []
+        self._prompts.clear()
+        self._baselines.clear()
         n = client.info["num_layers"]
         self.breakpoints = [b for b in self.breakpoints if b["layer"] < n]
         return client
@@ -168,11 +183,7 @@ class DjinnMagics(Magics):
             if p.options:
                 raise UsageError("a breakpoint needs a layer: write %djinn_break layer=6 step=...")
             return list(self.breakpoints)
-        n = self._client().info["num_layers"]
-        layer = p.options["layer"]
-        if not 0 <= layer < n:
-            raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n - 1}; use layer=0..{n - 1}")
-        bp = {"layer": layer, "step": p.options.get("step", 0)}
+        bp = {"layer": self._check_layer(p.options["layer"]), "step": p.options.get("step", 0)}
         if bp not in self.breakpoints:
             self.breakpoints.append(bp)
         print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']}" for b in self.breakpoints))
@@ -293,9 +304,7 @@ class DjinnMagics(Magics):
             if prompt_text:
                 raise UsageError("a prompt for %djinn_steer needs layer=N: write %djinn_steer layer=6 <prompt>")
             return self._paused(run_id)
-        n = self._client().info["num_layers"]
-        if not 0 <= layer < n:
-            raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n - 1}; use layer=0..{n - 1}")
+        self._check_layer(layer)
         if prompt_text:
             prompt, max_new = A.parse_prompt(prompt_text, "djinn_steer layer=6"), 16
         else:
@@ -306,8 +315,7 @@ class DjinnMagics(Magics):
             if prompt is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
             max_new = current.summary.get("max_new_tokens", 16)
-        run = self._client().generate(prompt, max_new_tokens=max_new, breakpoints=[layer])
-        self._prompts[run.id] = self._client().tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        run = self._generate(prompt, [layer], max_new_tokens=max_new)
         if not run.paused:
             raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
         return run

@@ -64,6 +64,8 @@ def test_break_run_inspect_resume_equals_client_api(shell, model):
         resumed = magic(shell, "djinn_resume scale=0.9")
     assert resumed is run and run.done
     assert run.token_ids == ref.resume(scale=0.9).token_ids
+    run.close()
+    ref.close()
     client.close()
 
 

@@ -88,12 +88,13 @@ def test_metric_functions():
 def test_steering_sweep_matches_forks_and_closes_everything():
     client = djinn_nb.connect(model="random:llama-tiny")
     prompt = [9, 8, 7, 6, 5]
+    before = {r["id"] for r in client.runs()}  # other tests' runs on the shared embedded server
     try:
         sweep = metrics.steering_sweep(client, prompt, [3, 8], [0.0, 1.0, 1.7], max_new_tokens=6)
         assert list(sweep.columns) == metrics.SWEEP_COLUMNS and len(sweep) == 6
         unit = sweep[sweep.factor == 1.0]
         assert (unit.token_change_rate == 0).all() and (unit.kl == 0).all() and (unit.logit_change == 0).all()
-        assert client.runs() == []
+        assert {r["id"] for r in client.runs()} == before
         run = client.generate(prompt, max_new_tokens=6, breakpoints=[8], record_logits=True)
         with run.fork(breakpoints=[]) as base, run.fork(scale=1.7, breakpoints=[]) as f:
             row = sweep[(sweep.layer == 8) & (sweep.factor == 1.7)].iloc[0]
