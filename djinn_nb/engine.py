@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from . import kvcache, offload
+from . import graphs, kvcache, offload
 from .architecture import Anatomy, block_output, check_split_is_exact, find_anatomy, run_tail
 from .errors import (
     ActivationError,
@@ -166,6 +167,7 @@ class Checkpoint:
     args: tuple  # the block's positional args after hidden_states
     kwargs: dict
     created: float = field(default_factory=time.perf_counter)
+    graphs: graphs.TailGraphSlot = field(default_factory=graphs.TailGraphSlot)  # shared with forks
 
     @property
     def edited(self) -> bool:
@@ -204,6 +206,7 @@ class Run:
     logits: list[torch.Tensor] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    continued_by: str | None = None  # how a fork ran the layers after its checkpoint
     last_used: float = field(default_factory=time.monotonic)
     host_pack: offload.HostPack | None = None
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
@@ -256,6 +259,7 @@ class Run:
             "parent": self.parent,
             "error": self.error,
             "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.items()},
+            "continued_by": self.continued_by,
             "topk": self.topk[-1] if self.topk else None,
         }
         cp = self.checkpoint
@@ -294,6 +298,7 @@ class Engine:
         tokenizer: Any = None,
         name: str = "model",
         check_exact: bool = True,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -313,6 +318,11 @@ class Engine:
             [eos] if isinstance(eos, int) else (eos or [])
         )
         self._parameters = sum(p.numel() for p in model.parameters())
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("DJINN_CUDA_GRAPHS", "1") != "0"
+        devices = {p.device for p in model.parameters()}
+        # One device only: a graph of a model split over GPUs would span several streams.
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         if check_exact:
@@ -509,6 +519,7 @@ class Engine:
                 cp.pending,
                 tuple(swap.get(id(a), a) for a in cp.args),
                 {k: swap.get(id(v), v) for k, v in cp.kwargs.items()},
+                graphs=cp.graphs,
             )
             gen = None
             if parent.generator is not None:
@@ -593,6 +604,7 @@ class Engine:
                     views = iter(hp.host_views())
                     map_run_tensors(run, lambda _t: next(views), torch.device("cpu"))
                     run.host_pack = hp
+                    run.checkpoint.graphs = graphs.TailGraphSlot()  # a graph would pin device memory
                     if cuda:
                         torch.cuda.empty_cache()
                 run.timings["offload"] = time.perf_counter() - t0
@@ -814,15 +826,12 @@ class Engine:
                 if cp is not None:
                     if start is None:
                         start = cp.pending
-                    logits = self._continue(
-                        start,
-                        cp.layer + 1,
-                        cp.args,
-                        cp.kwargs,
-                        set(self._stop_layers(run, step, cp.layer)),
-                        watch,
-                        set(self._stop_layers(run, step, cp.layer, "watches")),
-                    )
+                    stops = set(self._stop_layers(run, step, cp.layer))
+                    watched = set(self._stop_layers(run, step, cp.layer, "watches"))
+                    if run.parent is not None and not stops and not watched and self.cuda_graphs:
+                        logits = self._continue_fork(run, cp, start)
+                    else:
+                        logits = self._continue(start, cp.layer + 1, cp.args, cp.kwargs, stops, watch, watched)
                     run.checkpoint = None
                 else:
                     stops = self._stop_layers(run, step)
@@ -846,6 +855,34 @@ class Engine:
                 run.state = RunState.DONE
                 run.cache = None  # frees the device memory; tokens and logits stay
                 return
+
+    def _continue_fork(self, run: Run, cp: Checkpoint, start: torch.Tensor) -> torch.Tensor:
+        """A fork's continuation: eager, then captured as a CUDA graph and replayed (see graphs.py)."""
+        slot = cp.graphs
+        slot.forks += 1
+        tail = lambda h, a, kw: self._continue(h, cp.layer + 1, a, kw, set())  # noqa: E731
+        if slot.graph is not None:
+            logits = slot.graph.replay(start).clone()
+            slot.graph.copy_cache_into(run.cache)
+            slot.replays += 1
+            run.continued_by = "cuda-graph"
+            return logits
+        capture = slot.disabled is None and slot.forks > graphs.CAPTURE_AFTER
+        before = kvcache.fork_cache(run.cache) if capture else None  # the eager run below writes run.cache
+        logits = tail(start, cp.args, cp.kwargs)
+        run.continued_by = "eager"
+        if capture:
+            try:
+                graph = graphs.TailGraph(tail, cp.layer + 1, start, cp.args, cp.kwargs, run.cache, before)
+                graph.replay(start)
+                if graph.matches(logits, run.cache):
+                    slot.graph = graph
+                    run.continued_by = "eager (graph captured)"
+                else:
+                    slot.disabled = "graph replay differed from eager execution"
+            except Exception as e:  # noqa: BLE001 - any capture failure keeps the eager path
+                slot.disabled = f"capture failed: {type(e).__name__}: {e}"
+        return logits
 
     def _pick(self, run: Run, logits: torch.Tensor) -> int:
         row = logits[0]
