@@ -140,12 +140,12 @@ class Run:
 
         With ``original=True``: the block's own output, before any ``edit``.
         """
-        meta, data = _call(self._client._conn.root.activation, self.id, bool(original))
+        meta, data = _call(self._client._remote("activation"), self.id, bool(original))
         return wire.decode_tensor(meta, data, max_bytes=1 << 40)
 
     def logits(self, step: int | None = None) -> torch.Tensor:
         """Next-token logits (vocab,) of the last finished step, or of ``step`` if recorded."""
-        meta, data = _call(self._client._conn.root.logits, self.id, step)
+        meta, data = _call(self._client._remote("logits"), self.id, step)
         return wire.decode_tensor(meta, data, max_bytes=1 << 40)
 
     # ----- control ----------------------------------------------------------------
@@ -153,7 +153,7 @@ class Run:
         self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None
     ) -> "Run":
         """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation."""
-        self._s = _call(self._client._conn.root.resume, self.id, *_edit_args(activation, scale, add))
+        self._s = _call(self._client._remote("resume"), self.id, *_edit_args(activation, scale, add))
         return self
 
     def fork(
@@ -170,7 +170,7 @@ class Run:
         ``max_new_tokens`` changes how long the fork generates (it must exceed the paused step).
         """
         bps = None if breakpoints is None else wire.dumps(_plain_breakpoints(breakpoints))
-        s = _call(self._client._conn.root.fork, self.id, *_edit_args(activation, scale, add), bps, max_new_tokens)
+        s = _call(self._client._remote("fork"), self.id, *_edit_args(activation, scale, add), bps, max_new_tokens)
         return Run(self._client, s)
 
     def offload(self) -> "Run":
@@ -178,7 +178,7 @@ class Run:
 
         The next resume/fork/edit/activation brings it back to the device transparently.
         """
-        self._s = _call(self._client._conn.root.offload, self.id)
+        self._s = _call(self._client._remote("offload"), self.id)
         return self
 
     @property
@@ -187,25 +187,25 @@ class Run:
 
     def watched(self) -> list[dict[str, Any]]:
         """Every watch hit so far: index, layer, step, shape, norm/mean/max (overall and per position)."""
-        return _call(self._client._conn.root.watched, self.id)
+        return _call(self._client._remote("watched"), self.id)
 
     def watched_activation(self, index: int) -> torch.Tensor:
         """The block output recorded by watch hit ``index`` (see :meth:`watched`)."""
-        meta, data = _call(self._client._conn.root.watched_activation, self.id, index)
+        meta, data = _call(self._client._remote("watched_activation"), self.id, index)
         return wire.decode_tensor(meta, data, max_bytes=1 << 40)
 
     def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None) -> "Run":
         """Change the paused activation on the server; later resume/fork start from it."""
-        self._s = _call(self._client._conn.root.edit, self.id, *_edit_args(activation, scale, add))
+        self._s = _call(self._client._remote("edit"), self.id, *_edit_args(activation, scale, add))
         return self
 
     def reset(self) -> "Run":
         """Undo edits: the paused activation is the block's own output again."""
-        self._s = _call(self._client._conn.root.reset_edit, self.id)
+        self._s = _call(self._client._remote("reset_edit"), self.id)
         return self
 
     def refresh(self) -> "Run":
-        self._s = _call(self._client._conn.root.status, self.id)
+        self._s = _call(self._client._remote("status"), self.id)
         return self
 
     def run_to_end(self) -> "Run":
@@ -217,7 +217,7 @@ class Run:
     def close(self) -> None:
         """Free the run's server memory now."""
         if self.state != "closed":
-            _call(self._client._conn.root.close, self.id)
+            _call(self._client._remote("close"), self.id)
             self._s = {**self._s, "state": "closed"}
 
     def __enter__(self) -> "Run":
@@ -258,14 +258,23 @@ class Client:
     def __init__(self, host: str, port: int, token: str | None = None, server: DjinnServer | None = None):
         self._server = server
         self._conn = open_connection(host, port)
+        self._methods: dict[str, Any] = {}
         self._lock = threading.Lock()
         try:
-            self._info = _call(self._conn.root.hello, PROTOCOL, token)
+            self._info = _call(self._remote("hello"), PROTOCOL, token)
         except Exception:
             self._conn.close()
             raise
         self.address = f"{host}:{port}"
         _open_clients.add(self)
+
+    def _remote(self, name: str) -> Any:
+        """The server's ``exposed_<name>``, looked up once: every attribute access on an
+        rpyc reference is a round trip, so a call through ``conn.root.name`` costs two."""
+        fn = self._methods.get(name)
+        if fn is None:
+            fn = self._methods[name] = getattr(self._conn.root, name)
+        return fn
 
     @property
     def info(self) -> dict[str, Any]:
@@ -302,21 +311,21 @@ class Client:
             "seed": seed,
             "record_logits": record_logits,
         }
-        return Run(self, _call(self._conn.root.generate, wire.dumps(args)))
+        return Run(self, _call(self._remote("generate"), wire.dumps(args)))
 
     def runs(self) -> list[dict[str, Any]]:
         """This client's runs on the server: id, state, layer, step, bytes held."""
-        return _call(self._conn.root.runs)
+        return _call(self._remote("runs"))
 
     def attach(self, run_id: str) -> Run:
         """A live handle on an existing run (after a kernel restart, say)."""
-        return Run(self, _call(self._conn.root.status, run_id))
+        return Run(self, _call(self._remote("status"), run_id))
 
     def tokenize(self, text: str) -> list[int]:
-        return _call(self._conn.root.tokenize, text)
+        return _call(self._remote("tokenize"), text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return _call(self._conn.root.decode, wire.dumps([int(i) for i in ids]))
+        return _call(self._remote("decode"), wire.dumps([int(i) for i in ids]))
 
     def close(self) -> None:
         """Close the connection (and the embedded server, if this client started one)."""

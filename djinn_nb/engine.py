@@ -274,18 +274,24 @@ class Run:
 
 
 def activation_stats(t: torch.Tensor) -> dict[str, Any]:
-    """Small statistics of an activation: overall and per-position norm, mean, max."""
+    """Small statistics of an activation: overall and per-position norm, mean, max.
+
+    Computed on the tensor's device and read back in one transfer.
+    """
     f = t.detach().float()
     per_pos = f[0] if f.dim() == 3 else f.reshape(-1, f.shape[-1])
+    std = f.std() if f.numel() > 1 else f.new_zeros(())
+    overall = torch.stack([f.norm(), f.mean(), std, f.max(), f.min()]).tolist()
+    rows = torch.stack([per_pos.norm(dim=-1), per_pos.mean(dim=-1), per_pos.amax(dim=-1)]).tolist()
     return {
-        "norm": float(f.norm()),
-        "mean": float(f.mean()),
-        "std": float(f.std()) if f.numel() > 1 else 0.0,
-        "max": float(f.max()),
-        "min": float(f.min()),
-        "position_norm": [float(x) for x in per_pos.norm(dim=-1)],
-        "position_mean": [float(x) for x in per_pos.mean(dim=-1)],
-        "position_max": [float(x) for x in per_pos.max(dim=-1).values],
+        "norm": overall[0],
+        "mean": overall[1],
+        "std": overall[2],
+        "max": overall[3],
+        "min": overall[4],
+        "position_norm": rows[0],
+        "position_mean": rows[1],
+        "position_max": rows[2],
     }
 
 
