@@ -104,6 +104,15 @@ class Run:
         return self._s["prompt_len"]
 
     @property
+    def prompt_ids(self) -> list[int]:
+        return list(self._s["prompt_ids"])
+
+    @property
+    def client(self) -> "Client":
+        """The client this run is reached through."""
+        return self._client
+
+    @property
     def parent(self) -> str | None:
         return self._s.get("parent")
 

@@ -250,6 +250,7 @@ class Run:
             "layer": self.layer,
             "token_ids": list(self.token_ids),
             "prompt_len": len(self.prompt_ids),
+            "prompt_ids": list(self.prompt_ids),
             "max_new_tokens": self.max_new_tokens,
             "breakpoints": [b.as_dict() for b in self.breakpoints],
             "watches": [b.as_dict() for b in self.watches],
