@@ -4,7 +4,8 @@ Every function moves ``n`` bytes of float32 tensor data over loopback and
 returns a list of wall-clock seconds, one per repeat (after one warm-up). The
 raw socket paths are the yardstick: one persistent TCP connection, the sender
 ``sendall``s a buffer it already has, the receiver ``recv_into``s a freshly
-allocated one (so page-fault costs are on both sides of the comparison).
+allocated, uninitialised one (``torch.empty``, as the side channel does: page
+faults are on both sides of the comparison, zero-filling on neither).
 """
 from __future__ import annotations
 
@@ -33,15 +34,14 @@ def _timed(fn: Callable[[], Any], repeats: int) -> list[float]:
     return out
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+def _recv_exact(sock: socket.socket, n: int) -> memoryview:
+    view, got = sidechannel.tensor_view(torch.empty(n, dtype=torch.uint8)), 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if not k:
             raise EOFError("peer closed")
         got += k
-    return buf
+    return view
 
 
 def _socket_pair() -> tuple[socket.socket, socket.socket]:
