@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
+import inspect
 import ipaddress
 import logging
 import os
@@ -75,8 +76,18 @@ class ServerState:
 def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run an exposed call; turn its result or a ``DjinnError`` into JSON text."""
 
+    signature = inspect.signature(fn)
+    name = fn.__name__.removeprefix("exposed_")
+    params = list(signature.parameters.values())[1:]
+    least = sum(p.default is inspect.Parameter.empty for p in params)
+    arity = f"{least}" if least == len(params) else f"{least} to {len(params)}"
+
     def wrapper(self: "DjinnService", *args: Any) -> Any:
         try:
+            try:
+                signature.bind(self, *args)
+            except TypeError:
+                raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}") from None
             result = fn(self, *args)
         except DjinnError as e:
             return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})

@@ -230,7 +230,6 @@ def test_exposed_call_fuzz_gets_errors_and_leaves_the_paused_run(paused, name):
     assert served.engine.runs() == baseline  # nothing started, nothing freed
 
 
-@pytest.mark.xfail(strict=True, reason="server.py's _reply reports wrong arity as an internal error (fix in issue 3 report)")
 def test_wrong_arity_is_a_bad_request_not_an_internal_error(paused):
     _, conn, run_id, _ = paused
     msg = reply(conn.root.status(run_id, "extra", 3))
