@@ -135,8 +135,10 @@ def _generate_engine(session: Session, prompt: list[int], n: int, bps: list[Any]
     return run, pauses
 
 
-def _generate_client(session: Session, prompt: list[int], n: int, bps: list[Any] | None) -> tuple[Any, int]:
-    run, pauses = session.client.generate(prompt, n, bps), 0
+def _generate_client(
+    session: Session, prompt: list[int], n: int, bps: list[Any] | None, watches: list[Any] | None = None
+) -> tuple[Any, int]:
+    run, pauses = session.client.generate(prompt, n, bps, watches=watches), 0
     while run.paused:
         run.resume()
         pauses += 1
@@ -161,6 +163,8 @@ def armed_overhead(session: Session, prompt: list[int], layer: int, n: int, timi
         "engine_armed": Case(lambda _: _generate_engine(session, prompt, n, armed), teardown=close),
         "client_plain": Case(lambda _: _generate_client(session, prompt, n, None), teardown=close),
         "client_armed": Case(lambda _: _generate_client(session, prompt, n, armed), teardown=close),
+        # a watch records block `layer`'s output at every step without pausing: no round trips
+        "client_watch": Case(lambda _: _generate_client(session, prompt, n, None, armed), teardown=close),
     }, timing.warmup, timing.generation_repeats)
     st = {k: v[0] for k, v in res.items()}
     tokens = {k: list(v[1][-1][0].token_ids) for k, v in res.items()}
@@ -176,10 +180,18 @@ def armed_overhead(session: Session, prompt: list[int], layer: int, n: int, timi
         "generation_ms": {k: v.as_dict() for k, v in st.items()},
         "tokens_per_s": {k: n_tok / (v.median_ms / 1e3) for k, v in st.items()},
     }
-    for side in ("engine", "client"):
-        r = ratio(st[f"{side}_armed"].median_ms, st[f"{side}_plain"].median_ms)
-        out[f"{side}_armed_over_plain"] = r
-        out[f"{side}_overhead_pct"] = None if r is None else (r - 1.0) * 100.0
+    for side, variant in (("engine", "armed"), ("client", "armed"), ("client", "watch")):
+        name = f"{side}_{variant}"
+        r = ratio(st[name].median_ms, st[f"{side}_plain"].median_ms)
+        # Each round times every variant once: the median of the per-round ratios cancels
+        # drift between rounds (clocks, other load) that a ratio of medians keeps.
+        paired = statistics.median(
+            a / b for a, b in zip(st[name].samples_ms, st[f"{side}_plain"].samples_ms) if b > 0
+        )
+        key = side if variant == "armed" else name
+        out[f"{key}_armed_over_plain"] = r
+        out[f"{key}_armed_over_plain_paired"] = paired
+        out[f"{key}_overhead_pct"] = None if paired is None else (paired - 1.0) * 100.0
     return out
 
 
