@@ -17,6 +17,7 @@ No pickle, no code: only raw bytes whose length the header fixes.
 """
 from __future__ import annotations
 
+import hmac
 import secrets
 import socket
 import threading
@@ -48,6 +49,7 @@ class _Slot:
     tensor: torch.Tensor
     upload: bool
     expires: float
+    owner: str = ""
     claimed: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -80,17 +82,18 @@ class BulkServer:
         slot = _Slot(t, upload=False, expires=time.monotonic() + self.ttl)
         return {"dtype": name, "shape": list(t.shape), **self._add(slot)}
 
-    def expect(self, meta: Any, max_bytes: int = wire.DEFAULT_MAX_PAYLOAD) -> dict[str, Any]:
-        """Reserve one upload of a tensor with header ``meta`` (validated); returns ``{port, ticket}``."""
+    def expect(self, meta: Any, max_bytes: int = wire.DEFAULT_MAX_PAYLOAD, owner: str = "") -> dict[str, Any]:
+        """Reserve one upload of a tensor with header ``meta`` (validated) for ``owner``; returns ``{port, ticket}``."""
         dtype, shape, _ = wire.check_header(meta, max_bytes)
-        return self._add(_Slot(torch.empty(shape, dtype=dtype), upload=True, expires=time.monotonic() + self.ttl))
+        slot = _Slot(torch.empty(shape, dtype=dtype), upload=True, expires=time.monotonic() + self.ttl, owner=owner)
+        return self._add(slot)
 
-    def take(self, ticket: Any, timeout: float = 30.0) -> torch.Tensor:
-        """The tensor uploaded under ``ticket`` (waits up to ``timeout`` for it to arrive)."""
+    def take(self, ticket: Any, owner: str = "", timeout: float = 30.0) -> torch.Tensor:
+        """The tensor ``owner`` uploaded under ``ticket`` (waits up to ``timeout`` for it to arrive)."""
         key = _ticket_bytes(ticket)
         with self._lock:
             slot = self._slots.get(key)
-        if slot is None or not slot.upload:
+        if slot is None or not slot.upload or not hmac.compare_digest(slot.owner, owner):
             raise BadRequestError("unknown or expired upload ticket")
         if not slot.done.wait(timeout):
             raise BadRequestError("the upload did not arrive in time")

@@ -166,6 +166,15 @@ def test_side_channel_refuses_bad_headers_and_short_uploads(bulk):
         bulk.take(slot["ticket"], timeout=0.2)
 
 
+def test_side_channel_uploads_belong_to_their_owner(bulk):
+    t = torch.arange(6.0)
+    slot = bulk.expect({"dtype": "float32", "shape": [6]}, owner="alice")
+    sidechannel.push("127.0.0.1", slot, t)
+    with pytest.raises(BadRequestError, match="ticket"):
+        bulk.take(slot["ticket"], owner="mallory")
+    assert torch.equal(bulk.take(slot["ticket"], owner="alice"), t)
+
+
 def test_side_channel_expired_offers_are_dropped():
     b = sidechannel.BulkServer("127.0.0.1", ttl=0.0)
     try:
