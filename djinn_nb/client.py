@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from . import wire
+from . import sidechannel, wire
 from .errors import ActivationError, BadRequestError, DjinnError, error_from_wire
 from .server import DEFAULT_PORT, PROTOCOL, DjinnServer
 from .transport import open_connection
@@ -41,7 +41,9 @@ def _call(conn_fn: Any, *args: Any) -> Any:
     return (msg["result"], payload) if payload is not None else msg["result"]
 
 
-def _edit_args(activation: torch.Tensor | None, scale: float | None, add: torch.Tensor | Sequence[float] | None):
+def _edit_args(
+    client: "Client", activation: torch.Tensor | None, scale: float | None, add: torch.Tensor | Sequence[float] | None
+):
     spec: dict[str, Any] = {}
     act_bytes = add_bytes = None
     if scale is not None:
@@ -51,11 +53,11 @@ def _edit_args(activation: torch.Tensor | None, scale: float | None, add: torch.
     if activation is not None:
         if not isinstance(activation, torch.Tensor):
             raise BadRequestError(f"activation must be a torch.Tensor, got {type(activation).__name__}")
-        spec["activation"], act_bytes = wire.encode_tensor(activation)
+        spec["activation"], act_bytes = client._tensor_in(activation)
     if add is not None:
         if not isinstance(add, torch.Tensor):
             add = torch.tensor(add, dtype=torch.float32)
-        spec["add"], add_bytes = wire.encode_tensor(add)
+        spec["add"], add_bytes = client._tensor_in(add)
     return wire.dumps(spec), act_bytes, add_bytes
 
 
@@ -149,20 +151,18 @@ class Run:
 
         With ``original=True``: the block's own output, before any ``edit``.
         """
-        meta, data = _call(self._client._remote("activation"), self.id, bool(original))
-        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+        return self._client._tensor_out("activation", self.id, bool(original))
 
     def logits(self, step: int | None = None) -> torch.Tensor:
         """Next-token logits (vocab,) of the last finished step, or of ``step`` if recorded."""
-        meta, data = _call(self._client._remote("logits"), self.id, step)
-        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+        return self._client._tensor_out("logits", self.id, step)
 
     # ----- control ----------------------------------------------------------------
     def resume(
         self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None
     ) -> "Run":
         """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation."""
-        self._s = _call(self._client._remote("resume"), self.id, *_edit_args(activation, scale, add))
+        self._s = _call(self._client._remote("resume"), self.id, *_edit_args(self._client, activation, scale, add))
         return self
 
     def fork(
@@ -179,7 +179,7 @@ class Run:
         ``max_new_tokens`` changes how long the fork generates (it must exceed the paused step).
         """
         bps = None if breakpoints is None else wire.dumps(_plain_breakpoints(breakpoints))
-        s = _call(self._client._remote("fork"), self.id, *_edit_args(activation, scale, add), bps, max_new_tokens)
+        s = _call(self._client._remote("fork"), self.id, *_edit_args(self._client, activation, scale, add), bps, max_new_tokens)
         return Run(self._client, s)
 
     def offload(self) -> "Run":
@@ -200,12 +200,11 @@ class Run:
 
     def watched_activation(self, index: int) -> torch.Tensor:
         """The block output recorded by watch hit ``index`` (see :meth:`watched`)."""
-        meta, data = _call(self._client._remote("watched_activation"), self.id, index)
-        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+        return self._client._tensor_out("watched_activation", self.id, index)
 
     def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None) -> "Run":
         """Change the paused activation on the server; later resume/fork start from it."""
-        self._s = _call(self._client._remote("edit"), self.id, *_edit_args(activation, scale, add))
+        self._s = _call(self._client._remote("edit"), self.id, *_edit_args(self._client, activation, scale, add))
         return self
 
     def reset(self) -> "Run":
@@ -275,7 +274,25 @@ class Client:
             self._conn.close()
             raise
         self.address = f"{host}:{port}"
+        self.host = host
         _open_clients.add(self)
+
+    def _tensor_out(self, name: str, *args: Any) -> torch.Tensor:
+        """A tensor from the server: inline for small ones, over the side channel for large ones."""
+        result = _call(self._remote(name), *args, True)
+        if isinstance(result, dict) and "bulk" in result:
+            return sidechannel.fetch(self.host, result["bulk"])
+        meta, data = result
+        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+
+    def _tensor_in(self, t: torch.Tensor) -> tuple[dict[str, Any], bytes | None]:
+        """(spec, inline bytes) for a tensor sent to the server; large ones go ahead on the side channel."""
+        if t.numel() * t.element_size() < sidechannel.BULK_THRESHOLD:
+            return wire.encode_tensor(t)
+        meta = {"dtype": wire.dtype_name(t.dtype), "shape": list(t.shape)}
+        slot = _call(self._remote("expect"), wire.dumps(meta))
+        sidechannel.push(self.host, slot, t)
+        return {"ticket": slot["ticket"]}, None
 
     def _remote(self, name: str) -> Any:
         """The server's ``exposed_<name>``, looked up once: every attribute access on an

@@ -13,6 +13,7 @@ refuses any other address without a token.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import hmac
 import inspect
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import rpyc
 from rpyc.utils.server import ThreadedServer
 
-from . import __version__, wire
+from . import __version__, sidechannel, wire
 from .engine import Edit, Engine, Run, Sampling, activation_stats
 from .errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
 from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, tune_socket
@@ -61,11 +62,13 @@ class ServerState:
         token: str | None = None,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
         max_paused_bytes: int | None = None,
+        bulk: sidechannel.BulkServer | None = None,
     ):
         self.engine = engine
         self.token = token or None
         self.max_payload = max_payload
         self.max_paused_bytes = max_paused_bytes
+        self.bulk = bulk
 
     def after_change(self, run: Run) -> None:
         """Apply the residency budget once a call has left ``run`` paused or done."""
@@ -82,6 +85,7 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
     least = sum(p.default is inspect.Parameter.empty for p in params)
     arity = f"{least}" if least == len(params) else f"{least} to {len(params)}"
 
+    @functools.wraps(fn)
     def wrapper(self: "DjinnService", *args: Any) -> Any:
         try:
             try:
@@ -99,8 +103,6 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
             return wire.dumps({"ok": True, "result": meta}), payload
         return wire.dumps({"ok": True, "result": result})
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
@@ -130,18 +132,32 @@ class DjinnService(rpyc.Service):
     def _edit(self, edit_json: Any, act: Any, add: Any) -> Edit:
         spec = wire.loads(edit_json, "edit")
         if not isinstance(spec, dict) or set(spec) - {"scale", "activation", "add"}:
-            raise BadRequestError("an edit is {'scale': number, 'activation': header, 'add': header}")
+            raise BadRequestError("an edit is {'scale': number, 'activation': header or ticket, 'add': header or ticket}")
         edit = Edit(scale=spec.get("scale"))
-        cap = self._state.max_payload
-        if spec.get("activation") is not None:
-            edit.activation = wire.decode_tensor(spec["activation"], act, cap)
-        elif act is not None:
-            raise BadRequestError("activation bytes were sent without an activation header")
-        if spec.get("add") is not None:
-            edit.add = wire.decode_tensor(spec["add"], add, cap)
-        elif add is not None:
-            raise BadRequestError("add bytes were sent without an add header")
+        edit.activation = self._tensor_arg(spec.get("activation"), act, "activation")
+        edit.add = self._tensor_arg(spec.get("add"), add, "add")
         return edit
+
+    def _tensor_arg(self, meta: Any, data: Any, what: str) -> Any:
+        """A tensor sent inline (header + bytes) or uploaded on the side channel ({"ticket"})."""
+        if meta is None:
+            if data is not None:
+                raise BadRequestError(f"{what} bytes were sent without an {what} header")
+            return None
+        if isinstance(meta, dict) and set(meta) == {"ticket"}:
+            if self._state.bulk is None or data is not None:
+                raise BadRequestError(f"{what}: a side-channel ticket comes alone, to a server with a side channel")
+            return self._state.bulk.take(meta["ticket"], self._who())
+        return wire.decode_tensor(meta, data, self._state.max_payload)
+
+    def _send(self, t: Any, bulk: Any) -> Any:
+        """A tensor for the client: inline, or (asked for, and large) offered on the side channel."""
+        if type(bulk) is not bool:
+            raise BadRequestError("bulk must be true or false")
+        nbytes = t.numel() * t.element_size()
+        if bulk and self._state.bulk is not None and nbytes >= sidechannel.BULK_THRESHOLD:
+            return {"bulk": self._state.bulk.offer(t)}
+        return wire.encode_tensor(t)
 
     # ----- exposed calls ----------------------------------------------------------
     @_reply
@@ -235,11 +251,11 @@ class DjinnService(rpyc.Service):
         ]
 
     @_reply
-    def exposed_watched_activation(self, run_id: Any, index: Any) -> tuple[dict[str, Any], bytes]:
+    def exposed_watched_activation(self, run_id: Any, index: Any, bulk: Any = False) -> Any:
         hits = self._engine.watched(_str(run_id, "run id"), self._who())
         if type(index) is not int or not 0 <= index < len(hits):
             raise BadRequestError(f"watch index must be an integer in 0..{len(hits) - 1}, got {index!r}")
-        return wire.encode_tensor(hits[index][2])
+        return self._send(hits[index][2], bulk)
 
     @_reply
     def exposed_edit(self, run_id: Any, edit_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
@@ -252,27 +268,35 @@ class DjinnService(rpyc.Service):
         return self._engine.reset_edit(_str(run_id, "run id"), self._who()).summary()
 
     @_reply
-    def exposed_activation(self, run_id: Any, original: Any = False) -> tuple[dict[str, Any], bytes]:
+    def exposed_activation(self, run_id: Any, original: Any = False, bulk: Any = False) -> Any:
+        """The paused activation: ``(header, bytes)``, or ``{"bulk": ticket}`` (see sidechannel.py)."""
         if type(original) is not bool:
             raise BadRequestError("original must be true or false")
         t = self._engine.activation(_str(run_id, "run id"), self._who(), original)
-        return wire.encode_tensor(t)
+        return self._send(t, bulk)
 
     @_reply
-    def exposed_logits(self, run_id: Any, step: Any = None) -> tuple[dict[str, Any], bytes]:
+    def exposed_expect(self, meta_json: Any) -> dict[str, Any]:
+        """Reserve a side-channel upload of a tensor with this header; returns {port, ticket}."""
+        if self._state.bulk is None:
+            raise BadRequestError("this server has no side channel")
+        return self._state.bulk.expect(wire.loads(meta_json, "tensor header"), self._state.max_payload, self._who())
+
+    @_reply
+    def exposed_logits(self, run_id: Any, step: Any = None, bulk: Any = False) -> Any:
         """Next-token logits of the last finished step, or of ``step`` if the run recorded them."""
         run = self._engine.get(_str(run_id, "run id"), self._who())
         with run.lock:
             if step is None:
                 if run.last_logits is None:
                     raise BadRequestError(f"run {run.id} has finished no step yet")
-                return wire.encode_tensor(run.last_logits)
+                return self._send(run.last_logits, bulk)
             if type(step) is not int or not 0 <= step < len(run.logits):
                 raise BadRequestError(
                     f"step {step!r} not recorded: run {run.id} has logits for steps 0..{len(run.logits) - 1} "
                     "(start it with record_logits=True)"
                 )
-            return wire.encode_tensor(run.logits[step])
+            return self._send(run.logits[step], bulk)
 
     @_reply
     def exposed_status(self, run_id: Any) -> dict[str, Any]:
@@ -359,7 +383,7 @@ class DjinnServer:
             )
         if not lease_seconds > 0:
             raise BadRequestError(f"lease_seconds must be positive, got {lease_seconds!r}")
-        self.state = ServerState(engine, token, max_payload, max_paused_bytes)
+        self.state = ServerState(engine, token, max_payload, max_paused_bytes, sidechannel.BulkServer(host))
         self.lease_seconds = float(lease_seconds)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
@@ -399,6 +423,8 @@ class DjinnServer:
     def close(self) -> None:
         self._stop.set()
         self._server.close()
+        if self.state.bulk is not None:
+            self.state.bulk.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
 

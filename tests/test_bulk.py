@@ -1,0 +1,55 @@
+"""Large tensors cross on the side channel through the public client API, exactly as inline ones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import djinn_nb
+from djinn_nb import sidechannel
+from djinn_nb.engine import Engine
+from djinn_nb.server import DjinnServer
+from reference import generate, hf_model
+
+PROMPT = [4, 8, 15, 16, 23, 42]
+N = 6
+
+
+@pytest.fixture()
+def served(saved_models):
+    model = hf_model(saved_models["llama-tiny"])
+    srv = DjinnServer(Engine(model), "127.0.0.1", 0).start()
+    yield srv, model
+    srv.close()
+
+
+def test_side_channel_round_trip_matches_inline(served, monkeypatch):
+    srv, model = served
+    client = djinn_nb.connect(srv.address)
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[5], record_logits=True)
+    inline = run.activation()
+    offered = []
+    real_offer = srv.state.bulk.offer
+    monkeypatch.setattr(srv.state.bulk, "offer", lambda t: offered.append(t.shape) or real_offer(t))
+    monkeypatch.setattr(sidechannel, "BULK_THRESHOLD", 16)
+    bulk = run.activation()
+    assert offered == [inline.shape] and torch.equal(bulk, inline)
+    steered = run.fork(activation=bulk * 0.5, breakpoints=[])  # uploaded by ticket
+    assert steered.token_ids == generate(model, PROMPT, N, edit_layer=5, edit=lambda h: h * 0.5)
+    assert torch.equal(steered.logits(0), run.fork(scale=0.5, breakpoints=[]).logits(0))
+    assert srv.state.bulk.pending() == 0
+    assert run.resume().token_ids == generate(model, PROMPT, N)
+
+
+def test_upload_ticket_is_single_use_and_owned(served, monkeypatch):
+    srv, _ = served
+    client = djinn_nb.connect(srv.address)
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[5])
+    h = run.activation()
+    slot = client._remote("expect")
+    ticket = djinn_nb.client._call(slot, djinn_nb.wire.dumps({"dtype": "float32", "shape": list(h.shape)}))
+    sidechannel.push(client.host, ticket, h)
+    edit = djinn_nb.wire.dumps({"activation": {"ticket": ticket["ticket"]}})
+    run._s = djinn_nb.client._call(client._remote("edit"), run.id, edit, None, None)
+    with pytest.raises(djinn_nb.errors.BadRequestError, match="unknown or expired upload ticket"):
+        djinn_nb.client._call(client._remote("edit"), run.id, edit, None, None)
+    assert run.paused
