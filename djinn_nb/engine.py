@@ -892,21 +892,26 @@ class Engine:
         return logits
 
     def _pick(self, run: Run, logits: torch.Tensor) -> int:
+        """The next token (greedy argmax, or a seeded sample) and the top-k, in one device read."""
         row = logits[0]
         vals, idx = torch.topk(row.float().log_softmax(-1), min(TOP_K, row.shape[-1]))
-        run.topk.append([(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())])
         run.last_logits = row
         if run.record_logits:
             run.logits.append(row)
         s = run.sampling
         if s.temperature == 0:
-            return int(torch.argmax(row, dim=-1))
-        scores = row.float() / s.temperature
-        if s.top_k:
-            kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=run.generator))
+            choice = torch.argmax(row, dim=-1)
+        else:
+            scores = row.float() / s.temperature
+            if s.top_k:
+                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            choice = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator)
+        # float64 holds every token id exactly; one transfer instead of three syncs
+        packed = torch.cat([choice.reshape(1).double(), idx.double(), vals.double()]).tolist()
+        k = len(idx)
+        run.topk.append([(int(i), v) for i, v in zip(packed[1 : 1 + k], packed[1 + k :])])
+        return int(packed[0])
 
 
 def map_run_tensors(
