@@ -838,6 +838,7 @@ class Engine:
                     if run.parent is not None and not stops and not watched and self.cuda_graphs:
                         logits = self._continue_fork(run, cp, start)
                     else:
+                        run.continued_by = "eager"
                         logits = self._continue(start, cp.layer + 1, cp.args, cp.kwargs, stops, watch, watched)
                     run.checkpoint = None
                 else:

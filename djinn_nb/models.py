@@ -92,10 +92,9 @@ def random_config(shape: str):
     if shape not in RANDOM_SHAPES:
         raise BadRequestError(f"unknown random shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}")
     arch, overrides = RANDOM_SHAPES[shape]
-    config = AutoConfig.for_model(arch, **overrides)
-    if config.vocab_size < 50000:  # special ids of the full-size configs fall outside tiny vocabularies
-        config.bos_token_id = config.eos_token_id = config.pad_token_id = None
-    return config
+    if overrides.get("vocab_size", 50257) < 50000:  # the full-size special ids fall outside tiny vocabularies
+        overrides = {**overrides, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return AutoConfig.for_model(arch, **overrides)
 
 
 def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
