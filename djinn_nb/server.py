@@ -429,12 +429,19 @@ class DjinnServer:
             self._thread.join(timeout=5)
 
 
-def build_engine(model: str | None, device: str, dtype: str | None = None, device_map: str | None = None, seed: int = 0) -> Engine:
+def build_engine(
+    model: str | None,
+    device: str,
+    dtype: str | None = None,
+    device_map: str | None = None,
+    seed: int = 0,
+    cuda_graphs: bool | None = None,
+) -> Engine:
     """Load a model and wrap it in an engine (the exactness probe runs here)."""
     from .models import load_model
 
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, seed=seed)
-    return Engine(loaded.model, loaded.tokenizer, loaded.name)
+    return Engine(loaded.model, loaded.tokenizer, loaded.name, cuda_graphs=cuda_graphs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="close runs untouched this long (default 600)")
     p.add_argument("--max-paused-bytes", type=int, default=None,
                    help="offload least-recently-used paused runs to host memory above this many device bytes")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="keep forks on the eager path (default: replay the layers after a checkpoint as a CUDA graph)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not is_loopback(args.host) and not args.token:
@@ -459,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    engine = build_engine(args.model, args.device, args.dtype, args.device_map)
+    engine = build_engine(args.model, args.device, args.dtype, args.device_map, cuda_graphs=False if args.no_cuda_graphs else None)
     server = DjinnServer(
         engine, args.host, args.port, args.token, args.max_payload_bytes, args.lease_seconds, args.max_paused_bytes
     )
