@@ -13,14 +13,17 @@ import math
 import os
 import threading
 import weakref
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
 from . import sidechannel, wire
 from .errors import ActivationError, BadRequestError, DjinnError, error_from_wire
-from .server import DEFAULT_PORT, PROTOCOL, DjinnServer
+from .protocol import DEFAULT_PORT, PROTOCOL
 from .transport import open_connection
+
+if TYPE_CHECKING:
+    from .server import DjinnServer
 
 __all__ = ["connect", "Client", "Run"]
 
@@ -263,8 +266,7 @@ def _plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
 class Client:
     """A connection to a djinn server (remote, or embedded in this process)."""
 
-    def __init__(self, host: str, port: int, token: str | None = None, server: DjinnServer | None = None):
-        self._server = server
+    def __init__(self, host: str, port: int, token: str | None = None):
         self._conn = open_connection(host, port)
         self._methods: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -354,13 +356,9 @@ class Client:
         return _call(self._remote("decode"), wire.dumps([int(i) for i in ids]))
 
     def close(self) -> None:
-        """Close the connection (and the embedded server, if this client started one)."""
-        try:
-            self._conn.close()
-        finally:
-            if self._server is not None:
-                self._server.close()
-                self._server = None
+        """Close the connection. Paused runs stay on the server until closed or their lease ends;
+        an embedded server lives as long as this Python process."""
+        self._conn.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -424,7 +422,7 @@ def connect(
         if not port.isdigit():
             raise BadRequestError(f"address must be 'host:port', got {address!r}")
         return Client(host, int(port), token)
-    from .server import build_engine
+    from .server import DjinnServer, build_engine
 
     key = (model or "embedded", device, dtype)
     with _embedded_lock:

@@ -31,10 +31,9 @@ from rpyc.utils.server import ThreadedServer
 from . import __version__, sidechannel, wire
 from .engine import Edit, Engine, Run, Sampling, activation_stats
 from .errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
+from .protocol import DEFAULT_PORT, PROTOCOL
 from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, tune_socket
 
-PROTOCOL = 1
-DEFAULT_PORT = 5556
 DEFAULT_LEASE_SECONDS = 600.0
 log = logging.getLogger("djinn_nb.server")
 
