@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from . import sidechannel, wire
-from .errors import ActivationError, BadRequestError, DjinnError, error_from_wire
+from .errors import ActivationError, BadRequestError, BreakpointError, DjinnError, error_from_wire
 from .protocol import DEFAULT_PORT, PROTOCOL
 from .transport import open_connection
 
@@ -253,6 +253,8 @@ class Run:
 def _plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
     if isinstance(bps, (int, str, tuple, dict)):
         bps = [bps]
+    if not isinstance(bps, (list, set, range)) and not hasattr(bps, "__iter__"):
+        raise BreakpointError(f"breakpoints must be a list of layer, (layer, step) or dict, got {type(bps).__name__}")
     out = []
     for b in bps:
         if isinstance(b, tuple):

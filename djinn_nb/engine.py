@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,11 +62,20 @@ class Breakpoint:
         return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step}
 
 
+def _finite_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise BreakpointError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 31:
+        raise BreakpointError(f"{what} must be an integer, got {value!r}"[:200])
     return value
 
 
@@ -101,6 +112,8 @@ def parse_breakpoints(
         return ()
     if isinstance(specs, (int, str, dict, Breakpoint)):
         specs = [specs]
+    if not isinstance(specs, (list, tuple, set)):
+        raise BreakpointError(f"breakpoints must be a list of layer, (layer, step) or dict, got {type(specs).__name__}")
     out = set()
     for spec in specs:
         bp = parse_breakpoint(spec)
@@ -126,12 +139,12 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
-            raise BadRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise BadRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise BadRequestError(f"seed must be an integer, got {self.seed!r}")
+        if not _finite_number(self.temperature) or self.temperature < 0:
+            raise BadRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}"[:200])
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 1 << 31:
+            raise BadRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}"[:200])
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
+            raise BadRequestError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}"[:200])
 
 
 @dataclass
@@ -175,6 +188,7 @@ class Checkpoint:
 
 
 class RunState:
+    RUNNING = "running"
     PAUSED = "paused"
     DONE = "done"
     CLOSED = "closed"
@@ -198,7 +212,7 @@ class Run:
     watch_log: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     step: int = 0
-    state: str = RunState.PAUSED
+    state: str = RunState.RUNNING
     checkpoint: Checkpoint | None = None
     error: str | None = None
     parent: str | None = None
@@ -230,15 +244,12 @@ class Run:
     def bytes_held(self) -> int:
         """Bytes of every tensor the run keeps (shared storage counted once), wherever it is."""
         seen: dict[int, int] = {}
-
-        def count(t: torch.Tensor) -> torch.Tensor:
+        tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
+        if self.last_logits is not None:
+            tensors.append(self.last_logits)
+        for t in tensors:
             st = t.untyped_storage()
             seen[st.data_ptr() or id(t)] = st.nbytes()
-            return t
-
-        map_run_tensors(self, count)
-        for t in self.logits + ([self.last_logits] if self.last_logits is not None else []):
-            count(t)
         return sum(seen.values())
 
     def summary(self) -> dict[str, Any]:
@@ -401,7 +412,8 @@ class Engine:
             self._runs[run.id] = run
 
     def _new_id(self) -> str:
-        return f"r{next(self._ids)}"
+        """``r<n>-<random>``: ordered for people, unguessable for other clients."""
+        return f"r{next(self._ids)}-{secrets.token_hex(4)}"
 
     def close(self, run_id: str, owner: str = "") -> None:
         """Free a run's device memory now; closing twice is an error (unknown run)."""
@@ -571,6 +583,7 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
+            self._restore(run)  # the packed layout counts the edited activation
             run.checkpoint.pending = run.checkpoint.hidden
         return run
 
@@ -592,8 +605,9 @@ class Engine:
     def offload(self, run_id: str, owner: str = "") -> Run:
         """Move a paused run's KV cache and checkpoint to (pinned) host memory, freeing the device.
 
-        Resume, fork, edit and activation bring it back transparently. On a CPU
-        engine the state is already in host memory: the run is only marked.
+        Resume, fork, edit and reset bring it back transparently; ``activation`` and
+        ``watched`` read the host copy. On a CPU engine the same packing runs (so the
+        path is tested), though nothing is freed.
         """
         run = self.get(run_id, owner)
         with run.lock:
@@ -639,14 +653,17 @@ class Engine:
             (r for r in self.all_runs() if r.paused and not r.offloaded and r.id != keep),
             key=lambda r: r.last_used,
         )
+        resident = self.resident_paused_bytes()
         for run in candidates:
-            if self.resident_paused_bytes() <= max_bytes:
+            if resident <= max_bytes:
                 break
+            held = run.bytes_held()
             try:
                 self.offload(run.id, run.owner)
-                moved.append(run.id)
             except (RunStateError, UnknownRunError):
-                continue  # closed or resumed meanwhile
+                continue  # resumed or closed meanwhile
+            moved.append(run.id)
+            resident -= held
         return moved
 
     def expire(self, lease_seconds: float) -> list[str]:
@@ -698,7 +715,7 @@ class Engine:
             h = a.to(ref.device)
         if edit.scale is not None:
             s = edit.scale
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            if not _finite_number(s):
                 raise ActivationError(f"scale must be a finite number, got {s!r}")
             h = h * s
         if edit.add is not None:
@@ -713,6 +730,11 @@ class Engine:
             if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
                 raise ActivationError("add must be a finite floating-point tensor")
             h = h + v.to(device=ref.device, dtype=ref.dtype)
+        if (edit.scale is not None or edit.add is not None) and not bool(torch.isfinite(h).all()):
+            raise ActivationError(
+                f"the edit makes the activation non-finite in {str(ref.dtype).replace('torch.', '')} "
+                "(overflow); nothing was changed"
+            )
         return h
 
     # ----- execution --------------------------------------------------------------
@@ -804,13 +826,12 @@ class Engine:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
         with self._device_lock, torch.inference_mode():
             t0 = time.perf_counter()
+            run.state = RunState.RUNNING  # listing and the residency budget leave it alone
             try:
                 self._advance_locked(run, start)
-            except _Pause:  # pragma: no cover - _advance_locked handles every pause
-                raise
             except torch.OutOfMemoryError as e:
                 self._fail(run, f"out of device memory: {e}")
-            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            except Exception as e:  # noqa: BLE001 - the cache may be half-written: the run cannot go on
                 self._fail(run, f"{type(e).__name__}: {e}")
             finally:
                 # Host time: a finished step has synchronized (the token was read); a pause has
@@ -913,6 +934,20 @@ class Engine:
         k = len(idx)
         run.topk.append([(int(i), v) for i, v in zip(packed[1 : 1 + k], packed[1 + k :])])
         return int(packed[0])
+
+
+def run_tensors(run: Run) -> list[torch.Tensor]:
+    """Every tensor a run holds, in ``map_run_tensors``'s order, without touching the run."""
+    found: list[torch.Tensor] = []
+    cache, cp = run.cache, run.checkpoint
+    if cache is not None:
+        for layer in list(cache.layers):
+            found += [t for t in list(vars(layer).values()) if isinstance(t, torch.Tensor)]
+    if cp is not None:
+        found += [cp.hidden] + ([cp.pending] if cp.edited else [])
+        _map_tensors((cp.args, cp.kwargs), lambda t: found.append(t) or t, keep=cache)
+    found += [t for _, _, t in list(run.watch_log)]
+    return found
 
 
 def map_run_tensors(

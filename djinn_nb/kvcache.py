@@ -12,6 +12,7 @@ import copy
 from typing import Callable
 
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import Cache, DynamicLayer
 
 
@@ -19,12 +20,19 @@ def _tensors(layer: object) -> list[tuple[str, torch.Tensor]]:
     return [(k, v) for k, v in vars(layer).items() if isinstance(v, torch.Tensor)]
 
 
+#: Layer types whose ``update`` only ever rebinds new tensors (``torch.cat``), never writes in
+#: place; an exact-type list, since subclasses (linear-attention states) may write in place.
+_APPEND_ONLY = tuple(
+    t for t in (DynamicLayer, getattr(cache_utils, "DynamicSlidingWindowLayer", None)) if t is not None
+)
+
+
 def fork_cache(cache: Cache) -> Cache:
     """An independent cache with the same contents; shares tensors where that is safe."""
     new = copy.copy(cache)
     layers = []
     for layer in cache.layers:
-        if isinstance(layer, DynamicLayer):
+        if type(layer) in _APPEND_ONLY:
             layers.append(copy.copy(layer))
         else:
             layers.append(copy.deepcopy(layer))

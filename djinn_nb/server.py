@@ -35,6 +35,8 @@ from .protocol import DEFAULT_PORT, PROTOCOL
 from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, tune_socket
 
 DEFAULT_LEASE_SECONDS = 600.0
+#: Largest frame a connection may send before ``hello`` succeeds.
+UNAUTHENTICATED_FRAME = 64 << 10
 log = logging.getLogger("djinn_nb.server")
 
 
@@ -100,7 +102,7 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(result, tuple):  # (meta, payload)
             meta, payload = result
             return wire.dumps({"ok": True, "result": meta}), payload
-        return wire.dumps({"ok": True, "result": result})
+        return wire.dumps({"ok": True, "result": result})  # non-finite floats become null
 
     return wrapper
 
@@ -117,6 +119,11 @@ class DjinnService(rpyc.Service):
     def __init__(self, state: ServerState):
         self._state = state
         self._owner: str | None = None
+        self._channel: FastChannel | None = None
+
+    def on_connect(self, conn: rpyc.Connection) -> None:
+        channel = getattr(conn, "_channel", None)
+        self._channel = channel if isinstance(channel, FastChannel) else None
 
     # ----- helpers ----------------------------------------------------------------
     @property
@@ -173,6 +180,8 @@ class DjinnService(rpyc.Service):
         if expected is not None and not (token and hmac.compare_digest(token.encode(), expected.encode())):
             raise AuthenticationError("wrong or missing token: pass token=... (or set DJINN_TOKEN)")
         self._owner = owner_of(token if expected is not None else None)
+        if self._channel is not None:  # authenticated: frames up to a tensor payload plus framing
+            self._channel.max_frame = self._state.max_payload + (1 << 20)
         return {"server_version": __version__, "protocol": PROTOCOL, **self._engine.info()}
 
     @_reply
@@ -303,7 +312,7 @@ class DjinnService(rpyc.Service):
 
     @_reply
     def exposed_runs(self) -> list[dict[str, Any]]:
-        runs = sorted(self._engine.runs(self._who()), key=lambda r: int(r.id[1:]))
+        runs = sorted(self._engine.runs(self._who()), key=lambda r: int(r.id[1:].split("-")[0]))
         return [_brief(r) for r in runs]
 
     @_reply
@@ -347,7 +356,7 @@ class _FastThreadedServer(ThreadedServer):
     def _serve_client(self, sock, credentials):  # noqa: ANN001 - rpyc's signature
         tune_socket(sock)
         config = dict(self.protocol_config, credentials=credentials, endpoints=(sock.getsockname(), sock.getpeername()), logger=self.logger)
-        conn = self.service._connect(FastChannel(FastSocketStream(sock)), config)
+        conn = self.service._connect(FastChannel(FastSocketStream(sock), max_frame=UNAUTHENTICATED_FRAME), config)
         self._handle_connection(conn)
 
     def _handle_connection(self, conn) -> None:  # noqa: ANN001

@@ -95,10 +95,13 @@ class FastSocketStream(SocketStream):
 class FastChannel(Channel):
     """An uncompressed rpyc channel that writes and reads each frame with as few copies as it can."""
 
-    __slots__ = ()
+    __slots__ = ("max_frame",)
 
-    def __init__(self, stream: FastSocketStream):
+    def __init__(self, stream: FastSocketStream, max_frame: int | None = None):
         super().__init__(stream, compress=False)
+        #: Frames longer than this end the connection before any buffer is allocated (the
+        #: length comes from the peer); the server keeps it small until ``hello`` succeeds.
+        self.max_frame = max_frame
 
     def send(self, data: bytes) -> None:
         header = self.FRAME_HEADER.pack(len(data), 0)
@@ -109,6 +112,11 @@ class FastChannel(Channel):
             self.stream.write(data)
             self.stream.write(self.FLUSHER)
 
+    def _hang_up(self, why: str) -> None:
+        """Close the socket first: rpyc's close() then cannot wait on a reply from this peer."""
+        self.stream.close()
+        raise EOFError(why)
+
     def recv(self) -> memoryview:
         """The next frame as a read-only view of one buffer filled by ``recv_into``.
 
@@ -118,11 +126,13 @@ class FastChannel(Channel):
         """
         length, compressed = self.FRAME_HEADER.unpack(self.stream.read(self.FRAME_HEADER.size))
         if compressed:
-            raise EOFError("peer sent a compressed frame; djinn_nb never compresses")
+            self._hang_up("peer sent a compressed frame; djinn_nb never compresses")
+        if self.max_frame is not None and length > self.max_frame:
+            self._hang_up(f"peer sent a {length}-byte frame, over this connection's cap of {self.max_frame}")
         buf = bytearray(length + len(self.FLUSHER))
         self.stream.read_into(memoryview(buf))
         if buf[length:] != self.FLUSHER:
-            raise EOFError("frame does not end with the flusher byte: the stream is out of sync")
+            self._hang_up("frame does not end with the flusher byte: the stream is out of sync")
         return memoryview(buf)[:length].toreadonly()
 
 

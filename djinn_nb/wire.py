@@ -77,7 +77,21 @@ def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) ->
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    """Compact JSON; NaN and infinities (an fp16 logit overflow, say) become ``null``."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def loads(text: Any, what: str = "arguments") -> Any:

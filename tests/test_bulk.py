@@ -33,9 +33,10 @@ def test_side_channel_round_trip_matches_inline(served, monkeypatch):
     monkeypatch.setattr(sidechannel, "BULK_THRESHOLD", 16)
     bulk = run.activation()
     assert offered == [inline.shape] and torch.equal(bulk, inline)
-    steered = run.fork(activation=bulk * 0.5, breakpoints=[])  # uploaded by ticket
-    assert steered.token_ids == generate(model, PROMPT, N, edit_layer=5, edit=lambda h: h * 0.5)
-    assert torch.equal(steered.logits(0), run.fork(scale=0.5, breakpoints=[]).logits(0))
+    steered = run.fork(activation=bulk * 0.3, breakpoints=[])  # uploaded by ticket
+    want = generate(model, PROMPT, N, edit_layer=5, edit=lambda h: h * 0.3)
+    assert want != generate(model, PROMPT, N) and steered.token_ids == want
+    assert torch.equal(steered.logits(0), run.fork(scale=0.3, breakpoints=[]).logits(0))
     assert srv.state.bulk.pending() == 0
     assert run.resume().token_ids == generate(model, PROMPT, N)
 

@@ -60,3 +60,39 @@ def test_sixteen_clients_pausing_and_resuming_get_the_unmodified_tokens(served):
     assert parked.run_to_end().token_ids == served.reference
     assert [r["id"] for r in holder.runs()] == [parked.id]  # the 320 closed runs are gone
     holder.close()
+
+
+def test_listing_runs_while_others_execute_changes_nothing(saved_models):
+    """Listing reads every run's tensors; it must never write them back under a running step."""
+    import threading
+
+    import djinn_nb
+    from reference import generate as hf_generate, hf_model
+
+    path = saved_models["gpt2-tiny"]
+    want = hf_generate(hf_model(path), [5, 6, 7, 8], 8)
+    client, poller = djinn_nb.connect(model=path), djinn_nb.connect(model=path)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                poller.runs()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    try:
+        got = []
+        for _ in range(15):
+            run = client.generate([5, 6, 7, 8], max_new_tokens=8, breakpoints=[(3, "all")])
+            while run.paused:
+                run.resume()
+            got.append(run.token_ids)
+            run.close()
+    finally:
+        stop.set()
+        t.join()
+    assert not errors and all(g == want for g in got)

@@ -187,3 +187,41 @@ def test_prompt_longer_than_the_model_positions(env):
     with pytest.raises(BadRequestError, match=f"exceeds the model's {limit} positions"):
         run.fork(max_new_tokens=limit)
     assert run.resume().token_ids == plain
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"breakpoints": 3.5}, "breakpoints must be a list"),
+        ({"breakpoints": ["--6"]}, "must be an integer"),
+        ({"breakpoints": ["9" * 5000]}, "must be an integer"),
+        ({"seed": 2**70, "temperature": 1.0}, "seed must be an integer in 0..2**63-1"),
+        ({"temperature": 10**400}, "temperature must be a finite number"),
+    ],
+)
+def test_hostile_numbers_are_bad_requests(env, kwargs, words):
+    client, _ = env
+    with pytest.raises(BadRequestError) as info:
+        client.generate(PROMPT, max_new_tokens=N, **kwargs)
+    assert words in str(info.value)
+
+
+def test_edit_that_overflows_is_refused_and_changes_nothing(env):
+    client, plain = env
+    run = paused(client)
+    before = run.activation()
+    for bad in ({"scale": 3.4e38}, {"scale": 1e38, "add": torch.full((64,), 3.4e38)}):
+        with pytest.raises(ActivationError, match="non-finite in float32 .overflow.; nothing was changed"):
+            run.edit(**bad)
+    assert torch.equal(run.activation(), before) and not run.refresh().activation_stats["edited"]
+    assert run.resume().token_ids == plain
+
+
+def test_reset_of_an_offloaded_edited_run(env):
+    client, plain = env
+    run = paused(client)
+    run.edit(scale=3.0)
+    run.offload()
+    run.reset()
+    assert not run.activation_stats["edited"]
+    assert run.resume().token_ids == plain

@@ -61,6 +61,7 @@ def test_add_vector_matches_forward_hook(setup):
     client, model = setup
     v = torch.linspace(-1, 1, client.info["hidden_size"])
     ref = generate(model, PROMPT, N, edit_layer=4, edit=lambda h: h + v)
+    assert ref != generate(model, PROMPT, N)
     run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[4])
     assert run.resume(add=v).token_ids == ref
 
@@ -88,11 +89,12 @@ def test_fork_keeps_later_breakpoints_unless_told(setup):
 
 def test_decoding_step_breakpoint_sees_one_position(setup):
     client, model = setup
-    ref = generate(model, PROMPT, N, edit_layer=6, edit_call=3, edit=lambda h: h * 0.5)
+    ref = generate(model, PROMPT, N, edit_layer=6, edit_call=3, edit=lambda h: -h)
+    assert ref != generate(model, PROMPT, N)
     run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[(6, 3)])
     assert (run.layer, run.step) == (6, 3) and len(run.token_ids) == 3
     assert run.activation().shape == (1, 1, client.info["hidden_size"])
-    assert run.resume(scale=0.5).token_ids == ref
+    assert run.resume(scale=-1.0).token_ids == ref
 
 
 def test_breakpoint_on_every_step(setup):
@@ -124,8 +126,10 @@ def test_other_architectures(saved_models, shape):
     run = client.generate(PROMPT, max_new_tokens=6, breakpoints=[1, 3, (4, 2)])
     resume_all(run)
     assert run.token_ids == generate(model, PROMPT, 6)
-    run = client.generate(PROMPT, max_new_tokens=6, breakpoints=[3])
-    assert run.resume(scale=0.7).token_ids == generate(model, PROMPT, 6, edit_layer=3, edit=lambda h: h * 0.7)
+    steered = generate(model, PROMPT, N, edit_layer=3, edit=lambda h: h * 0.3)
+    assert steered != generate(model, PROMPT, N)
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[3])
+    assert run.resume(scale=0.3).token_ids == steered
 
 
 def test_seeded_sampling_is_reproducible_and_forks_share_the_generator(saved_models):

@@ -127,7 +127,8 @@ def test_pickle_and_classic_requests_are_refused(guarded):
             conn.sync_request(consts.HANDLE_GETATTR, conn.root, "_state")
         with pytest.raises(AttributeError):
             conn.root.getmodule("os")  # SlaveService (classic mode) is not served
-        assert not hasattr(conn, "modules") or not callable(getattr(conn.root, "eval", None))
+        with pytest.raises(AttributeError):
+            conn.root.eval("1")
     finally:
         conn.close()
 
@@ -181,3 +182,27 @@ def test_half_sent_frame_then_disconnect_leaves_the_server_serving(open_server):
     sock.close()
     time.sleep(0.05)
     _serves_others(open_server.port, open_server.reference)
+
+
+def test_oversize_frame_before_hello_is_dropped_unread(open_server):
+    """A peer that claims a huge frame before authenticating gets disconnected, no buffer allocated."""
+    sock = socket.create_connection(("127.0.0.1", open_server.port))
+    sock.settimeout(5)
+    sock.sendall(struct.pack("!LB", 256 << 20, 0))
+    while sock.recv(4096):  # whatever rpyc sent at connect, then end of stream: the server hung up
+        pass
+    sock.close()
+    _serves_others(open_server.port, open_server.reference)
+
+
+def test_authenticated_frames_may_be_large(open_server):
+    """After hello the cap rises to the payload cap: a 2 MB inline tensor is accepted."""
+    conn = raw_connection(open_server.port)
+    try:
+        run = reply(conn.root.generate(wire.dumps({"prompt": PROMPT, "max_new_tokens": NEW_TOKENS, "breakpoints": [4]})))["result"]
+        blob = b"\x00" * (2 << 20)
+        msg = reply(conn.root.edit(run["id"], wire.dumps({"activation": {"dtype": "float32", "shape": [len(blob) // 4]}}), blob, None))
+        assert msg["error"]["kind"] == "ActivationError"  # reached validation: wrong shape, not a dropped link
+        assert where(conn, run["id"])[:3] == ("paused", 4, 0)
+    finally:
+        conn.close()
