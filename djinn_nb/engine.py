@@ -20,6 +20,7 @@ run holds no lock. This module knows nothing of rpyc or notebooks.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import re
@@ -44,6 +45,7 @@ from .errors import (
     UnknownRunError,
 )
 
+log = logging.getLogger("djinn_nb.engine")
 ALL_STEPS = "all"
 TOP_K = 5
 
@@ -343,6 +345,12 @@ class Engine:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        self.ignored_generation_config = _ignored_generation_settings(model)
+        if self.ignored_generation_config:
+            log.warning(
+                "%s: its generation_config sets %s, which djinn_nb does not apply (greedy is plain argmax)",
+                name, ", ".join(self.ignored_generation_config),
+            )
         if check_exact:
             check_split_is_exact(model, self.anatomy, self._probe_split)
 
@@ -365,6 +373,7 @@ class Engine:
             "block_path": self.anatomy.block_path,
             "parameters": self._parameters,
             "max_positions": self.max_positions,
+            "generation_config_ignored": list(self.ignored_generation_config),
         }
 
     # ----- tokens -----------------------------------------------------------------
@@ -419,9 +428,13 @@ class Engine:
         """Free a run's device memory now; closing twice is an error (unknown run)."""
         run = self.get(run_id, owner)
         with run.lock:
-            with self._runs_lock:
-                self._runs.pop(run.id, None)
-            self._free(run, RunState.CLOSED)
+            self._drop(run)
+
+    def _drop(self, run: Run) -> None:
+        """Unregister and free a run (its lock held)."""
+        with self._runs_lock:
+            self._runs.pop(run.id, None)
+        self._free(run, RunState.CLOSED)
 
     @staticmethod
     def _free(run: Run, state: str) -> None:
@@ -452,13 +465,7 @@ class Engine:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise BadRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         ids = self.encode(prompt)
-        if self.max_positions and len(ids) + max_new_tokens > self.max_positions:
-            # Past this, learned position embeddings index out of range: on a GPU that is a
-            # device-side assert, which would take the whole server down, not just this run.
-            raise BadRequestError(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"{self.max_positions} positions"
-            )
+        self._check_positions(len(ids), max_new_tokens)
         bps = parse_breakpoints(breakpoints, self.num_layers, max_new_tokens)
         watch = parse_breakpoints(watches, self.num_layers, max_new_tokens)
         sampling = sampling or Sampling()
@@ -518,11 +525,7 @@ class Engine:
                 raise BadRequestError(
                     f"max_new_tokens for a fork paused at step {cp.step} must be an integer > {cp.step}, got {limit!r}"
                 )
-            if self.max_positions and len(parent.prompt_ids) + limit > self.max_positions:
-                raise BadRequestError(
-                    f"prompt ({len(parent.prompt_ids)} tokens) + max_new_tokens ({limit}) exceeds the model's "
-                    f"{self.max_positions} positions"
-                )
+            self._check_positions(len(parent.prompt_ids), limit)
             bps = (
                 tuple(b for b in parent.breakpoints if b.step is None or b.step < limit)
                 if breakpoints is None
@@ -673,9 +676,7 @@ class Engine:
         for run in self.all_runs():
             if now - run.last_used > lease_seconds and run.lock.acquire(blocking=False):
                 try:
-                    with self._runs_lock:
-                        self._runs.pop(run.id, None)
-                    self._free(run, RunState.CLOSED)
+                    self._drop(run)
                     gone.append(run.id)
                 finally:
                     run.lock.release()
@@ -684,6 +685,15 @@ class Engine:
         return gone
 
     # ----- validation -------------------------------------------------------------
+    def _check_positions(self, prompt_len: int, max_new_tokens: int) -> None:
+        # Past the limit, learned position embeddings index out of range: on a GPU that is a
+        # device-side assert, which would take the whole server down, not just this run.
+        if self.max_positions and prompt_len + max_new_tokens > self.max_positions:
+            raise BadRequestError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"{self.max_positions} positions"
+            )
+
     @staticmethod
     def _require_paused(run: Run) -> None:
         if run.state != RunState.PAUSED or run.checkpoint is None:
@@ -934,6 +944,26 @@ class Engine:
         k = len(idx)
         run.topk.append([(int(i), v) for i, v in zip(packed[1 : 1 + k], packed[1 + k :])])
         return int(packed[0])
+
+
+_PROCESSOR_SETTINGS = {  # generation_config fields that change greedy decoding, and their no-op values
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "min_new_tokens": (None, 0),
+    "sequence_bias": (None,),
+}
+
+
+def _ignored_generation_settings(model: nn.Module) -> list[str]:
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return []
+    return [f"{k}={getattr(cfg, k)!r}" for k, noop in _PROCESSOR_SETTINGS.items() if getattr(cfg, k, None) not in noop]
 
 
 def run_tensors(run: Run) -> list[torch.Tensor]:

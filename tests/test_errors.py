@@ -225,3 +225,14 @@ def test_reset_of_an_offloaded_edited_run(env):
     run.reset()
     assert not run.activation_stats["edited"]
     assert run.resume().token_ids == plain
+
+
+def test_generation_settings_the_engine_does_not_apply_are_reported():
+    from djinn_nb.engine import Engine
+    from djinn_nb.models import build_random
+
+    model = build_random("gpt2-tiny")
+    model.generation_config.repetition_penalty = 1.3
+    engine = Engine(model)
+    assert engine.info()["generation_config_ignored"] == ["repetition_penalty=1.3"]
+    assert Engine(build_random("gpt2-tiny")).info()["generation_config_ignored"] == []
