@@ -162,7 +162,7 @@ class DjinnService(rpyc.Service):
             raise BadRequestError("bulk must be true or false")
         nbytes = t.numel() * t.element_size()
         if bulk and self._state.bulk is not None and nbytes >= sidechannel.BULK_THRESHOLD:
-            return {"bulk": self._state.bulk.offer(t)}
+            return {"bulk": self._state.bulk.offer(t, self._who())}
         return wire.encode_tensor(t)
 
     # ----- exposed calls ----------------------------------------------------------

@@ -57,9 +57,19 @@ class _Slot:
 class BulkServer:
     """A listening socket that serves offered tensors and receives expected ones, by ticket."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, ttl: float = 60.0, max_slots: int = 64):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ttl: float = 60.0,
+        max_slots: int = 64,
+        per_owner: int = 16,
+        max_reserved_bytes: int = 4 << 30,
+    ):
         self.ttl = ttl
         self.max_slots = max_slots
+        self.per_owner = per_owner
+        self.max_reserved_bytes = max_reserved_bytes
         self._slots: dict[bytes, _Slot] = {}
         self._lock = threading.Lock()
         self._conns = threading.BoundedSemaphore(32)
@@ -70,7 +80,7 @@ class BulkServer:
         self._thread.start()
 
     # ----- the server's side of the rpyc call ---------------------------------------
-    def offer(self, tensor: torch.Tensor) -> dict[str, Any]:
+    def offer(self, tensor: torch.Tensor, owner: str = "") -> dict[str, Any]:
         """Hold ``tensor`` for one download; returns ``{dtype, shape, port, ticket}`` for the reply.
 
         The slot keeps a reference, not a copy: do not change the tensor in place before it is fetched.
@@ -79,7 +89,7 @@ class BulkServer:
         if name not in wire.WIRE_DTYPES:
             raise BadRequestError(f"dtype {name} cannot cross the wire; use one of {sorted(wire.WIRE_DTYPES)}")
         t = tensor.detach().to("cpu").contiguous()
-        slot = _Slot(t, upload=False, expires=time.monotonic() + self.ttl)
+        slot = _Slot(t, upload=False, expires=time.monotonic() + self.ttl, owner=owner)
         return {"dtype": name, "shape": list(t.shape), **self._add(slot)}
 
     def expect(self, meta: Any, max_bytes: int = wire.DEFAULT_MAX_PAYLOAD, owner: str = "") -> dict[str, Any]:
@@ -117,11 +127,18 @@ class BulkServer:
 
     # ----- internals ----------------------------------------------------------------
     def _add(self, slot: _Slot) -> dict[str, Any]:
+        """File a slot. Memory stays bounded without one owner cancelling another's transfers:
+        an owner over its share loses its own oldest unclaimed slot; a full table refuses."""
         key = secrets.token_bytes(TICKET_BYTES)
+        nbytes = slot.tensor.numel() * slot.tensor.element_size()
         with self._lock:
             self._expire()
-            while len(self._slots) >= self.max_slots:  # evict the oldest: memory stays bounded
-                self._slots.pop(next(iter(self._slots)))
+            mine = [k for k, s in self._slots.items() if s.owner == slot.owner and not s.claimed]
+            while mine and len(mine) >= self.per_owner:
+                del self._slots[mine.pop(0)]
+            reserved = sum(s.tensor.numel() * s.tensor.element_size() for s in self._slots.values() if s.upload)
+            if len(self._slots) >= self.max_slots or (slot.upload and reserved + nbytes > self.max_reserved_bytes):
+                raise BadRequestError("the side channel is busy (too many transfers pending); try again shortly")
             self._slots[key] = slot
         return {"port": self.port, "ticket": key.hex()}
 
@@ -129,6 +146,11 @@ class BulkServer:
         now = time.monotonic()
         for key in [k for k, s in self._slots.items() if s.expires < now and not s.claimed]:
             del self._slots[key]
+
+    def _forget(self, slot: _Slot) -> None:
+        with self._lock:
+            for key in [k for k, s in self._slots.items() if s is slot]:
+                del self._slots[key]
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -142,6 +164,7 @@ class BulkServer:
             threading.Thread(target=self._serve, args=(conn,), name="djinn-bulk-conn", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        mine: _Slot | None = None  # the slot this connection claimed
         try:
             tune_socket(conn)
             conn.settimeout(10.0)
@@ -152,6 +175,7 @@ class BulkServer:
                 if slot is None or slot.claimed:
                     return
                 slot.claimed = True  # single use: a second connection with this ticket gets nothing
+                mine = slot
                 if not slot.upload:
                     del self._slots[key]
             conn.settimeout(60.0)  # per recv/send: a stalled peer frees its thread within a minute
@@ -164,6 +188,8 @@ class BulkServer:
         except (OSError, EOFError):
             pass
         finally:
+            if mine is not None and mine.upload and not mine.done.is_set():
+                self._forget(mine)  # a broken upload frees its reservation at once
             conn.close()
             self._conns.release()
 

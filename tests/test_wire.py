@@ -162,7 +162,7 @@ def test_side_channel_refuses_bad_headers_and_short_uploads(bulk):
     slot = bulk.expect({"dtype": "float32", "shape": [1000]})
     with pytest.raises(DjinnError, match="upload failed"):
         sidechannel.push("127.0.0.1", slot, torch.ones(10))  # 40 of 4000 bytes, then the client waits in vain
-    with pytest.raises(BadRequestError, match="in time"):
+    with pytest.raises(BadRequestError, match="unknown or expired upload ticket"):  # freed at once
         bulk.take(slot["ticket"], timeout=0.2)
 
 
@@ -302,3 +302,22 @@ def test_scale_edit_within_the_cap_still_works(capped):
     msg = reply(conn.root.edit(run_id, wire.dumps({"scale": 0.5}), None, None))
     assert msg["ok"] and msg["result"]["activation"]["edited"]
     assert math.isclose(msg["result"]["activation"]["norm"], 0.5 * norm, rel_tol=1e-5)
+
+
+def test_side_channel_owners_cannot_evict_each_other():
+    from djinn_nb.sidechannel import BulkServer
+
+    bulk = BulkServer(per_owner=2, max_slots=4)
+    try:
+        meta = {"dtype": "float32", "shape": [4]}
+        alice = bulk.expect(meta, owner="alice")
+        for _ in range(3):  # bob over his share evicts only his own oldest
+            bulk.expect(meta, owner="bob")
+        assert bulk.pending() == 3
+        bulk.expect(meta, owner="carol")
+        with pytest.raises(BadRequestError, match="side channel is busy"):
+            bulk.expect(meta, owner="dave")
+        sidechannel.push("127.0.0.1", alice, torch.arange(4.0))
+        assert torch.equal(bulk.take(alice["ticket"], owner="alice"), torch.arange(4.0))
+    finally:
+        bulk.close()
