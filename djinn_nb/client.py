@@ -402,7 +402,7 @@ def connect(
     address: str | None = None,
     *,
     model: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str | None = None,
     token: str | None = None,
 ) -> Client:
@@ -411,13 +411,17 @@ def connect(
     ``connect("host:port", token=...)`` reaches a running ``djinn-server``.
     ``connect(model=..., device=...)`` (no address) loads the model into an
     embedded server on loopback in this process and talks to it over the same
-    rpyc protocol; the model is loaded once per (model, device, dtype).
+    rpyc protocol; the model is loaded once per (model, device, dtype); the
+    device defaults to ``"cpu"``.
     ``connect()`` uses the embedded default model.
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")
     if address is not None:
-        if model is not None:
-            raise BadRequestError("pass either an address or model=..., not both: the server chose its model")
+        given = [k for k, v in (("model", model), ("device", device), ("dtype", dtype)) if v is not None]
+        if given:
+            raise BadRequestError(
+                f"pass either an address or {'/'.join(given)}=..., not both: a running server has chosen them"
+            )
         host, _, port = address.rpartition(":")
         if not host:
             host, port = address, str(DEFAULT_PORT)
@@ -426,6 +430,7 @@ def connect(
         return Client(host, int(port), token)
     from .server import DjinnServer, build_engine
 
+    device = device or "cpu"
     key = (model or "embedded", device, dtype)
     with _embedded_lock:
         server = _embedded.get(key)

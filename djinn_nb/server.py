@@ -391,7 +391,7 @@ class DjinnServer:
             )
         if not lease_seconds > 0:
             raise BadRequestError(f"lease_seconds must be positive, got {lease_seconds!r}")
-        self.state = ServerState(engine, token, max_payload, max_paused_bytes, sidechannel.BulkServer(host))
+        self.state = ServerState(engine, token, max_payload, max_paused_bytes)
         self.lease_seconds = float(lease_seconds)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
@@ -404,6 +404,7 @@ class DjinnServer:
         )
         self._server._listen()  # listen now, so the address is connectable once we return
         self.host, self.port = self._server.host, self._server.port
+        self.state.bulk = sidechannel.BulkServer(host)  # after the rpyc port bound: nothing leaks if it fails
         self._thread: threading.Thread | None = None
 
     @property

@@ -176,6 +176,8 @@ def test_unknown_architecture_names_what_was_looked_for():
 def test_connect_rejects_address_and_model_together():
     with pytest.raises(BadRequestError, match="either an address or model"):
         djinn_nb.connect("127.0.0.1:1", model="gpt2")
+    with pytest.raises(BadRequestError, match="either an address or device/dtype=..., not both"):
+        djinn_nb.connect("127.0.0.1:1", device="cuda:0", dtype="bfloat16")
 
 
 def test_prompt_longer_than_the_model_positions(env):

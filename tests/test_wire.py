@@ -321,3 +321,48 @@ def test_side_channel_owners_cannot_evict_each_other():
         assert torch.equal(bulk.take(alice["ticket"], owner="alice"), torch.arange(4.0))
     finally:
         bulk.close()
+
+
+edit_spec = st.fixed_dictionaries(
+    {},
+    optional={
+        "scale": st.none() | st.floats() | st.integers(min_value=-(10**400), max_value=10**400) | st.text(max_size=4),
+        "activation": st.none() | st.fixed_dictionaries({"dtype": st.sampled_from(["float32", "float64", "int64", "x"]),
+                                                         "shape": st.lists(st.integers(-1, 70), max_size=4)}),
+        "add": st.none() | st.fixed_dictionaries({"dtype": st.sampled_from(["float32", "bfloat16"]),
+                                                  "shape": st.lists(st.integers(0, 70), max_size=2)}),
+    },
+)
+
+
+@pytest.mark.parametrize("call", ["edit", "fork"])
+def test_fuzzed_edits_on_the_real_run_either_apply_cleanly_or_change_nothing(call):
+    """The live run's id with hostile edits: each reply is a clean error or a clean success;
+    the paused run is where it was and, once edits are reset, resumes to the reference."""
+    served = serve()
+    conn = raw_connection(served.port)
+    try:
+        run_id = reply(conn.root.generate(wire.dumps({"prompt": PROMPT, "max_new_tokens": NEW_TOKENS, "breakpoints": [3]})))["result"]["id"]
+        before = where(conn, run_id)
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(spec=edit_spec, payload=st.none() | st.binary(max_size=1024), add=st.none() | st.binary(max_size=300))
+        def fuzz(spec, payload, add):
+            msg = reply(getattr(conn.root, call)(run_id, wire.dumps(spec), payload, add))
+            if not msg["ok"]:
+                assert msg["error"]["kind"] in ERROR_CLASSES, msg
+                assert not msg["error"]["message"].startswith("internal server error"), (spec, msg)
+            elif call == "fork":
+                reply(conn.root.close(msg["result"]["id"]))
+            reply(conn.root.reset_edit(run_id))
+            assert where(conn, run_id) == before
+
+        fuzz()
+        assert [r["id"] for r in reply(conn.root.runs())["result"]] == [run_id]
+        assert reply(conn.root.status(run_id))["result"]["activation"]["edited"] is False
+        while reply(conn.root.status(run_id))["result"]["state"] == "paused":
+            reply(conn.root.resume(run_id, "{}", None, None))
+        assert where(conn, run_id)[3] == served.reference
+    finally:
+        conn.close()
+        served.server.close()
