@@ -73,13 +73,16 @@ explains itself: run, for example, `%djinn_break?` to read its help.
 
 `%djinn_connect` with no address loads the model into a small server inside this kernel (the
 first time this takes a few seconds). With `address=host:port` it reaches a running
-`djinn-server` instead. It returns a `Client`; showing it prints the model's facts, including its
+`djinn-server` instead (that server has chosen the model and device). It returns a `Client`; showing it prints the model's facts, including its
 number of layers: breakpoints can go after any layer from 0 to that number minus one.
 
 `{address}`-style braces insert Python variables into a magic's line, here the parameters above
 (a value of `None` counts as not given).
 """),
-        code('''client = %djinn_connect address={address} model={model} device={device}
+        code('''if address:  # a running djinn-server chose its model and device
+    client = %djinn_connect {address}
+else:
+    client = %djinn_connect model={model} device={device}
 client'''),
         md("""
 ## 3. Set a breakpoint
