@@ -200,7 +200,7 @@ def run_experiment(
     for name, fname in (("djinn", DJINN_FILE), ("pytorch_eager", EAGER_FILE), ("vllm", VLLM_FILE), ("comparative", COMPARATIVE_FILE)):
         write_json(out / fname, {**results[name], **common})
     _log_summary(djinn)
-    log.info("\n%s", table)
+    log.debug("\n%s", table)  # the file gets it; the terminal gets it once, from main()
     if vllm_res.get("reason"):
         log.info("vLLM: %s", vllm_res["reason"])
     log.info("goals: %s", comparative["goals"])
