@@ -45,9 +45,13 @@ def _call(conn_fn: Any, *args: Any) -> Any:
 
 
 def _edit_args(
-    client: "Client", activation: torch.Tensor | None, scale: float | None, add: torch.Tensor | Sequence[float] | None
+    client: "Client",
+    activation: torch.Tensor | None,
+    scale: float | None,
+    add: torch.Tensor | Sequence[float] | None,
+    original: bool = False,
 ):
-    spec: dict[str, Any] = {}
+    spec: dict[str, Any] = {"original": True} if original else {}
     act_bytes = add_bytes = None
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -162,10 +166,19 @@ class Run:
 
     # ----- control ----------------------------------------------------------------
     def resume(
-        self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None
+        self,
+        activation: torch.Tensor | None = None,
+        scale: float | None = None,
+        add: Any = None,
+        original: bool = False,
     ) -> "Run":
-        """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation."""
-        self._s = _call(self._client._remote("resume"), self.id, *_edit_args(self._client, activation, scale, add))
+        """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation.
+
+        The edit applies to the pending activation (see :meth:`edit`); ``original=True``
+        starts from the block's own output instead.
+        """
+        args = _edit_args(self._client, activation, scale, add, original)
+        self._s = _call(self._client._remote("resume"), self.id, *args)
         return self
 
     def fork(
@@ -175,14 +188,17 @@ class Run:
         add: Any = None,
         breakpoints: Iterable[Any] | None = None,
         max_new_tokens: int | None = None,
+        original: bool = False,
     ) -> "Run":
         """A new run continued from this checkpoint with the edit; this run stays paused as it was.
 
         ``breakpoints=None`` keeps this run's breakpoints; ``[]`` runs the fork to its end.
         ``max_new_tokens`` changes how long the fork generates (it must exceed the paused step).
+        ``original=True`` starts from the block's own output, ignoring earlier :meth:`edit` calls.
         """
         bps = None if breakpoints is None else wire.dumps(_plain_breakpoints(breakpoints))
-        s = _call(self._client._remote("fork"), self.id, *_edit_args(self._client, activation, scale, add), bps, max_new_tokens)
+        args = _edit_args(self._client, activation, scale, add, original)
+        s = _call(self._client._remote("fork"), self.id, *args, bps, max_new_tokens)
         return Run(self._client, s)
 
     def offload(self) -> "Run":

@@ -151,15 +151,20 @@ class Sampling:
 
 @dataclass
 class Edit:
-    """A change to a paused activation: replace, then scale, then add."""
+    """A change to a paused activation: replace, then scale, then add.
+
+    It applies to the pending activation (the block's output with earlier ``edit``
+    calls applied), or with ``original`` to the block's own output.
+    """
 
     activation: torch.Tensor | None = None
     scale: float | None = None
     add: torch.Tensor | None = None
+    original: bool = False
 
     @property
     def empty(self) -> bool:
-        return self.activation is None and self.scale is None and self.add is None
+        return self.activation is None and self.scale is None and self.add is None and not self.original
 
 
 class _Pause(Exception):
@@ -705,6 +710,8 @@ class Engine:
         h = cp.pending
         if edit is None or edit.empty:
             return h
+        if edit.original:
+            h = cp.hidden
         ref = cp.hidden
         if edit.activation is not None:
             a = edit.activation

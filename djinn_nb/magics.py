@@ -255,7 +255,7 @@ class DjinnMagics(Magics):
         if "scale" in p.options:
             edit["scale"] = p.options["scale"]
         if edit and p.options.get("compare", True) and run.id not in self._baselines:
-            with run.fork(breakpoints=[]) as base:
+            with run.fork(breakpoints=[], original=True) as base:
                 self._baselines[run.id] = base.token_ids
         run.resume(**edit)
         self.run = run

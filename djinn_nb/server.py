@@ -137,9 +137,14 @@ class DjinnService(rpyc.Service):
 
     def _edit(self, edit_json: Any, act: Any, add: Any) -> Edit:
         spec = wire.loads(edit_json, "edit")
-        if not isinstance(spec, dict) or set(spec) - {"scale", "activation", "add"}:
-            raise BadRequestError("an edit is {'scale': number, 'activation': header or ticket, 'add': header or ticket}")
-        edit = Edit(scale=spec.get("scale"))
+        if not isinstance(spec, dict) or set(spec) - {"scale", "activation", "add", "original"}:
+            raise BadRequestError(
+                "an edit is {'scale': number, 'activation': header or ticket, 'add': header or ticket, 'original': bool}"
+            )
+        original = spec.get("original", False)
+        if type(original) is not bool:
+            raise BadRequestError("original must be true or false")
+        edit = Edit(scale=spec.get("scale"), original=original)
         edit.activation = self._tensor_arg(spec.get("activation"), act, "activation")
         edit.add = self._tensor_arg(spec.get("add"), add, "add")
         return edit

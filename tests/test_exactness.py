@@ -114,6 +114,8 @@ def test_edit_then_fork_and_reset(setup):
     assert torch.equal(run.activation(), original * 0.9)
     assert torch.equal(run.activation(original=True), original)
     assert run.fork().token_ids == steered
+    assert run.fork(original=True).token_ids == generate(model, PROMPT, N)
+    assert run.fork(original=True, scale=0.9).token_ids == steered
     run.reset()
     assert run.resume().token_ids == generate(model, PROMPT, N)
 
