@@ -21,24 +21,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
-import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from . import graphs, kvcache, offload
+from .runs import Checkpoint, Run, RunState, activation_stats, map_run_tensors, run_tensors
+from .specs import ALL_STEPS, Breakpoint, Edit, Sampling, finite_number, parse_breakpoint, parse_breakpoints
 from .architecture import Anatomy, block_output, check_split_is_exact, find_anatomy, run_tail
 from .errors import (
     ActivationError,
     BadRequestError,
-    BreakpointError,
     ExecutionError,
     NoTokenizerError,
     RunStateError,
@@ -46,125 +44,12 @@ from .errors import (
 )
 
 log = logging.getLogger("djinn_nb.engine")
-ALL_STEPS = "all"
 TOP_K = 5
 
-
-@dataclass(frozen=True, order=True)
-class Breakpoint:
-    """Stop after decoder block ``layer`` at generation step ``step`` (``None``: every step)."""
-
-    layer: int
-    step: int | None = 0
-
-    def hits(self, layer: int, step: int) -> bool:
-        return self.layer == layer and (self.step is None or self.step == step)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step}
-
-
-def _finite_number(x: Any) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(x))
-    except OverflowError:
-        return False
-
-
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value):
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 31:
-        raise BreakpointError(f"{what} must be an integer, got {value!r}"[:200])
-    return value
-
-
-def parse_breakpoint(spec: Any) -> Breakpoint:
-    """``6`` → (6, 0); ``(6, 3)``, ``{"layer": 6, "step": "all"}`` and ``"6:all"`` as written."""
-    if isinstance(spec, Breakpoint):
-        return spec
-    if isinstance(spec, str) and ":" in spec:
-        spec = tuple(spec.split(":", 1))
-    if isinstance(spec, dict):
-        unknown = set(spec) - {"layer", "step"}
-        if unknown or "layer" not in spec:
-            raise BreakpointError(f"a breakpoint dict takes 'layer' and optional 'step', got {sorted(spec)}")
-        spec = (spec["layer"], spec.get("step", 0))
-    if isinstance(spec, (tuple, list)):
-        if len(spec) != 2:
-            raise BreakpointError(f"a breakpoint is (layer, step), got {spec!r}")
-        layer, step = spec
-    else:
-        layer, step = spec, 0
-    layer = _int(layer, "breakpoint layer")
-    if isinstance(step, str) and step.strip().lower() == ALL_STEPS:
-        return Breakpoint(layer, None)
-    if step is None:
-        return Breakpoint(layer, None)
-    return Breakpoint(layer, _int(step, "breakpoint step"))
-
-
-def parse_breakpoints(
-    specs: Iterable[Any] | None, num_layers: int, max_new_tokens: int
-) -> tuple[Breakpoint, ...]:
-    """Parse and range-check breakpoints; duplicates collapse."""
-    if specs is None:
-        return ()
-    if isinstance(specs, (int, str, dict, Breakpoint)):
-        specs = [specs]
-    if not isinstance(specs, (list, tuple, set)):
-        raise BreakpointError(f"breakpoints must be a list of layer, (layer, step) or dict, got {type(specs).__name__}")
-    out = set()
-    for spec in specs:
-        bp = parse_breakpoint(spec)
-        if not 0 <= bp.layer < num_layers:
-            raise BreakpointError(
-                f"breakpoint layer {bp.layer} is out of range: this model has layers 0..{num_layers - 1}"
-            )
-        if bp.step is not None and not 0 <= bp.step < max_new_tokens:
-            raise BreakpointError(
-                f"breakpoint step {bp.step} is out of range: max_new_tokens={max_new_tokens} "
-                f"gives steps 0..{max_new_tokens - 1} (0 is the prompt pass)"
-            )
-        out.add(bp)
-    return tuple(sorted(out, key=lambda b: (b.layer, -1 if b.step is None else b.step)))
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy when ``temperature`` is 0; otherwise seeded multinomial sampling."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not _finite_number(self.temperature) or self.temperature < 0:
-            raise BadRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}"[:200])
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 1 << 31:
-            raise BadRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}"[:200])
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
-            raise BadRequestError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}"[:200])
-
-
-@dataclass
-class Edit:
-    """A change to a paused activation: replace, then scale, then add.
-
-    It applies to the pending activation (the block's output with earlier ``edit``
-    calls applied), or with ``original`` to the block's own output.
-    """
-
-    activation: torch.Tensor | None = None
-    scale: float | None = None
-    add: torch.Tensor | None = None
-    original: bool = False
-
-    @property
-    def empty(self) -> bool:
-        return self.activation is None and self.scale is None and self.add is None and not self.original
+__all__ = [
+    "ALL_STEPS", "Breakpoint", "Checkpoint", "Edit", "Engine", "Run", "RunState", "Sampling",
+    "activation_stats", "map_run_tensors", "parse_breakpoint", "parse_breakpoints", "run_tensors",
+]
 
 
 class _Pause(Exception):
@@ -174,144 +59,6 @@ class _Pause(Exception):
         super().__init__(layer)
         self.layer, self.hidden, self.args, self.kwargs = layer, hidden, args, kwargs
         self.capture_s = capture_s
-
-
-@dataclass
-class Checkpoint:
-    """Where a run paused: block ``layer``'s output at ``step`` and how to call the next blocks."""
-
-    layer: int
-    step: int
-    hidden: torch.Tensor  # as the block produced it; never modified
-    pending: torch.Tensor  # what resume/fork continue from (hidden unless edited)
-    args: tuple  # the block's positional args after hidden_states
-    kwargs: dict
-    created: float = field(default_factory=time.perf_counter)
-    graphs: graphs.TailGraphSlot = field(default_factory=graphs.TailGraphSlot)  # shared with forks
-
-    @property
-    def edited(self) -> bool:
-        return self.pending is not self.hidden
-
-
-class RunState:
-    RUNNING = "running"
-    PAUSED = "paused"
-    DONE = "done"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-
-@dataclass
-class Run:
-    """One generation's server-side state. Use it through :class:`Engine`."""
-
-    id: str
-    owner: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    breakpoints: tuple[Breakpoint, ...]
-    sampling: Sampling
-    generator: torch.Generator | None
-    cache: Any
-    record_logits: bool = False
-    watches: tuple[Breakpoint, ...] = ()
-    watch_log: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    step: int = 0
-    state: str = RunState.RUNNING
-    checkpoint: Checkpoint | None = None
-    error: str | None = None
-    parent: str | None = None
-    topk: list[list[tuple[int, float]]] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)
-    last_logits: torch.Tensor | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    continued_by: str | None = None  # how a fork ran the layers after its checkpoint
-    last_used: float = field(default_factory=time.monotonic)
-    host_pack: offload.HostPack | None = None
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
-
-    @property
-    def paused(self) -> bool:
-        return self.state == RunState.PAUSED
-
-    @property
-    def done(self) -> bool:
-        return self.state == RunState.DONE
-
-    @property
-    def layer(self) -> int | None:
-        return self.checkpoint.layer if self.checkpoint else None
-
-    @property
-    def offloaded(self) -> bool:
-        return self.host_pack is not None
-
-    def bytes_held(self) -> int:
-        """Bytes of every tensor the run keeps (shared storage counted once), wherever it is."""
-        seen: dict[int, int] = {}
-        tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
-        if self.last_logits is not None:
-            tensors.append(self.last_logits)
-        for t in tensors:
-            st = t.untyped_storage()
-            seen[st.data_ptr() or id(t)] = st.nbytes()
-        return sum(seen.values())
-
-    def summary(self) -> dict[str, Any]:
-        """Plain values describing the run (what a client shows by default)."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "state": self.state,
-            "step": self.checkpoint.step if self.checkpoint else self.step,
-            "layer": self.layer,
-            "token_ids": list(self.token_ids),
-            "prompt_len": len(self.prompt_ids),
-            "prompt_ids": list(self.prompt_ids),
-            "max_new_tokens": self.max_new_tokens,
-            "breakpoints": [b.as_dict() for b in self.breakpoints],
-            "watches": [b.as_dict() for b in self.watches],
-            "watched": len(self.watch_log),
-            "bytes_held": self.bytes_held(),
-            "offloaded": self.offloaded,
-            "parent": self.parent,
-            "error": self.error,
-            "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.items()},
-            "continued_by": self.continued_by,
-            "topk": self.topk[-1] if self.topk else None,
-        }
-        cp = self.checkpoint
-        if cp is not None:
-            out["activation"] = {
-                "shape": list(cp.pending.shape),
-                "dtype": str(cp.pending.dtype).replace("torch.", ""),
-                "edited": cp.edited,
-                **activation_stats(cp.pending),
-            }
-        return out
-
-
-def activation_stats(t: torch.Tensor) -> dict[str, Any]:
-    """Small statistics of an activation: overall and per-position norm, mean, max.
-
-    Computed on the tensor's device and read back in one transfer.
-    """
-    f = t.detach().float()
-    per_pos = f[0] if f.dim() == 3 else f.reshape(-1, f.shape[-1])
-    std = f.std() if f.numel() > 1 else f.new_zeros(())
-    overall = torch.stack([f.norm(), f.mean(), std, f.max(), f.min()]).tolist()
-    rows = torch.stack([per_pos.norm(dim=-1), per_pos.mean(dim=-1), per_pos.amax(dim=-1)]).tolist()
-    return {
-        "norm": overall[0],
-        "mean": overall[1],
-        "std": overall[2],
-        "max": overall[3],
-        "min": overall[4],
-        "position_norm": rows[0],
-        "position_mean": rows[1],
-        "position_max": rows[2],
-    }
 
 
 class Engine:
@@ -732,7 +479,7 @@ class Engine:
             h = a.to(ref.device)
         if edit.scale is not None:
             s = edit.scale
-            if not _finite_number(s):
+            if not finite_number(s):
                 raise ActivationError(f"scale must be a finite number, got {s!r}")
             h = h * s
         if edit.add is not None:
@@ -971,50 +718,3 @@ def _ignored_generation_settings(model: nn.Module) -> list[str]:
     if cfg is None:
         return []
     return [f"{k}={getattr(cfg, k)!r}" for k, noop in _PROCESSOR_SETTINGS.items() if getattr(cfg, k, None) not in noop]
-
-
-def run_tensors(run: Run) -> list[torch.Tensor]:
-    """Every tensor a run holds, in ``map_run_tensors``'s order, without touching the run."""
-    found: list[torch.Tensor] = []
-    cache, cp = run.cache, run.checkpoint
-    if cache is not None:
-        for layer in list(cache.layers):
-            found += [t for t in list(vars(layer).values()) if isinstance(t, torch.Tensor)]
-    if cp is not None:
-        found += [cp.hidden] + ([cp.pending] if cp.edited else [])
-        _map_tensors((cp.args, cp.kwargs), lambda t: found.append(t) or t, keep=cache)
-    found += [t for _, _, t in list(run.watch_log)]
-    return found
-
-
-def map_run_tensors(
-    run: Run, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None
-) -> None:
-    """Replace each tensor a paused run holds (cache, checkpoint, block arguments, watch hits)
-    by ``fn(tensor)``, always in the same order: offload and restore rely on it."""
-    cache = run.cache
-    if cache is not None:
-        kvcache.map_cache_tensors(cache, fn, device)
-    cp = run.checkpoint
-    if cp is not None:
-        edited = cp.edited
-        cp.hidden = fn(cp.hidden)
-        cp.pending = fn(cp.pending) if edited else cp.hidden
-        cp.args = _map_tensors(cp.args, fn, keep=cache)
-        cp.kwargs = _map_tensors(cp.kwargs, fn, keep=cache)
-    run.watch_log = [(layer, step, fn(t)) for layer, step, t in run.watch_log]
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], keep: Any) -> Any:
-    """Apply ``fn`` to every tensor inside tuples, lists and dicts; ``keep`` passes through."""
-    if obj is keep:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(x, fn, keep) for x in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(x, fn, keep) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn, keep) for k, v in obj.items()}
-    return obj

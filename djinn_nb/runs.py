@@ -1,0 +1,201 @@
+"""A run's server-side state: its checkpoint, KV cache, tokens, and the tensors it holds.
+
+The :class:`~djinn_nb.engine.Engine` drives runs; this module only describes
+them and walks their tensors (for ``bytes_held``, offload and restore).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import graphs, kvcache, offload
+from .specs import Breakpoint, Sampling
+
+
+@dataclass
+class Checkpoint:
+    """Where a run paused: block ``layer``'s output at ``step`` and how to call the next blocks."""
+
+    layer: int
+    step: int
+    hidden: torch.Tensor  # as the block produced it; never modified
+    pending: torch.Tensor  # what resume/fork continue from (hidden unless edited)
+    args: tuple  # the block's positional args after hidden_states
+    kwargs: dict
+    created: float = field(default_factory=time.perf_counter)
+    graphs: graphs.TailGraphSlot = field(default_factory=graphs.TailGraphSlot)  # shared with forks
+
+    @property
+    def edited(self) -> bool:
+        return self.pending is not self.hidden
+
+
+class RunState:
+    RUNNING = "running"
+    PAUSED = "paused"
+    DONE = "done"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+@dataclass
+class Run:
+    """One generation's server-side state. Use it through :class:`Engine`."""
+
+    id: str
+    owner: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    breakpoints: tuple[Breakpoint, ...]
+    sampling: Sampling
+    generator: torch.Generator | None
+    cache: Any
+    record_logits: bool = False
+    watches: tuple[Breakpoint, ...] = ()
+    watch_log: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    step: int = 0
+    state: str = RunState.RUNNING
+    checkpoint: Checkpoint | None = None
+    error: str | None = None
+    parent: str | None = None
+    topk: list[list[tuple[int, float]]] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    last_logits: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    continued_by: str | None = None  # how a fork ran the layers after its checkpoint
+    last_used: float = field(default_factory=time.monotonic)
+    host_pack: offload.HostPack | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def paused(self) -> bool:
+        return self.state == RunState.PAUSED
+
+    @property
+    def done(self) -> bool:
+        return self.state == RunState.DONE
+
+    @property
+    def layer(self) -> int | None:
+        return self.checkpoint.layer if self.checkpoint else None
+
+    @property
+    def offloaded(self) -> bool:
+        return self.host_pack is not None
+
+    def bytes_held(self) -> int:
+        """Bytes of every tensor the run keeps (shared storage counted once), wherever it is."""
+        seen: dict[int, int] = {}
+        tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
+        if self.last_logits is not None:
+            tensors.append(self.last_logits)
+        for t in tensors:
+            st = t.untyped_storage()
+            seen[st.data_ptr() or id(t)] = st.nbytes()
+        return sum(seen.values())
+
+    def summary(self) -> dict[str, Any]:
+        """Plain values describing the run (what a client shows by default)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "state": self.state,
+            "step": self.checkpoint.step if self.checkpoint else self.step,
+            "layer": self.layer,
+            "token_ids": list(self.token_ids),
+            "prompt_len": len(self.prompt_ids),
+            "prompt_ids": list(self.prompt_ids),
+            "max_new_tokens": self.max_new_tokens,
+            "breakpoints": [b.as_dict() for b in self.breakpoints],
+            "watches": [b.as_dict() for b in self.watches],
+            "watched": len(self.watch_log),
+            "bytes_held": self.bytes_held(),
+            "offloaded": self.offloaded,
+            "parent": self.parent,
+            "error": self.error,
+            "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.items()},
+            "continued_by": self.continued_by,
+            "topk": self.topk[-1] if self.topk else None,
+        }
+        cp = self.checkpoint
+        if cp is not None:
+            out["activation"] = {
+                "shape": list(cp.pending.shape),
+                "dtype": str(cp.pending.dtype).replace("torch.", ""),
+                "edited": cp.edited,
+                **activation_stats(cp.pending),
+            }
+        return out
+
+
+def activation_stats(t: torch.Tensor) -> dict[str, Any]:
+    """Small statistics of an activation: overall and per-position norm, mean, max.
+
+    Computed on the tensor's device and read back in one transfer.
+    """
+    f = t.detach().float()
+    per_pos = f[0] if f.dim() == 3 else f.reshape(-1, f.shape[-1])
+    std = f.std() if f.numel() > 1 else f.new_zeros(())
+    overall = torch.stack([f.norm(), f.mean(), std, f.max(), f.min()]).tolist()
+    rows = torch.stack([per_pos.norm(dim=-1), per_pos.mean(dim=-1), per_pos.amax(dim=-1)]).tolist()
+    return {
+        "norm": overall[0],
+        "mean": overall[1],
+        "std": overall[2],
+        "max": overall[3],
+        "min": overall[4],
+        "position_norm": rows[0],
+        "position_mean": rows[1],
+        "position_max": rows[2],
+    }
+
+
+def run_tensors(run: Run) -> list[torch.Tensor]:
+    """Every tensor a run holds, in ``map_run_tensors``'s order, without touching the run."""
+    found: list[torch.Tensor] = []
+    cache, cp = run.cache, run.checkpoint
+    if cache is not None:
+        for layer in list(cache.layers):
+            found += [t for t in list(vars(layer).values()) if isinstance(t, torch.Tensor)]
+    if cp is not None:
+        found += [cp.hidden] + ([cp.pending] if cp.edited else [])
+        _map_tensors((cp.args, cp.kwargs), lambda t: found.append(t) or t, keep=cache)
+    found += [t for _, _, t in list(run.watch_log)]
+    return found
+
+
+def map_run_tensors(
+    run: Run, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None
+) -> None:
+    """Replace each tensor a paused run holds (cache, checkpoint, block arguments, watch hits)
+    by ``fn(tensor)``, always in the same order: offload and restore rely on it."""
+    cache = run.cache
+    if cache is not None:
+        kvcache.map_cache_tensors(cache, fn, device)
+    cp = run.checkpoint
+    if cp is not None:
+        edited = cp.edited
+        cp.hidden = fn(cp.hidden)
+        cp.pending = fn(cp.pending) if edited else cp.hidden
+        cp.args = _map_tensors(cp.args, fn, keep=cache)
+        cp.kwargs = _map_tensors(cp.kwargs, fn, keep=cache)
+    run.watch_log = [(layer, step, fn(t)) for layer, step, t in run.watch_log]
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], keep: Any) -> Any:
+    """Apply ``fn`` to every tensor inside tuples, lists and dicts; ``keep`` passes through."""
+    if obj is keep:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(x, fn, keep) for x in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(x, fn, keep) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, keep) for k, v in obj.items()}
+    return obj

@@ -1,0 +1,135 @@
+"""What a client asks of a run, parsed and validated: breakpoints, sampling, edits.
+
+Everything here arrives from the wire (JSON) or from user code; each check
+raises a ``BadRequestError`` subclass naming what was wrong, so the engine only
+ever sees well-formed requests.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from .errors import BadRequestError, BreakpointError
+
+ALL_STEPS = "all"
+
+
+@dataclass(frozen=True, order=True)
+class Breakpoint:
+    """Stop after decoder block ``layer`` at generation step ``step`` (``None``: every step)."""
+
+    layer: int
+    step: int | None = 0
+
+    def hits(self, layer: int, step: int) -> bool:
+        return self.layer == layer and (self.step is None or self.step == step)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step}
+
+
+def finite_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,9}\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) > 1 << 31:
+        raise BreakpointError(f"{what} must be an integer, got {value!r}"[:200])
+    return value
+
+
+def parse_breakpoint(spec: Any) -> Breakpoint:
+    """``6`` → (6, 0); ``(6, 3)``, ``{"layer": 6, "step": "all"}`` and ``"6:all"`` as written."""
+    if isinstance(spec, Breakpoint):
+        return spec
+    if isinstance(spec, str) and ":" in spec:
+        spec = tuple(spec.split(":", 1))
+    if isinstance(spec, dict):
+        unknown = set(spec) - {"layer", "step"}
+        if unknown or "layer" not in spec:
+            raise BreakpointError(f"a breakpoint dict takes 'layer' and optional 'step', got {sorted(spec)}")
+        spec = (spec["layer"], spec.get("step", 0))
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise BreakpointError(f"a breakpoint is (layer, step), got {spec!r}")
+        layer, step = spec
+    else:
+        layer, step = spec, 0
+    layer = _int(layer, "breakpoint layer")
+    if isinstance(step, str) and step.strip().lower() == ALL_STEPS:
+        return Breakpoint(layer, None)
+    if step is None:
+        return Breakpoint(layer, None)
+    return Breakpoint(layer, _int(step, "breakpoint step"))
+
+
+def parse_breakpoints(
+    specs: Iterable[Any] | None, num_layers: int, max_new_tokens: int
+) -> tuple[Breakpoint, ...]:
+    """Parse and range-check breakpoints; duplicates collapse."""
+    if specs is None:
+        return ()
+    if isinstance(specs, (int, str, dict, Breakpoint)):
+        specs = [specs]
+    if not isinstance(specs, (list, tuple, set)):
+        raise BreakpointError(f"breakpoints must be a list of layer, (layer, step) or dict, got {type(specs).__name__}")
+    out = set()
+    for spec in specs:
+        bp = parse_breakpoint(spec)
+        if not 0 <= bp.layer < num_layers:
+            raise BreakpointError(
+                f"breakpoint layer {bp.layer} is out of range: this model has layers 0..{num_layers - 1}"
+            )
+        if bp.step is not None and not 0 <= bp.step < max_new_tokens:
+            raise BreakpointError(
+                f"breakpoint step {bp.step} is out of range: max_new_tokens={max_new_tokens} "
+                f"gives steps 0..{max_new_tokens - 1} (0 is the prompt pass)"
+            )
+        out.add(bp)
+    return tuple(sorted(out, key=lambda b: (b.layer, -1 if b.step is None else b.step)))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Greedy when ``temperature`` is 0; otherwise seeded multinomial sampling."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not finite_number(self.temperature) or self.temperature < 0:
+            raise BadRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}"[:200])
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 0 <= self.top_k < 1 << 31:
+            raise BadRequestError(f"top_k must be an integer >= 0, got {self.top_k!r}"[:200])
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
+            raise BadRequestError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}"[:200])
+
+
+@dataclass
+class Edit:
+    """A change to a paused activation: replace, then scale, then add.
+
+    It applies to the pending activation (the block's output with earlier ``edit``
+    calls applied), or with ``original`` to the block's own output.
+    """
+
+    activation: torch.Tensor | None = None
+    scale: float | None = None
+    add: torch.Tensor | None = None
+    original: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self.activation is None and self.scale is None and self.add is None and not self.original
