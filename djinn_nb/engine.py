@@ -642,6 +642,7 @@ class Engine:
                 return
             start = None
             token = self._pick(run, logits)
+            run.token_times.append(time.perf_counter())
             run.token_ids.append(token)
             run.step += 1
             if run.step >= run.max_new_tokens or token in self.eos_ids:

@@ -67,6 +67,7 @@ class Run:
     logits: list[torch.Tensor] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    token_times: list[float] = field(default_factory=list)  # perf_counter() as each token was picked
     continued_by: str | None = None  # how a fork ran the layers after its checkpoint
     last_used: float = field(default_factory=time.monotonic)
     host_pack: offload.HostPack | None = None

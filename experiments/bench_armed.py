@@ -7,7 +7,9 @@ in a shuffled order: plain; a breakpoint at (middle layer, every step) paused an
 resumed in-process; a watch at the same place (records, no pause); and a no-op
 torch forward hook on that block, the noise calibrator (its true cost is ~0).
 Reported: the median over rounds of each variant's time / plain's time in the
-same round, with the 25th-75th percentile of those ratios.
+same round, with the 25th-75th percentile of those ratios. And, least exposed to
+drift: one run armed on even steps only, its even steps' median time over its
+odd steps' (adjacent steps of one generation).
 """
 from __future__ import annotations
 
@@ -64,7 +66,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             h.remove()
 
-    variants = {"plain": plain, "armed": armed, "watch": watch, "noop_hook": hook}
+    def alternate():
+        """Armed on even steps only: adjacent armed and plain steps of one run, so drift cancels."""
+        run = engine.generate(prompt, args.new_tokens, breakpoints=[(layer, s) for s in range(0, args.new_tokens, 2)])
+        while run.paused:
+            engine.resume(run.id)
+        return run
+
+    variants = {"plain": plain, "armed": armed, "watch": watch, "noop_hook": hook, "alternate": alternate}
+    step_pairs: list[float] = []
     times: dict[str, list[float]] = {k: [] for k in variants}
     tokens: dict[str, list[int]] = {}
     rng = random.Random(0)
@@ -78,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             dt = time.perf_counter() - t0
             tokens[name] = run.token_ids
+            if name == "alternate" and i >= 3:
+                d = [b - a for a, b in zip(run.token_times, run.token_times[1:])]  # d[k-1]: step k
+                armed_steps = [d[k - 1] for k in range(2, len(run.token_times), 2)]
+                plain_steps = [d[k - 1] for k in range(1, len(run.token_times), 2)]
+                step_pairs.append(statistics.median(armed_steps) / statistics.median(plain_steps))
             engine.close(run.id)
             if i >= 3:
                 times[name].append(dt * 1e3)
@@ -85,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
            "rounds": args.rounds, "environment": environment(args.device),
            "same_tokens_all_variants": len({tuple(t) for t in tokens.values()}) == 1,
            "plain_ms_median": statistics.median(times["plain"]), "variants": {}}
+    out["alternate_steps"] = {
+        "armed_over_plain_step_median": statistics.median(step_pairs),
+        "overhead_pct": (statistics.median(step_pairs) - 1) * 100,
+        "per_round": step_pairs,
+        "what": "within one run, breakpoint paused+resumed on even steps; median even-step time over median odd-step time",
+    }
     for name in ("armed", "watch", "noop_hook"):
         ratios = sorted(a / b for a, b in zip(times[name], times["plain"]))
         q = statistics.quantiles(ratios, n=4)
@@ -96,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: plain {out['plain_ms_median']:.1f} ms for {args.new_tokens} tokens; same tokens: {out['same_tokens_all_variants']}")
     for name, v in out["variants"].items():
         print(f"  {name:10s} {v['overhead_pct']:+.2f}%  (paired ratio p25..p75 {v['ratio_p25']:.3f}..{v['ratio_p75']:.3f})")
+    q = statistics.quantiles(step_pairs, n=4)
+    print(f"  alternate steps (armed even vs plain odd steps of one run): {out['alternate_steps']['overhead_pct']:+.2f}%"
+          f"  (per-round p25..p75 {q[0]:.3f}..{q[2]:.3f})")
     return 0
 
 
