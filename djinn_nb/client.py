@@ -287,7 +287,6 @@ class Client:
     def __init__(self, host: str, port: int, token: str | None = None):
         self._conn = open_connection(host, port)
         self._methods: dict[str, Any] = {}
-        self._lock = threading.Lock()
         try:
             self._info = _call(self._remote("hello"), PROTOCOL, token)
         except Exception:

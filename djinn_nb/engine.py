@@ -371,12 +371,9 @@ class Engine:
                 t0 = time.perf_counter()
                 cuda = self.device.type == "cuda"
                 with self._device_lock:
-                    tensors: list[torch.Tensor] = []
-                    map_run_tensors(run, lambda t: tensors.append(t) or t)
-                    hp = offload.pack(tensors, pin=cuda)
+                    hp = offload.pack(run_tensors(run), pin=cuda)
                     if cuda:
                         torch.cuda.synchronize(self.device)
-                    del tensors
                     views = iter(hp.host_views())
                     map_run_tensors(run, lambda _t: next(views), torch.device("cpu"))
                     run.host_pack = hp

@@ -1,4 +1,4 @@
-"""Copy, measure and move HuggingFace KV caches.
+"""Copy and move HuggingFace KV caches.
 
 A fork must not disturb the run it came from. HF's dynamic cache layers never
 write into their tensors: each update concatenates into a new tensor. So a fork
@@ -38,21 +38,6 @@ def fork_cache(cache: Cache) -> Cache:
             layers.append(copy.deepcopy(layer))
     new.layers = layers
     return new
-
-
-def cache_bytes(cache: Cache | None) -> int:
-    """Bytes held by the cache's tensors (shared tensors counted once)."""
-    if cache is None:
-        return 0
-    seen: set[int] = set()
-    total = 0
-    for layer in cache.layers:
-        for _, t in _tensors(layer):
-            key = t.untyped_storage().data_ptr() if t.numel() else id(t)
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
 
 
 def map_cache_tensors(

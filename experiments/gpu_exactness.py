@@ -16,32 +16,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "exp3_whitebox"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from exp3lib.env import environment, write_json  # noqa: E402
+from reference import generate  # noqa: E402  (the test suite's plain-HF reference)
 
-from djinn_nb.architecture import find_anatomy  # noqa: E402
 from djinn_nb.engine import Engine  # noqa: E402
 from djinn_nb.models import load_model  # noqa: E402
 
 
 def hf_tokens(model, prompt, n, layer=None, scale=None, call=0):
-    handle = None
-    if layer is not None:
-        calls = {"n": 0}
-
-        def hook(_m, _i, out):
-            k = calls["n"]
-            calls["n"] += 1
-            return out * scale if k == call else None
-
-        handle = find_anatomy(model).blocks[layer].register_forward_hook(hook)
-    try:
-        ids = torch.tensor([prompt], device=model.device)
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, do_sample=False)
-        return out[0, len(prompt):].tolist()
-    finally:
-        if handle:
-            handle.remove()
+    """Plain HF generate, optionally scaling block ``layer``'s output on its ``call``-th call."""
+    if layer is None:
+        return generate(model, prompt, n)
+    return generate(model, prompt, n, edit_layer=layer, edit_call=call, edit=lambda h: h * scale)
 
 
 def check_model(source: str, dtype: str | None, seq: int, n: int) -> dict:

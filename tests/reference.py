@@ -42,7 +42,7 @@ def generate(
 
         handle = find_anatomy(model).blocks[edit_layer].register_forward_hook(hook)
     try:
-        ids = torch.tensor([list(prompt_ids)])
+        ids = torch.tensor([list(prompt_ids)], device=model.device)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
         return out[0, ids.shape[1]:].tolist()
