@@ -8,16 +8,20 @@ one embedded in this process); this package's client talks to it over rpyc.
     run = client.generate("The capital of France is", breakpoints=[6])
     h = run.activation()                             # (1, positions, hidden)
     run.resume(scale=0.9).text
-"""
-__version__ = "0.1.0"
 
-from .client import Client, Run, connect  # noqa: E402
-from .errors import DjinnError  # noqa: E402
+Layers, lowest first (a test keeps each from importing a higher one):
+``core`` (model and runs; no rpyc) → ``serving`` (rpyc server; no IPython) →
+``client`` (this API) → ``notebook`` (magics, display, widgets; only the client API).
+``errors``, ``schema`` and ``version`` are shared vocabulary every layer may use.
+"""
+from .client import Client, Run, connect
+from .errors import DjinnError
+from .version import __version__
 
 __all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension"]
 
 
 def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython
-    from .magics import register
+    from .notebook.magics import register
 
     register(ipython)

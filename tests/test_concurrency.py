@@ -67,7 +67,7 @@ def test_listing_runs_while_others_execute_changes_nothing(saved_models):
     import threading
 
     import djinn_nb
-    from reference import generate as hf_generate, hf_model
+    from djinn_nb.core.reference import generate as hf_generate, hf_model
 
     path = saved_models["gpt2-tiny"]
     want = hf_generate(hf_model(path), [5, 6, 7, 8], 8)

@@ -6,7 +6,7 @@ import re
 import pytest
 
 import djinn_nb
-from djinn_nb import display as D
+from djinn_nb.notebook import display as D
 
 PROMPT = [3, 1, 4, 1, 5]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import djinn_nb
-from reference import generate
+from djinn_nb.core.reference import generate
 
 PROMPT = "The capital of France is"
 

@@ -138,7 +138,7 @@ def test_resume_finished_closed_and_unknown_runs(env):
 
 def test_failure_during_execution_fails_only_that_run(env, saved_models):
     """A fault inside the model (as an out-of-memory would be) fails the run, frees it, spares others."""
-    from djinn_nb.engine import Engine
+    from djinn_nb.core.engine import Engine
 
     model = hf_model(saved_models["gpt2-tiny"])
     engine = Engine(model)
@@ -162,7 +162,7 @@ def test_failure_during_execution_fails_only_that_run(env, saved_models):
 
 
 def test_unknown_architecture_names_what_was_looked_for():
-    from djinn_nb.engine import Engine
+    from djinn_nb.core.engine import Engine
 
     class Odd(torch.nn.Module):
         def __init__(self):
@@ -230,8 +230,8 @@ def test_reset_of_an_offloaded_edited_run(env):
 
 
 def test_generation_settings_the_engine_does_not_apply_are_reported():
-    from djinn_nb.engine import Engine
-    from djinn_nb.models import build_random
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.core.models import build_random
 
     model = build_random("gpt2-tiny")
     model.generation_config.repetition_penalty = 1.3

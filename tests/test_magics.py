@@ -7,8 +7,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import djinn_nb
-from djinn_nb.display import Activation
-from djinn_nb.magics import DjinnMagics
+from djinn_nb.notebook.display import Activation
+from djinn_nb.notebook.magics import DjinnMagics
 
 MODEL = "random:gpt2-tiny"
 PROMPT = [5, 17, 42, 99, 7]
@@ -256,7 +256,7 @@ def test_state_survives_a_mistake(shell, client):
 
 # ----- argument parsing ------------------------------------------------------------------
 def test_parse_options_then_free_text():
-    from djinn_nb import magic_args as A
+    from djinn_nb.notebook import magic_args as A
 
     spec = dict(n=A.integer, x=A.number, name=A.text, on=A.flag)
     p = A.parse("n=3 --x 0.5 --on name='a b' Hello x=1 world", spec, "m")

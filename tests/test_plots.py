@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import djinn_nb
-from djinn_nb import metrics, plots
+from djinn_nb.notebook import metrics, plots
 
 ACC = [
     {"layer": l, "trial": t, "token_accuracy": acc}

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import djinn_nb
-from djinn_nb.engine import Engine
+from djinn_nb.core.engine import Engine
 from djinn_nb.errors import UnknownRunError
-from djinn_nb.server import DjinnServer
-from reference import generate, hf_model
+from djinn_nb.serving.server import DjinnServer
+from djinn_nb.core.reference import generate, hf_model
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
 N = 8

@@ -13,9 +13,9 @@ import rpyc
 from rpyc.core import consts
 
 import djinn_nb
-from djinn_nb import wire
+from djinn_nb.serving import wire
 from djinn_nb.errors import AuthenticationError, UnknownRunError
-from djinn_nb.server import DjinnServer
+from djinn_nb.serving.server import DjinnServer
 from serving import NEW_TOKENS, PROMPT, raw_connection, reply, serve, where
 
 TOKEN = "s3cret-token-A"
@@ -84,7 +84,7 @@ def test_non_loopback_bind_needs_a_token():
 
 def test_server_cli_refuses_non_loopback_without_a_token():
     env = {k: v for k, v in os.environ.items() if k != "DJINN_TOKEN"}
-    proc = subprocess.run([sys.executable, "-m", "djinn_nb.server", "--host", "0.0.0.0", "--model", "random:gpt2-tiny"],
+    proc = subprocess.run([sys.executable, "-m", "djinn_nb.serving", "--host", "0.0.0.0", "--model", "random:gpt2-tiny"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "--token" in proc.stderr and "DJINN_TOKEN" in proc.stderr

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import djinn_nb
-from djinn_nb.widgets import SteeringWidget
+from djinn_nb.notebook.widgets import SteeringWidget
 
 PROMPT = [11, 22, 33, 44, 55, 66]
 

@@ -11,10 +11,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from djinn_nb import sidechannel, wire
+from djinn_nb.serving import sidechannel, wire
 from djinn_nb.errors import ERROR_CLASSES, BadRequestError, DjinnError
-from djinn_nb.server import DjinnService
-from djinn_nb.transport import FastChannel, FastSocketStream
+from djinn_nb.serving.service import DjinnService
+from djinn_nb.serving.transport import FastChannel, FastSocketStream
 from serving import NEW_TOKENS, PROMPT, raw_connection, reply, serve, where
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -305,7 +305,7 @@ def test_scale_edit_within_the_cap_still_works(capped):
 
 
 def test_side_channel_owners_cannot_evict_each_other():
-    from djinn_nb.sidechannel import BulkServer
+    from djinn_nb.serving.sidechannel import BulkServer
 
     bulk = BulkServer(per_owner=2, max_slots=4)
     try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3, SmolLM

@@ -1,52 +1,31 @@
-"""The model server: an rpyc service over :class:`~djinn_nb.engine.Engine`.
+"""The rpyc service: the ``exposed_`` calls one connection can make.
 
 Only ``exposed_`` methods are reachable; each takes and returns plain values
 (JSON text, bytes, ints) and checks their types itself, because rpyc would
 otherwise hand it remote references to client objects. Errors return as
 ``{"ok": false, "error": {"kind", "message"}}`` so the client can raise the same
 class without the server's traceback. Runs belong to the token that made them.
-
-Run ``djinn-server --model M --device cuda:0 --port 5556`` or
-``python -m djinn_nb.server``. It binds 127.0.0.1 unless told otherwise, and
-refuses any other address without a token.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import hmac
 import inspect
-import ipaddress
 import logging
-import os
-import sys
-import threading
 import time
 from typing import Any, Callable
 
 import rpyc
-from rpyc.utils.server import ThreadedServer
 
-from . import __version__, sidechannel, wire
-from .engine import Edit, Engine, Run, Sampling, activation_stats
-from .errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
-from .protocol import DEFAULT_PORT, PROTOCOL
-from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, tune_socket
+from ..core.engine import Edit, Engine, Run, Sampling, activation_stats
+from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
+from ..version import __version__
+from . import sidechannel, wire
+from .protocol import PROTOCOL
+from .transport import FastChannel
 
-DEFAULT_LEASE_SECONDS = 600.0
-#: Largest frame a connection may send before ``hello`` succeeds.
-UNAUTHENTICATED_FRAME = 64 << 10
-log = logging.getLogger("djinn_nb.server")
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+log = logging.getLogger("djinn_nb.serving.service")
 
 
 def owner_of(token: str | None) -> str:
@@ -353,149 +332,3 @@ def _brief(run: Run) -> dict[str, Any]:
         "parent": run.parent,
         "idle_s": round(time.monotonic() - run.last_used, 3),
     }
-
-
-class _FastThreadedServer(ThreadedServer):
-    """rpyc's threaded server, over the fast uncompressed channel."""
-
-    def _serve_client(self, sock, credentials):  # noqa: ANN001 - rpyc's signature
-        tune_socket(sock)
-        config = dict(self.protocol_config, credentials=credentials, endpoints=(sock.getsockname(), sock.getpeername()), logger=self.logger)
-        conn = self.service._connect(FastChannel(FastSocketStream(sock), max_frame=UNAUTHENTICATED_FRAME), config)
-        self._handle_connection(conn)
-
-    def _handle_connection(self, conn) -> None:  # noqa: ANN001
-        try:
-            conn.serve_all()
-        except OSError:  # the server closed this client's socket while it was being polled
-            conn.close()
-
-
-class DjinnServer:
-    """Serve an engine over rpyc; ``start()`` runs it in a background thread.
-
-    Runs untouched for ``lease_seconds`` are closed by a reaper thread (their device
-    memory is freed), so a notebook that dies leaks nothing for long, while one
-    that restarts within the lease can ``attach`` to its paused runs again.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        host: str = "127.0.0.1",
-        port: int = DEFAULT_PORT,
-        token: str | None = None,
-        max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        max_paused_bytes: int | None = None,
-    ):
-        if not is_loopback(host) and not token:
-            raise AuthenticationError(
-                f"refusing to bind {host} without a token: pass --token or set DJINN_TOKEN "
-                "(clients then connect with token=...)"
-            )
-        if not lease_seconds > 0:
-            raise BadRequestError(f"lease_seconds must be positive, got {lease_seconds!r}")
-        self.state = ServerState(engine, token, max_payload, max_paused_bytes)
-        self.lease_seconds = float(lease_seconds)
-        self._stop = threading.Event()
-        self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
-        self._server = _FastThreadedServer(
-            rpyc.utils.helpers.classpartial(DjinnService, self.state),
-            hostname=host,
-            port=port,
-            protocol_config=dict(RPYC_CONFIG),
-            logger=log,
-        )
-        self._server._listen()  # listen now, so the address is connectable once we return
-        self.host, self.port = self._server.host, self._server.port
-        self.state.bulk = sidechannel.BulkServer(host)  # after the rpyc port bound: nothing leaks if it fails
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def _reap(self) -> None:
-        interval = min(5.0, max(0.05, self.lease_seconds / 4))
-        while not self._stop.wait(interval):
-            for run_id in self.state.engine.expire(self.lease_seconds):
-                log.info("lease expired: closed run %s", run_id)
-
-    def start(self) -> "DjinnServer":
-        self._reaper.start()
-        self._thread = threading.Thread(target=self._server.start, name="djinn-server", daemon=True)
-        self._thread.start()
-        while not self._server.active:
-            time.sleep(0.005)
-        return self
-
-    def serve_forever(self) -> None:
-        self._reaper.start()
-        self._server.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._server.close()
-        if self.state.bulk is not None:
-            self.state.bulk.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-
-def build_engine(
-    model: str | None,
-    device: str,
-    dtype: str | None = None,
-    device_map: str | None = None,
-    seed: int = 0,
-    cuda_graphs: bool | None = None,
-) -> Engine:
-    """Load a model and wrap it in an engine (the exactness probe runs here)."""
-    from .models import load_model
-
-    loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, seed=seed)
-    return Engine(loaded.model, loaded.tokenizer, loaded.name, cuda_graphs=cuda_graphs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="djinn-server", description="Serve a causal LM with breakpoints over rpyc.")
-    p.add_argument("--model", default=None, help="hub id, local directory, 'embedded' (default) or 'random:<shape>'")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
-    p.add_argument("--device-map", default=None, help="'auto' splits the model over GPUs (accelerate)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--token", default=os.environ.get("DJINN_TOKEN"), help="required off loopback (or DJINN_TOKEN)")
-    p.add_argument("--max-payload-bytes", type=int, default=wire.DEFAULT_MAX_PAYLOAD)
-    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
-                   help="close runs untouched this long (default 600)")
-    p.add_argument("--max-paused-bytes", type=int, default=None,
-                   help="offload least-recently-used paused runs to host memory above this many device bytes")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="keep forks on the eager path (default: replay the layers after a checkpoint as a CUDA graph)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not is_loopback(args.host) and not args.token:
-        print(
-            f"djinn-server: refusing to bind {args.host} without a token; pass --token SECRET or set DJINN_TOKEN",
-            file=sys.stderr,
-        )
-        return 2
-    engine = build_engine(args.model, args.device, args.dtype, args.device_map, cuda_graphs=False if args.no_cuda_graphs else None)
-    server = DjinnServer(
-        engine, args.host, args.port, args.token, args.max_payload_bytes, args.lease_seconds, args.max_paused_bytes
-    )
-    info = engine.info()
-    print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

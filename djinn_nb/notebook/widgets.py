@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .display import Comparison, decode_text, token_strings
-from .errors import DjinnError
+from ..errors import DjinnError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .client import Client, Run
+    from ..client import Client, Run
 
 __all__ = ["ForkResult", "SteeringWidget"]
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import BadRequestError, BreakpointError
+from ..errors import BadRequestError, BreakpointError
 
 ALL_STEPS = "all"
 

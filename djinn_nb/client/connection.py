@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from . import sidechannel, wire
-from .errors import ActivationError, BadRequestError, BreakpointError, DjinnError, error_from_wire
-from .protocol import DEFAULT_PORT, PROTOCOL
-from .transport import open_connection
+from ..serving import sidechannel, wire
+from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, error_from_wire
+from ..serving.protocol import DEFAULT_PORT, PROTOCOL
+from ..serving.transport import open_connection
 
 if TYPE_CHECKING:
-    from .server import DjinnServer
+    from ..serving.server import DjinnServer
 
 __all__ = ["connect", "Client", "Run"]
 
@@ -257,7 +257,7 @@ class Run:
             pass
 
     def _repr_html_(self) -> str:
-        from .display import run_html
+        from ..notebook.display import run_html
 
         return run_html(self)
 
@@ -384,7 +384,7 @@ class Client:
         self.close()
 
     def _repr_html_(self) -> str:
-        from .display import client_html
+        from ..notebook.display import client_html
 
         return client_html(self)
 
@@ -443,7 +443,7 @@ def connect(
         if not port.isdigit():
             raise BadRequestError(f"address must be 'host:port', got {address!r}")
         return Client(host, int(port), token)
-    from .server import DjinnServer, build_engine
+    from ..serving.server import DjinnServer, build_engine
 
     device = device or "cpu"
     key = (model or "embedded", device, dtype)

@@ -3,7 +3,7 @@
 Each function takes a DataFrame, a list of dicts or a dict of lists with the
 columns it documents, and returns a DataFrame (tables) or a matplotlib Figure
 (figures; close it with ``plt.close(fig)`` when done). Nothing here talks to a
-server: results come from :mod:`djinn_nb.metrics`, an experiment's JSON, or
+server: results come from :mod:`djinn_nb.notebook.metrics`, an experiment's JSON, or
 anywhere else.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def plot_steering_effect(data: Any) -> "Figure":
     """Three panels against the steering factor: token change rate, KL, relative logit change.
 
     Columns: ``factor``, ``token_change_rate``, ``kl``, ``logit_change`` and
-    optionally ``layer`` (one line per layer), as :func:`djinn_nb.metrics.steering_sweep` returns.
+    optionally ``layer`` (one line per layer), as :func:`djinn_nb.notebook.metrics.steering_sweep` returns.
     """
     df = as_frame(data, ["factor"] + [c for c, _ in _STEERING_METRICS])
     groups = df.groupby("layer", sort=True) if "layer" in df.columns else [(None, df)]

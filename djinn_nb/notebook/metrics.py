@@ -17,7 +17,7 @@ from .display import decode_text
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from .client import Client
+    from ..client import Client
 
 __all__ = ["token_change_rate", "kl_divergence", "relative_logit_change", "steering_sweep", "SWEEP_COLUMNS"]
 

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import torch
 
-    from .client import Client, Run
+    from ..client import Client, Run
 
 __all__ = [
     "run_html",
@@ -60,7 +60,7 @@ def _table(rows: Sequence[tuple[str, str]], title: str) -> str:
 
 def token_strings(client: "Client", ids: Sequence[int]) -> list[str]:
     """Each token decoded on its own (``'#id'`` when the model has no tokenizer)."""
-    from .errors import DjinnError
+    from ..errors import DjinnError
 
     out = []
     for i in ids:
@@ -73,7 +73,7 @@ def token_strings(client: "Client", ids: Sequence[int]) -> list[str]:
 
 def decode_text(client: "Client", ids: Sequence[int]) -> str:
     """``client.decode(ids)``, or the ids joined by spaces when the model has no tokenizer."""
-    from .errors import DjinnError
+    from ..errors import DjinnError
 
     try:
         return client.decode([int(i) for i in ids])
@@ -82,7 +82,7 @@ def decode_text(client: "Client", ids: Sequence[int]) -> str:
 
 
 def _run_text(run: "Run") -> str:
-    from .errors import DjinnError
+    from ..errors import DjinnError
 
     try:
         return run.text
@@ -121,7 +121,7 @@ def run_html(run: "Run") -> str:
 
 def client_html(client: "Client") -> str:
     """The model, its shape, device and dtype, the server address and the client's live runs."""
-    from .errors import DjinnError
+    from ..errors import DjinnError
 
     i = client.info
     rows = [

@@ -15,9 +15,9 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from . import magic_args as A
-from .client import Client, Run, connect
+from ..client import Client, Run, connect
 from .display import Activation, Comparison, token_strings
-from .errors import DjinnError, UnknownRunError
+from ..errors import DjinnError, UnknownRunError
 
 __all__ = ["DjinnMagics", "register"]
 

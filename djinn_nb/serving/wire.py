@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import BadRequestError
+from ..errors import BadRequestError
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -1,6 +1,6 @@
 """A run's server-side state: its checkpoint, KV cache, tokens, and the tensors it holds.
 
-The :class:`~djinn_nb.engine.Engine` drives runs; this module only describes
+The :class:`~djinn_nb.core.engine.Engine` drives runs; this module only describes
 them and walks their tensors (for ``bytes_held``, offload and restore).
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BadRequestError
+from ..errors import BadRequestError
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"

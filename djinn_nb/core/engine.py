@@ -34,7 +34,7 @@ from . import graphs, kvcache, offload
 from .runs import Checkpoint, Run, RunState, activation_stats, map_run_tensors, run_tensors
 from .specs import ALL_STEPS, Breakpoint, Edit, Sampling, finite_number, parse_breakpoint, parse_breakpoints
 from .architecture import Anatomy, block_output, check_split_is_exact, find_anatomy, run_tail
-from .errors import (
+from ..errors import (
     ActivationError,
     BadRequestError,
     ExecutionError,
@@ -43,7 +43,7 @@ from .errors import (
     UnknownRunError,
 )
 
-log = logging.getLogger("djinn_nb.engine")
+log = logging.getLogger("djinn_nb.core.engine")
 TOP_K = 5
 
 __all__ = [

@@ -1,0 +1,8 @@
+"""The client: the public Python API (``connect``, ``Client``, ``Run``) over the serving layer.
+
+``connection`` holds ``connect`` and ``Client`` (one rpyc connection, embedded servers);
+``run`` holds ``Run``, a handle on a run whose state lives on the server.
+"""
+from .connection import Client, Run, connect
+
+__all__ = ["connect", "Client", "Run"]
