@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.djinn-installed
 
-.PHONY: install demo test server clean
+.PHONY: install demo test server notebooks clean
 
 install: $(STAMP)
 
@@ -24,7 +24,12 @@ $(STAMP): setup.cfg pyproject.toml
 DEMO_OUT ?= experiments/out/demo
 demo: install
 	$(PY) -m djinn_nb.demo
-	$(PY) experiments/exp3_whitebox/run_exp3.py --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir $(DEMO_OUT)
+	$(PY) -m experiments.exp3_whitebox.run_exp3 --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir $(DEMO_OUT)
+
+# The notebooks' sources are notebooks/0*.py (jupytext percent format); this writes the .ipynb
+# files from them, keeping cell ids (tests/test_notebooks.py fails while the two differ).
+notebooks: install
+	$(VENV)/bin/jupytext --update --to ipynb notebooks/0*_*.py
 
 test: install
 	MPLBACKEND=Agg $(PY) -m pytest -q

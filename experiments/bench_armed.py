@@ -1,6 +1,6 @@
 """Armed-breakpoint overhead (issue 5's goal: <= 1 %), measured in paired rounds.
 
-    python experiments/bench_armed.py --model random:gpt2 --device cuda:0 --out DIR
+    python -m experiments.bench_armed --model random:gpt2 --device cuda:0 --out DIR
 
 Whole greedy generations in one process on the engine, four variants per round
 in a shuffled order: plain; a breakpoint at (middle layer, every step) paused and
@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "exp3_whitebox"))
-from exp3lib.env import environment, write_json  # noqa: E402
-from exp3lib.timing import sync  # noqa: E402
+from djinn_nb.core.engine import Engine
+from djinn_nb.core.models import load_model
 
-from djinn_nb.engine import Engine  # noqa: E402
-from djinn_nb.models import load_model  # noqa: E402
+from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:

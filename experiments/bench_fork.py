@@ -1,6 +1,6 @@
 """Fork latency through the client to a separate ``djinn-server`` process (issue 2's goal).
 
-    python experiments/bench_fork.py --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
+    python -m experiments.bench_fork --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
 
 A run paused at (layer, step 0) with max_new_tokens=1 is forked to its end again
 and again, end to end through the client on loopback (the fork's first two runs
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "exp3_whitebox"))
-from exp3lib import eager  # noqa: E402
-from exp3lib.env import environment, write_json  # noqa: E402
-from exp3lib.timing import Case, measure_interleaved, ratio  # noqa: E402
+import djinn_nb
+from djinn_nb.core.architecture import find_anatomy
+from djinn_nb.core.models import load_model
 
-import djinn_nb  # noqa: E402
-from djinn_nb.architecture import find_anatomy  # noqa: E402
-from djinn_nb.models import load_model  # noqa: E402
+from .exp3_whitebox.exp3lib import eager
+from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio
+
+HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--out", default="experiments/out/bench_fork")
     args = p.parse_args(argv)
-    cmd = [sys.executable, "-m", "djinn_nb.server", "--model", args.model, "--device", args.device, "--port", "0"]
+    cmd = [sys.executable, "-m", "djinn_nb.serving", "--model", args.model, "--device", args.device, "--port", "0"]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)

@@ -1,14 +1,16 @@
 """Residency benchmark (issue 3): offload/restore of paused runs, and what paused runs cost others.
 
-    python experiments/bench_residency.py --model random:gpt2 --device cuda:0 --out DIR
+    python -m experiments.bench_residency --model random:gpt2 --device cuda:0 --out DIR
 
 1. Restore of an offloaded paused run vs a raw pinned host-to-device copy of the
    same number of bytes (goal <= 1.2x), at several prompt lengths.
 2. Run B's latency (a whole generation, no breakpoints) on an idle server vs with
    32 paused runs resident on the device vs with those 32 offloaded (goal <= 1.1x).
 Timed in one process with the engine, interleaved, GPU synchronized around every
-sample; medians. Prediction (written before the first GPU run): restore is one
-H2D copy plus ~3 view ops per tensor, so ~1.1x for GPT-2 seq 128 (9 MB) and ~1.0x
+sample; medians. Only the engine's public calls: "restore" is ``reset_edit`` on an
+offloaded run with no edits (brings it back, changes nothing), and the idle server
+is a second engine over the same model that holds no runs.
+Prediction (written before the first GPU run): restore is one H2D copy plus ~3 view ops per tensor, so ~1.1x for GPT-2 seq 128 (9 MB) and ~1.0x
 for larger states; paused runs do no work, so run B's ratio is ~1.0 either way.
 """
 from __future__ import annotations
@@ -20,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "exp3_whitebox"))
-from exp3lib.env import environment, write_json  # noqa: E402
-from exp3lib.timing import Case, measure_interleaved, ratio, sync  # noqa: E402
+from djinn_nb.core.engine import Engine
+from djinn_nb.core.models import load_model
 
-from djinn_nb.engine import Engine  # noqa: E402
-from djinn_nb.models import load_model  # noqa: E402
+from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, sync
 
 
 def restore_vs_raw(engine: Engine, seq: int, layer: int, repeats: int) -> dict:
@@ -40,7 +41,7 @@ def restore_vs_raw(engine: Engine, seq: int, layer: int, repeats: int) -> dict:
 
     res = measure_interleaved(
         {
-            "restore": Case(lambda _: engine._restore(run), setup=offloaded),
+            "restore": Case(lambda _: engine.reset_edit(run.id), setup=offloaded),
             "raw_pinned_copy": Case(lambda _: host.to(engine.device, non_blocking=True)),
         },
         warmup=5,
@@ -63,17 +64,21 @@ def restore_vs_raw(engine: Engine, seq: int, layer: int, repeats: int) -> dict:
     return out
 
 
-def run_b_latency(engine: Engine, paused: int, seq: int, layer: int, new_tokens: int, repeats: int) -> dict:
+def run_b_latency(engine: Engine, idle: Engine, paused: int, seq: int, layer: int, new_tokens: int, repeats: int) -> dict:
+    """Run B on ``engine`` with ``paused`` runs resident or offloaded, and on ``idle`` (the same
+    model, no runs; the paused runs offloaded, so the device holds nothing of theirs)."""
     gen = torch.Generator().manual_seed(0)
     vocab = engine.info()["vocab_size"]
     prompt_b = torch.randint(0, vocab, (seq,), generator=gen).tolist()
     others = [engine.generate(torch.randint(0, vocab, (seq,), generator=gen).tolist(), 8, [layer]) for _ in range(paused)]
     held = sum(r.bytes_held() for r in others)
 
-    def run_b(_: object) -> list[int]:
-        r = engine.generate(prompt_b, new_tokens)
-        engine.close(r.id)
-        return r.token_ids
+    def run_b_on(eng: Engine):
+        def run_b(_: object) -> list[int]:
+            r = eng.generate(prompt_b, new_tokens)
+            eng.close(r.id)
+            return r.token_ids
+        return run_b
 
     def set_offloaded(flag: bool):
         def setup() -> None:
@@ -81,53 +86,33 @@ def run_b_latency(engine: Engine, paused: int, seq: int, layer: int, new_tokens:
                 if flag and not r.offloaded:
                     engine.offload(r.id)
                 elif not flag and r.offloaded:
-                    engine._restore(r)
+                    engine.reset_edit(r.id)  # restores it (no edits to reset)
             sync()
         return setup
 
-    idle_engine_state = {"others": others}
     res = measure_interleaved(
         {
-            "idle": Case(run_b, setup=lambda: _hide(engine, idle_engine_state)),
-            "paused_resident": Case(run_b, setup=lambda: (_show(engine, idle_engine_state), set_offloaded(False)())),
-            "paused_offloaded": Case(run_b, setup=lambda: (_show(engine, idle_engine_state), set_offloaded(True)())),
+            "idle": Case(run_b_on(idle), setup=set_offloaded(True)),
+            "paused_resident": Case(run_b_on(engine), setup=set_offloaded(False)),
+            "paused_offloaded": Case(run_b_on(engine), setup=set_offloaded(True)),
         },
         warmup=3,
         repeats=repeats,
     )
-    _show(engine, idle_engine_state)
     tokens = {k: v[1][-1] for k, v in res.items()}
     for r in others:
         engine.close(r.id)
-    idle = res["idle"][0].median_ms
+    idle_ms = res["idle"][0].median_ms
     return {
         "paused_runs": paused,
         "paused_bytes": held,
         "run_b_new_tokens": new_tokens,
         "run_b_ms": {k: v[0].as_dict() for k, v in res.items()},
-        "resident_over_idle": ratio(res["paused_resident"][0].median_ms, idle),
-        "offloaded_over_idle": ratio(res["paused_offloaded"][0].median_ms, idle),
+        "resident_over_idle": ratio(res["paused_resident"][0].median_ms, idle_ms),
+        "offloaded_over_idle": ratio(res["paused_offloaded"][0].median_ms, idle_ms),
         "run_b_tokens_identical": len({tuple(t) for t in tokens.values()}) == 1,
         "device_memory_allocated": torch.cuda.memory_allocated(engine.device) if engine.device.type == "cuda" else None,
     }
-
-
-def _hide(engine: Engine, state: dict) -> None:
-    """'Idle server': the paused runs are taken out of the registry (their memory stays allocated
-    only if resident; the idle case offloads them first so the device holds nothing of theirs)."""
-    for r in state["others"]:
-        if not r.offloaded:
-            engine.offload(r.id)
-    with engine._runs_lock:
-        for r in state["others"]:
-            engine._runs.pop(r.id, None)
-    sync()
-
-
-def _show(engine: Engine, state: dict) -> None:
-    with engine._runs_lock:
-        for r in state["others"]:
-            engine._runs[r.id] = r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "environment": environment(args.device),
         "restore": [restore_vs_raw(engine, s, layer, args.repeats) for s in args.seq_lens],
-        "run_b": run_b_latency(engine, args.paused, 128, layer, 16, max(5, args.repeats // 3)),
+        "run_b": run_b_latency(engine, Engine(loaded.model, loaded.tokenizer, loaded.name), args.paused, 128, layer, 16,
+                               max(5, args.repeats // 3)),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

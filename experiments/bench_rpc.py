@@ -1,6 +1,6 @@
 """Small-call latency (issue 2/3): where a client round trip's time goes.
 
-    python experiments/bench_rpc.py [--out DIR]
+    python -m experiments.bench_rpc [--out DIR]
 
 Medians of many round trips, each measured side by side in one run:
 a raw TCP ping-pong between two threads of one process and between two
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ECHO = (
     "import socket,sys\n"
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"raw_tcp_threads_ms": raw_thread(args.n), "raw_tcp_processes_ms": raw_process(args.n)}
     res["djinn_status_embedded_ms"] = djinn_status(djinn_nb.connect(model=args.model), args.n)
     srv = subprocess.Popen(
-        [sys.executable, "-m", "djinn_nb.server", "--model", args.model, "--port", "0"],
+        [sys.executable, "-m", "djinn_nb.serving", "--model", args.model, "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
     )
     try:

@@ -1,17 +1,18 @@
 """Server benchmark (issue 3): tensor wire throughput vs a raw socket, and bytes sent per default step.
 
-    python experiments/bench_server.py --out experiments/results/cpu-2core/bench_server
-    python experiments/bench_server.py --out $OUT --device cuda:0      # on the GPU machine
+    python -m experiments.bench_server --out experiments/results/cpu-2core/bench_server
+    python -m experiments.bench_server --out $OUT --device cuda:0      # on the GPU machine
 
 Writes ``bench_server.json`` (numbers, predictions, versions, machine) and
-``bench_server.md`` (the same as tables) into ``--out``. Runs from a checkout
-without installing: the repository root goes on ``sys.path``, and if rpyc is
-not installed, the pure-Python wheels in ``.whl/`` are imported directly.
+``bench_server.md`` (the same as tables) into ``--out``. Runs from the
+repository root of a checkout without installing (``-m`` puts the root on the
+path); where rpyc is missing (the GPU image), install the carried wheels first:
+``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` and put
+``/tmp/site`` on ``PYTHONPATH``, as ``run_gpu_suite.sh`` does.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -21,15 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "experiments"))
-try:
-    import rpyc  # noqa: F401
-except ImportError:  # the GPU image: carried wheels are zip archives of pure Python
-    sys.path[:0] = sorted(glob.glob(str(ROOT / ".whl" / "*.whl")))
-
-import torch  # noqa: E402
+import torch
 
 #: Written before measuring (see experiments/results/*/bench_server.md for the outcome).
 PREDICTIONS = {
@@ -101,7 +94,7 @@ def bench_wire(sizes: dict[str, int], repeats: int) -> list[dict[str, Any]]:
 def bench_step_bytes(model: str, device: str, seq: int, new_tokens: int, layer: int) -> dict[str, Any]:
     """Bytes on the client's socket for each default call of a paused-at-every-step run."""
     from djinn_nb.client import Client
-    from djinn_nb.server import DjinnServer, build_engine
+    from djinn_nb.serving.server import DjinnServer, build_engine
 
     t0 = time.perf_counter()
     engine = build_engine(model, device)

@@ -193,10 +193,16 @@ def load_model(
 
 
 def load_tokenizer(path: str) -> Any:
-    """The tokenizer saved with a model, or ``None`` when it has none."""
+    """The tokenizer saved with a model, or ``None`` when it has none.
+
+    For a directory with a config but no tokenizer files, transformers 5 builds the
+    config's tokenizer class with an empty vocabulary (every text encodes to nothing);
+    that counts as none.
+    """
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    return tok if getattr(tok, "vocab_size", 1) else None

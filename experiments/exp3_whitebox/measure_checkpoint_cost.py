@@ -6,7 +6,7 @@ remaining layers alone (plain PyTorch), fork in-process and through the client
 tokens/s with a breakpoint armed at every step and auto-resumed vs none. On CUDA
 it also probes the remaining layers replayed as one captured CUDA graph.
 
-    python experiments/exp3_whitebox/measure_checkpoint_cost.py \\
+    python -m experiments.exp3_whitebox.measure_checkpoint_cost \\
         --config experiments/exp3_whitebox/configs/gpt2_h100.yaml --output-dir /tmp/cost --seq-lens 128 512
 """
 from __future__ import annotations
@@ -19,15 +19,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-import exp3lib  # noqa: E402,F401 - puts the repo root on sys.path when needed
-from exp3lib import costs  # noqa: E402
-from exp3lib.config import load_config  # noqa: E402
-from exp3lib.env import environment, setup_logging, write_json  # noqa: E402
-from exp3lib.session import open_session, prompt_ids, vocab_size  # noqa: E402
+from .exp3lib import costs
+from .exp3lib.config import load_config
+from .exp3lib.env import environment, setup_logging, write_json
+from .exp3lib.session import open_session, prompt_ids, vocab_size
 
 RESULT_FILE = "checkpoint_cost_results.json"
 log = logging.getLogger("exp3")

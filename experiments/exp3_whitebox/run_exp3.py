@@ -1,7 +1,7 @@
 """Experiment 3, white-box breakpoint debugging: steering demo, breakpoint trials (layers x trials),
 latency breakdown, token accuracy, concurrent demo, baselines and a comparative report.
 
-    python experiments/exp3_whitebox/run_exp3.py \\
+    python -m experiments.exp3_whitebox.run_exp3 \\
         --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir /tmp/exp3
 
 Writes exp3.log, djinn_breakpoint_results.json, pytorch_eager_results.json,
@@ -20,17 +20,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import exp3lib  # noqa: E402,F401 - puts the repo root on sys.path when needed
-from baselines.pytorch_eager_baseline import RESULT_FILE as EAGER_FILE  # noqa: E402
-from baselines.pytorch_eager_baseline import not_run, run_eager_baseline  # noqa: E402
-from baselines.vllm_breakpoint_test import RESULT_FILE as VLLM_FILE  # noqa: E402
-from baselines.vllm_breakpoint_test import run_vllm_test  # noqa: E402
-from exp3lib import costs, eager, phases, report  # noqa: E402
-from exp3lib.config import Exp3Config, load_config  # noqa: E402
-from exp3lib.env import environment, setup_logging, write_json  # noqa: E402
-from exp3lib.session import Session, open_session, prompt_ids, vocab_size  # noqa: E402
+from .baselines.pytorch_eager_baseline import RESULT_FILE as EAGER_FILE
+from .baselines.pytorch_eager_baseline import not_run, run_eager_baseline
+from .baselines.vllm_breakpoint_test import RESULT_FILE as VLLM_FILE
+from .baselines.vllm_breakpoint_test import run_vllm_test
+from .exp3lib import costs, eager, phases, report
+from .exp3lib.config import Exp3Config, load_config
+from .exp3lib.env import environment, setup_logging, write_json
+from .exp3lib.session import Session, open_session, prompt_ids, vocab_size
 
 DJINN_FILE = "djinn_breakpoint_results.json"
 COMPARATIVE_FILE = "comparative_results.json"

@@ -1,13 +1,13 @@
 """Run the exp3 GPU parts in one go, each in its own process, and pack the results for return.
 
-    python experiments/exp3_whitebox/run_gpu_suite.py --out "$OUT" [--parts gpt2 mistral7b ...]
+    python -m experiments.exp3_whitebox.run_gpu_suite --out "$OUT" [--parts gpt2 mistral7b ...]
 
 Parts (default: every single-GPU part, plus ``mistral7b_2gpu`` when two GPUs are visible):
-  gpt2            run_exp3.py on configs/gpt2_h100.yaml
-  mistral7b       run_exp3.py on configs/mistral7b_h100.yaml
-  cost_gpt2       measure_checkpoint_cost.py on gpt2_h100.yaml, seq 128 and 512
-  cost_mistral7b  measure_checkpoint_cost.py on mistral7b_h100.yaml, seq 128 and 1024
-  mistral7b_2gpu  run_exp3.py on configs/mistral7b_2gpu.yaml (device_map: auto)
+  gpt2            run_exp3 on configs/gpt2_h100.yaml
+  mistral7b       run_exp3 on configs/mistral7b_h100.yaml
+  cost_gpt2       measure_checkpoint_cost on gpt2_h100.yaml, seq 128 and 512
+  cost_mistral7b  measure_checkpoint_cost on mistral7b_h100.yaml, seq 128 and 1024
+  mistral7b_2gpu  run_exp3 on configs/mistral7b_2gpu.yaml (device_map: auto)
 
 A failing or timed-out part leaves the others' results. Every part writes under
 ``--work``; after each part the suite rewrites, in ``--out``, at most four files
@@ -27,19 +27,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from .exp3lib.env import environment, write_json
 
-import exp3lib  # noqa: E402,F401 - puts the repo root on sys.path when needed
-from exp3lib.env import environment, write_json  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 CFG = HERE / "configs"
 PARTS: dict[str, list[str]] = {
-    "gpt2": ["run_exp3.py", "--config", str(CFG / "gpt2_h100.yaml")],
-    "mistral7b": ["run_exp3.py", "--config", str(CFG / "mistral7b_h100.yaml")],
-    "cost_gpt2": ["measure_checkpoint_cost.py", "--config", str(CFG / "gpt2_h100.yaml"), "--seq-lens", "128", "512"],
-    "cost_mistral7b": ["measure_checkpoint_cost.py", "--config", str(CFG / "mistral7b_h100.yaml"), "--seq-lens", "128", "1024"],
-    "mistral7b_2gpu": ["run_exp3.py", "--config", str(CFG / "mistral7b_2gpu.yaml")],
+    "gpt2": ["run_exp3", "--config", str(CFG / "gpt2_h100.yaml")],
+    "mistral7b": ["run_exp3", "--config", str(CFG / "mistral7b_h100.yaml")],
+    "cost_gpt2": ["measure_checkpoint_cost", "--config", str(CFG / "gpt2_h100.yaml"), "--seq-lens", "128", "512"],
+    "cost_mistral7b": ["measure_checkpoint_cost", "--config", str(CFG / "mistral7b_h100.yaml"), "--seq-lens", "128", "1024"],
+    "mistral7b_2gpu": ["run_exp3", "--config", str(CFG / "mistral7b_2gpu.yaml")],
 }
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
@@ -55,8 +53,8 @@ def run_part(name: str, work: Path, timeout_s: float, log: Any) -> dict[str, Any
     """Run one part as a subprocess; its stdout/stderr go to ``work/name/console.log``."""
     out = work / name
     out.mkdir(parents=True, exist_ok=True)
-    script, *rest = PARTS[name]
-    cmd = [sys.executable, str(HERE / script), *rest, "--output-dir", str(out)]
+    module, *rest = PARTS[name]
+    cmd = [sys.executable, "-m", f"{__package__}.{module}", *rest, "--output-dir", str(out)]
     log(f"[{name}] {' '.join(cmd)} (timeout {timeout_s:.0f} s)")
     t0 = time.perf_counter()
     with open(out / "console.log", "w", encoding="utf-8") as console:

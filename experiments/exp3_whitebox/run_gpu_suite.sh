@@ -2,7 +2,8 @@
 # The exp3 GPU suite on the device machine, from the repository root:
 #   bash experiments/exp3_whitebox/run_gpu_suite.sh "$OUT" [part ...]
 # The GPU image lacks rpyc and plumbum: carry them as wheels in .whl/ (see the README) and they
-# are installed into /tmp/site here. djinn_nb runs from the working tree (no pip install).
+# are installed into /tmp/site here. djinn_nb and experiments/ run from the working tree (no pip
+# install): the suite runs as a module from the repository root.
 set -uo pipefail
 OUT_DIR="${1:?usage: run_gpu_suite.sh OUT_DIR [part ...]}"
 shift
@@ -19,6 +20,6 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 if [ "$#" -gt 0 ]; then
-  exec python3 experiments/exp3_whitebox/run_gpu_suite.py --out "$OUT_DIR" --parts "$@"
+  exec python3 -m experiments.exp3_whitebox.run_gpu_suite --out "$OUT_DIR" --parts "$@"
 fi
-exec python3 experiments/exp3_whitebox/run_gpu_suite.py --out "$OUT_DIR"
+exec python3 -m experiments.exp3_whitebox.run_gpu_suite --out "$OUT_DIR"

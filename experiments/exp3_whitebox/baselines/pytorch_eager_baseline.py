@@ -1,54 +1,46 @@
 """Baseline: the same trials in plain PyTorch, one process, forward hooks, no djinn_nb.
 
-A hook on block N keeps a reference to its output at every step (the "checkpoint"
-of an in-process debugger that never returns control), steering is a hook that
-edits block N's output on the prompt pass, and the "restore" lower bound is the
-remaining layers run alone from a captured block input. This is the cheapest any
+A ``Trace`` on block N keeps a reference to its output at every step (the
+"checkpoint" of an in-process debugger that never returns control), steering is
+the package reference's hook (``djinn_nb.core.reference.edit_at``) editing block
+N's output on the prompt pass, and the "restore" lower bound is the remaining
+layers run alone from a block input captured with ``Trace(stop=True, keep_inputs=True)``. This is the cheapest any
 breakpoint system can be on this model: djinn_nb's costs are read against it.
 
-    python experiments/exp3_whitebox/baselines/pytorch_eager_baseline.py \\
+    python -m experiments.exp3_whitebox.baselines.pytorch_eager_baseline \\
         --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir /tmp/x
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from djinn_nb.core.pause import Trace
 
-import exp3lib  # noqa: E402,F401 - puts the repo root on sys.path when needed
-from djinn_nb.architecture import block_output  # noqa: E402
-from exp3lib import eager  # noqa: E402
-from exp3lib.config import Exp3Config, load_config  # noqa: E402
-from exp3lib.env import environment, write_json  # noqa: E402
-from exp3lib.metrics import steering_effect, token_accuracy  # noqa: E402
-from exp3lib.timing import measure, ratio, stats, sync  # noqa: E402
+from ..exp3lib import eager
+from ..exp3lib.config import Exp3Config, load_config
+from ..exp3lib.env import environment, write_json
+from ..exp3lib.metrics import steering_effect, token_accuracy
+from ..exp3lib.timing import measure, ratio, stats, sync
 
 RESULT_FILE = "pytorch_eager_results.json"
 
 
-def _keep_output_hook(block: Any, store: list) -> Any:
-    def hook(_m: Any, _a: Any, out: Any) -> None:
-        store.append(block_output(out).detach())
-
-    return block.register_forward_hook(hook)
-
-
 def _timed_generation(model: Any, anatomy: Any, prompt: list[int], n: int, block: Any | None) -> tuple[list[int], float]:
+    """Greedy generation, timed; with ``block``, a Trace keeps the block's output at every step."""
     store: list = []
-    handle = _keep_output_hook(block, store) if block is not None else None
-    try:
+    with contextlib.ExitStack() as stack:
+        if block is not None:
+            stack.enter_context(Trace(block, on_value=lambda h: store.append(h.detach())))
         sync()
         t0 = time.perf_counter()
         ids = eager.greedy(model, anatomy, prompt, n).token_ids
         sync()
         return ids, (time.perf_counter() - t0) * 1e3
-    finally:
-        if handle is not None:
-            handle.remove()
 
 
 def _hook_overhead(model: Any, anatomy: Any, prompt: list[int], cfg: Exp3Config, layer: int) -> dict[str, Any]:
@@ -91,13 +83,8 @@ def run_eager_baseline(
     overhead = _hook_overhead(model, anatomy, prompt, cfg, steering_layer)
     steering = None
     if cfg.steering.enabled:
-        handle = eager.steering_hook(
-            anatomy.blocks[steering_layer], cfg.steering.modification_type, cfg.steering.modification_factor
-        )
-        try:
+        with eager.steered(model, steering_layer, cfg.steering.modification_type, cfg.steering.modification_factor):
             steered = eager.greedy(model, anatomy, prompt, n, keep_logits=True)
-        finally:
-            handle.remove()
         steering = {
             "layer": steering_layer,
             "modification_type": cfg.steering.modification_type,
@@ -128,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model source override (hub id, directory, embedded, random:<shape>)")
     args = p.parse_args(argv)
     cfg = load_config(args.config, device=args.device, model_source=args.model)
-    from djinn_nb.architecture import find_anatomy
+    from djinn_nb.core.architecture import find_anatomy
 
-    from exp3lib.session import load, prompt_ids, vocab_size
+    from ..exp3lib.session import load, prompt_ids, vocab_size
 
     model, tokenizer, name = load(cfg)
     anatomy = find_anatomy(model)

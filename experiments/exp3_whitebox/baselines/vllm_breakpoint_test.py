@@ -7,7 +7,7 @@ caller, and continue that same request from an edited state. Where vLLM is not
 installed (this repository's CPU machines and the GPU image have none), the
 result file says so and why, and the comparison shows vLLM as not run.
 
-    python experiments/exp3_whitebox/baselines/vllm_breakpoint_test.py \\
+    python -m experiments.exp3_whitebox.baselines.vllm_breakpoint_test \\
         --config experiments/exp3_whitebox/configs/gpt2_h100.yaml --output-dir /tmp/x
 """
 from __future__ import annotations
@@ -21,11 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import exp3lib  # noqa: E402,F401 - puts the repo root on sys.path when needed
-from exp3lib.config import Exp3Config, load_config  # noqa: E402
-from exp3lib.env import environment, write_json  # noqa: E402
+from ..exp3lib.config import Exp3Config, load_config
+from ..exp3lib.env import environment, write_json
 
 RESULT_FILE = "vllm_results.json"
 
@@ -71,7 +69,7 @@ def _model_path(cfg: Exp3Config, model: Any | None, tmp: str) -> str:
     source = cfg.model_source or ""
     if source.startswith("random:") or source == "embedded":
         if model is None:
-            from exp3lib.session import load
+            from ..exp3lib.session import load
 
             model = load(cfg)[0]
         model.save_pretrained(tmp)
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, model_source=args.model)
     prompt: list[int] = []
     if vllm_available()[0]:
-        from exp3lib.session import load, prompt_ids, vocab_size
+        from ..exp3lib.session import load, prompt_ids, vocab_size
 
         model, tokenizer, _ = load(cfg)
         prompt = prompt_ids(cfg, tokenizer, vocab_size(model))

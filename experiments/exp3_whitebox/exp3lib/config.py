@@ -1,6 +1,17 @@
-"""The experiment's YAML config (the study's schema plus device and timing) and its validation."""
+"""The experiment's YAML config (the study's schema plus device and timing) and its validation.
+
+The study's own file must run as written, so the schema is the study's:
+``model: {name: "gpt2", source: "transformers"}`` loads ``name`` with transformers
+(a hub id or a directory; ``huggingface`` means the same). A ``source`` that is a
+loader spec of its own (``embedded``, ``random:<shape>``, a hub id or directory)
+is loaded instead, and ``name`` is then only a label; with no ``source`` the
+model that ``name`` names is loaded. A config is strict: a key the schema does
+not have is an error naming it and the nearest valid key, so a misspelling
+(``num_trails``) cannot silently fall back to a default.
+"""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -8,6 +19,29 @@ from typing import Any
 import yaml
 
 MODIFICATIONS = ("scale", "add")
+#: ``model.source`` values meaning "load ``model.name`` with transformers' ``from_pretrained``".
+TRANSFORMERS_SOURCES = ("transformers", "huggingface")
+
+#: Every key a config may have, by section (a nested dict is a section).
+SCHEMA: dict[str, Any] = {
+    "model": {"name": None, "source": None, "dtype": None, "device": None},
+    "device": None,
+    "device_map": None,
+    "output_dir": None,
+    "experiment": {
+        "prompt": None,
+        "prompt_tokens": None,
+        "max_new_tokens": None,
+        "num_trials": None,
+        "seed": None,
+        "breakpoints": {"layers": None, "fractions": None, "steps": None},
+        "activation_steering": {
+            "enabled": None, "steering_layer": None, "modification_type": None, "modification_factor": None,
+        },
+        "concurrent_demo": {"enabled": None},
+    },
+    "timing": {"warmup": None, "repeats": None, "generation_repeats": None},
+}
 
 
 class ConfigError(ValueError):
@@ -32,7 +66,7 @@ class TimingConfig:
 @dataclass
 class Exp3Config:
     model_name: str
-    model_source: str | None
+    model_source: str  # what load_model loads: hub id, directory, embedded or random:<shape>
     dtype: str | None = None
     device: str = "cpu"
     device_map: str | None = None
@@ -79,6 +113,33 @@ class Exp3Config:
         return asdict(self)
 
 
+def check_keys(raw: dict[str, Any], schema: dict[str, Any] = SCHEMA, where: str = "") -> None:
+    """Raise :class:`ConfigError` for the first key of ``raw`` (at any depth) not in ``schema``,
+    naming it with its path and the nearest valid key."""
+    for key, value in raw.items():
+        path = f"{where}{key}"
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.5)
+            hint = f"did you mean '{where}{near[0]}'?" if near else f"valid keys here: {', '.join(schema)}"
+            raise ConfigError(f"unknown config key '{path}': {hint}")
+        if isinstance(schema[key], dict) and isinstance(value, dict):
+            check_keys(value, schema[key], f"{path}.")
+
+
+def resolve_source(name: str, source: str | None) -> str:
+    """What ``load_model`` loads for ``model.name`` and ``model.source`` (see the module docstring)."""
+    if source is None:
+        return name
+    if source.lower() in TRANSFORMERS_SOURCES:
+        if name == "embedded" or name.startswith("random:"):
+            raise ConfigError(
+                f"model.source '{source}' loads model.name with transformers (a hub id or a directory), "
+                f"not {name!r}; write source: {name!r} instead"
+            )
+        return name
+    return source
+
+
 def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
@@ -96,6 +157,7 @@ def parse_config(raw: dict[str, Any], path: str | None = None) -> Exp3Config:
     """Build an :class:`Exp3Config` from the parsed YAML, checking names and types."""
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a YAML mapping")
+    check_keys(raw)
     model = _section(raw, "model")
     exp = _section(raw, "experiment")
     bps = _section(exp, "breakpoints")
@@ -112,7 +174,7 @@ def parse_config(raw: dict[str, Any], path: str | None = None) -> Exp3Config:
         raise ConfigError(f"'activation_steering.modification_type' must be one of {MODIFICATIONS}, got {mod!r}")
     cfg = Exp3Config(
         model_name=str(model["name"]),
-        model_source=_typed(model.get("source"), str, "model.source"),
+        model_source=resolve_source(str(model["name"]), _typed(model.get("source"), str, "model.source")),
         dtype=_typed(model.get("dtype"), str, "model.dtype"),
         device=str(raw.get("device", model.get("device", "cpu"))),
         device_map=_typed(raw.get("device_map"), str, "device_map"),
@@ -141,8 +203,6 @@ def parse_config(raw: dict[str, Any], path: str | None = None) -> Exp3Config:
     )
     if cfg.max_new_tokens < 1 or cfg.num_trials < 1 or cfg.timing.repeats < 1 or cfg.timing.generation_repeats < 1:
         raise ConfigError("max_new_tokens, num_trials and the timing repeats must be at least 1")
-    if cfg.model_source is None:
-        cfg.model_source = "embedded"
     return cfg
 
 

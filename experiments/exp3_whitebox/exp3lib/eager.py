@@ -1,15 +1,23 @@
-"""Plain eager PyTorch, no djinn_nb: a greedy loop over the model's own forward with a KV cache,
-and the "remaining layers alone" reference (blocks N+1.. + final norm + head from a captured input)."""
+"""Plain eager PyTorch, no djinn_nb engine: a greedy loop over the model's own forward with a KV
+cache, and the "remaining layers alone" reference (blocks N+1.. + final norm + head from a
+captured input).
+
+The pause and the steering edit are the package's own tools, not copies: the capture stops the
+forward with ``djinn_nb.core.pause.Trace(stop=True, keep_inputs=True)`` and the steering hook is
+``djinn_nb.core.reference.edit_at``, the same hook the exactness tests compare the engine against.
+So the baseline measures plain PyTorch with the least machinery a breakpoint needs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
 
-from djinn_nb.architecture import Anatomy, block_output, run_tail
-from djinn_nb.kvcache import fork_cache
+from djinn_nb.core import reference
+from djinn_nb.core.architecture import Anatomy, run_tail
+from djinn_nb.core.kvcache import fork_cache
+from djinn_nb.core.pause import Trace, output_hidden
 
 
 def _new_cache(model: nn.Module) -> Any:
@@ -60,10 +68,6 @@ def greedy(model: nn.Module, anatomy: Anatomy, prompt: Sequence[int], max_new_to
     return GreedyResult(out, logits)
 
 
-class _Stop(Exception):
-    pass
-
-
 @dataclass
 class Capture:
     """Block ``layer``'s output on the prompt pass, the arguments the model gave it, and the cache."""
@@ -78,32 +82,13 @@ class Capture:
 @torch.inference_mode()
 def capture(model: nn.Module, anatomy: Anatomy, prompt: Sequence[int], layer: int) -> Capture:
     """Run the prompt pass up to block ``layer`` and stop there (what a checkpoint holds)."""
-    block = anatomy.blocks[layer]
-    seen: dict[str, Any] = {}
-
-    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen["args"], seen["kwargs"] = args, kwargs
-
-    def post(_m: nn.Module, _a: tuple, _k: dict, out: Any) -> None:
-        seen["out"] = block_output(out)
-        raise _Stop
-
     cache = _new_cache(model)
     device = model.get_input_embeddings().weight.device
-    handles = [block.register_forward_pre_hook(pre, with_kwargs=True), block.register_forward_hook(post, with_kwargs=True)]
-    try:
+    with Trace(anatomy.blocks[layer], stop=True, keep_inputs=True) as t:
         model(input_ids=torch.tensor([list(prompt)], device=device), **_forward_kwargs(anatomy, cache))
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    args, kwargs = seen["args"], seen["kwargs"]
-    if args:
-        args = args[1:]
-    else:
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-    return Capture(layer, seen["out"], args, kwargs, cache)
+    if not t.stopped or t.value is None:
+        raise RuntimeError(f"the prompt pass never reached block {layer}")
+    return Capture(layer, t.value, t.args, t.kwargs, cache)
 
 
 def tail_runner(anatomy: Anatomy, cap: Capture) -> tuple[Callable[[], Any], Callable[[Any], torch.Tensor]]:
@@ -121,23 +106,18 @@ def tail_runner(anatomy: Anatomy, cap: Capture) -> tuple[Callable[[], Any], Call
         kwargs = {k: swap.get(id(v), v) for k, v in cap.kwargs.items()}
         h = cap.hidden
         for i in range(cap.layer + 1, len(blocks)):
-            h = block_output(blocks[i](h, *args, **kwargs))
+            h = output_hidden(blocks[i](h, *args, **kwargs))
         return run_tail(anatomy, h)
 
     return setup, run
 
 
-def steering_hook(layer_module: nn.Module, kind: str, factor: float, on_call: int = 0) -> Any:
-    """A forward hook that edits the block's output on its ``on_call``-th call only (0 = prompt pass)."""
-    calls = {"n": 0}
+def steering_edit(kind: str, factor: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The config's modification as a function of the hidden state: ``scale`` or ``add``."""
+    return reference.scale(factor) if kind == "scale" else reference.add(factor)
 
-    def hook(_m: nn.Module, _a: tuple, out: Any) -> Any:
-        n = calls["n"]
-        calls["n"] += 1
-        if n != on_call:
-            return None
-        h = block_output(out)
-        new = h * factor if kind == "scale" else h + torch.full((h.shape[-1],), factor, dtype=h.dtype, device=h.device)
-        return new if isinstance(out, torch.Tensor) else (new, *out[1:])
 
-    return layer_module.register_forward_hook(hook)
+def steered(model: nn.Module, layer: int, kind: str, factor: float, on_call: int = 0) -> ContextManager[Any]:
+    """While the ``with`` block runs, block ``layer``'s output is edited on its ``on_call``-th call
+    only (0 = prompt pass): the same hook the package's reference makes (``djinn_nb.core.reference``)."""
+    return reference.edit_at(model, layer, steering_edit(kind, factor), on_call)

@@ -1,22 +1,26 @@
-"""The experiment's metrics, as defined in the README: token accuracy and the steering effect."""
+"""The experiment's metrics, as defined in the README: token accuracy and the steering effect.
+
+The steering measures (token change rate, KL of the next-token distributions, relative
+logit change) are the package's own, :mod:`djinn_nb.notebook.metrics`, so the notebooks'
+sweeps and this experiment report the same numbers. Only what the package does not
+define lives here: token accuracy (one minus the change rate against the unpaused run),
+the first diverging position, and the study's per-edit summary.
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
 
+from djinn_nb.notebook.metrics import kl_divergence, relative_logit_change, token_change_rate
+
+__all__ = ["token_accuracy", "token_change_rate", "first_divergence", "kl_divergence",
+           "relative_logit_change", "steering_effect"]
+
 
 def token_accuracy(got: Sequence[int], reference: Sequence[int]) -> float:
     """Fraction of positions where ``got`` equals ``reference``; a missing token counts as wrong."""
-    n = max(len(got), len(reference))
-    if n == 0:
-        return 1.0
-    return sum(a == b for a, b in zip(got, reference)) / n
-
-
-def token_change_rate(steered: Sequence[int], unmodified: Sequence[int]) -> float:
-    """Fraction of generated positions whose token the steering changed."""
-    return 1.0 - token_accuracy(steered, unmodified)
+    return 1.0 - token_change_rate(reference, got)
 
 
 def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -25,19 +29,6 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
         if x != y:
             return i
     return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def kl_divergence(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> float:
-    """KL(P_reference || P_other) in nats of the next-token distributions, computed in float64."""
-    p = reference_logits.double().log_softmax(-1)
-    q = other_logits.double().log_softmax(-1)
-    return float((p.exp() * (p - q)).sum())
-
-
-def relative_logit_change(reference_logits: torch.Tensor, other_logits: torch.Tensor) -> float:
-    """||other - reference||_2 / ||reference||_2 of the next-token logits."""
-    ref = reference_logits.double()
-    return float((other_logits.double() - ref).norm() / ref.norm())
 
 
 def steering_effect(
@@ -49,7 +40,7 @@ def steering_effect(
     """The steering metrics of one edit; logits are those of the first step after the edit."""
     return {
         "output_changed": list(unmodified_ids) != list(steered_ids),
-        "token_change_rate": token_change_rate(steered_ids, unmodified_ids),
+        "token_change_rate": token_change_rate(unmodified_ids, steered_ids),
         "first_changed_position": first_divergence(unmodified_ids, steered_ids),
         "kl_next_token": kl_divergence(unmodified_logits, steered_logits),
         "relative_logit_change": relative_logit_change(unmodified_logits, steered_logits),

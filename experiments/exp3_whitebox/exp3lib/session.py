@@ -29,9 +29,9 @@ def load(cfg: Exp3Config) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer or None, display name) for the config's source, device, dtype and device map.
 
     ``random:<shape>`` with ``device_map`` is built on the first GPU (or the CPU) and then
-    dispatched, since ``djinn_nb.models.load_model`` maps only ``from_pretrained`` loads.
+    dispatched, since ``djinn_nb.core.models.load_model`` maps only ``from_pretrained`` loads.
     """
-    from djinn_nb.models import build_random, load_model, resolve_dtype
+    from djinn_nb.core.models import build_random, load_model, resolve_dtype
 
     source = cfg.model_source
     if cfg.device_map and source and source.startswith("random:"):
@@ -84,8 +84,8 @@ class Session:
 def open_session(cfg: Exp3Config) -> Session:
     """Load the model once; wrap it in an Engine (its exactness probe runs) and serve it on loopback."""
     from djinn_nb.client import Client
-    from djinn_nb.engine import Engine
-    from djinn_nb.server import DjinnServer
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.serving.server import DjinnServer
 
     t0 = time.perf_counter()
     model, tokenizer, name = load(cfg)
