@@ -1,0 +1,171 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # djinn_nb quick start: pause a language model, look inside, steer it, resume
+#
+# This notebook walks through one breakpoint session, top to bottom. Run the cells in order
+# (Shift+Enter). You need nothing but this notebook: by default the model runs inside this
+# kernel, on the CPU.
+#
+# **What happens.** A language model generates text one token at a time. Each token comes out
+# of a stack of *decoder blocks* (layers); each block reads and rewrites a vector per token,
+# the *hidden state*. With djinn_nb you set a **breakpoint** after one block, run the model until it
+# **pauses** there, **inspect** the hidden state, **change** it (here: multiply it by a factor, which
+# is called *steering*), and **resume** to see how the generated text changes. The model, its weights
+# and its cache stay on a server (in this kernel, or on a GPU machine); the notebook only gets
+# small summaries and the tensors you ask for.
+#
+# The first cell holds the parameters; change them if you like:
+# - `model`: `None` uses the embedded default, SmolLM2-135M-Instruct (30 layers, loads in seconds);
+# - `device`: `"cpu"` or a GPU such as `"cuda:0"`;
+# - `address`: `"host:port"` of a server you started with `djinn-server --port 5556`, instead of a model here.
+
+# %% tags=["parameters"]
+# Parameters (papermill replaces this cell's values when it runs the notebook headless).
+model = None      # None: the embedded default, SmolLM2-135M-Instruct; or "random:gpt2-tiny", a hub id, a directory
+device = "cpu"    # where an embedded model runs: "cpu", "cuda:0"
+address = None    # "host:port" of a running djinn-server; then model and device are the server's
+prompt = "The capital of France is"
+layer = 6             # the decoder block to pause after (0 is the first)
+max_new_tokens = 12   # how many tokens to generate
+
+# %% [markdown]
+# ## 1. Load the extension
+#
+# `%load_ext djinn_nb` adds the `%djinn_...` commands (*magics*) to this notebook. Every magic
+# explains itself: run, for example, `%djinn_break?` to read its help.
+
+# %%
+# %load_ext djinn_nb
+
+# %% [markdown]
+# ## 2. Connect
+#
+# `%djinn_connect` with no address loads the model into a small server inside this kernel (the
+# first time this takes a few seconds). With `address=host:port` it reaches a running
+# `djinn-server` instead (that server has chosen the model and device). It returns a `Client`; showing it prints the model's facts, including its
+# number of layers: breakpoints can go after any layer from 0 to that number minus one.
+#
+# `{address}`-style braces insert Python variables into a magic's line, here the parameters above
+# (a value of `None` counts as not given).
+
+# %%
+# a running djinn-server chose its model and device; without an address, load one in this kernel
+target = address if address else f"model={model} device={device}"
+# client = %djinn_connect {target}
+client
+
+# %% [markdown]
+# ## 3. Set a breakpoint
+#
+# `%djinn_break layer=6` makes the next runs pause right after block 6 on the *prompt pass*
+# (generation step 0, when the model reads the whole prompt). `step=3` would pause at the third
+# new token instead, and `step=all` at every step. `%djinn_break` alone lists the breakpoints;
+# `%djinn_break clear` removes them.
+
+# %%
+# %djinn_break layer={layer}
+# %djinn_break
+
+# %% [markdown]
+# ## 4. Run until the breakpoint
+#
+# `%djinn_run` starts a generation from the prompt written after its options. It stops at the
+# first breakpoint and shows where it paused: the layer and step, the tokens generated so far (none
+# yet: we paused during the prompt pass), the shape and dtype of the paused hidden state, and how
+# many bytes the server holds for this run (its cache and checkpoint). `run = %djinn_run ...`
+# keeps the `Run` in a variable. A cell that starts with `%%djinn_run` takes the whole cell body
+# as the prompt, for long prompts.
+
+# %%
+# run = %djinn_run max_new_tokens={max_new_tokens} {prompt}
+run
+
+# %% [markdown]
+# ## 5. Inspect the hidden state
+#
+# `%djinn_inspect` fetches the paused hidden state and shows, for each position of the prompt, its
+# token and the norm, mean and largest value of its vector, with two plots: the norm per position
+# and a histogram of all the values. It returns an `Activation`; its `.tensor` is an ordinary
+# `torch.Tensor` of shape (batch, positions, hidden size) on this machine.
+
+# %%
+# act = %djinn_inspect
+act
+
+# %%
+print("shape", tuple(act.tensor.shape), "norm", round(act.tensor.norm().item(), 3))
+act.table().sort_values("norm", ascending=False).head(3)   # the positions with the largest vectors
+
+# %% [markdown]
+# ## 6. Steer with a slider
+#
+# `%djinn_steer` shows a slider over the *steering factor*: each time you release it at a value,
+# the paused run is **forked** (copied on the server, with its hidden state multiplied by the factor)
+# and the fork generates the rest of the text. The fork's text appears beside the unmodified one,
+# with the tokens that changed highlighted, and how long the fork took. The paused run itself is
+# not changed, so you can try as many factors as you like; forks you no longer see are freed.
+#
+# The slider needs a live kernel (JupyterLab). When this notebook runs headless, the next cell
+# moves it from code instead: `w.set(v)` does what dragging to `v` does and waits for the result.
+
+# %%
+# w = %djinn_steer min=0 max=2 step=0.05
+w
+
+# %%
+w.set(0.5).comparison      # the fork at factor 0.5 beside the unmodified continuation
+
+# %% [markdown]
+# ## 7. Resume with a change
+#
+# `%djinn_resume scale=0.9` multiplies the paused hidden state by 0.9 and lets the run continue to
+# its end (or to its next breakpoint). Because the state was changed, it first computes the
+# unmodified continuation too, and shows both with the differences highlighted. The returned `Run`
+# now holds the generated text.
+
+# %%
+# run = %djinn_resume scale=0.9
+run
+
+# %% [markdown]
+# ## 8. The same in plain Python
+#
+# The magics are a thin layer over the Python API, which scripts can use directly. Here the same
+# steps by hand: generate to the breakpoint, fetch the hidden state, fork from it with a modified
+# tensor, and resume the original unmodified. Scaling the tensor here gives exactly the tokens that
+# `%djinn_resume scale=0.9` gave above.
+
+# %%
+r = client.generate(prompt, max_new_tokens=max_new_tokens, breakpoints=[layer])
+h = r.activation()                                   # torch.Tensor on this machine
+steered = r.fork(activation=h * 0.9, breakpoints=[])  # a new run from the checkpoint; r stays paused
+print("steered:   ", repr(steered.text))
+print("unmodified:", repr(r.resume().text))
+assert steered.token_ids == run.token_ids, "the fork should match %djinn_resume scale=0.9"
+
+# %% [markdown]
+# ## 9. Runs on the server, and cleaning up
+#
+# `%djinn_runs` lists this client's runs on the server with the memory each holds; any of them can
+# be picked up again with `run=ID` (in `%djinn_inspect`, `%djinn_resume`, `%djinn_steer`) or
+# `client.attach(ID)`. `close=all` frees them.
+
+# %%
+# %djinn_runs
+
+# %%
+w.close()
+# %djinn_runs close=all
