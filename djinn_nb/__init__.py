@@ -25,3 +25,18 @@ def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPy
     from .notebook.magics import register
 
     register(ipython)
+
+
+def _show_as_html() -> None:
+    """In a running IPython kernel, show ``Run`` and ``Client`` as HTML cards (notebook layer)."""
+    import sys
+
+    ipython_mod = sys.modules.get("IPython")
+    ipython = ipython_mod.get_ipython() if ipython_mod is not None else None
+    if ipython is not None:
+        from .notebook.formatters import register
+
+        register(ipython)
+
+
+_show_as_html()

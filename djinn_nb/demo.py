@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import djinn_nb
+from .client import connect
 
 
 def _diff(a: list[int], b: list[int]) -> int:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    client = djinn_nb.connect(args.address) if args.address else djinn_nb.connect(model=args.model)
+    client = connect(args.address) if args.address else connect(model=args.model)
     info = client.info
     print(f"Connected to {info['model']}: {info['num_layers']} decoder blocks, hidden size "
           f"{info['hidden_size']}, {info['dtype']} on {info['device']} ({time.perf_counter() - t0:.1f} s).")

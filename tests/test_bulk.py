@@ -50,7 +50,7 @@ def test_upload_ticket_is_single_use_and_owned(served, monkeypatch):
     ticket = djinn_nb.client.connection._call(slot, djinn_nb.serving.wire.dumps({"dtype": "float32", "shape": list(h.shape)}))
     sidechannel.push(client.host, ticket, h)
     edit = djinn_nb.serving.wire.dumps({"activation": {"ticket": ticket["ticket"]}})
-    run._s = djinn_nb.client.connection._call(client._remote("edit"), run.id, edit, None, None)
+    djinn_nb.client.connection._call(client._remote("edit"), run.id, edit, None, None)
     with pytest.raises(djinn_nb.errors.BadRequestError, match="unknown or expired upload ticket"):
         djinn_nb.client.connection._call(client._remote("edit"), run.id, edit, None, None)
     assert run.paused

@@ -7,6 +7,8 @@ import pytest
 
 import djinn_nb
 from djinn_nb.notebook import display as D
+from djinn_nb.notebook.formatters import client_card, run_card
+from djinn_nb.schema import RunSummary
 
 PROMPT = [3, 1, 4, 1, 5]
 
@@ -20,47 +22,41 @@ def client():
 
 def test_run_html_shows_where_it_paused_tokens_shape_and_bytes(client):
     run = client.generate(PROMPT, max_new_tokens=6, breakpoints=[(4, 2)])
-    page = run._repr_html_()
-    assert "paused after layer 4 at step 2 (decoding)" in page
+    page = run_card(run)
+    assert "paused at layer 4 (resid_post) at step 2 (decoding)" in page
     assert "2 of 6" in page  # tokens so far
     assert f"shape (1, 1, {client.info['hidden_size']}), float32" in page
     assert D.format_bytes(run.bytes_held) in page and run.bytes_held > 0
     assert " ".join(str(t) for t in run.token_ids) in page  # no tokenizer: ids
     run.resume()
-    page = run._repr_html_()
+    page = run_card(run)
     assert ">done<" in page and "6 of 6" in page and "shape" not in page
     run.close()
 
 
 def test_client_html_shows_model_layers_and_runs(client):
     run = client.generate(PROMPT, max_new_tokens=2, breakpoints=[1])
-    page = client._repr_html_()
+    page = client_card(client)
     assert "random:llama-tiny" in page and "breakpoint layers 0..11" in page
     assert "no: prompts are token-id lists" in page
     assert re.search(r"\d+ holding [\d.]+ (B|KiB|MiB)", page)
     run.close()
 
 
-class _FakeRun:
-    """Duck-typed run whose every text field tries to inject markup."""
+class _EvilDecoder:
+    def decode(self, ids):
+        return "<script>alert(1)</script>"
 
-    id = "<b>r1</b>"
-    state = "failed"
-    paused = False
-    layer = None
-    step = 0
-    token_ids = [1]
-    text = "<script>alert(1)</script>"
-    activation_stats = None
-    bytes_held = 0
-    parent = "<i>p</i>"
-    timings_ms = {"<x>": 1.0}
-    error = "<img src=x onerror=alert(1)>"
-    summary = {"max_new_tokens": 4, "breakpoints": []}
+
+def _evil_summary() -> RunSummary:
+    """A run summary whose every text field tries to inject markup."""
+    return RunSummary(id="<b>r1</b>", state="failed", step=0, layer=None, site=None, token_ids=[1], prompt_ids=[1],
+                      max_new_tokens=4, parent="<i>p</i>", timings_ms={"<x>": 1.0},
+                      error="<img src=x onerror=alert(1)>")
 
 
 def test_all_text_is_escaped():
-    page = D.run_html(_FakeRun())
+    page = D.run_html(_evil_summary(), _EvilDecoder())
     for raw in ("<script>", "<b>r1", "<i>p", "<img", "<x>"):
         assert raw not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;img src=x" in page

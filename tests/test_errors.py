@@ -15,7 +15,7 @@ from djinn_nb.errors import (
     UnknownRunError,
     UnsupportedModelError,
 )
-from reference import generate, hf_model
+from djinn_nb.core.reference import generate, hf_model
 
 PROMPT = [9, 8, 7, 6, 5, 4]
 N = 8

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import djinn_nb
-from reference import generate, hf_model
+from djinn_nb.core.reference import generate, hf_model
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 N = 12

@@ -13,6 +13,8 @@ import rpyc
 from rpyc.core import consts
 
 import djinn_nb
+from djinn_nb.schema import RunSummary
+from djinn_nb.serving.protocol import PROTOCOL
 from djinn_nb.serving import wire
 from djinn_nb.errors import AuthenticationError, UnknownRunError
 from djinn_nb.serving.server import DjinnServer
@@ -51,7 +53,7 @@ def test_a_connection_that_failed_hello_can_do_nothing(guarded, call, args):
     served, client, run = guarded
     conn = raw_connection(served.port, "wrong", hello=False)
     try:
-        assert reply(conn.root.hello(1, "wrong"))["error"]["kind"] == "AuthenticationError"
+        assert reply(conn.root.hello(PROTOCOL, "wrong"))["error"]["kind"] == "AuthenticationError"
         msg = reply(getattr(conn.root, call)(*[run.id if a == "r1" else a for a in args]))
         assert msg["ok"] is False and msg["error"]["kind"] == "AuthenticationError"
     finally:
@@ -66,7 +68,8 @@ def test_another_token_sees_and_touches_none_of_these_runs(guarded):
     try:
         b = djinn_nb.connect(f"127.0.0.1:{other.port}", token="token-B")
         assert b.runs() == [] and [r["id"] for r in client.runs()] == [run.id]
-        handle = djinn_nb.client.Run(b, {"id": run.id, "state": "paused"})
+        handle = djinn_nb.client.Run(b, RunSummary(id=run.id, state="paused", step=0, layer=6, site="resid_post",
+                                                   token_ids=[], prompt_ids=[1], max_new_tokens=1))
         for attempt in (lambda: b.attach(run.id), handle.activation, handle.resume, lambda: handle.fork(scale=2.0), handle.close):
             with pytest.raises(UnknownRunError):
                 attempt()

@@ -286,6 +286,8 @@ def test_bad_tensor_input_is_refused_and_changes_nothing(capped, case, call):
     served, conn, run_id = capped
     edit_json, act, add, message = BAD_EDITS[case]
     before, runs_before = where(conn, run_id), served.engine.runs()
+    if call == "fork":  # a fork request carries its edit under "edit"
+        edit_json = '{"edit": ' + edit_json + "}"
     msg = reply(getattr(conn.root, call)(run_id, edit_json, act, add))
     assert msg["ok"] is False and msg["error"]["kind"] in ("BadRequestError", "ActivationError")
     assert message.lower() in msg["error"]["message"].lower()
@@ -348,7 +350,8 @@ def test_fuzzed_edits_on_the_real_run_either_apply_cleanly_or_change_nothing(cal
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
         @given(spec=edit_spec, payload=st.none() | st.binary(max_size=1024), add=st.none() | st.binary(max_size=300))
         def fuzz(spec, payload, add):
-            msg = reply(getattr(conn.root, call)(run_id, wire.dumps(spec), payload, add))
+            request = {"edit": spec} if call == "fork" else spec  # a fork request carries its edit under "edit"
+            msg = reply(getattr(conn.root, call)(run_id, wire.dumps(request), payload, add))
             if not msg["ok"]:
                 assert msg["error"]["kind"] in ERROR_CLASSES, msg
                 assert not msg["error"]["message"].startswith("internal server error"), (spec, msg)

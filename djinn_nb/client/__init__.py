@@ -3,6 +3,7 @@
 ``connection`` holds ``connect`` and ``Client`` (one rpyc connection, embedded servers);
 ``run`` holds ``Run``, a handle on a run whose state lives on the server.
 """
-from .connection import Client, Run, connect
+from .connection import Client, connect
+from .run import Run
 
 __all__ = ["connect", "Client", "Run"]

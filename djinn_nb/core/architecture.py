@@ -1,10 +1,11 @@
 """Find the parts of a HuggingFace causal LM that breakpoints need.
 
-A breakpoint stops the model's own forward right after decoder block ``N``;
-continuing means calling blocks ``N+1..L-1`` by hand with the arguments the
-model gave block ``N``, then the final norm and the LM head. This module finds
-those parts by name (HF models are consistent within an architecture family)
-and :func:`check_split_is_exact` proves, on the loaded model, that the hand-run
+A breakpoint stops the model's own forward at a site of decoder block ``N``;
+continuing means finishing block ``N`` and calling blocks ``N+1..L-1`` by hand
+with the arguments the model gave block ``N``, then the final norm and the LM
+head. This module finds those parts by name (HF models are consistent within an
+architecture family; the sites inside a block are in :mod:`sites`) and
+:func:`check_split_is_exact` proves, on the loaded model, that the hand-run
 tail gives bit-for-bit the logits of the model's own forward. A model whose
 tail does something we do not replay (logit soft-capping, say) fails that check
 at load time instead of giving silently different tokens later.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -89,15 +91,6 @@ def find_anatomy(model: nn.Module) -> Anatomy:
     return Anatomy(blocks, block_path, norm, head, cache_arg, "logits_to_keep" in params)
 
 
-def block_output(out: object) -> torch.Tensor:
-    """The hidden state in what a block returned (a tensor, or a tuple starting with one)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise UnsupportedModelError(f"decoder block returned {type(out).__name__}, not a tensor")
-
-
 def run_tail(anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm and LM head on the last position: next-token logits, shape (batch, vocab)."""
     if anatomy.final_norm is not None:
@@ -105,12 +98,16 @@ def run_tail(anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
     return anatomy.lm_head(hidden[:, -1:, :])[:, -1, :]
 
 
-def check_split_is_exact(model: nn.Module, anatomy: Anatomy, forward_split) -> None:
+def check_split_is_exact(
+    model: nn.Module, anatomy: Anatomy, forward_split: Callable[..., torch.Tensor], sites: Sequence[str]
+) -> dict[str, str]:
     """Compare split execution with the model's own forward on a short input, bit for bit.
 
-    ``forward_split(ids, cache, layer)`` must stop the model after block ``layer``
-    and finish by hand, returning next-token logits. Two steps are checked (the
-    prompt pass and one decoding step), so KV-cache handling is covered too.
+    ``forward_split(ids, cache, layer, site)`` must stop the model at ``site`` of block
+    ``layer`` and finish by hand, returning next-token logits. Two steps are checked
+    (the prompt pass and one decoding step), so KV-cache handling is covered too.
+    ``resid_post`` (the block's output) must be exact or the model is refused; any other
+    site that is not comes back as ``{site: why}`` (breakpoints there are then refused).
     """
     from transformers import DynamicCache
 
@@ -123,16 +120,22 @@ def check_split_is_exact(model: nn.Module, anatomy: Anatomy, forward_split) -> N
     kw = {"use_cache": True}
     if anatomy.logits_to_keep:
         kw["logits_to_keep"] = 1
+    inexact: dict[str, str] = {}
     with torch.inference_mode():
-        ref_cache, split_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        ref_cache = DynamicCache(config=model.config)
         refs = [model(input_ids=ids, **{anatomy.cache_arg: ref_cache}, **kw).logits[:, -1, :]]
         refs.append(model(input_ids=nxt, **{anatomy.cache_arg: ref_cache}, **kw).logits[:, -1, :])
-        got = [forward_split(ids, split_cache, layer), forward_split(nxt, split_cache, layer)]
-    for step, (r, g) in enumerate(zip(refs, got)):
-        if not torch.equal(r, g):
-            diff = (r.float() - g.float()).abs().max().item()
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: running blocks {layer + 1}.. and the head by hand does not "
-                f"reproduce the model's own forward (step {step}, max abs diff {diff:.3g}); "
-                "breakpoints would not be exact on this architecture"
-            )
+        for site in sites:
+            cache = DynamicCache(config=model.config)
+            got = [forward_split(ids, cache, layer, site), forward_split(nxt, cache, layer, site)]
+            for step, (r, g) in enumerate(zip(refs, got)):
+                if not torch.equal(r, g):
+                    diff = (r.float() - g.float()).abs().max().item()
+                    inexact[site] = (
+                        f"{type(model).__name__}: finishing the forward by hand from {site} of block {layer} "
+                        f"does not reproduce the model's own forward (step {step}, max abs diff {diff:.3g})"
+                    )
+                    break
+    if "resid_post" in inexact:
+        raise UnsupportedModelError(inexact["resid_post"] + "; breakpoints would not be exact on this architecture")
+    return inexact

@@ -1,64 +1,40 @@
-"""The engine: generations that pause at decoder blocks, on the model's device.
+"""The engine: a loaded causal LM, its runs, and the calls a client makes on them.
 
-A run is a greedy (or seeded sampling) generation with a KV cache. Each step
-calls the model's own forward; when the step has a breakpoint, a hook on that
-block records the block's arguments and output and stops the forward there
-(``_Pause``). The run is then *paused*: its cache, checkpoint and tokens stay
-on the device and the call returns. Resuming runs the remaining blocks by hand
-with the recorded arguments, then the final norm and the head; the split is
-checked bit-for-bit against the model's own forward at load time
-(:func:`architecture.check_split_is_exact`), which is what makes a paused and
-resumed run give exactly the tokens of an unpaused one.
-
-A fork copies the checkpoint and the cache (sharing tensors, see
-:mod:`kvcache`) and continues from the layer after the breakpoint, so the
-layers before it are never recomputed.
+A run is a greedy (or seeded sampling) generation with a KV cache that pauses
+at breakpoints (a site of a decoder block, at a step). This module keeps the
+registry of runs and the public calls — generate, resume, fork, edit, reset,
+activation, watched, offload, close — and checks each request before anything
+changes. The work is elsewhere: a step in :mod:`stepping`, an edit in
+:mod:`edits`, offload and leases in :mod:`residency`, a run's state in :mod:`runs`.
 
 One run executes on the device at a time (``Engine._device_lock``); a paused
 run holds no lock. This module knows nothing of rpyc or notebooks.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
-import secrets
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from . import graphs, kvcache, offload
-from .runs import Checkpoint, Run, RunState, activation_stats, map_run_tensors, run_tensors
-from .specs import ALL_STEPS, Breakpoint, Edit, Sampling, finite_number, parse_breakpoint, parse_breakpoints
-from .architecture import Anatomy, block_output, check_split_is_exact, find_anatomy, run_tail
-from ..errors import (
-    ActivationError,
-    BadRequestError,
-    ExecutionError,
-    NoTokenizerError,
-    RunStateError,
-    UnknownRunError,
-)
+from ..errors import BadRequestError, BreakpointError, ExecutionError, NoTokenizerError, RunStateError
+from ..schema import RunState
+from . import kvcache, views
+from .architecture import Anatomy, check_split_is_exact, find_anatomy
+from .edits import apply_edit
+from .residency import Residency
+from .runs import Checkpoint, Run, RunRegistry, WatchHit
+from .sites import SITES, block_parts
+from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
+from .stepping import Stepper
 
 log = logging.getLogger("djinn_nb.core.engine")
-TOP_K = 5
 
-__all__ = [
-    "ALL_STEPS", "Breakpoint", "Checkpoint", "Edit", "Engine", "Run", "RunState", "Sampling",
-    "activation_stats", "map_run_tensors", "parse_breakpoint", "parse_breakpoints", "run_tensors",
-]
-
-
-class _Pause(Exception):
-    """Raised inside a forward hook to stop the model's forward after a block."""
-
-    def __init__(self, layer: int, hidden: torch.Tensor, args: tuple, kwargs: dict, capture_s: float = 0.0):
-        super().__init__(layer)
-        self.layer, self.hidden, self.args, self.kwargs = layer, hidden, args, kwargs
-        self.capture_s = capture_s
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -76,25 +52,24 @@ class Engine:
         self.tokenizer = tokenizer
         self.name = name
         self.anatomy: Anatomy = find_anatomy(model)
+        self.parts = [block_parts(model, self.anatomy.blocks, i) for i in range(self.anatomy.num_layers)]
         self.device = self.anatomy.lm_head.weight.device
         self.dtype = self.anatomy.lm_head.weight.dtype
         self._device_lock = threading.Lock()
-        self._runs: dict[str, Run] = {}
-        self._runs_lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._registry = RunRegistry()
+        self.residency = Residency(self.device, self._device_lock, self._registry, self._drop)
         gen_cfg = getattr(model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None)
         if eos is None:
             eos = getattr(model.config, "eos_token_id", None)
-        self.eos_ids: frozenset[int] = frozenset(
-            [eos] if isinstance(eos, int) else (eos or [])
-        )
+        self.eos_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self._parameters = sum(p.numel() for p in model.parameters())
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("DJINN_CUDA_GRAPHS", "1") != "0"
         devices = {p.device for p in model.parameters()}
         # One device only: a graph of a model split over GPUs would span several streams.
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
+        self.stepper = Stepper(model, self.anatomy, self.parts, self.eos_ids, self.cuda_graphs)
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.ignored_generation_config = _ignored_generation_settings(model)
@@ -103,8 +78,14 @@ class Engine:
                 "%s: its generation_config sets %s, which djinn_nb does not apply (greedy is plain argmax)",
                 name, ", ".join(self.ignored_generation_config),
             )
+        probe_layer = self.parts[max(0, self.num_layers // 2 - 1)]
+        self.sites = [s for s in SITES if probe_layer.missing(s) is None]
+        #: sites whose hand-run finish failed the load-time probe, and why
+        self.inexact_sites: dict[str, str] = {}
         if check_exact:
-            check_split_is_exact(model, self.anatomy, self._probe_split)
+            self.inexact_sites = check_split_is_exact(model, self.anatomy, self.stepper.probe, self.sites)
+            for site, why in self.inexact_sites.items():
+                log.warning("%s: breakpoints at %s are refused: %s", name, site, why)
 
     # ----- facts ------------------------------------------------------------------
     @property
@@ -118,11 +99,13 @@ class Engine:
             "architecture": type(self.model).__name__,
             "num_layers": self.num_layers,
             "hidden_size": int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))),
+            "num_heads": self.parts[0].num_heads or int(getattr(cfg, "num_attention_heads", 0) or 0),
             "vocab_size": int(getattr(cfg, "vocab_size", 0)),
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "has_tokenizer": self.tokenizer is not None,
             "block_path": self.anatomy.block_path,
+            "sites": [s for s in self.sites if s not in self.inexact_sites],
             "parameters": self._parameters,
             "max_positions": self.max_positions,
             "generation_config_ignored": list(self.ignored_generation_config),
@@ -153,28 +136,13 @@ class Engine:
 
     # ----- registry ---------------------------------------------------------------
     def get(self, run_id: str, owner: str = "") -> Run:
-        with self._runs_lock:
-            run = self._runs.get(run_id)
-        if run is None or run.owner != owner:
-            raise UnknownRunError(f"no run {run_id!r} (closed, expired, or another client's)")
-        run.last_used = time.monotonic()
-        return run
+        return self._registry.get(run_id, owner)
 
     def runs(self, owner: str = "") -> list[Run]:
-        with self._runs_lock:
-            return [r for r in self._runs.values() if r.owner == owner]
+        return self._registry.owned(owner)
 
     def all_runs(self) -> list[Run]:
-        with self._runs_lock:
-            return list(self._runs.values())
-
-    def _register(self, run: Run) -> None:
-        with self._runs_lock:
-            self._runs[run.id] = run
-
-    def _new_id(self) -> str:
-        """``r<n>-<random>``: ordered for people, unguessable for other clients."""
-        return f"r{next(self._ids)}-{secrets.token_hex(4)}"
+        return self._registry.all()
 
     def close(self, run_id: str, owner: str = "") -> None:
         """Free a run's device memory now; closing twice is an error (unknown run)."""
@@ -184,12 +152,11 @@ class Engine:
 
     def _drop(self, run: Run) -> None:
         """Unregister and free a run (its lock held)."""
-        with self._runs_lock:
-            self._runs.pop(run.id, None)
+        self._registry.remove(run)
         self._free(run, RunState.CLOSED)
 
     @staticmethod
-    def _free(run: Run, state: str) -> None:
+    def _free(run: Run, state: RunState) -> None:
         run.cache = None
         run.checkpoint = None
         run.logits = []
@@ -218,8 +185,8 @@ class Engine:
             raise BadRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         ids = self.encode(prompt)
         self._check_positions(len(ids), max_new_tokens)
-        bps = parse_breakpoints(breakpoints, self.num_layers, max_new_tokens)
-        watch = parse_breakpoints(watches, self.num_layers, max_new_tokens)
+        bps = self._breakpoints(breakpoints, max_new_tokens)
+        watch = self._breakpoints(watches, max_new_tokens)
         sampling = sampling or Sampling()
         gen = None
         if sampling.temperature > 0:
@@ -227,7 +194,7 @@ class Engine:
         from transformers import DynamicCache
 
         run = Run(
-            id=self._new_id(),
+            id=self._registry.new_id(),
             owner=owner,
             prompt_ids=ids,
             max_new_tokens=max_new_tokens,
@@ -238,7 +205,7 @@ class Engine:
             record_logits=record_logits,
             watches=watch,
         )
-        self._register(run)
+        self._registry.add(run)
         with run.lock:
             self._advance(run, None)
         return run
@@ -248,7 +215,7 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
-            self._restore(run)
+            self.residency.restore(run)
             start = self._edited(run.checkpoint, edit)  # validates before anything changes
             self._advance(run, start)
         return run
@@ -269,7 +236,7 @@ class Engine:
         parent = self.get(run_id, owner)
         with parent.lock:
             self._require_paused(parent)
-            self._restore(parent)
+            self.residency.restore(parent)
             cp = parent.checkpoint
             start = self._edited(cp, edit)
             limit = parent.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -281,7 +248,7 @@ class Engine:
             bps = (
                 tuple(b for b in parent.breakpoints if b.step is None or b.step < limit)
                 if breakpoints is None
-                else parse_breakpoints(breakpoints, self.num_layers, limit)
+                else self._breakpoints(breakpoints, limit)
             )
             t0 = time.perf_counter()
             cache = kvcache.fork_cache(parent.cache)
@@ -293,6 +260,8 @@ class Engine:
                 cp.pending,
                 tuple(swap.get(id(a), a) for a in cp.args),
                 {k: swap.get(id(v), v) for k, v in cp.kwargs.items()},
+                cp.site,
+                cp.saved,
                 graphs=cp.graphs,
             )
             gen = None
@@ -300,7 +269,7 @@ class Engine:
                 gen = torch.Generator(device=self.device)
                 gen.set_state(parent.generator.get_state())
             child = Run(
-                id=self._new_id(),
+                id=self._registry.new_id(),
                 owner=owner,
                 prompt_ids=list(parent.prompt_ids),
                 max_new_tokens=limit,
@@ -319,7 +288,7 @@ class Engine:
                 logits=list(parent.logits),
             )
             child.timings["fork_copy"] = time.perf_counter() - t0
-        self._register(child)
+        self._registry.add(child)
         with child.lock:
             self._advance(child, start)
         return child
@@ -329,7 +298,7 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
-            self._restore(run)
+            self.residency.restore(run)
             run.checkpoint.pending = self._edited(run.checkpoint, edit)
         return run
 
@@ -338,7 +307,7 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
-            self._restore(run)  # the packed layout counts the edited activation
+            self.residency.restore(run)  # the packed layout counts the edited activation
             run.checkpoint.pending = run.checkpoint.hidden
         return run
 
@@ -350,11 +319,60 @@ class Engine:
             cp = run.checkpoint
             return cp.hidden if original else cp.pending
 
-    def watched(self, run_id: str, owner: str = "") -> list[tuple[int, int, torch.Tensor]]:
-        """(layer, step, block output) for every watch hit so far, in execution order."""
+    def watched(self, run_id: str, owner: str = "") -> list[WatchHit]:
+        """(layer, step, site, value) for every watch hit so far, in execution order."""
         run = self.get(run_id, owner)
         with run.lock:
             return list(run.watch_log)
+
+    # ----- what a pause shows ------------------------------------------------------
+    def lens(self, run_id: str, k: int = 5, owner: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """The logit lens at a residual-stream pause: per position, the top-``k`` ids and
+        probabilities of ``softmax(lm_head(final_norm(activation)))`` (edits applied)."""
+        k = self._check_k(k)
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            views.check_lens_site(run.checkpoint)
+            self.residency.restore(run)
+            with self._device_lock, torch.inference_mode():
+                return views.lens_topk(self.anatomy, run.checkpoint.pending[0], k)
+
+    def lens_grid(self, prompt: str | Sequence[int], k: int = 1,
+                  site: str = "resid_post") -> tuple[torch.Tensor, torch.Tensor]:
+        """The lens at ``site`` of every layer for one prompt pass, recorded without pausing:
+        ids and probabilities, each (layers, positions, k). Nothing is kept afterwards."""
+        k = self._check_k(k)
+        ids = self.encode(prompt)
+        self._check_positions(len(ids), 1)
+        if site not in ("resid_pre", "resid_mid", "resid_post"):
+            raise BreakpointError(f"the lens grid reads the residual stream (resid_pre, resid_mid, resid_post), not {site!r}")
+        watches = self._breakpoints([(layer, 0, site) for layer in range(self.num_layers)], 1)
+        from transformers import DynamicCache
+
+        seen: list[torch.Tensor] = []
+        with self._device_lock, torch.inference_mode():
+            x = torch.tensor([ids], dtype=torch.long, device=self.device)
+            self.stepper.forward(x, DynamicCache(config=self.model.config), None, [b.point for b in watches],
+                                 lambda _layer, _site, value: seen.append(value[0]))
+            stacked = torch.stack([h.to(self.device) for h in seen])  # (layers, positions, hidden)
+            return views.lens_topk(self.anatomy, stacked, k)
+
+    def attention(self, run_id: str, owner: str = "") -> torch.Tensor:
+        """Block N's attention probabilities at the paused step, (batch, heads, queries, keys), fp32."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            self.residency.restore(run)
+            cp = run.checkpoint
+            with self._device_lock, torch.inference_mode():
+                return views.attention_pattern(self.model, self.parts[cp.layer], cp, run.cache)
+
+    def _check_k(self, k: Any) -> int:
+        vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(vocab, 100):
+            raise BadRequestError(f"k must be an integer in 1..{min(vocab, 100)}, got {k!r}"[:200])
+        return k
 
     # ----- residency --------------------------------------------------------------
     def offload(self, run_id: str, owner: str = "") -> Run:
@@ -367,71 +385,19 @@ class Engine:
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
-            if not run.offloaded:
-                t0 = time.perf_counter()
-                cuda = self.device.type == "cuda"
-                with self._device_lock:
-                    hp = offload.pack(run_tensors(run), pin=cuda)
-                    if cuda:
-                        torch.cuda.synchronize(self.device)
-                    views = iter(hp.host_views())
-                    map_run_tensors(run, lambda _t: next(views), torch.device("cpu"))
-                    run.host_pack = hp
-                    run.checkpoint.graphs = graphs.TailGraphSlot()  # a graph would pin device memory
-                    if cuda:
-                        torch.cuda.empty_cache()
-                run.timings["offload"] = time.perf_counter() - t0
+            self.residency.offload(run)
         return run
 
-    def _restore(self, run: Run) -> None:
-        if not run.offloaded:
-            return
-        t0 = time.perf_counter()
-        with self._device_lock:
-            views = iter(run.host_pack.to_device(self.device))
-            map_run_tensors(run, lambda _t: next(views), self.device)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        run.host_pack = None
-        run.timings["restore"] = time.perf_counter() - t0
-
     def resident_paused_bytes(self) -> int:
-        return sum(r.bytes_held() for r in self.all_runs() if r.paused and not r.offloaded)
+        return self.residency.resident_paused_bytes()
 
     def enforce_budget(self, max_bytes: int, keep: str | None = None) -> list[str]:
         """Offload least-recently-used paused runs until resident paused state fits ``max_bytes``."""
-        moved: list[str] = []
-        candidates = sorted(
-            (r for r in self.all_runs() if r.paused and not r.offloaded and r.id != keep),
-            key=lambda r: r.last_used,
-        )
-        resident = self.resident_paused_bytes()
-        for run in candidates:
-            if resident <= max_bytes:
-                break
-            held = run.bytes_held()
-            try:
-                self.offload(run.id, run.owner)
-            except (RunStateError, UnknownRunError):
-                continue  # resumed or closed meanwhile
-            moved.append(run.id)
-            resident -= held
-        return moved
+        return self.residency.enforce_budget(max_bytes, keep)
 
     def expire(self, lease_seconds: float) -> list[str]:
         """Close every run nobody has touched for ``lease_seconds``; returns their ids."""
-        now = time.monotonic()
-        gone = []
-        for run in self.all_runs():
-            if now - run.last_used > lease_seconds and run.lock.acquire(blocking=False):
-                try:
-                    self._drop(run)
-                    gone.append(run.id)
-                finally:
-                    run.lock.release()
-        if gone and self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return gone
+        return self.residency.expire(lease_seconds)
 
     # ----- validation -------------------------------------------------------------
     def _check_positions(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -443,153 +409,34 @@ class Engine:
                 f"{self.max_positions} positions"
             )
 
+    def _breakpoints(self, specs: Iterable[Any] | None, max_new_tokens: int) -> tuple[Breakpoint, ...]:
+        """Parse breakpoints (or watches) and check each site exists, exactly, in its block."""
+        bps = parse_breakpoints(specs, self.num_layers, max_new_tokens)
+        for b in bps:
+            why = self.parts[b.layer].missing(b.site) or self.inexact_sites.get(b.site)
+            if why:
+                raise BreakpointError(why)
+        return bps
+
     @staticmethod
     def _require_paused(run: Run) -> None:
         if run.state != RunState.PAUSED or run.checkpoint is None:
             detail = f": {run.error}" if run.error else ""
             raise RunStateError(f"run {run.id} is {run.state}, not paused{detail}")
 
-    def _edited(self, cp: Checkpoint, edit: Edit | None) -> torch.Tensor:
+    @staticmethod
+    def _edited(cp: Checkpoint, edit: Edit | None) -> torch.Tensor:
         """The activation to continue from: the pending one with ``edit`` applied (validated)."""
-        h = cp.pending
-        if edit is None or edit.empty:
-            return h
-        if edit.original:
-            h = cp.hidden
-        ref = cp.hidden
-        if edit.activation is not None:
-            a = edit.activation
-            if not isinstance(a, torch.Tensor):
-                raise ActivationError(f"activation must be a tensor, got {type(a).__name__}")
-            if tuple(a.shape) != tuple(ref.shape):
-                raise ActivationError(
-                    f"activation has shape {tuple(a.shape)}, the checkpoint at layer {cp.layer} "
-                    f"step {cp.step} has {tuple(ref.shape)}"
-                )
-            if a.dtype != ref.dtype:
-                raise ActivationError(
-                    f"activation has dtype {str(a.dtype).replace('torch.', '')}, the model runs in "
-                    f"{str(ref.dtype).replace('torch.', '')}"
-                )
-            if not bool(torch.isfinite(a).all()):
-                raise ActivationError("activation contains NaN or infinite values")
-            h = a.to(ref.device)
-        if edit.scale is not None:
-            s = edit.scale
-            if not finite_number(s):
-                raise ActivationError(f"scale must be a finite number, got {s!r}")
-            h = h * s
-        if edit.add is not None:
-            v = edit.add
-            if not isinstance(v, torch.Tensor):
-                raise ActivationError(f"add must be a tensor, got {type(v).__name__}")
-            hidden = ref.shape[-1]
-            if tuple(v.shape) not in ((hidden,), tuple(ref.shape)):
-                raise ActivationError(
-                    f"add must have shape ({hidden},) or {tuple(ref.shape)}, got {tuple(v.shape)}"
-                )
-            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
-                raise ActivationError("add must be a finite floating-point tensor")
-            h = h + v.to(device=ref.device, dtype=ref.dtype)
-        if (edit.scale is not None or edit.add is not None) and not bool(torch.isfinite(h).all()):
-            raise ActivationError(
-                f"the edit makes the activation non-finite in {str(ref.dtype).replace('torch.', '')} "
-                "(overflow); nothing was changed"
-            )
-        return h
+        return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where)
 
     # ----- execution --------------------------------------------------------------
-    def _step_input(self, run: Run) -> torch.Tensor:
-        ids = run.prompt_ids if run.step == 0 else run.token_ids[-1:]
-        return torch.tensor([ids], dtype=torch.long, device=self.device)
-
-    def _model_kwargs(self, cache: Any) -> dict[str, Any]:
-        kw: dict[str, Any] = {self.anatomy.cache_arg: cache, "use_cache": True}
-        if self.anatomy.logits_to_keep:
-            kw["logits_to_keep"] = 1
-        return kw
-
-    def _forward_until(
-        self,
-        ids: torch.Tensor,
-        cache: Any,
-        stop_layer: int | None,
-        watch: Callable[[int, torch.Tensor], None] | None = None,
-        watch_layers: Sequence[int] = (),
-    ) -> torch.Tensor:
-        """The model's own forward; with ``stop_layer``, raise ``_Pause`` after that block.
-
-        ``watch(layer, output)`` is called after each block in ``watch_layers`` it reaches.
-        """
-        handles = []
-        for layer in watch_layers:
-            if stop_layer is None or layer <= stop_layer:
-                hook = lambda _m, _a, out, layer=layer: watch(layer, block_output(out))  # noqa: E731
-                handles.append(self.anatomy.blocks[layer].register_forward_hook(hook))
-        try:
-            if stop_layer is None:
-                return self.model(input_ids=ids, **self._model_kwargs(cache)).logits[:, -1, :]
-            block = self.anatomy.blocks[stop_layer]
-            seen: dict[str, Any] = {}
-
-            def pre(_mod, args, kwargs):
-                seen["args"], seen["kwargs"] = args, kwargs
-
-            def post(_mod, _args, _kwargs, out):
-                t0 = time.perf_counter()
-                a, kw = seen["args"], seen["kwargs"]
-                if a:
-                    a = a[1:]
-                else:
-                    kw = {k: v for k, v in kw.items() if k != "hidden_states"}
-                raise _Pause(stop_layer, block_output(out), a, kw, time.perf_counter() - t0)
-
-            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(block.register_forward_hook(post, with_kwargs=True))
-            self.model(input_ids=ids, **self._model_kwargs(cache))
-        finally:
-            for h in handles:
-                h.remove()
-        raise ExecutionError(f"the forward finished without reaching block {stop_layer}")
-
-    def _continue(
-        self,
-        h: torch.Tensor,
-        start: int,
-        args: tuple,
-        kwargs: dict,
-        stop_layers: set[int],
-        watch: Callable[[int, torch.Tensor], None] | None = None,
-        watch_layers: Sequence[int] = (),
-    ) -> torch.Tensor:
-        """Blocks ``start..`` and the head from ``h``; ``_Pause`` after any of ``stop_layers``."""
-        blocks = self.anatomy.blocks
-        for i in range(start, len(blocks)):
-            h = block_output(blocks[i](h, *args, **kwargs))
-            if i in watch_layers:
-                watch(i, h)
-            if i in stop_layers:
-                raise _Pause(i, h, args, kwargs)
-        return run_tail(self.anatomy, h)
-
-    def _probe_split(self, ids: torch.Tensor, cache: Any, layer: int) -> torch.Tensor:
-        try:
-            self._forward_until(ids, cache, layer)
-        except _Pause as p:
-            return self._continue(p.hidden, layer + 1, p.args, p.kwargs, set())
-        raise ExecutionError("probe did not pause")
-
-    @staticmethod
-    def _stop_layers(run: Run, step: int, after: int = -1, points: str = "breakpoints") -> list[int]:
-        return [b.layer for b in getattr(run, points) if b.layer > after and b.hits(b.layer, step)]
-
     def _advance(self, run: Run, start: torch.Tensor | None) -> None:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
         with self._device_lock, torch.inference_mode():
             t0 = time.perf_counter()
             run.state = RunState.RUNNING  # listing and the residency budget leave it alone
             try:
-                self._advance_locked(run, start)
+                self.stepper.advance(run, start)
             except torch.OutOfMemoryError as e:
                 self._fail(run, f"out of device memory: {e}")
             except Exception as e:  # noqa: BLE001 - the cache may be half-written: the run cannot go on
@@ -605,97 +452,6 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         raise ExecutionError(f"run {run.id} failed: {message}")
-
-    def _advance_locked(self, run: Run, start: torch.Tensor | None) -> None:
-        while True:
-            cp = run.checkpoint
-            step = run.step
-            watch = lambda layer, out: run.watch_log.append((layer, step, out))  # noqa: E731
-            try:
-                if cp is not None:
-                    if start is None:
-                        start = cp.pending
-                    stops = set(self._stop_layers(run, step, cp.layer))
-                    watched = set(self._stop_layers(run, step, cp.layer, "watches"))
-                    if run.parent is not None and not stops and not watched and self.cuda_graphs:
-                        logits = self._continue_fork(run, cp, start)
-                    else:
-                        run.continued_by = "eager"
-                        logits = self._continue(start, cp.layer + 1, cp.args, cp.kwargs, stops, watch, watched)
-                    run.checkpoint = None
-                else:
-                    stops = self._stop_layers(run, step)
-                    logits = self._forward_until(
-                        self._step_input(run),
-                        run.cache,
-                        min(stops) if stops else None,
-                        watch,
-                        self._stop_layers(run, step, points="watches"),
-                    )
-            except _Pause as p:
-                run.checkpoint = Checkpoint(p.layer, step, p.hidden, p.hidden, p.args, p.kwargs)
-                run.timings["checkpoint"] = p.capture_s
-                run.state = RunState.PAUSED
-                return
-            start = None
-            token = self._pick(run, logits)
-            run.token_times.append(time.perf_counter())
-            run.token_ids.append(token)
-            run.step += 1
-            if run.step >= run.max_new_tokens or token in self.eos_ids:
-                run.state = RunState.DONE
-                run.cache = None  # frees the device memory; tokens and logits stay
-                return
-
-    def _continue_fork(self, run: Run, cp: Checkpoint, start: torch.Tensor) -> torch.Tensor:
-        """A fork's continuation: eager, then captured as a CUDA graph and replayed (see graphs.py)."""
-        slot = cp.graphs
-        slot.forks += 1
-        tail = lambda h, a, kw: self._continue(h, cp.layer + 1, a, kw, set())  # noqa: E731
-        if slot.graph is not None:
-            logits = slot.graph.replay(start).clone()
-            slot.graph.copy_cache_into(run.cache)
-            slot.replays += 1
-            run.continued_by = "cuda-graph"
-            return logits
-        capture = slot.disabled is None and slot.forks > graphs.CAPTURE_AFTER
-        before = kvcache.fork_cache(run.cache) if capture else None  # the eager run below writes run.cache
-        logits = tail(start, cp.args, cp.kwargs)
-        run.continued_by = "eager"
-        if capture:
-            try:
-                graph = graphs.TailGraph(tail, cp.layer + 1, start, cp.args, cp.kwargs, run.cache, before)
-                graph.replay(start)
-                if graph.matches(logits, run.cache):
-                    slot.graph = graph
-                    run.continued_by = "eager (graph captured)"
-                else:
-                    slot.disabled = "graph replay differed from eager execution"
-            except Exception as e:  # noqa: BLE001 - any capture failure keeps the eager path
-                slot.disabled = f"capture failed: {type(e).__name__}: {e}"
-        return logits
-
-    def _pick(self, run: Run, logits: torch.Tensor) -> int:
-        """The next token (greedy argmax, or a seeded sample) and the top-k, in one device read."""
-        row = logits[0]
-        vals, idx = torch.topk(row.float().log_softmax(-1), min(TOP_K, row.shape[-1]))
-        run.last_logits = row
-        if run.record_logits:
-            run.logits.append(row)
-        s = run.sampling
-        if s.temperature == 0:
-            choice = torch.argmax(row, dim=-1)
-        else:
-            scores = row.float() / s.temperature
-            if s.top_k:
-                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            choice = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator)
-        # float64 holds every token id exactly; one transfer instead of three syncs
-        packed = torch.cat([choice.reshape(1).double(), idx.double(), vals.double()]).tolist()
-        k = len(idx)
-        run.topk.append([(int(i), v) for i, v in zip(packed[1 : 1 + k], packed[1 + k :])])
-        return int(packed[0])
 
 
 _PROCESSOR_SETTINGS = {  # generation_config fields that change greedy decoding, and their no-op values

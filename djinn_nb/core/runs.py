@@ -5,27 +5,38 @@ them and walks their tensors (for ``bytes_held``, offload and restore).
 """
 from __future__ import annotations
 
+import itertools
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from ..errors import UnknownRunError
+from ..schema import RunState, RunSummary
 from . import graphs, kvcache, offload
 from .specs import Breakpoint, Sampling
 
 
 @dataclass
 class Checkpoint:
-    """Where a run paused: block ``layer``'s output at ``step`` and how to call the next blocks."""
+    """Where a run paused: ``site`` of block ``layer`` at ``step``, and how to go on from there.
+
+    ``saved`` holds the earlier sites of the same block that finishing it needs
+    (:meth:`~djinn_nb.core.sites.BlockParts.needs`); ``args``/``kwargs`` are how the
+    model called its blocks (after the hidden state), reused for the blocks after.
+    """
 
     layer: int
     step: int
-    hidden: torch.Tensor  # as the block produced it; never modified
+    hidden: torch.Tensor  # as the model produced it; never modified
     pending: torch.Tensor  # what resume/fork continue from (hidden unless edited)
     args: tuple  # the block's positional args after hidden_states
     kwargs: dict
+    site: str = "resid_post"
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)
     created: float = field(default_factory=time.perf_counter)
     graphs: graphs.TailGraphSlot = field(default_factory=graphs.TailGraphSlot)  # shared with forks
 
@@ -33,13 +44,19 @@ class Checkpoint:
     def edited(self) -> bool:
         return self.pending is not self.hidden
 
+    @property
+    def where(self) -> str:
+        where = f"layer {self.layer} step {self.step}"
+        return where if self.site == "resid_post" else f"{where} site {self.site}"
 
-class RunState:
-    RUNNING = "running"
-    PAUSED = "paused"
-    DONE = "done"
-    CLOSED = "closed"
-    FAILED = "failed"
+
+class WatchHit(NamedTuple):
+    """A watch's record: the value at ``site`` of block ``layer`` at ``step``."""
+
+    layer: int
+    step: int
+    site: str
+    tensor: torch.Tensor
 
 
 @dataclass
@@ -56,10 +73,10 @@ class Run:
     cache: Any
     record_logits: bool = False
     watches: tuple[Breakpoint, ...] = ()
-    watch_log: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+    watch_log: list[WatchHit] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     step: int = 0
-    state: str = RunState.RUNNING
+    state: RunState = RunState.RUNNING
     checkpoint: Checkpoint | None = None
     error: str | None = None
     parent: str | None = None
@@ -86,6 +103,10 @@ class Run:
         return self.checkpoint.layer if self.checkpoint else None
 
     @property
+    def site(self) -> str | None:
+        return self.checkpoint.site if self.checkpoint else None
+
+    @property
     def offloaded(self) -> bool:
         return self.host_pack is not None
 
@@ -100,37 +121,77 @@ class Run:
             seen[st.data_ptr() or id(t)] = st.nbytes()
         return sum(seen.values())
 
-    def summary(self) -> dict[str, Any]:
-        """Plain values describing the run (what a client shows by default)."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "state": self.state,
-            "step": self.checkpoint.step if self.checkpoint else self.step,
-            "layer": self.layer,
-            "token_ids": list(self.token_ids),
-            "prompt_len": len(self.prompt_ids),
-            "prompt_ids": list(self.prompt_ids),
-            "max_new_tokens": self.max_new_tokens,
-            "breakpoints": [b.as_dict() for b in self.breakpoints],
-            "watches": [b.as_dict() for b in self.watches],
-            "watched": len(self.watch_log),
-            "bytes_held": self.bytes_held(),
-            "offloaded": self.offloaded,
-            "parent": self.parent,
-            "error": self.error,
-            "timings_ms": {k: round(v * 1e3, 4) for k, v in self.timings.items()},
-            "continued_by": self.continued_by,
-            "topk": self.topk[-1] if self.topk else None,
-        }
+    def summary(self, detail: bool = True) -> RunSummary:
+        """What a client sees of the run; ``detail`` adds the paused activation's statistics
+        (a device read) and the top-k — listings leave them out (and the tensors alone)."""
         cp = self.checkpoint
-        if cp is not None:
-            out["activation"] = {
+        activation = None
+        if detail and cp is not None:
+            activation = {
                 "shape": list(cp.pending.shape),
                 "dtype": str(cp.pending.dtype).replace("torch.", ""),
                 "edited": cp.edited,
                 **activation_stats(cp.pending),
             }
-        return out
+        return RunSummary(
+            id=self.id,
+            state=self.state,
+            step=cp.step if cp else self.step,
+            layer=self.layer,
+            site=self.site,
+            token_ids=list(self.token_ids),
+            prompt_ids=list(self.prompt_ids),
+            max_new_tokens=self.max_new_tokens,
+            breakpoints=[b.as_dict() for b in self.breakpoints],
+            watches=[b.as_dict() for b in self.watches],
+            watched=len(self.watch_log),
+            bytes_held=self.bytes_held(),
+            offloaded=self.offloaded,
+            parent=self.parent,
+            error=self.error,
+            timings_ms={k: round(v * 1e3, 4) for k, v in self.timings.items()},
+            continued_by=self.continued_by,
+            topk=[list(x) for x in self.topk[-1]] if detail and self.topk else None,
+            activation=activation,
+            idle_s=round(time.monotonic() - self.last_used, 3),
+        )
+
+
+class RunRegistry:
+    """The runs of one engine, by id, each filed under its owner."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Run] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def new_id(self) -> str:
+        """``r<n>-<random>``: ordered for people, unguessable for other clients."""
+        return f"r{next(self._ids)}-{secrets.token_hex(4)}"
+
+    def add(self, run: Run) -> None:
+        with self._lock:
+            self._runs[run.id] = run
+
+    def remove(self, run: Run) -> None:
+        with self._lock:
+            self._runs.pop(run.id, None)
+
+    def get(self, run_id: str, owner: str = "") -> Run:
+        with self._lock:
+            run = self._runs.get(run_id)
+        if run is None or run.owner != owner:
+            raise UnknownRunError(f"no run {run_id!r} (closed, expired, or another client's)")
+        run.last_used = time.monotonic()
+        return run
+
+    def owned(self, owner: str = "") -> list[Run]:
+        with self._lock:
+            return [r for r in self._runs.values() if r.owner == owner]
+
+    def all(self) -> list[Run]:
+        with self._lock:
+            return list(self._runs.values())
 
 
 def activation_stats(t: torch.Tensor) -> dict[str, Any]:
@@ -163,9 +224,9 @@ def run_tensors(run: Run) -> list[torch.Tensor]:
         for layer in list(cache.layers):
             found += [t for t in list(vars(layer).values()) if isinstance(t, torch.Tensor)]
     if cp is not None:
-        found += [cp.hidden] + ([cp.pending] if cp.edited else [])
+        found += [cp.hidden] + ([cp.pending] if cp.edited else []) + [cp.saved[k] for k in sorted(cp.saved)]
         _map_tensors((cp.args, cp.kwargs), lambda t: found.append(t) or t, keep=cache)
-    found += [t for _, _, t in list(run.watch_log)]
+    found += [hit.tensor for hit in list(run.watch_log)]
     return found
 
 
@@ -182,9 +243,10 @@ def map_run_tensors(
         edited = cp.edited
         cp.hidden = fn(cp.hidden)
         cp.pending = fn(cp.pending) if edited else cp.hidden
+        cp.saved = {k: fn(cp.saved[k]) for k in sorted(cp.saved)}
         cp.args = _map_tensors(cp.args, fn, keep=cache)
         cp.kwargs = _map_tensors(cp.kwargs, fn, keep=cache)
-    run.watch_log = [(layer, step, fn(t)) for layer, step, t in run.watch_log]
+    run.watch_log = [hit._replace(tensor=fn(hit.tensor)) for hit in run.watch_log]
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], keep: Any) -> Any:

@@ -1,4 +1,4 @@
-"""What a client asks of a run, parsed and validated: breakpoints, sampling, edits.
+"""What a client asks of a run, parsed and validated: breakpoints (layer, step, site), sampling, edits.
 
 Everything here arrives from the wire (JSON) or from user code; each check
 raises a ``BadRequestError`` subclass naming what was wrong, so the engine only
@@ -14,22 +14,44 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import BadRequestError, BreakpointError
+from .sites import DEFAULT_SITE, ORDER, SITES, check_site
 
 ALL_STEPS = "all"
 
 
 @dataclass(frozen=True, order=True)
+class Point:
+    """A place in one forward pass: a site of decoder block ``layer``; ordered as the forward runs."""
+
+    layer: int
+    order: int  # the site's position in the block (sites.ORDER)
+
+    @classmethod
+    def at(cls, layer: int, site: str) -> "Point":
+        return cls(layer, ORDER[site])
+
+    @property
+    def site(self) -> str:
+        return SITES[self.order]
+
+
+@dataclass(frozen=True)
 class Breakpoint:
-    """Stop after decoder block ``layer`` at generation step ``step`` (``None``: every step)."""
+    """Stop at ``site`` of decoder block ``layer`` at generation step ``step`` (``None``: every step)."""
 
     layer: int
     step: int | None = 0
+    site: str = DEFAULT_SITE
 
-    def hits(self, layer: int, step: int) -> bool:
-        return self.layer == layer and (self.step is None or self.step == step)
+    @property
+    def point(self) -> Point:
+        return Point.at(self.layer, self.site)
+
+    def covers(self, step: int) -> bool:
+        return self.step is None or self.step == step
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step}
+        return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step, "site": self.site}
 
 
 def finite_number(x: Any) -> bool:
@@ -50,28 +72,30 @@ def _int(value: Any, what: str) -> int:
 
 
 def parse_breakpoint(spec: Any) -> Breakpoint:
-    """``6`` → (6, 0); ``(6, 3)``, ``{"layer": 6, "step": "all"}`` and ``"6:all"`` as written."""
+    """``6`` → (6, 0, resid_post); ``(6, 3)``, ``(6, "all", "mlp_out")``,
+    ``{"layer": 6, "step": "all", "site": "z"}`` and ``"6:all"`` / ``"6:3:attn_out"`` as written."""
     if isinstance(spec, Breakpoint):
         return spec
     if isinstance(spec, str) and ":" in spec:
-        spec = tuple(spec.split(":", 1))
+        spec = tuple(spec.split(":", 2))
     if isinstance(spec, dict):
-        unknown = set(spec) - {"layer", "step"}
+        unknown = set(spec) - {"layer", "step", "site"}
         if unknown or "layer" not in spec:
-            raise BreakpointError(f"a breakpoint dict takes 'layer' and optional 'step', got {sorted(spec)}")
-        spec = (spec["layer"], spec.get("step", 0))
+            raise BreakpointError(
+                f"a breakpoint dict takes 'layer' and optional 'step' and 'site', got {sorted(map(str, spec))}"[:300]
+            )
+        spec = (spec["layer"], spec.get("step", 0), spec.get("site", DEFAULT_SITE))
     if isinstance(spec, (tuple, list)):
-        if len(spec) != 2:
-            raise BreakpointError(f"a breakpoint is (layer, step), got {spec!r}")
-        layer, step = spec
+        if len(spec) not in (2, 3):
+            raise BreakpointError(f"a breakpoint is (layer, step) or (layer, step, site), got {spec!r}"[:300])
+        layer, step, site = (*spec, DEFAULT_SITE) if len(spec) == 2 else spec
     else:
-        layer, step = spec, 0
+        layer, step, site = spec, 0, DEFAULT_SITE
     layer = _int(layer, "breakpoint layer")
-    if isinstance(step, str) and step.strip().lower() == ALL_STEPS:
-        return Breakpoint(layer, None)
-    if step is None:
-        return Breakpoint(layer, None)
-    return Breakpoint(layer, _int(step, "breakpoint step"))
+    site = check_site(site.strip() if isinstance(site, str) else site)
+    if step is None or (isinstance(step, str) and step.strip().lower() == ALL_STEPS):
+        return Breakpoint(layer, None, site)
+    return Breakpoint(layer, _int(step, "breakpoint step"), site)
 
 
 def parse_breakpoints(
@@ -97,7 +121,7 @@ def parse_breakpoints(
                 f"gives steps 0..{max_new_tokens - 1} (0 is the prompt pass)"
             )
         out.add(bp)
-    return tuple(sorted(out, key=lambda b: (b.layer, -1 if b.step is None else b.step)))
+    return tuple(sorted(out, key=lambda b: (b.layer, ORDER[b.site], -1 if b.step is None else b.step)))
 
 
 @dataclass(frozen=True)
@@ -121,15 +145,18 @@ class Sampling:
 class Edit:
     """A change to a paused activation: replace, then scale, then add.
 
-    It applies to the pending activation (the block's output with earlier ``edit``
-    calls applied), or with ``original`` to the block's own output.
+    It applies to the pending activation (the site's value with earlier ``edit``
+    calls applied), or with ``original`` to the site's own value. ``heads`` (at
+    ``z`` only) restricts ``scale`` and ``add`` to those attention heads.
     """
 
     activation: torch.Tensor | None = None
     scale: float | None = None
     add: torch.Tensor | None = None
     original: bool = False
+    heads: tuple[int, ...] | None = None
 
     @property
     def empty(self) -> bool:
-        return self.activation is None and self.scale is None and self.add is None and not self.original
+        return (self.activation is None and self.scale is None and self.add is None
+                and not self.original and self.heads is None)

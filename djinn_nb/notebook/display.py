@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+from ..errors import DjinnError
+from ..schema import RunState, RunSummary
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import torch
 
-    from ..client import Client, Run
+
+class Decoder(Protocol):
+    """Anything that turns token ids into text (a ``Client``)."""
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 __all__ = [
     "run_html",
@@ -22,6 +29,7 @@ __all__ = [
     "runs_html",
     "activation_table",
     "activation_html",
+    "lens_text",
     "compare_html",
     "changed_positions",
     "Comparison",
@@ -58,10 +66,8 @@ def _table(rows: Sequence[tuple[str, str]], title: str) -> str:
     return f"<div><b>{_e(title)}</b><table style='{_STYLE}'>{body}</table></div>"
 
 
-def token_strings(client: "Client", ids: Sequence[int]) -> list[str]:
+def token_strings(client: Decoder, ids: Sequence[int]) -> list[str]:
     """Each token decoded on its own (``'#id'`` when the model has no tokenizer)."""
-    from ..errors import DjinnError
-
     out = []
     for i in ids:
         try:
@@ -71,59 +77,48 @@ def token_strings(client: "Client", ids: Sequence[int]) -> list[str]:
     return out
 
 
-def decode_text(client: "Client", ids: Sequence[int]) -> str:
+def decode_text(client: Decoder, ids: Sequence[int]) -> str:
     """``client.decode(ids)``, or the ids joined by spaces when the model has no tokenizer."""
-    from ..errors import DjinnError
-
     try:
         return client.decode([int(i) for i in ids])
     except DjinnError:
         return " ".join(str(int(i)) for i in ids)
 
 
-def _run_text(run: "Run") -> str:
-    from ..errors import DjinnError
-
-    try:
-        return run.text
-    except DjinnError:
-        return " ".join(str(t) for t in run.token_ids)
-
-
-def run_html(run: "Run") -> str:
+def run_html(s: RunSummary, decoder: Decoder | None = None) -> str:
     """Where the run is, its tokens so far, the paused activation's shape/dtype and the bytes it holds."""
-    s = run.summary
-    if run.paused:
-        where = f"paused after layer {run.layer} at step {run.step}"
-        where += " (prompt pass)" if run.step == 0 else " (decoding)"
+    if s.state == RunState.PAUSED:
+        where = f"paused at layer {s.layer} ({s.site}) at step {s.step}"
+        where += " (prompt pass)" if s.step == 0 else " (decoding)"
     else:
-        where = run.state
+        where = str(s.state)
+    text = decode_text(decoder, s.token_ids) if decoder is not None else " ".join(map(str, s.token_ids))
     rows: list[tuple[str, str]] = [
         ("state", _e(where)),
-        ("tokens so far", _e(f"{len(run.token_ids)} of {s.get('max_new_tokens', '?')}")),
-        ("text", f"<pre style='margin:0;white-space:pre-wrap'>{_e(_run_text(run))}</pre>"),
+        ("tokens so far", _e(f"{len(s.token_ids)} of {s.max_new_tokens}")),
+        ("text", f"<pre style='margin:0;white-space:pre-wrap'>{_e(text)}</pre>"),
     ]
-    act = run.activation_stats
+    act = s.activation
     if act:
         edited = " (edited)" if act.get("edited") else ""
         rows.append(("activation", _e(f"shape {tuple(act['shape'])}, {act['dtype']}{edited}, norm {act['norm']:.4g}")))
-    rows.append(("bytes held", _e(format_bytes(run.bytes_held))))
-    if s.get("breakpoints"):
-        rows.append(("breakpoints", _e(", ".join(f"{b['layer']}:{b['step']}" for b in s["breakpoints"]))))
-    if run.parent:
-        rows.append(("forked from", _e(run.parent)))
-    if run.timings_ms:
-        rows.append(("timings", _e(", ".join(f"{k} {v:.2f} ms" for k, v in run.timings_ms.items()))))
-    if run.error:
-        rows.append(("error", _e(run.error)))
-    return _table(rows, f"djinn run {run.id}")
+    rows.append(("bytes held", _e(format_bytes(s.bytes_held))))
+    if s.breakpoints:
+        rows.append(("breakpoints", _e(", ".join(f"{b['layer']}:{b['step']}:{b.get('site', 'resid_post')}"
+                                                 for b in s.breakpoints))))
+    if s.parent:
+        rows.append(("forked from", _e(s.parent)))
+    if s.timings_ms:
+        rows.append(("timings", _e(", ".join(f"{k} {v:.2f} ms" for k, v in s.timings_ms.items()))))
+    if s.error:
+        rows.append(("error", _e(s.error)))
+    return _table(rows, f"djinn run {s.id}")
 
 
-def client_html(client: "Client") -> str:
-    """The model, its shape, device and dtype, the server address and the client's live runs."""
-    from ..errors import DjinnError
-
-    i = client.info
+def client_html(info: dict[str, Any], address: str, runs: Sequence[dict[str, Any]] | None) -> str:
+    """The model, its shape, device and dtype, the server address and the client's live runs
+    (``runs=None``: they could not be listed)."""
+    i = info
     rows = [
         ("model", _e(i.get("model"))),
         ("architecture", _e(i.get("architecture", "?"))),
@@ -131,13 +126,12 @@ def client_html(client: "Client") -> str:
         ("hidden size", _e(i.get("hidden_size"))),
         ("device / dtype", _e(f"{i.get('device')} / {i.get('dtype')}")),
         ("tokenizer", _e("yes" if i.get("has_tokenizer", True) else "no: prompts are token-id lists")),
-        ("server", _e(f"{client.address} (djinn_nb {i.get('server_version', '?')})")),
+        ("server", _e(f"{address} (djinn_nb {i.get('server_version', '?')})")),
     ]
-    try:
-        runs = client.runs()
-        rows.append(("runs", _e(f"{len(runs)} holding {format_bytes(sum(r['bytes_held'] for r in runs))}")))
-    except DjinnError:
+    if runs is None:
         rows.append(("runs", _e("unavailable (connection lost?)")))
+    else:
+        rows.append(("runs", _e(f"{len(runs)} holding {format_bytes(sum(r['bytes_held'] for r in runs))}")))
     return _table(rows, "djinn client")
 
 
@@ -152,35 +146,66 @@ def runs_html(runs: Sequence[dict[str, Any]]) -> str:
     return f"<table style='{_STYLE}'><tr>{head}</tr>{body}</table>"
 
 
-def activation_table(stats: dict[str, Any], tokens: Sequence[str] | None = None) -> "pd.DataFrame":
-    """Per-position statistics of a paused activation: position, token, norm, mean, max.
+def _per_position(tensor: "torch.Tensor") -> dict[str, list[float]]:
+    """norm/mean/max per position of batch 0 (at ``z``, over all heads together)."""
+    t = tensor.detach().float()
+    t = t[0].flatten(1) if t.dim() >= 3 else t.reshape(-1, t.shape[-1])
+    return {"position_norm": t.norm(dim=-1).tolist(), "position_mean": t.mean(dim=-1).tolist(),
+            "position_max": t.max(dim=-1).values.tolist()}
 
-    ``stats`` is ``run.activation_stats``; ``tokens`` the text of each position, if known.
+
+def lens_text(entries: Sequence[tuple[str, float]]) -> str:
+    """``[(' Paris', 0.41), (' the', 0.12)]`` → ``"' Paris' 0.41 · ' the' 0.12"``."""
+    return " · ".join(f"{tok!r} {p:.2f}" for tok, p in entries)
+
+
+def activation_table(
+    stats: dict[str, Any],
+    tokens: Sequence[str] | None = None,
+    lens: Sequence[Sequence[tuple[str, float]]] | None = None,
+) -> "pd.DataFrame":
+    """Per-position statistics of a paused activation: position, token, norm, mean, max
+    (and ``lens``: the top tokens of the logit lens with their probabilities, when given).
+
+    ``stats`` is ``run.activation_stats`` (or any dict with ``position_norm``, ``position_mean``,
+    ``position_max``); ``tokens`` the text of each position, if known; ``lens`` per position a
+    list of ``(token text, probability)``.
     """
     import pandas as pd
 
     n = len(stats["position_norm"])
     toks = list(tokens) if tokens is not None and len(tokens) == n else ["?"] * n
-    return pd.DataFrame(
-        {
-            "position": range(n),
-            "token": toks,
-            "norm": stats["position_norm"],
-            "mean": stats["position_mean"],
-            "max": stats["position_max"],
-        }
-    )
+    columns: dict[str, Any] = {
+        "position": range(n),
+        "token": toks,
+        "norm": stats["position_norm"],
+        "mean": stats["position_mean"],
+        "max": stats["position_max"],
+    }
+    if lens is not None and len(lens) == n:
+        columns["lens (top tokens, probability)"] = [lens_text(e) for e in lens]
+    return pd.DataFrame(columns)
 
 
-def activation_html(stats: dict[str, Any], tokens: Sequence[str] | None = None, title: str = "activation") -> str:
-    """A header line (shape, dtype, overall norm/mean/std) and the per-position table."""
+def activation_html(
+    stats: dict[str, Any],
+    tokens: Sequence[str] | None = None,
+    title: str = "activation",
+    lens: Sequence[Sequence[tuple[str, float]]] | None = None,
+    note: str = "",
+    per_position: dict[str, Any] | None = None,
+) -> str:
+    """A header line (shape, dtype, overall norm/mean/std), the per-position table (with the
+    lens, when given) and a note (e.g. why there is no lens)."""
     head = (
         f"shape {tuple(stats['shape'])}, {stats['dtype']}{' (edited)' if stats.get('edited') else ''}; "
         f"norm {stats['norm']:.4g}, mean {stats['mean']:.4g}, std {stats['std']:.4g}, "
         f"min {stats['min']:.4g}, max {stats['max']:.4g}"
     )
-    table = activation_table(stats, tokens).to_html(index=False, float_format=lambda x: f"{x:.4g}", escape=True)
-    return f"<div><b>{_e(title)}</b>: {_e(head)}{table}</div>"
+    table = activation_table(per_position or stats, tokens, lens).to_html(
+        index=False, float_format=lambda x: f"{x:.4g}", escape=True)
+    tail = f"<div style='font-size:12px'>{_e(note)}</div>" if note else ""
+    return f"<div><b>{_e(title)}</b>: {_e(head)}{table}{tail}</div>"
 
 
 @dataclass
@@ -188,6 +213,8 @@ class Activation:
     """A paused activation fetched to this machine, with its statistics and tokens.
 
     ``tensor`` is ``run.activation()``; the object shows itself as a table in a notebook.
+    At a residual-stream site, ``lens`` is ``run.lens(k)`` (per position, ``(token_id, probability)``)
+    and ``lens_tokens`` the same with token text; elsewhere ``lens_note`` says why there is none.
     """
 
     run_id: str
@@ -196,18 +223,28 @@ class Activation:
     tensor: "torch.Tensor"
     stats: dict[str, Any]
     tokens: list[str] = field(default_factory=list)
+    site: str = "resid_post"
+    lens: list[list[tuple[int, float]]] | None = None
+    lens_tokens: list[list[tuple[str, float]]] | None = None
+    lens_note: str = ""
+
+    def _per_position(self) -> dict[str, Any]:
+        # at z the server's per-position statistics run over (position, head) rows; recompute per position
+        return _per_position(self.tensor) if self.tensor.dim() == 4 else self.stats
 
     def table(self) -> "pd.DataFrame":
-        return activation_table(self.stats, self.tokens)
+        return activation_table(self._per_position(), self.tokens, self.lens_tokens)
 
     def _repr_html_(self) -> str:
-        title = f"run {self.run_id}, output of layer {self.layer} at step {self.step}"
-        return activation_html(self.stats, self.tokens, title)
+        title = f"run {self.run_id}, layer {self.layer} {self.site} at step {self.step}"
+        return activation_html(self.stats, self.tokens, title, self.lens_tokens, self.lens_note,
+                               self._per_position())
 
     def __repr__(self) -> str:
+        note = f"; {self.lens_note}" if self.lens_note else ""
         return (
-            f"<djinn Activation run {self.run_id} layer {self.layer} step {self.step} "
-            f"{tuple(self.tensor.shape)} {str(self.tensor.dtype).replace('torch.', '')}>"
+            f"<djinn Activation run {self.run_id} layer {self.layer} {self.site} step {self.step} "
+            f"{tuple(self.tensor.shape)} {str(self.tensor.dtype).replace('torch.', '')}{note}>"
         )
 
 

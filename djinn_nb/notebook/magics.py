@@ -314,7 +314,7 @@ class DjinnMagics(Magics):
             prompt = self._prompt_ids(current)
             if prompt is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
-            max_new = current.summary.get("max_new_tokens", 16)
+            max_new = current.max_new_tokens
         run = self._generate(prompt, [layer], max_new_tokens=max_new)
         if not run.paused:
             raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
@@ -350,6 +350,9 @@ class DjinnMagics(Magics):
 
 def register(ipython: Any) -> DjinnMagics:
     """Register the djinn magics with an IPython shell (``%load_ext djinn_nb`` calls this)."""
+    from .formatters import register as show_as_html
+
     magics = DjinnMagics(ipython)
     ipython.register_magics(magics)
+    show_as_html(ipython)
     return magics

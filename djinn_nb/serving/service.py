@@ -13,13 +13,15 @@ import hashlib
 import hmac
 import inspect
 import logging
-import time
 from typing import Any, Callable
 
 import rpyc
 
-from ..core.engine import Edit, Engine, Run, Sampling, activation_stats
+from ..core.engine import Engine
+from ..core.runs import Run, activation_stats
+from ..core.specs import Edit, Sampling
 from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
+from ..schema import EditRequest, ForkRequest, GenerateRequest
 from ..version import __version__
 from . import sidechannel, wire
 from .protocol import PROTOCOL
@@ -114,19 +116,14 @@ class DjinnService(rpyc.Service):
             raise AuthenticationError("call hello(protocol, token) first")
         return self._owner
 
-    def _edit(self, edit_json: Any, act: Any, add: Any) -> Edit:
-        spec = wire.loads(edit_json, "edit")
-        if not isinstance(spec, dict) or set(spec) - {"scale", "activation", "add", "original"}:
-            raise BadRequestError(
-                "an edit is {'scale': number, 'activation': header or ticket, 'add': header or ticket, 'original': bool}"
-            )
-        original = spec.get("original", False)
-        if type(original) is not bool:
-            raise BadRequestError("original must be true or false")
-        edit = Edit(scale=spec.get("scale"), original=original)
-        edit.activation = self._tensor_arg(spec.get("activation"), act, "activation")
-        edit.add = self._tensor_arg(spec.get("add"), add, "add")
-        return edit
+    def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit:
+        return Edit(
+            activation=self._tensor_arg(req.activation, act, "activation"),
+            scale=req.scale,
+            add=self._tensor_arg(req.add, add, "add"),
+            original=req.original,
+            heads=None if req.heads is None else tuple(req.heads),
+        )
 
     def _tensor_arg(self, meta: Any, data: Any, what: str) -> Any:
         """A tensor sent inline (header + bytes) or uploaded on the side channel ({"ticket"})."""
@@ -174,72 +171,54 @@ class DjinnService(rpyc.Service):
         return self._engine.info()
 
     @_reply
-    def exposed_generate(self, args_json: Any) -> dict[str, Any]:
-        """Start a run: {prompt, max_new_tokens, breakpoints, temperature, top_k, seed, record_logits}."""
+    def exposed_generate(self, request_json: Any) -> dict[str, Any]:
+        """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
-        a = wire.loads(args_json)
-        allowed = {"prompt", "max_new_tokens", "breakpoints", "watches", "temperature", "top_k", "seed", "record_logits"}
-        if not isinstance(a, dict) or "prompt" not in a or set(a) - allowed:
-            raise BadRequestError(f"generate takes {sorted(allowed)} with 'prompt' required")
-        prompt = a["prompt"]
-        if not isinstance(prompt, (str, list)):
-            raise BadRequestError("prompt must be a string or a list of token ids")
-        record = a.get("record_logits", False)
-        if type(record) is not bool:
-            raise BadRequestError("record_logits must be true or false")
+        req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
         run = self._engine.generate(
-            prompt,
-            a.get("max_new_tokens", 16),
-            a.get("breakpoints"),
-            Sampling(a.get("temperature", 0.0), a.get("top_k", 0), a.get("seed", 0)),
+            req.prompt,
+            req.max_new_tokens,
+            req.breakpoints,
+            Sampling(req.temperature, req.top_k, req.seed),
             owner=owner,
-            record_logits=record,
-            watches=a.get("watches"),
+            record_logits=req.record_logits,
+            watches=req.watches,
         )
         self._state.after_change(run)
-        return run.summary()
+        return run.summary().to_json()
 
     @_reply
-    def exposed_resume(self, run_id: Any, edit_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
+    def exposed_resume(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
+        """Continue a paused run after an ``EditRequest`` (tensors inline in ``act``/``add`` or by ticket)."""
         owner = self._who()
-        edit = self._edit(edit_json, act, add)
+        edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
         run = self._engine.resume(_str(run_id, "run id"), edit, owner)
         self._state.after_change(run)
-        return run.summary()
+        return run.summary().to_json()
 
     @_reply
-    def exposed_fork(
-        self,
-        run_id: Any,
-        edit_json: Any,
-        act: Any = None,
-        add: Any = None,
-        breakpoints_json: Any = None,
-        max_new_tokens: Any = None,
-    ) -> dict[str, Any]:
+    def exposed_fork(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
+        """A new run from a paused one's checkpoint, after a ``ForkRequest``."""
         owner = self._who()
-        edit = self._edit(edit_json, act, add)
-        bps = None if breakpoints_json is None else wire.loads(breakpoints_json, "breakpoints")
-        if bps is not None and not isinstance(bps, list):
-            raise BadRequestError("breakpoints must be a list")
-        if max_new_tokens is not None and type(max_new_tokens) is not int:
-            raise BadRequestError("max_new_tokens must be an integer or None")
-        run = self._engine.fork(_str(run_id, "run id"), edit, bps, owner, max_new_tokens)
+        req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
+        edit = self._edit(req.edit, act, add)
+        run = self._engine.fork(_str(run_id, "run id"), edit, req.breakpoints, owner, req.max_new_tokens)
         self._state.after_change(run)
-        return run.summary()
+        return run.summary().to_json()
 
     @_reply
     def exposed_offload(self, run_id: Any) -> dict[str, Any]:
         """Move a paused run's state to host memory; later calls bring it back."""
-        return self._engine.offload(_str(run_id, "run id"), self._who()).summary()
+        return self._engine.offload(_str(run_id, "run id"), self._who()).summary().to_json()
 
     @_reply
     def exposed_watched(self, run_id: Any) -> list[dict[str, Any]]:
-        """Statistics of every watch hit so far: layer, step, shape and norm/mean/max."""
+        """Statistics of every watch hit so far: layer, site, step, shape and norm/mean/max."""
         hits = self._engine.watched(_str(run_id, "run id"), self._who())
         return [
-            {"index": i, "layer": layer, "step": step, "shape": list(t.shape), **activation_stats(t)}
-            for i, (layer, step, t) in enumerate(hits)
+            {"index": i, "layer": h.layer, "site": h.site, "step": h.step, "shape": list(h.tensor.shape),
+             **activation_stats(h.tensor)}
+            for i, h in enumerate(hits)
         ]
 
     @_reply
@@ -247,17 +226,17 @@ class DjinnService(rpyc.Service):
         hits = self._engine.watched(_str(run_id, "run id"), self._who())
         if type(index) is not int or not 0 <= index < len(hits):
             raise BadRequestError(f"watch index must be an integer in 0..{len(hits) - 1}, got {index!r}")
-        return self._send(hits[index][2], bulk)
+        return self._send(hits[index].tensor, bulk)
 
     @_reply
-    def exposed_edit(self, run_id: Any, edit_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
+    def exposed_edit(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
         owner = self._who()
-        edit = self._edit(edit_json, act, add)
-        return self._engine.edit(_str(run_id, "run id"), edit, owner).summary()
+        edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
+        return self._engine.edit(_str(run_id, "run id"), edit, owner).summary().to_json()
 
     @_reply
     def exposed_reset_edit(self, run_id: Any) -> dict[str, Any]:
-        return self._engine.reset_edit(_str(run_id, "run id"), self._who()).summary()
+        return self._engine.reset_edit(_str(run_id, "run id"), self._who()).summary().to_json()
 
     @_reply
     def exposed_activation(self, run_id: Any, original: Any = False, bulk: Any = False) -> Any:
@@ -266,6 +245,29 @@ class DjinnService(rpyc.Service):
             raise BadRequestError("original must be true or false")
         t = self._engine.activation(_str(run_id, "run id"), self._who(), original)
         return self._send(t, bulk)
+
+    @_reply
+    def exposed_lens(self, run_id: Any, k: Any = 5) -> dict[str, Any]:
+        """The logit lens at a residual-stream pause: per position, top-k ids and probabilities."""
+        ids, probs = self._engine.lens(_str(run_id, "run id"), k, self._who())
+        return {"ids": ids.tolist(), "probs": probs.tolist()}
+
+    @_reply
+    def exposed_lens_grid(self, request_json: Any) -> dict[str, Any]:
+        """{prompt, k, site}: the lens at every layer of one prompt pass, (layers, positions, k)."""
+        self._who()
+        req = wire.loads(request_json, "lens grid request")
+        if not isinstance(req, dict) or "prompt" not in req or set(req) - {"prompt", "k", "site"}:
+            raise BadRequestError("lens_grid takes {'prompt': text or ids, 'k': int, 'site': str}")
+        if not isinstance(req["prompt"], (str, list)):
+            raise BadRequestError("prompt must be a string or a list of token ids")
+        ids, probs = self._engine.lens_grid(req["prompt"], req.get("k", 1), req.get("site", "resid_post"))
+        return {"ids": ids.tolist(), "probs": probs.tolist()}
+
+    @_reply
+    def exposed_attention(self, run_id: Any, bulk: Any = False) -> Any:
+        """Block N's attention probabilities at the paused step, (batch, heads, queries, keys)."""
+        return self._send(self._engine.attention(_str(run_id, "run id"), self._who()), bulk)
 
     @_reply
     def exposed_expect(self, meta_json: Any) -> dict[str, Any]:
@@ -292,12 +294,12 @@ class DjinnService(rpyc.Service):
 
     @_reply
     def exposed_status(self, run_id: Any) -> dict[str, Any]:
-        return self._engine.get(_str(run_id, "run id"), self._who()).summary()
+        return self._engine.get(_str(run_id, "run id"), self._who()).summary().to_json()
 
     @_reply
     def exposed_runs(self) -> list[dict[str, Any]]:
         runs = sorted(self._engine.runs(self._who()), key=lambda r: int(r.id[1:].split("-")[0]))
-        return [_brief(r) for r in runs]
+        return [r.summary(detail=False).row().to_json() for r in runs]
 
     @_reply
     def exposed_close(self, run_id: Any) -> dict[str, Any]:
@@ -318,17 +320,3 @@ class DjinnService(rpyc.Service):
         if not isinstance(ids, list) or any(type(i) is not int for i in ids):
             raise BadRequestError("token ids must be a list of ints")
         return self._engine.decode(ids)
-
-
-def _brief(run: Run) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "state": run.state,
-        "layer": run.layer,
-        "step": run.checkpoint.step if run.checkpoint else run.step,
-        "tokens": len(run.token_ids),
-        "bytes_held": run.bytes_held(),
-        "offloaded": run.offloaded,
-        "parent": run.parent,
-        "idle_s": round(time.monotonic() - run.last_used, 3),
-    }

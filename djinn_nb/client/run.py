@@ -1,0 +1,294 @@
+"""``Run``: a handle on a generation whose state lives on the server.
+
+Each property reads the typed :class:`~djinn_nb.schema.RunSummary` that came
+back with the last call (``refresh()`` asks again). Tensors cross only when
+asked for (``activation()``, ``logits()``); every step reply carries the
+generated ids, the top-k next tokens and activation statistics, a few KB
+however large the model.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+
+from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError
+from ..schema import EditRequest, ForkRequest, RunState, RunSummary
+from ..serving import wire
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .connection import Client
+
+__all__ = ["Run", "plain_breakpoints"]
+
+
+def _edit_request(
+    client: "Client",
+    activation: torch.Tensor | None,
+    scale: float | None,
+    add: torch.Tensor | Sequence[float] | None,
+    original: bool = False,
+    heads: Sequence[int] | None = None,
+) -> tuple[EditRequest, bytes | None, bytes | None]:
+    """The request plus the inline bytes of its tensors (large ones go ahead on the side channel)."""
+    req = EditRequest(original=bool(original))
+    act_bytes = add_bytes = None
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ActivationError(f"scale must be a finite number, got {scale!r}")
+        req.scale = float(scale)
+    if heads is not None:
+        if isinstance(heads, int):
+            heads = [heads]
+        if not isinstance(heads, (list, tuple, range)) or any(type(h) is not int for h in heads):
+            raise ActivationError(f"heads must be a list of ints, got {heads!r}"[:200])
+        req.heads = list(heads)
+    if activation is not None:
+        if not isinstance(activation, torch.Tensor):
+            raise BadRequestError(f"activation must be a torch.Tensor, got {type(activation).__name__}")
+        req.activation, act_bytes = client._tensor_in(activation)
+    if add is not None:
+        if not isinstance(add, torch.Tensor):
+            add = torch.tensor(add, dtype=torch.float32)
+        req.add, add_bytes = client._tensor_in(add)
+    return req, act_bytes, add_bytes
+
+
+def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
+    """Breakpoints as JSON values: ``6``, ``[6, 3]``, ``[6, "all", "mlp_out"]`` or a dict."""
+    if isinstance(bps, (int, str, tuple, dict)):
+        bps = [bps]
+    if not isinstance(bps, (list, set, range)) and not hasattr(bps, "__iter__"):
+        raise BreakpointError(f"breakpoints must be a list of layer, (layer, step[, site]) or dict, got {type(bps).__name__}")
+    out = []
+    for b in bps:
+        if isinstance(b, tuple):
+            b = list(b)
+        if hasattr(b, "as_dict"):
+            b = b.as_dict()
+        out.append(b)
+    return out
+
+
+class Run:
+    """A generation on the server: paused at a breakpoint, done, failed or closed."""
+
+    def __init__(self, client: "Client", summary: RunSummary):
+        self._client = client
+        self._s = summary
+
+    def _update(self, reply: Any) -> "Run":
+        self._s = RunSummary.from_json(reply)
+        return self
+
+    # ----- where it is ------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._s.id
+
+    @property
+    def state(self) -> RunState:
+        return self._s.state
+
+    @property
+    def paused(self) -> bool:
+        return self._s.state == RunState.PAUSED
+
+    @property
+    def done(self) -> bool:
+        return self._s.state == RunState.DONE
+
+    @property
+    def layer(self) -> int | None:
+        return self._s.layer
+
+    @property
+    def site(self) -> str | None:
+        """Where in block ``layer`` the run paused: resid_pre, z, attn_out, resid_mid, mlp_out, resid_post."""
+        return self._s.site
+
+    @property
+    def step(self) -> int:
+        return self._s.step
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._s.max_new_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._s.token_ids)
+
+    @property
+    def text(self) -> str:
+        return self._client.decode(self.token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return self._s.prompt_len
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self._s.prompt_ids)
+
+    @property
+    def breakpoints(self) -> list[dict[str, Any]]:
+        return [dict(b) for b in self._s.breakpoints]
+
+    @property
+    def client(self) -> "Client":
+        """The client this run is reached through."""
+        return self._client
+
+    @property
+    def parent(self) -> str | None:
+        return self._s.parent
+
+    @property
+    def error(self) -> str | None:
+        return self._s.error
+
+    @property
+    def topk(self) -> list[tuple[int, float]] | None:
+        """(token id, log-probability) of the most likely next tokens after the last finished step."""
+        return [(int(i), float(p)) for i, p in self._s.topk] if self._s.topk else None
+
+    @property
+    def activation_stats(self) -> dict[str, Any] | None:
+        """Shape, dtype, norm/mean/max overall and per position of the paused activation."""
+        return self._s.activation
+
+    @property
+    def bytes_held(self) -> int:
+        return self._s.bytes_held
+
+    @property
+    def offloaded(self) -> bool:
+        return self._s.offloaded
+
+    @property
+    def timings_ms(self) -> dict[str, float]:
+        return dict(self._s.timings_ms)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Everything the last reply said, as plain values (see ``djinn_nb.schema.RunSummary``)."""
+        return self._s.to_json()
+
+    # ----- tensors ----------------------------------------------------------------
+    def activation(self, original: bool = False) -> torch.Tensor:
+        """The paused activation on this machine's CPU: (batch, positions, hidden), or at ``z``
+        (batch, positions, heads, head_dim). ``original=True``: the site's own value, before any ``edit``."""
+        return self._client._tensor_out("activation", self.id, bool(original))
+
+    def logits(self, step: int | None = None) -> torch.Tensor:
+        """Next-token logits (vocab,) of the last finished step, or of ``step`` if recorded."""
+        return self._client._tensor_out("logits", self.id, step)
+
+    def lens(self, k: int = 5) -> list[list[tuple[int, float]]]:
+        """The logit lens at a residual-stream pause (resid_pre, resid_mid, resid_post): for each
+        position, the top-``k`` ``(token_id, probability)`` of ``softmax(head(final_norm(activation)))``,
+        computed on the server (edits applied)."""
+        reply = self._client._call("lens", self.id, k)
+        return [[(int(i), float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply["ids"], reply["probs"])]
+
+    def attention(self) -> torch.Tensor:
+        """Block ``layer``'s attention probabilities at the paused step, (batch, heads, queries, keys):
+        what ``attn_implementation="eager"`` with ``output_attentions=True`` gives, whatever the server uses."""
+        return self._client._tensor_out("attention", self.id)
+
+    # ----- control ----------------------------------------------------------------
+    def resume(
+        self,
+        activation: torch.Tensor | None = None,
+        scale: float | None = None,
+        add: Any = None,
+        original: bool = False,
+        heads: Sequence[int] | None = None,
+    ) -> "Run":
+        """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation.
+
+        The edit applies to the pending activation (see :meth:`edit`); ``original=True``
+        starts from the site's own value instead. At site ``z``, ``heads=[...]`` restricts
+        ``scale``/``add`` to those attention heads.
+        """
+        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads)
+        return self._update(self._client._call("resume", self.id, wire.dumps(req.to_json()), act, add_b))
+
+    def fork(
+        self,
+        activation: torch.Tensor | None = None,
+        scale: float | None = None,
+        add: Any = None,
+        breakpoints: Iterable[Any] | None = None,
+        max_new_tokens: int | None = None,
+        original: bool = False,
+        heads: Sequence[int] | None = None,
+    ) -> "Run":
+        """A new run continued from this checkpoint with the edit; this run stays paused as it was.
+
+        ``breakpoints=None`` keeps this run's breakpoints; ``[]`` runs the fork to its end.
+        ``max_new_tokens`` changes how long the fork generates (it must exceed the paused step).
+        ``original=True`` starts from the site's own value, ignoring earlier :meth:`edit` calls.
+        ``heads=[3], scale=0.0`` at site ``z`` ablates head 3.
+        """
+        edit, act, add_b = _edit_request(self._client, activation, scale, add, original, heads)
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
+            raise BadRequestError(f"max_new_tokens must be an integer or None, got {max_new_tokens!r}")
+        req = ForkRequest(edit, None if breakpoints is None else plain_breakpoints(breakpoints), max_new_tokens)
+        reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b)
+        return Run(self._client, RunSummary.from_json(reply))
+
+    def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None,
+             heads: Sequence[int] | None = None) -> "Run":
+        """Change the paused activation on the server; later resume/fork start from it."""
+        req, act, add_b = _edit_request(self._client, activation, scale, add, heads=heads)
+        return self._update(self._client._call("edit", self.id, wire.dumps(req.to_json()), act, add_b))
+
+    def reset(self) -> "Run":
+        """Undo edits: the paused activation is the site's own value again."""
+        return self._update(self._client._call("reset_edit", self.id))
+
+    def offload(self) -> "Run":
+        """Move this paused run's KV cache and checkpoint to the server's host memory.
+
+        The next resume/fork/edit/activation brings it back to the device transparently.
+        """
+        return self._update(self._client._call("offload", self.id))
+
+    def watched(self) -> list[dict[str, Any]]:
+        """Every watch hit so far: index, layer, site, step, shape, norm/mean/max (overall and per position)."""
+        return self._client._call("watched", self.id)
+
+    def watched_activation(self, index: int) -> torch.Tensor:
+        """The value recorded by watch hit ``index`` (see :meth:`watched`)."""
+        return self._client._tensor_out("watched_activation", self.id, index)
+
+    def refresh(self) -> "Run":
+        return self._update(self._client._call("status", self.id))
+
+    def run_to_end(self) -> "Run":
+        """Resume unmodified until the run is done (a convenience for scripts)."""
+        while self.paused:
+            self.resume()
+        return self
+
+    def close(self) -> None:
+        """Free the run's server memory now."""
+        if self.state != RunState.CLOSED:
+            self._client._call("close", self.id)
+            self._s.state = RunState.CLOSED
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.close()
+        except DjinnError:
+            pass
+
+    def __repr__(self) -> str:
+        where = f" at layer {self.layer} {self.site} step {self.step}" if self.paused else ""
+        return f"<djinn Run {self.id} {self.state}{where}, {len(self._s.token_ids)} tokens>"

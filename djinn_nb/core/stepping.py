@@ -1,0 +1,278 @@
+"""A generation step: the model's forward until a pause, the rest from a checkpoint, the token.
+
+A step with no breakpoint is the model's own forward. A step with one runs the
+model's own forward under :class:`~djinn_nb.core.pause.Trace` hooks that stop it
+at the first breakpoint's site (``Paused``, which the engine turns into a
+checkpoint). Continuing from a checkpoint finishes that block by hand
+(:func:`~djinn_nb.core.sites.finish_block`), calls the later blocks with the
+arguments the model gave the paused one, then the final norm and head — the
+split the load-time probe (:meth:`Stepper.probe`) checks bit for bit against the
+model's own forward. Later breakpoints and watches of the same step are met on
+the way. A fork's continuation may replay as a CUDA graph (``graphs.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ExecutionError
+from ..schema import RunState
+from . import graphs, kvcache
+from .architecture import Anatomy, run_tail
+from .pause import Trace, output_hidden
+from .runs import Checkpoint, Run, WatchHit
+from .sites import BlockParts, finish_block
+from .specs import Point
+
+TOP_K = 5
+
+#: ``on_watch(layer, site, value)``: a watch's record.
+OnWatch = Callable[[int, str, torch.Tensor], None]
+
+
+class Paused(Exception):
+    """The step stopped at a breakpoint: the site's value and what continuing needs."""
+
+    def __init__(self, layer: int, site: str, value: torch.Tensor, args: tuple, kwargs: dict,
+                 saved: dict[str, torch.Tensor], capture_s: float = 0.0):
+        super().__init__(layer, site)
+        self.layer, self.site, self.value = layer, site, value
+        self.args, self.kwargs, self.saved, self.capture_s = args, kwargs, saved, capture_s
+
+
+class Stepper:
+    """Runs the forward passes of one model, split at sites; knows nothing of registries or locks."""
+
+    def __init__(self, model: nn.Module, anatomy: Anatomy, parts: Sequence[BlockParts], eos_ids: frozenset[int],
+                 cuda_graphs: bool):
+        self.model, self.anatomy, self.parts = model, anatomy, list(parts)
+        self.eos_ids, self.cuda_graphs = eos_ids, cuda_graphs
+        self.device = anatomy.lm_head.weight.device
+
+    # ----- one forward, split at sites ---------------------------------------------
+    def _model_kwargs(self, cache: Any) -> dict[str, Any]:
+        kw: dict[str, Any] = {self.anatomy.cache_arg: cache, "use_cache": True}
+        if self.anatomy.logits_to_keep:
+            kw["logits_to_keep"] = 1
+        return kw
+
+    def _site_traces(self, stack: contextlib.ExitStack, layer: int, stop: str | None, watches: Sequence[str],
+                     on_watch: OnWatch | None, keep_inputs: bool) -> tuple[Trace | None, Trace | None, dict[str, Trace]]:
+        """Enter traces on block ``layer``: watches, then (with ``stop``) the block's inputs,
+        the earlier sites finishing it will need, and the stop itself."""
+        parts = self.parts[layer]
+        for site in watches:
+            module, pre = parts.point(site)
+            record = (lambda v, s=site: on_watch(layer, s, parts.as_site(s, v)))  # noqa: E731
+            stack.enter_context(Trace(module, pre=pre, on_value=record))
+        if stop is None:
+            return None, None, {}
+        inputs = stack.enter_context(Trace(parts.block, pre=True, keep_inputs=keep_inputs, stop=stop == "resid_pre"))
+        saved = {}
+        for site in parts.needs(stop):
+            if site != "resid_pre":
+                module, pre = parts.point(site)
+                saved[site] = stack.enter_context(Trace(module, pre=pre))
+        if stop == "resid_pre":
+            return inputs, inputs, saved
+        module, pre = parts.point(stop)
+        stopper = stack.enter_context(Trace(module, pre=pre, stop=True))
+        return inputs, stopper, saved
+
+    def _paused(self, layer: int, stop: str, inputs: Trace, stopper: Trace, saved: dict[str, Trace],
+                args: tuple, kwargs: dict, t0: float) -> Paused:
+        parts = self.parts[layer]
+        values = {"resid_pre": inputs.value, **{k: t.value for k, t in saved.items()}}
+        kept = {k: values[k] for k in ("resid_pre", *parts.needs(stop))}
+        return Paused(layer, stop, parts.as_site(stop, stopper.value), args, kwargs, kept, time.perf_counter() - t0)
+
+    def forward(self, ids: torch.Tensor, cache: Any, stop: Point | None, watches: Sequence[Point] = (),
+                on_watch: OnWatch | None = None) -> torch.Tensor:
+        """The model's own forward; next-token logits, or ``Paused`` at ``stop``.
+
+        Watches at points up to ``stop`` are recorded on the way.
+        """
+        by_layer: dict[int, list[str]] = {}
+        for w in watches:
+            if stop is None or w <= stop:
+                by_layer.setdefault(w.layer, []).append(w.site)
+        with contextlib.ExitStack() as stack:
+            for layer, sites in by_layer.items():
+                if stop is None or layer != stop.layer:
+                    self._site_traces(stack, layer, None, sites, on_watch, False)
+            if stop is None:
+                return self.model(input_ids=ids, **self._model_kwargs(cache)).logits[:, -1, :]
+            inputs, stopper, saved = self._site_traces(
+                stack, stop.layer, stop.site, by_layer.get(stop.layer, ()), on_watch, keep_inputs=True
+            )
+            t0 = time.perf_counter()
+            self.model(input_ids=ids, **self._model_kwargs(cache))
+        if stopper is not None and stopper.stopped:
+            raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0)
+        raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
+
+    def _block(self, layer: int, h: torch.Tensor, args: tuple, kwargs: dict, stop: str | None,
+               watches: Sequence[str], on_watch: OnWatch | None) -> torch.Tensor:
+        """Block ``layer``'s own forward from ``resid_pre`` with traces at its inner sites."""
+        block = self.anatomy.blocks[layer]
+        if stop is None and not watches:
+            return output_hidden(block(h, *args, **kwargs))
+        with contextlib.ExitStack() as stack:
+            inputs, stopper, saved = self._site_traces(stack, layer, stop, watches, on_watch, keep_inputs=False)
+            t0 = time.perf_counter()
+            return output_hidden(block(h, *args, **kwargs))
+        raise self._paused(layer, stop, inputs, stopper, saved, args, kwargs, t0)
+
+    def continue_from(self, layer: int, site: str, h: torch.Tensor, args: tuple, kwargs: dict,
+                      saved: dict[str, torch.Tensor], stops: Sequence[Point] = (), watches: Sequence[Point] = (),
+                      on_watch: OnWatch | None = None) -> torch.Tensor:
+        """From ``site`` of block ``layer`` (value ``h``) to the next-token logits, nothing before it
+        recomputed; ``Paused`` at the first of ``stops`` after it, watches recorded on the way."""
+        here = Point.at(layer, site)
+        first = min((p for p in stops if p > here), default=None)
+        watched = [w for w in watches if w > here and (first is None or w <= first)]
+        blocks = self.anatomy.blocks
+        for i in range(layer, len(blocks)):
+            inner_stop = first.site if first is not None and first.layer == i and first.site != "resid_post" else None
+            inner_watch = [w.site for w in watched if w.layer == i and w.site not in ("resid_pre", "resid_post")]
+            if i > layer:
+                if any(w.layer == i and w.site == "resid_pre" for w in watched):
+                    on_watch(i, "resid_pre", h)
+                if inner_stop == "resid_pre":
+                    raise Paused(i, "resid_pre", h, args, kwargs, {"resid_pre": h})
+                block_input = h
+                h = self._block(i, h, args, kwargs, inner_stop, inner_watch, on_watch)
+            else:
+                block_input = saved.get("resid_pre", h)
+                h = self._finish(i, site, h, saved, args, kwargs, inner_stop, inner_watch, on_watch)
+            if any(w.layer == i and w.site == "resid_post" for w in watched):
+                on_watch(i, "resid_post", h)
+            if first is not None and first.layer == i and first.site == "resid_post":
+                raise Paused(i, "resid_post", h, args, kwargs, {"resid_pre": block_input})
+        return run_tail(self.anatomy, h)
+
+    def _finish(self, layer: int, site: str, h: torch.Tensor, saved: dict, args: tuple, kwargs: dict,
+                stop: str | None, watches: Sequence[str], on_watch: OnWatch | None) -> torch.Tensor:
+        parts = self.parts[layer]
+
+        def after(s: str, value: torch.Tensor, sv: dict) -> None:
+            if s in watches:
+                on_watch(layer, s, value)
+            if s == stop:
+                raise Paused(layer, s, value, args, kwargs, {k: sv[k] for k in ("resid_pre", *parts.needs(s))})
+
+        def call_block(x: torch.Tensor) -> torch.Tensor:
+            return self._block(layer, x, args, kwargs, stop, watches, on_watch)
+
+        return finish_block(parts, site, h, saved, call_block, after)
+
+    def probe(self, ids: torch.Tensor, cache: Any, layer: int, site: str) -> torch.Tensor:
+        """Split the forward at ``site`` of block ``layer`` and finish it by hand (the exactness probe)."""
+        try:
+            self.forward(ids, cache, Point.at(layer, site))
+        except Paused as p:
+            return self.continue_from(p.layer, p.site, p.value, p.args, p.kwargs, p.saved)
+        raise ExecutionError("probe did not pause")
+
+    # ----- the step loop -------------------------------------------------------------
+    def advance(self, run: Run, start: torch.Tensor | None) -> None:
+        """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
+        while True:
+            cp, step = run.checkpoint, run.step
+            stops = [b.point for b in run.breakpoints if b.covers(step)]
+            watches = [b.point for b in run.watches if b.covers(step)]
+
+            def record(layer: int, site: str, value: torch.Tensor, step: int = step) -> None:
+                run.watch_log.append(WatchHit(layer, step, site, value))
+
+            try:
+                if cp is not None:
+                    start = cp.pending if start is None else start
+                    here = Point.at(cp.layer, cp.site)
+                    later = [p for p in stops + watches if p > here]
+                    if run.parent is not None and not later and self.cuda_graphs:
+                        logits = self._continue_fork(run, cp, start)
+                    else:
+                        run.continued_by = "eager"
+                        logits = self.continue_from(cp.layer, cp.site, start, cp.args, cp.kwargs, cp.saved,
+                                                    stops, watches, record)
+                    run.checkpoint = None
+                else:
+                    ids = run.prompt_ids if step == 0 else run.token_ids[-1:]
+                    x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                    logits = self.forward(x, run.cache, min(stops, default=None), watches, record)
+            except Paused as p:
+                run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
+                run.timings["checkpoint"] = p.capture_s
+                run.state = RunState.PAUSED
+                return
+            start = None
+            token = self.pick(run, logits)
+            run.token_times.append(time.perf_counter())
+            run.token_ids.append(token)
+            run.step += 1
+            if run.step >= run.max_new_tokens or token in self.eos_ids:
+                run.state = RunState.DONE
+                run.cache = None  # frees the device memory; tokens and logits stay
+                return
+
+    def _continue_fork(self, run: Run, cp: Checkpoint, start: torch.Tensor) -> torch.Tensor:
+        """A fork's continuation: eager, then captured as a CUDA graph and replayed (see graphs.py)."""
+        slot = cp.graphs
+        slot.forks += 1
+
+        def tail(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
+            return self.continue_from(cp.layer, cp.site, h, a, kw, cp.saved)
+
+        if slot.graph is not None:
+            logits = slot.graph.replay(start).clone()
+            slot.graph.copy_cache_into(run.cache)
+            slot.replays += 1
+            run.continued_by = "cuda-graph"
+            return logits
+        capture = slot.disabled is None and slot.forks > graphs.CAPTURE_AFTER
+        before = kvcache.fork_cache(run.cache) if capture else None  # the eager run below writes run.cache
+        logits = tail(start, cp.args, cp.kwargs)
+        run.continued_by = "eager"
+        if capture:
+            try:
+                first_written = cp.layer if cp.site == "resid_pre" else cp.layer + 1  # blocks whose KV it writes
+                graph = graphs.TailGraph(tail, first_written, start, cp.args, cp.kwargs, run.cache, before)
+                graph.replay(start)
+                if graph.matches(logits, run.cache):
+                    slot.graph = graph
+                    run.continued_by = "eager (graph captured)"
+                else:
+                    slot.disabled = "graph replay differed from eager execution"
+            except Exception as e:  # noqa: BLE001 - any capture failure keeps the eager path
+                slot.disabled = f"capture failed: {type(e).__name__}: {e}"
+        return logits
+
+    def pick(self, run: Run, logits: torch.Tensor) -> int:
+        """The next token (greedy argmax, or a seeded sample) and the top-k, in one device read."""
+        row = logits[0]
+        vals, idx = torch.topk(row.float().log_softmax(-1), min(TOP_K, row.shape[-1]))
+        run.last_logits = row
+        if run.record_logits:
+            run.logits.append(row)
+        s = run.sampling
+        if s.temperature == 0:
+            choice = torch.argmax(row, dim=-1)
+        else:
+            scores = row.float() / s.temperature
+            if s.top_k:
+                kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            choice = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator)
+        # float64 holds every token id exactly; one transfer instead of three syncs
+        packed = torch.cat([choice.reshape(1).double(), idx.double(), vals.double()]).tolist()
+        k = len(idx)
+        run.topk.append([(int(i), v) for i, v in zip(packed[1 : 1 + k], packed[1 + k :])])
+        return int(packed[0])
+
+
+__all__ = ["Paused", "Stepper", "TOP_K"]

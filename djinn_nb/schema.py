@@ -1,0 +1,231 @@
+"""What crosses the wire, typed: run states, run summaries, listing rows and requests.
+
+Server and client share these dataclasses. Each has one ``from_json`` that
+validates a decoded JSON object (unknown or missing keys, wrong types) and
+raises ``BadRequestError`` naming the field, so neither side reads a run
+through string keys. No torch, no rpyc: every layer may import this module.
+Tensors are not part of a request's JSON; they travel beside it as a header
+plus bytes, or as a side-channel ticket (``TensorRef``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Union
+
+from .errors import BadRequestError
+
+
+class RunState(str, Enum):
+    """Where a run is; a ``str`` so that it crosses JSON as its value."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    DONE = "done"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: A tensor beside a request: an inline header (``{"dtype", "shape"}``, bytes sent separately)
+#: or an uploaded one (``{"ticket"}``); validated where the bytes are decoded.
+TensorRef = dict
+
+_Plain = Union[int, float, str, bool, None, list, dict]
+
+
+def _fail(cls: type, message: str) -> BadRequestError:
+    return BadRequestError(f"{cls.__name__}: {message}"[:300])
+
+
+def _check(cls: type, name: str, value: Any, kinds: tuple, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        want = "/".join(k.__name__ for k in kinds) + (" or null" if optional else "")
+        raise _fail(cls, f"{name} must be {want}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(cls, f"{name} must be finite")
+    return value
+
+
+class _Message:
+    """``from_json``/``to_json`` for a dataclass whose fields are plain JSON values."""
+
+    _types: dict[str, tuple] = {}
+    _optional: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_json(cls, obj: Any):
+        if not isinstance(obj, dict):
+            raise _fail(cls, f"expected an object, got {type(obj).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - set(fields))
+        if unknown:
+            raise _fail(cls, f"unknown field(s) {unknown}; known: {sorted(fields)}")
+        values = {}
+        for name, f in fields.items():
+            if name not in obj:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise _fail(cls, f"missing field {name!r}")
+                continue
+            kinds = cls._types.get(name)
+            values[name] = obj[name] if kinds is None else _check(cls, name, obj[name], kinds, name in cls._optional)
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass
+class RunRow(_Message):
+    """One line of ``client.runs()``: where a run is and what it holds, without its tokens."""
+
+    id: str
+    state: RunState
+    layer: int | None
+    site: str | None
+    step: int
+    tokens: int
+    bytes_held: int
+    offloaded: bool
+    parent: str | None
+    idle_s: float
+
+    _types = {"id": (str,), "layer": (int,), "site": (str,), "step": (int,), "tokens": (int,),
+              "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "idle_s": (int, float)}
+    _optional = frozenset({"layer", "site", "parent"})
+
+    def __post_init__(self) -> None:
+        self.state = _state(type(self), self.state)
+
+
+@dataclass
+class RunSummary(_Message):
+    """A run as a client sees it after each call: tokens, where it paused, what it holds.
+
+    ``activation`` (at a pause) has the paused tensor's shape, dtype, ``edited`` and
+    its statistics (norm/mean/std/max/min, and per position).
+    """
+
+    id: str
+    state: RunState
+    step: int
+    layer: int | None
+    site: str | None
+    token_ids: list[int]
+    prompt_ids: list[int]
+    max_new_tokens: int
+    breakpoints: list[dict[str, Any]] = field(default_factory=list)
+    watches: list[dict[str, Any]] = field(default_factory=list)
+    watched: int = 0
+    bytes_held: int = 0
+    offloaded: bool = False
+    parent: str | None = None
+    error: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    continued_by: str | None = None
+    topk: list[list[float]] | None = None
+    activation: dict[str, Any] | None = None
+    idle_s: float = 0.0
+
+    _types = {
+        "id": (str,), "step": (int,), "layer": (int,), "site": (str,), "token_ids": (list,),
+        "prompt_ids": (list,), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
+        "watched": (int,), "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "error": (str,),
+        "timings_ms": (dict,), "continued_by": (str,), "topk": (list,), "activation": (dict,),
+        "idle_s": (int, float),
+    }
+    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation"})
+
+    def __post_init__(self) -> None:
+        self.state = _state(type(self), self.state)
+        for name in ("token_ids", "prompt_ids"):
+            if any(type(t) is not int for t in getattr(self, name)):
+                raise _fail(type(self), f"{name} must be a list of ints")
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    def row(self) -> RunRow:
+        return RunRow(self.id, self.state, self.layer, self.site, self.step, len(self.token_ids),
+                      self.bytes_held, self.offloaded, self.parent, self.idle_s)
+
+
+def _state(cls: type, value: Any) -> RunState:
+    try:
+        return RunState(value)
+    except ValueError:
+        raise _fail(cls, f"state must be one of {[s.value for s in RunState]}, got {value!r}") from None
+
+
+@dataclass
+class GenerateRequest(_Message):
+    """Start a run: the prompt (text or token ids), its length, breakpoints, watches, sampling."""
+
+    prompt: str | list[int]
+    max_new_tokens: int = 16
+    breakpoints: list[Any] | None = None
+    watches: list[Any] | None = None
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    record_logits: bool = False
+
+    _types = {"prompt": (str, list), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
+              "temperature": (int, float), "top_k": (int,), "seed": (int,), "record_logits": (bool,)}
+    _optional = frozenset({"breakpoints", "watches"})
+
+
+@dataclass
+class EditRequest(_Message):
+    """A change to a paused activation: replace, then scale, then add (``heads``: only those, at ``z``).
+
+    ``original`` starts from the site's own value instead of the pending (edited) one.
+    """
+
+    scale: float | None = None
+    activation: TensorRef | None = None
+    add: TensorRef | None = None
+    original: bool = False
+    heads: list[int] | None = None
+
+    _types = {"scale": (int, float), "activation": (dict,), "add": (dict,), "original": (bool,), "heads": (list,)}
+    _optional = frozenset({"scale", "activation", "add", "heads"})
+
+    def __post_init__(self) -> None:
+        if self.heads is not None and any(type(h) is not int for h in self.heads):
+            raise _fail(type(self), "heads must be a list of ints")
+
+    @property
+    def empty(self) -> bool:
+        return self == EditRequest()
+
+
+@dataclass
+class ForkRequest(_Message):
+    """A fork: an edit, and the new run's breakpoints (``None``: the parent's) and length."""
+
+    edit: EditRequest = field(default_factory=EditRequest)
+    breakpoints: list[Any] | None = None
+    max_new_tokens: int | None = None
+
+    _types = {"breakpoints": (list,), "max_new_tokens": (int,)}
+    _optional = frozenset({"breakpoints", "max_new_tokens"})
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "ForkRequest":
+        if isinstance(obj, dict) and isinstance(obj.get("edit", {}), dict):
+            obj = {**obj, "edit": EditRequest.from_json(obj.get("edit", {}))}
+        elif isinstance(obj, dict):
+            raise _fail(cls, "edit must be an object")
+        return super().from_json(obj)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "edit": self.edit.to_json()}

@@ -1,0 +1,147 @@
+"""The package's layers, as the README describes them, checked on its source.
+
+core (no rpyc) → serving (no IPython) → client → notebook (only the client API);
+``errors``, ``schema`` and ``version`` are shared vocabulary. Every import counts,
+lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (never
+executed) are left out of the cycle check.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "djinn_nb"
+SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.version"}
+ALLOWED = {  # layer → layers it may import
+    "core": {"core"},
+    "serving": {"core", "serving"},
+    "client": {"serving", "client"},
+    "notebook": {"client", "notebook"},
+}
+FORBIDDEN_THIRD_PARTY = {
+    "core": {"rpyc", "IPython", "ipywidgets", "matplotlib", "pandas"},
+    "serving": {"IPython", "ipywidgets", "matplotlib", "pandas"},
+    "client": {"IPython", "ipywidgets", "matplotlib", "pandas"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, executed at run time) for every import in ``path``."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, runtime: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for sub in child.body:
+                    visit_stmt(sub, False)
+                for sub in child.orelse:
+                    visit_stmt(sub, runtime)
+                continue
+            visit_stmt(child, runtime)
+
+    def visit_stmt(node: ast.AST, runtime: bool) -> None:
+        if isinstance(node, ast.Import):
+            found.extend((a.name, runtime) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            found.append((mod, runtime))
+            for a in node.names:  # `from . import wire` imports the module djinn_nb.serving.wire
+                if (PKG.parent / (mod + "." + a.name).replace(".", "/")).with_suffix(".py").exists():
+                    found.append((mod + "." + a.name, runtime))
+        visit(node, runtime)
+
+    visit(tree, True)
+    return found
+
+
+MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[1] in ALLOWED else None
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_each_module_imports_only_its_own_layer_and_those_below(module):
+    layer = _layer(module)
+    for target, _ in _imports(MODULES[module]):
+        if target == "djinn_nb":
+            pytest.fail(f"{module} imports the package's own __init__ (import the module it needs)")
+        if module in SHARED and target.startswith("djinn_nb"):
+            assert target in SHARED, f"shared module {module} imports {target}"
+        if layer is None or not target.startswith("djinn_nb."):
+            if layer in FORBIDDEN_THIRD_PARTY:
+                assert target.split(".")[0] not in FORBIDDEN_THIRD_PARTY[layer], f"{module} ({layer}) imports {target}"
+            continue
+        if target in SHARED:
+            continue
+        target_layer = _layer(target)
+        assert target_layer in ALLOWED[layer], f"{module} ({layer}) imports {target} ({target_layer})"
+
+
+def test_no_module_is_over_500_lines():
+    long = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    assert {m: n for m, n in long.items() if n > 500} == {}
+
+
+def test_no_import_cycles_lazy_imports_included():
+    graph = {
+        m: {t for t, runtime in _imports(p) if runtime and t in MODULES and t != m and not m.startswith(t + ".")}
+        for m, p in MODULES.items()
+    }
+    # a package's __init__ re-exporting its own modules is how packages work, not a cycle
+    graph = {m: {t for t in ts if not (t.startswith(m + ".") and MODULES[m].name == "__init__.py")} for m, ts in graph.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                pytest.fail("import cycle: " + " → ".join(stack[stack.index(t):] + [t]))
+            if t not in state:
+                dfs(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            dfs(m)
+
+
+def test_the_checker_sees_a_violation():
+    """The layer check itself can fail: a core module importing the client is caught."""
+    fake = PKG / "core" / "_layer_probe_tmp.py"
+    fake.write_text("def f():\n    from ..client import connect\n")
+    try:
+        imports = _imports(fake)
+    finally:
+        fake.unlink()
+    assert ("djinn_nb.client", True) in imports
+    assert _layer("djinn_nb.client") not in ALLOWED["core"]
