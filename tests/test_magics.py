@@ -104,7 +104,8 @@ def test_break_list_steps_and_clear(shell, client):
     assert magic(shell, "djinn_break") == []
     magic(shell, "djinn_break layer=2 step=all")
     magic(shell, "djinn_break 5")
-    assert magic(shell, "djinn_break") == [{"layer": 2, "step": "all"}, {"layer": 5, "step": 0}]
+    assert magic(shell, "djinn_break") == [{"layer": 2, "step": "all", "site": "resid_post"},
+                                           {"layer": 5, "step": 0, "site": "resid_post"}]
     run = magic(shell, "djinn_run max_new_tokens=3 [1, 2]")
     seen = [(run.layer, run.step)]
     with capture_output():
@@ -185,7 +186,8 @@ def test_runs_lists_reattaches_and_closes(shell, client):
 
 
 def test_help_comes_from_docstrings(shell):
-    for name in ("djinn_connect", "djinn_break", "djinn_run", "djinn_inspect", "djinn_resume", "djinn_steer", "djinn_runs"):
+    for name in ("djinn_connect", "djinn_break", "djinn_run", "djinn_inspect", "djinn_resume", "djinn_steer",
+                 "djinn_lens", "djinn_attention", "djinn_runs"):
         fn = shell.find_line_magic(name)
         assert fn is not None and fn.__doc__ and f"%{name}" in fn.__doc__
     with capture_output() as cap:

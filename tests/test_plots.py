@@ -106,3 +106,53 @@ def test_steering_sweep_matches_forks_and_closes_everything():
         run.close()
     finally:
         client.close()
+
+
+def test_lens_grid_heatmap_colour_is_top1_probability_and_cells_are_labelled():
+    layers, positions = 4, 3
+    probs = torch.rand(layers, positions, 2).sort(dim=-1, descending=True).values
+    ids = torch.arange(layers * positions * 2).reshape(layers, positions, 2)
+    fig = plots.plot_lens_grid({"ids": ids, "probs": probs}, tokens=["The", " cat", " sat"],
+                               decode=lambda toks: f"tok{toks[0]}")
+    ax = fig.axes[0]
+    assert torch.allclose(torch.as_tensor(ax.images[0].get_array()), probs[..., 0])
+    texts = {(t.get_position(), t.get_text()) for t in ax.texts}
+    assert ((1, 2), f"tok{int(ids[2, 1, 0])}") in texts and len(texts) == layers * positions
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["The", " cat", " sat"]
+    assert ax.get_ylabel() == "layer"
+    # no decoder: ids; explicit labels win
+    fig = plots.plot_lens_grid({"ids": ids[..., :1], "probs": probs[..., :1]})
+    assert f"#{int(ids[0, 0, 0])}" in [t.get_text() for t in fig.axes[0].texts]
+    labels = [[f"L{l}P{p}" for p in range(positions)] for l in range(layers)]
+    fig = plots.plot_lens_grid({"ids": ids, "probs": probs}, labels=labels)
+    assert "L3P2" in [t.get_text() for t in fig.axes[0].texts]
+    with pytest.raises(ValueError, match="layers, positions, k"):
+        plots.plot_lens_grid({"ids": ids[0, 0], "probs": probs[0, 0]})
+
+
+def test_attention_plot_has_one_heatmap_per_head():
+    heads, q, k = 6, 4, 4
+    att = torch.rand(1, heads, q, k).softmax(-1)
+    keys = ["a", "b", "c", "d"]
+    fig = plots.plot_attention(att, keys)
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == heads
+    assert [ax.get_title() for ax in maps] == [f"head {h}" for h in range(heads)]
+    for h, ax in enumerate(maps):
+        assert torch.allclose(torch.as_tensor(ax.images[0].get_array()), att[0, h])
+        assert [t.get_text() for t in ax.get_xticklabels()] == keys
+        assert [t.get_text() for t in ax.get_yticklabels()] == keys
+    one = [ax for ax in plots.plot_attention(att, keys, head=3).axes if ax.images]
+    assert len(one) == 1 and one[0].get_title() == "head 3"
+    # a decoding step: one query, the last key
+    step = plots.plot_attention(torch.rand(heads, 1, 5).softmax(-1), ["a", "b", "c", "d", "e"])
+    assert [t.get_text() for t in step.axes[0].get_yticklabels()] == ["e"]
+    with pytest.raises(ValueError, match="head must be in 0..5"):
+        plots.plot_attention(att, head=6)
+
+
+def test_activation_plot_at_z_is_per_position():
+    t = torch.randn(1, 3, 4, 8)
+    fig = plots.plot_activation(t, ["a", "b", "c"])
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    assert heights == pytest.approx(t[0].flatten(1).norm(dim=-1).tolist())

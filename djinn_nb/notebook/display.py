@@ -37,6 +37,9 @@ __all__ = [
     "decode_text",
     "format_bytes",
     "Activation",
+    "LensGrid",
+    "Attention",
+    "RESIDUAL_SITES",
 ]
 
 _STYLE = "border-collapse:collapse;font-family:monospace;font-size:12px"
@@ -236,7 +239,8 @@ class Activation:
         return activation_table(self._per_position(), self.tokens, self.lens_tokens)
 
     def _repr_html_(self) -> str:
-        title = f"run {self.run_id}, layer {self.layer} {self.site} at step {self.step}"
+        where = "output of layer" if self.site == "resid_post" else f"{self.site} of layer"
+        title = f"run {self.run_id}, {where} {self.layer} at step {self.step}"
         return activation_html(self.stats, self.tokens, title, self.lens_tokens, self.lens_note,
                                self._per_position())
 
@@ -311,3 +315,64 @@ class Comparison:
             f"baseline: {''.join(self.baseline_tokens)!r}\n{self.label}: {''.join(self.tokens)!r} "
             f"({self.changed} of {max(len(self.token_ids), len(self.baseline_ids))} tokens changed)"
         )
+
+
+RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+@dataclass
+class LensGrid:
+    """The logit lens at every layer for one prompt pass (``client.lens_grid``), with token text.
+
+    ``ids``/``probs``: (layers, positions, k); ``tokens``: the text of each prompt position;
+    ``top_tokens``: (layers × positions) the text of each cell's top-1 token.
+    """
+
+    ids: "torch.Tensor"
+    probs: "torch.Tensor"
+    tokens: list[str]
+    top_tokens: list[list[str]]
+    site: str = "resid_post"
+
+    def table(self) -> "pd.DataFrame":
+        """The top-1 token per layer (rows) and position (columns)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.top_tokens, columns=[f"{i}: {t!r}" for i, t in enumerate(self.tokens)]).rename_axis("layer")
+
+    def plot(self, title: str | None = None) -> Any:
+        from .plots import plot_lens_grid
+
+        return plot_lens_grid({"ids": self.ids, "probs": self.probs}, self.tokens, labels=self.top_tokens,
+                              title=title or f"logit lens at {self.site}")
+
+    def __repr__(self) -> str:
+        layers, positions, k = self.ids.shape
+        return f"<djinn LensGrid {self.site}: {layers} layers × {positions} positions, top-{k}>"
+
+
+@dataclass
+class Attention:
+    """A paused block's attention pattern (``run.attention()``), with the tokens of its axes."""
+
+    run_id: str
+    layer: int
+    step: int
+    tensor: "torch.Tensor"  # (batch, heads, queries, keys)
+    key_tokens: list[str] | None = None
+    query_tokens: list[str] | None = None
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.tensor.shape[1])
+
+    def plot(self, head: int | Sequence[int] | None = None) -> Any:
+        """One heatmap per head (or the heads asked for)."""
+        from .plots import plot_attention
+
+        title = f"run {self.run_id}: attention of layer {self.layer}, step {self.step}"
+        return plot_attention(self.tensor, self.key_tokens, self.query_tokens, head=head, title=title)
+
+    def __repr__(self) -> str:
+        return (f"<djinn Attention run {self.run_id} layer {self.layer} step {self.step} "
+                f"(batch, heads, queries, keys)={tuple(self.tensor.shape)}>")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["ArgError", "Parsed", "parse", "parse_prompt", "integer", "number", "text", "flag", "step_value"]
+__all__ = ["ArgError", "Parsed", "parse", "parse_prompt", "integer", "number", "text", "flag", "step_value", "int_list"]
 
 Converter = Callable[[str, str], Any]
 
@@ -78,6 +78,21 @@ def step_value(key: str, raw: str) -> int | str:
     if value < 0:
         raise ArgError(f"{key} must be >= 0 or 'all', e.g. {key}=0 (the prompt pass) (got {raw!r})")
     return value
+
+
+def int_list(key: str, raw: str) -> list[int]:
+    """Integers separated by commas: ``1,3`` (or ``[1, 3]``, or one integer)."""
+    body = raw.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    parts = [x.strip() for x in body.split(",")]
+    try:
+        values = [int(x) for x in parts]
+    except ValueError:
+        raise ArgError(f"{key} must be integers separated by commas, e.g. {key}=1,3 (got {raw!r})") from None
+    if any(v < 0 for v in values):
+        raise ArgError(f"{key} must be integers >= 0, e.g. {key}=1,3 (got {raw!r})")
+    return values
 
 
 def parse(line: str, spec: dict[str, Converter], magic: str, anywhere: bool = False) -> Parsed:

@@ -1,6 +1,6 @@
 """IPython magics: ``%load_ext djinn_nb`` registers ``%djinn_connect``, ``%djinn_break``,
-``%djinn_run``/``%%djinn_run``, ``%djinn_inspect``, ``%djinn_resume``, ``%djinn_steer``
-and ``%djinn_runs``.
+``%djinn_run``/``%%djinn_run``, ``%djinn_inspect``, ``%djinn_resume``, ``%djinn_steer``,
+``%djinn_lens``, ``%djinn_attention`` and ``%djinn_runs``.
 
 The magics parse their arguments and call the client API (:mod:`djinn_nb.client`);
 nothing else. A user's mistake, and any error the server reports, is raised as
@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from . import magic_args as A
 from ..client import Client, Run, connect
-from .display import Activation, Comparison, token_strings
+from .display import RESIDUAL_SITES, Activation, Attention, Comparison, LensGrid, token_strings
 from ..errors import DjinnError, UnknownRunError
 
 __all__ = ["DjinnMagics", "register"]
@@ -97,6 +97,31 @@ class DjinnMagics(Magics):
         ids = self._prompt_ids(run)
         return token_strings(self._client(), ids) if ids else None
 
+    def _check_site(self, site: str, allowed: Any = None, why: str = "unknown site") -> str:
+        sites = [x for x in self._client().info.get("sites", ["resid_post"]) if allowed is None or x in allowed]
+        if site not in sites:
+            raise UsageError(f"{why} {site!r}: use site= one of {', '.join(sites)}")
+        return site
+
+    def _check_heads(self, run: Run, heads: list[int] | None, edit: dict[str, Any]) -> list[int] | None:
+        """``heads=`` restricts scale/add to attention heads, so the run must be paused at site z."""
+        if heads is None:
+            return None
+        if run.site != "z":
+            raise UsageError(f"heads= edits attention heads at site z; run {run.id} is paused at {run.site}: "
+                             f"%djinn_break layer={run.layer} site=z")
+        if not {"scale", "add"} & set(edit):
+            raise UsageError("heads= restricts scale= or add= to those heads: e.g. heads=1,3 scale=0")
+        n = self._client().info.get("num_heads")
+        if n is not None and any(h >= n for h in heads):
+            raise UsageError(f"heads={','.join(map(str, heads))}: this model has heads 0..{n - 1}")
+        return heads
+
+    def _token_text(self, ids: list[int], cache: dict[int, str]) -> list[str]:
+        missing = [i for i in dict.fromkeys(ids) if i not in cache]
+        cache.update(zip(missing, token_strings(self._client(), missing)))
+        return [cache[i] for i in ids]
+
     def _tensor_arg(self, name: str, key: str) -> Any:
         import torch
 
@@ -165,28 +190,32 @@ class DjinnMagics(Magics):
     def djinn_break(self, line: str = "") -> list[dict[str, Any]] | None:
         """Add a breakpoint for the next runs, list them, or clear them.
 
-        %djinn_break layer=6 [step=0|all]   pause after decoder block 6 (step 0: the prompt pass,
-                                            k: the k-th decoding step, all: every step)
+        %djinn_break layer=6 [step=0|all] [site=resid_post]
+                                            pause in decoder block 6 (step 0: the prompt pass,
+                                            k: the k-th decoding step, all: every step) at a site:
+                                            resid_pre (the block's input), z (each head's attention
+                                            output), attn_out, resid_mid, mlp_out, resid_post (its output)
         %djinn_break                        returns the list of breakpoints
         %djinn_break clear                  removes them all
         """
-        p = A.parse(line, dict(layer=A.integer, step=A.step_value), "djinn_break", anywhere=True)
+        p = A.parse(line, dict(layer=A.integer, step=A.step_value, site=A.text), "djinn_break", anywhere=True)
         if p.rest == "clear" and not p.options:
             self.breakpoints = []
             print("breakpoints cleared")
             return None
         if p.rest:
             if "layer" in p.options or not p.rest.lstrip("-").isdigit():
-                raise UsageError(f"%djinn_break takes layer=N [step=K|all], 'clear', or nothing (got {p.rest!r})")
+                raise UsageError(f"%djinn_break takes layer=N [step=K|all] [site=...], 'clear', or nothing (got {p.rest!r})")
             p.options["layer"] = int(p.rest)
         if "layer" not in p.options:
             if p.options:
                 raise UsageError("a breakpoint needs a layer: write %djinn_break layer=6 step=...")
             return list(self.breakpoints)
-        bp = {"layer": self._check_layer(p.options["layer"]), "step": p.options.get("step", 0)}
+        bp = {"layer": self._check_layer(p.options["layer"]), "step": p.options.get("step", 0),
+              "site": self._check_site(p.options.get("site", "resid_post"))}
         if bp not in self.breakpoints:
             self.breakpoints.append(bp)
-        print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']}" for b in self.breakpoints))
+        print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']} {b['site']}" for b in self.breakpoints))
         return None
 
     @line_cell_magic
@@ -216,22 +245,33 @@ class DjinnMagics(Magics):
     @line_magic
     @_usage_errors
     def djinn_inspect(self, line: str = "") -> Activation:
-        """The paused activation: per-position norm/mean/max with the tokens, and a plot.
+        """The paused activation: per-position norm/mean/max with the tokens, the logit lens, and a plot.
 
-        %djinn_inspect [run=r3] [plot=true]
+        %djinn_inspect [run=r3] [plot=true] [lens=5]
 
-        Returns an Activation (``.tensor`` is the tensor on this machine, ``.table()`` a DataFrame).
+        At a residual-stream site (resid_pre, resid_mid, resid_post) the table also shows the
+        logit lens: each position's top ``lens`` tokens (0: none) with their probabilities.
+        Returns an Activation (``.tensor`` is the tensor on this machine, ``.table()`` a DataFrame,
+        ``.lens`` what ``run.lens(k)`` returned).
         """
-        p = A.parse(line, dict(run=A.text, plot=A.flag), "djinn_inspect", anywhere=True)
+        p = A.parse(line, dict(run=A.text, plot=A.flag, lens=A.integer), "djinn_inspect", anywhere=True)
         if p.rest:
-            raise UsageError(f"%djinn_inspect takes run=ID and plot=true|false, not {p.rest!r}")
+            raise UsageError(f"%djinn_inspect takes run=ID, plot=true|false and lens=K, not {p.rest!r}")
         run = self._paused(p.options.get("run"))
+        k = p.options.get("lens", 5)
         act = Activation(run.id, run.layer, run.step, run.activation(), run.activation_stats or {},
-                         self._position_tokens(run) or [])
+                         self._position_tokens(run) or [], run.site or "resid_post")
+        if k > 0 and act.site in RESIDUAL_SITES:
+            act.lens, cache = run.lens(k), {}
+            act.lens_tokens = [list(zip(self._token_text([i for i, _ in e], cache), [q for _, q in e]))
+                               for e in act.lens]
+        elif k > 0:
+            act.lens_note = (f"no logit lens at {act.site}: the lens reads the residual stream "
+                             f"({', '.join(RESIDUAL_SITES)}); pause at one, e.g. %djinn_break layer={run.layer} site=resid_mid")
         if p.options.get("plot", True):
             from .plots import plot_activation, show
 
-            show(plot_activation(act.tensor, act.tokens, f"run {run.id}: output of layer {run.layer}, step {run.step}"))
+            show(plot_activation(act.tensor, act.tokens, f"run {run.id}: {act.site} of layer {run.layer}, step {run.step}"))
         return act
 
     @line_magic
@@ -239,14 +279,15 @@ class DjinnMagics(Magics):
     def djinn_resume(self, line: str = "") -> Run:
         """Continue the paused run to its next breakpoint or end; returns the Run.
 
-        %djinn_resume [scale=0.9] [add=VAR] [activation=VAR] [compare=true] [run=r3]
+        %djinn_resume [scale=0.9] [add=VAR] [activation=VAR] [heads=1,3] [compare=true] [run=r3]
 
         scale multiplies the paused activation; add=VAR adds the tensor in variable VAR
-        (shape (hidden,) or the activation's); activation=VAR replaces it. With an edit,
+        (shape (hidden,) or the activation's); activation=VAR replaces it. At site z, heads=1,3
+        restricts scale/add to those attention heads (heads=3 scale=0 ablates head 3). With an edit,
         the unmodified continuation is computed first (a fork) and, once the run is done,
         shown beside the edited one with the changed tokens highlighted (compare=false skips it).
         """
-        spec = dict(scale=A.number, add=A.text, activation=A.text, compare=A.flag, run=A.text)
+        spec = dict(scale=A.number, add=A.text, activation=A.text, heads=A.int_list, compare=A.flag, run=A.text)
         p = A.parse(line, spec, "djinn_resume", anywhere=True)
         if p.rest:
             raise UsageError(f"%djinn_resume takes key=value words such as scale=0.9, not {p.rest!r}")
@@ -254,6 +295,9 @@ class DjinnMagics(Magics):
         edit = {k: self._tensor_arg(p.options[k], k) for k in ("add", "activation") if k in p.options}
         if "scale" in p.options:
             edit["scale"] = p.options["scale"]
+        heads = self._check_heads(run, p.options.get("heads"), edit)
+        if heads is not None:
+            edit["heads"] = heads
         if edit and p.options.get("compare", True) and run.id not in self._baselines:
             with run.fork(breakpoints=[], original=True) as base:
                 self._baselines[run.id] = base.token_ids
@@ -273,14 +317,16 @@ class DjinnMagics(Magics):
     def djinn_steer(self, line: str = "") -> Any:
         """A slider over the steering factor: each change forks the paused run with its activation scaled.
 
-        %djinn_steer [layer=N] [min=0] [max=2] [step=0.05] [value=1] [run=r3] [prompt]
+        %djinn_steer [layer=N] [min=0] [max=2] [step=0.05] [value=1] [heads=1,3] [run=r3] [prompt]
 
         Shows the fork's continuation beside the unmodified one, changed tokens highlighted,
         with the fork's latency. layer=N different from the paused run's layer starts a new
-        run paused at N (same prompt; or the prompt given after the options).
+        run paused at N (same prompt; or the prompt given after the options; at site z with heads=).
+        heads=1,3 (at site z) scales only those attention heads.
         Returns the SteeringWidget (``w.set(0.5)`` moves it from code and waits).
         """
-        spec = dict(layer=A.integer, min=A.number, max=A.number, step=A.number, value=A.number, run=A.text)
+        spec = dict(layer=A.integer, min=A.number, max=A.number, step=A.number, value=A.number, heads=A.int_list,
+                    run=A.text)
         p = A.parse(line, spec, "djinn_steer")
         o = p.options
         lo, hi, step = o.get("min", 0.0), o.get("max", 2.0), o.get("step", 0.05)
@@ -291,15 +337,17 @@ class DjinnMagics(Magics):
             raise UsageError(f"step must be > 0 and at most max-min (got step={step}); e.g. step=0.05")
         if not lo <= value <= hi:
             raise UsageError(f"value={value} is outside min..max ({lo}..{hi}); pick a value between them")
-        run = self._steer_run(o.get("layer"), o.get("run"), p.rest)
+        heads = o.get("heads")
+        run = self._steer_run(o.get("layer"), o.get("run"), p.rest, "z" if heads is not None else None)
+        self._check_heads(run, heads, {"scale": value})
         from .widgets import SteeringWidget
 
-        widget = SteeringWidget(self._client(), run, min=lo, max=hi, step=step, value=value)
+        widget = SteeringWidget(self._client(), run, min=lo, max=hi, step=step, value=value, heads=heads)
         self.widgets.append(widget)
         return widget
 
-    def _steer_run(self, layer: int | None, run_id: str | None, prompt_text: str) -> Run:
-        """The paused run to steer: the current one, or a new one paused at ``layer``."""
+    def _steer_run(self, layer: int | None, run_id: str | None, prompt_text: str, site: str | None = None) -> Run:
+        """The paused run to steer: the current one, or a new one paused at ``layer`` (at ``site``)."""
         if layer is None:
             if prompt_text:
                 raise UsageError("a prompt for %djinn_steer needs layer=N: write %djinn_steer layer=6 <prompt>")
@@ -309,16 +357,82 @@ class DjinnMagics(Magics):
             prompt, max_new = A.parse_prompt(prompt_text, "djinn_steer layer=6"), 16
         else:
             current = self._target(run_id)
-            if current.paused and current.layer == layer:
+            if current.paused and current.layer == layer and site in (None, current.site):
                 return current
             prompt = self._prompt_ids(current)
             if prompt is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
             max_new = current.max_new_tokens
-        run = self._generate(prompt, [layer], max_new_tokens=max_new)
+        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new)
         if not run.paused:
             raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
         return run
+
+    @line_magic
+    @_usage_errors
+    def djinn_lens(self, line: str = "") -> LensGrid:
+        """The logit lens at every layer for one prompt pass, as a heatmap (layers × positions,
+        colour = top-1 probability, each cell labelled with its top token).
+
+        %djinn_lens [k=1] [site=resid_post] [run=r3] [plot=true] [prompt]
+
+        With no prompt, the current run's (or run=ID's) prompt. site= is a residual-stream site
+        (resid_pre, resid_mid, resid_post). Returns a LensGrid (``.ids``/``.probs`` (layers, positions, k),
+        ``.table()`` the top tokens as a DataFrame, ``.plot()`` the figure).
+        """
+        spec = dict(k=A.integer, site=A.text, run=A.text, plot=A.flag)
+        p = A.parse(line, spec, "djinn_lens")
+        site = self._check_site(p.options.get("site", "resid_post"), RESIDUAL_SITES,
+                                "the lens reads the residual stream, not site")
+        client = self._client()
+        if p.rest:
+            prompt = A.parse_prompt(p.rest, "djinn_lens")
+            ids = client.tokenize(prompt) if isinstance(prompt, str) else prompt
+        else:
+            ids = self._target(p.options.get("run")).prompt_ids
+        grid = client.lens_grid(ids, k=p.options.get("k", 1), site=site)
+        cache: dict[int, str] = {}
+        top = [self._token_text(row, cache) for row in grid["ids"][..., 0].tolist()]
+        lens = LensGrid(grid["ids"], grid["probs"], self._token_text(list(ids), cache), top, site)
+        if p.options.get("plot", True):
+            from .plots import show
+
+            show(lens.plot())
+        return lens
+
+    @line_magic
+    @_usage_errors
+    def djinn_attention(self, line: str = "") -> Attention:
+        """The paused block's attention pattern: one heatmap per head, tokens on both axes.
+
+        %djinn_attention [head=3] [run=r3] [widget=true]
+
+        Rows are the query positions (at a decoding step, the one new token), columns the keys.
+        head= shows one head. In a Jupyter kernel with ipywidgets, a head selector sits above the
+        figure (widget=false: the figure only). Returns an Attention (``.tensor`` is ``run.attention()``,
+        (batch, heads, queries, keys); ``.plot(head)`` the figure).
+        """
+        p = A.parse(line, dict(head=A.integer, run=A.text, widget=A.flag), "djinn_attention", anywhere=True)
+        if p.rest:
+            raise UsageError(f"%djinn_attention takes head=H, run=ID and widget=true|false, not {p.rest!r}")
+        run = self._paused(p.options.get("run"))
+        tensor = run.attention()
+        head, n = p.options.get("head"), int(tensor.shape[1])
+        if head is not None and not 0 <= head < n:
+            raise UsageError(f"head={head}: this model has heads 0..{n - 1}")
+        ids = run.prompt_ids + run.token_ids
+        keys = self._token_text(ids, {}) if len(ids) == tensor.shape[-1] else None
+        att = Attention(run.id, run.layer, run.step, tensor, keys)
+        live = getattr(self.shell, "kernel", None) is not None
+        if live and p.options.get("widget", True):
+            from .widgets import AttentionWidget
+
+            self.widgets.append(AttentionWidget(att, head).show())
+        else:
+            from .plots import show
+
+            show(att.plot(head))
+        return att
 
     @line_magic
     @_usage_errors

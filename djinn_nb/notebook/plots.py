@@ -8,7 +8,9 @@ anywhere else.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from ..errors import DjinnError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -24,6 +26,8 @@ __all__ = [
     "plot_latency_breakdown",
     "plot_steering_effect",
     "plot_activation",
+    "plot_lens_grid",
+    "plot_attention",
     "to_png",
     "show",
 ]
@@ -155,8 +159,11 @@ def plot_steering_effect(data: Any) -> "Figure":
 
 
 def plot_activation(tensor: "torch.Tensor", tokens: Sequence[str] | None = None, title: str = "") -> "Figure":
-    """Two panels for a paused activation (batch, positions, hidden): per-position L2 norm, value histogram."""
+    """Two panels for a paused activation (batch, positions, hidden), or at site ``z``
+    (batch, positions, heads, head_dim): per-position L2 norm (over all heads at ``z``), value histogram."""
     t = tensor.detach().float()
+    if t.dim() == 4:
+        t = t.flatten(2)
     per_pos = t[0] if t.dim() == 3 else t.reshape(-1, t.shape[-1])
     norms = per_pos.norm(dim=-1).tolist()
     fig, (ax1, ax2) = _figure(ncols=2, width=4.8)
@@ -170,6 +177,130 @@ def plot_activation(tensor: "torch.Tensor", tokens: Sequence[str] | None = None,
     ax2.set_xlabel("value")
     ax2.set_ylabel("count (log)")
     ax2.set_title("histogram of values")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _label(text: str, width: int = 8) -> str:
+    """A token as a short one-line label (whitespace shown as escapes)."""
+    s = repr(str(text))[1:-1]
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def _tick_tokens(ax: Any, axis: str, tokens: Sequence[str] | None, n: int, limit: int = 40) -> None:
+    if tokens is None or len(tokens) != n or n > limit:
+        return
+    labels = [_label(t, 12) for t in tokens]
+    if axis == "x":
+        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_yticks(range(n), labels, fontsize=7)
+
+
+def _decode_one(decode: Callable[[list[int]], str] | None, token_id: int) -> str:
+    if decode is None:
+        return f"#{token_id}"
+    try:
+        return decode([token_id])
+    except DjinnError:
+        return f"#{token_id}"
+
+
+def plot_lens_grid(
+    grid: Any,
+    tokens: Sequence[str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    labels: Sequence[Sequence[str]] | None = None,
+    title: str = "logit lens",
+) -> "Figure":
+    """The logit-lens heatmap: layers (rows, layer 0 at the bottom) × positions (columns);
+    colour = the top-1 probability, each cell labelled with the top-1 token.
+
+    ``grid`` is ``client.lens_grid(prompt)``: ``{"ids": (layers, positions, k), "probs": (layers, positions, k)}``
+    (``k`` may be 1; only the top-1 is drawn). ``tokens``: the text of each position (the prompt's tokens),
+    for the x axis. The cell labels come from ``labels`` (layers × positions strings), else from
+    ``decode`` (e.g. ``client.decode``; called with ``[token_id]``), else they are ``#id``.
+    """
+    import torch
+
+    ids, probs = torch.as_tensor(grid["ids"]), torch.as_tensor(grid["probs"]).float()
+    if ids.dim() == 2:
+        ids, probs = ids[..., None], probs[..., None]
+    if ids.dim() != 3 or ids.shape != probs.shape:
+        raise ValueError(f"grid needs ids and probs of shape (layers, positions, k); got {tuple(ids.shape)}, "
+                         f"{tuple(probs.shape)}")
+    n_layers, n_pos = ids.shape[:2]
+    top_ids, top_p = ids[..., 0].tolist(), probs[..., 0]
+    if labels is None:
+        cache: dict[int, str] = {}
+        labels = [[cache.setdefault(i, _decode_one(decode, i)) for i in row] for row in top_ids]
+    fig, ax = _figure(width=min(2.0 + 0.9 * n_pos, 16.0), height=min(1.6 + 0.26 * n_layers, 14.0))
+    im = ax.imshow(top_p.numpy(), origin="lower", aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0)
+    if n_pos * n_layers <= 2000:
+        for layer in range(n_layers):
+            for pos in range(n_pos):
+                p = float(top_p[layer, pos])
+                ax.text(pos, layer, _label(labels[layer][pos]), ha="center", va="center", fontsize=6,
+                        color="white" if p > 0.6 else "black")
+    ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
+    ax.set_xticks(range(n_pos))
+    _tick_tokens(ax, "x", tokens, n_pos)
+    ax.set_xlabel("position (input token)")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="top-1 probability", shrink=0.8)
+    return fig
+
+
+def plot_attention(
+    attention: "torch.Tensor",
+    key_tokens: Sequence[str] | None = None,
+    query_tokens: Sequence[str] | None = None,
+    head: int | Sequence[int] | None = None,
+    title: str = "",
+    ncols: int = 4,
+) -> "Figure":
+    """One heatmap per head of an attention pattern: queries (rows) × keys (columns), colour = probability.
+
+    ``attention`` is ``run.attention()``, (batch, heads, queries, keys) (batch 0 is drawn), or
+    (heads, queries, keys). ``key_tokens``/``query_tokens`` label the axes (the queries are the
+    last positions of the keys when not given: at a decoding step, the one new token).
+    ``head``: one head (an int) or a list of heads; all of them by default.
+    """
+    a = attention.detach().float()
+    if a.dim() == 4:
+        a = a[0]
+    if a.dim() != 3:
+        raise ValueError(f"attention must be (batch, heads, queries, keys) or (heads, queries, keys); got {tuple(a.shape)}")
+    n_heads, n_q, n_k = a.shape
+    heads = list(range(n_heads)) if head is None else ([head] if isinstance(head, int) else list(head))
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad or not heads:
+        raise ValueError(f"head must be in 0..{n_heads - 1}; got {bad or heads}")
+    if query_tokens is None and key_tokens is not None and len(key_tokens) == n_k:
+        query_tokens = list(key_tokens)[n_k - n_q:]
+    cols = min(ncols, len(heads))
+    rows = -(-len(heads) // cols)
+    cell_w = min(max(2.4, 0.22 * n_k + 1.2), 6.0)
+    cell_h = min(max(1.2 if n_q == 1 else 2.4, 0.22 * n_q + 1.2), 6.0)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(cell_w * cols + 0.8, cell_h * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    im = None
+    for ax, h in zip(axes, heads):
+        im = ax.imshow(a[h].numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xticks(range(n_k))
+        ax.set_yticks(range(n_q))
+        _tick_tokens(ax, "x", key_tokens, n_k)
+        _tick_tokens(ax, "y", query_tokens, n_q)
+    for ax in axes[len(heads):]:
+        ax.remove()
+    axes[0].set_ylabel("query")
+    axes[(rows - 1) * cols].set_xlabel("key")
+    fig.colorbar(im, ax=list(axes[: len(heads)]), label="attention", shrink=0.8)
     if title:
         fig.suptitle(title)
     return fig

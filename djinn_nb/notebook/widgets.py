@@ -1,4 +1,5 @@
-"""The steering slider: drag a factor, see the continuation from the checkpoint change.
+"""The steering slider: drag a factor, see the continuation from the checkpoint change;
+and the attention head selector.
 
 Each slider change asks a worker thread for a fork of the paused run with the
 activation scaled by the new value. The worker runs only the latest requested
@@ -14,13 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .display import Comparison, decode_text, token_strings
+from .display import Attention, Comparison, decode_text, token_strings
 from ..errors import DjinnError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..client import Client, Run
 
-__all__ = ["ForkResult", "SteeringWidget"]
+__all__ = ["ForkResult", "SteeringWidget", "AttentionWidget"]
 
 
 @dataclass
@@ -50,12 +51,13 @@ class SteeringWidget:
         step: float = 0.05,
         value: float = 1.0,
         max_results: int = 100,
+        heads: list[int] | None = None,
     ):
         import ipywidgets as w
 
         if not run.paused:
             raise ValueError(f"run {run.id} is {run.state}: steering needs a paused run")
-        self.client, self.run = client, run
+        self.client, self.run, self.heads = client, run, heads
         with run.fork(breakpoints=[]) as base:
             self.baseline_ids = base.token_ids
         self.baseline_tokens = token_strings(client, self.baseline_ids)
@@ -64,7 +66,9 @@ class SteeringWidget:
             description="scale", readout_format=".2f",
         )
         self.output = w.HTML(value=self._comparison(self.baseline_ids, "unmodified", "")._repr_html_())
-        self.status = w.Label(value=f"run {run.id}, layer {run.layer}, step {run.step}: move the slider to fork")
+        what = f", heads {', '.join(map(str, heads))}" if heads else ""
+        self.status = w.Label(value=f"run {run.id}, layer {run.layer} {run.site}{what}, step {run.step}: "
+                                    "move the slider to fork")
         self.box = w.VBox([self.slider, self.output, self.status])
         self.results: list[ForkResult] = []  # every fork computed, oldest first (bounded)
         self.latest: ForkResult | None = None
@@ -124,7 +128,7 @@ class SteeringWidget:
 
     def _fork(self, value: float) -> ForkResult:
         t0 = time.perf_counter()
-        fork = self.run.fork(scale=value, breakpoints=[])
+        fork = self.run.fork(scale=value, breakpoints=[], heads=self.heads)
         latency = (time.perf_counter() - t0) * 1e3
         with fork:
             ids = fork.token_ids
@@ -165,3 +169,47 @@ class SteeringWidget:
     def __repr__(self) -> str:
         v = f", showing scale {self.latest.scale:.3g}" if self.latest else ""
         return f"<djinn SteeringWidget on run {self.run.id} (layer {self.run.layer}, step {self.run.step}){v}>"
+
+
+class AttentionWidget:
+    """A head selector (``Dropdown``: all heads or one) above the attention heatmaps of an
+    :class:`~djinn_nb.notebook.display.Attention`; the figure is an ordinary PNG output that
+    each choice replaces (so a saved or headless notebook keeps the last one shown)."""
+
+    def __init__(self, attention: Attention, head: int | None = None):
+        import ipywidgets as w
+
+        self.attention = attention
+        options = [("all heads", -1)] + [(f"head {h}", h) for h in range(attention.num_heads)]
+        self.selector = w.Dropdown(options=options, value=-1 if head is None else head, description="head")
+        self.selector.observe(self._on_change, names="value")
+        self._handle: Any = None
+
+    @property
+    def head(self) -> int | None:
+        return None if self.selector.value == -1 else int(self.selector.value)
+
+    def _image(self) -> Any:
+        from IPython.display import Image
+
+        from .plots import to_png
+
+        return Image(data=to_png(self.attention.plot(self.head)))
+
+    def show(self) -> "AttentionWidget":
+        """Display the selector and the figure of the selected head(s)."""
+        from IPython.display import display
+
+        display(self.selector)
+        self._handle = display(self._image(), display_id=True)
+        return self
+
+    def _on_change(self, change: dict[str, Any]) -> None:
+        if self._handle is not None:
+            self._handle.update(self._image())
+
+    def close(self) -> None:
+        self.selector.close()
+
+    def __repr__(self) -> str:
+        return f"<djinn AttentionWidget {self.attention!r}, showing {'all heads' if self.head is None else self.head}>"
