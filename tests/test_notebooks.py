@@ -1,4 +1,4 @@
-"""Execute the three notebooks headless with papermill on the embedded default model, on CPU.
+"""Execute the notebooks headless with papermill on the embedded default model, on CPU.
 
 Fails on any cell error, and checks that the executed notebooks hold their plots
 (image/png outputs) and tables (text/html outputs).
@@ -29,6 +29,7 @@ EXPECTED = {
     "01_quickstart.ipynb": (1, 6),
     "02_steering.ipynb": (2, 4),
     "03_reproduce_exp3.ipynb": (3, 5),
+    "04_inside_a_block.ipynb": (5, 5),
 }
 
 
