@@ -13,7 +13,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def saved_models(tmp_path_factory) -> dict[str, str]:
     """Local model directories (no tokenizer) for the architectures the engine supports."""
-    from djinn_nb.models import build_random
+    from djinn_nb.core.models import build_random
 
     root = tmp_path_factory.mktemp("models")
     out = {}
@@ -27,6 +27,6 @@ def saved_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2 as a plain HF model and tokenizer (the reference side)."""
-    from djinn_nb.models import load_model
+    from djinn_nb.core.models import load_model
 
     return load_model(None)

@@ -200,7 +200,7 @@ def activation_stats(t: torch.Tensor) -> dict[str, Any]:
     Computed on the tensor's device and read back in one transfer.
     """
     f = t.detach().float()
-    per_pos = f[0] if f.dim() == 3 else f.reshape(-1, f.shape[-1])
+    per_pos = f[0].reshape(f.shape[1], -1) if f.dim() >= 3 else f.reshape(-1, f.shape[-1])  # z: heads × head_dim
     std = f.std() if f.numel() > 1 else f.new_zeros(())
     overall = torch.stack([f.norm(), f.mean(), std, f.max(), f.min()]).tolist()
     rows = torch.stack([per_pos.norm(dim=-1), per_pos.mean(dim=-1), per_pos.amax(dim=-1)]).tolist()
