@@ -52,6 +52,9 @@ class Stepper:
         self.model, self.anatomy, self.parts = model, anatomy, list(parts)
         self.eos_ids, self.cuda_graphs = eos_ids, cuda_graphs
         self.device = anatomy.lm_head.weight.device
+        #: called between two steps of one ``advance`` (the run's lock held, no device work in
+        #: flight): where a scheduler may hand the device to another run, or cancel this call
+        self.between_steps: Callable[[Run], None] = lambda run: None
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -181,7 +184,11 @@ class Stepper:
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
+        first = True
         while True:
+            if not first:
+                self.between_steps(run)
+            first = False
             cp, step = run.checkpoint, run.step
             stops = [b.point for b in run.breakpoints if b.covers(step)]
             watches = [b.point for b in run.watches if b.covers(step)]
