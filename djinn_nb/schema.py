@@ -185,9 +185,12 @@ class GenerateRequest(_Message):
 
 @dataclass
 class EditRequest(_Message):
-    """A change to a paused activation: replace, then scale, then add (``heads``: only those, at ``z``).
+    """A change to a paused activation: replace (or patch), then scale, then add (``heads``: only
+    those, at ``z``).
 
     ``original`` starts from the site's own value instead of the pending (edited) one.
+    ``patch_from`` (a run id, paused at the same layer, step and site) writes that run's
+    activation at ``positions`` (all if ``None``).
     """
 
     scale: float | None = None
@@ -195,13 +198,18 @@ class EditRequest(_Message):
     add: TensorRef | None = None
     original: bool = False
     heads: list[int] | None = None
+    patch_from: str | None = None
+    positions: list[int] | None = None
 
-    _types = {"scale": (int, float), "activation": (dict,), "add": (dict,), "original": (bool,), "heads": (list,)}
-    _optional = frozenset({"scale", "activation", "add", "heads"})
+    _types = {"scale": (int, float), "activation": (dict,), "add": (dict,), "original": (bool,), "heads": (list,),
+              "patch_from": (str,), "positions": (list,)}
+    _optional = frozenset({"scale", "activation", "add", "heads", "patch_from", "positions"})
 
     def __post_init__(self) -> None:
-        if self.heads is not None and any(type(h) is not int for h in self.heads):
-            raise _fail(type(self), "heads must be a list of ints")
+        for name in ("heads", "positions"):
+            values = getattr(self, name)
+            if values is not None and any(type(h) is not int for h in values):
+                raise _fail(type(self), f"{name} must be a list of ints")
 
     @property
     def empty(self) -> bool:

@@ -137,6 +137,11 @@ class Client:
         reply = self._call("lens_grid", wire.dumps({"prompt": prompt, "k": k, "site": site}))
         return {"ids": torch.tensor(reply["ids"], dtype=torch.long), "probs": torch.tensor(reply["probs"])}
 
+    def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
+        """Each run's probability of ``token`` at its last finished step, computed on the server."""
+        ids = [r.id if isinstance(r, Run) else r for r in runs]
+        return self._call("token_probs", wire.dumps({"runs": ids, "token": token}))
+
     def attach(self, run_id: str) -> Run:
         """A live handle on an existing run (after a kernel restart, say)."""
         return Run(self, RunSummary.from_json(self._call("status", run_id)))

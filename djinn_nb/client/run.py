@@ -30,9 +30,21 @@ def _edit_request(
     add: torch.Tensor | Sequence[float] | None,
     original: bool = False,
     heads: Sequence[int] | None = None,
+    patch_from: "Run | str | None" = None,
+    positions: int | Sequence[int] | None = None,
 ) -> tuple[EditRequest, bytes | None, bytes | None]:
     """The request plus the inline bytes of its tensors (large ones go ahead on the side channel)."""
     req = EditRequest(original=bool(original))
+    if patch_from is not None:
+        req.patch_from = patch_from.id if isinstance(patch_from, Run) else patch_from
+        if type(req.patch_from) is not str:
+            raise ActivationError(f"patch_from must be a Run or a run id, got {type(patch_from).__name__}")
+    if positions is not None:
+        if isinstance(positions, int) and not isinstance(positions, bool):
+            positions = [positions]
+        if not isinstance(positions, (list, tuple, range)) or any(type(p) is not int for p in positions):
+            raise ActivationError(f"positions must be a list of ints, got {positions!r}"[:200])
+        req.positions = list(positions)
     act_bytes = add_bytes = None
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -53,6 +65,20 @@ def _edit_request(
             add = torch.tensor(add, dtype=torch.float32)
         req.add, add_bytes = client._tensor_in(add)
     return req, act_bytes, add_bytes
+
+
+_FORK_ARGS = frozenset({"activation", "scale", "add", "breakpoints", "max_new_tokens", "original", "heads",
+                        "patch_from", "positions"})
+
+
+def _fork_request(client: "Client", kw: dict[str, Any]) -> tuple[ForkRequest, bytes | None, bytes | None]:
+    edit, act, add_b = _edit_request(client, kw.get("activation"), kw.get("scale"), kw.get("add"),
+                                     bool(kw.get("original", False)), kw.get("heads"), kw.get("patch_from"),
+                                     kw.get("positions"))
+    limit, bps = kw.get("max_new_tokens"), kw.get("breakpoints")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise BadRequestError(f"max_new_tokens must be an integer or None, got {limit!r}")
+    return ForkRequest(edit, None if bps is None else plain_breakpoints(bps), limit), act, add_b
 
 
 def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
@@ -206,14 +232,18 @@ class Run:
         add: Any = None,
         original: bool = False,
         heads: Sequence[int] | None = None,
+        patch_from: "Run | str | None" = None,
+        positions: int | Sequence[int] | None = None,
     ) -> "Run":
         """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation.
 
         The edit applies to the pending activation (see :meth:`edit`); ``original=True``
         starts from the site's own value instead. At site ``z``, ``heads=[...]`` restricts
-        ``scale``/``add`` to those attention heads.
+        ``scale``/``add`` to those attention heads. ``patch_from=other`` (a run paused at the
+        same layer, step and site) writes its activation at ``positions`` (all if ``None``),
+        on the server.
         """
-        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads)
+        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions)
         return self._update(self._client._call("resume", self.id, wire.dumps(req.to_json()), act, add_b))
 
     def fork(
@@ -225,25 +255,53 @@ class Run:
         max_new_tokens: int | None = None,
         original: bool = False,
         heads: Sequence[int] | None = None,
+        patch_from: "Run | str | None" = None,
+        positions: int | Sequence[int] | None = None,
     ) -> "Run":
         """A new run continued from this checkpoint with the edit; this run stays paused as it was.
 
         ``breakpoints=None`` keeps this run's breakpoints; ``[]`` runs the fork to its end.
         ``max_new_tokens`` changes how long the fork generates (it must exceed the paused step).
         ``original=True`` starts from the site's own value, ignoring earlier :meth:`edit` calls.
-        ``heads=[3], scale=0.0`` at site ``z`` ablates head 3.
+        ``heads=[3], scale=0.0`` at site ``z`` ablates head 3. ``patch_from=other, positions=[3]``
+        writes ``other``'s activation (paused at the same layer, step and site) at position 3.
         """
-        edit, act, add_b = _edit_request(self._client, activation, scale, add, original, heads)
-        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)):
-            raise BadRequestError(f"max_new_tokens must be an integer or None, got {max_new_tokens!r}")
-        req = ForkRequest(edit, None if breakpoints is None else plain_breakpoints(breakpoints), max_new_tokens)
+        req, act, add_b = _fork_request(self._client, dict(
+            activation=activation, scale=scale, add=add, breakpoints=breakpoints, max_new_tokens=max_new_tokens,
+            original=original, heads=heads, patch_from=patch_from, positions=positions,
+        ))
         reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b)
         return Run(self._client, RunSummary.from_json(reply))
 
+    def fork_many(self, edits: Sequence[dict[str, Any]]) -> list["Run"]:
+        """One new run per dict of :meth:`fork`'s keyword arguments, all from this checkpoint.
+
+        The forks run the remaining layers, and the steps after, as one batch on the server
+        (each with its own KV cache and its own end); this run stays paused as it was.
+        E.g. ``run.fork_many([{"scale": s, "breakpoints": []} for s in (0.5, 1.0, 2.0)])``.
+        """
+        if isinstance(edits, dict) or not isinstance(edits, (list, tuple)) or not edits:
+            raise BadRequestError("fork_many takes a non-empty list of dicts of fork()'s keyword arguments")
+        reqs, payloads = [], []
+        for i, kw in enumerate(edits):
+            if not isinstance(kw, dict):
+                raise BadRequestError(f"fork_many: edit {i} must be a dict of fork()'s keyword arguments")
+            unknown = sorted(set(kw) - _FORK_ARGS)
+            if unknown:
+                raise BadRequestError(f"fork_many: edit {i} has unknown argument(s) {unknown}; known: {sorted(_FORK_ARGS)}")
+            req, act, add_b = _fork_request(self._client, kw)
+            reqs.append(req.to_json())
+            payloads += [act, add_b]
+        if all(p is None for p in payloads):
+            payloads = []
+        reply = self._client._call("fork_many", self.id, wire.dumps(reqs), tuple(payloads))
+        return [Run(self._client, RunSummary.from_json(r)) for r in reply]
+
     def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None,
-             heads: Sequence[int] | None = None) -> "Run":
+             heads: Sequence[int] | None = None, patch_from: "Run | str | None" = None,
+             positions: int | Sequence[int] | None = None) -> "Run":
         """Change the paused activation on the server; later resume/fork start from it."""
-        req, act, add_b = _edit_request(self._client, activation, scale, add, heads=heads)
+        req, act, add_b = _edit_request(self._client, activation, scale, add, False, heads, patch_from, positions)
         return self._update(self._client._call("edit", self.id, wire.dumps(req.to_json()), act, add_b))
 
     def reset(self) -> "Run":

@@ -2,9 +2,13 @@
 
 Every check happens before anything changes, so a refused edit leaves the run
 exactly as it was. The result is a new tensor; the checkpoint's own value
-(``hidden``) is never written.
+(``hidden``) is never written. A patch (``patch_from``) arrives here already
+resolved to the other run's activation (:class:`PatchSource`), so this module
+needs no registry.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -31,10 +35,66 @@ def _heads(edit: Edit, site: str, ref: torch.Tensor) -> list[int] | None:
     return sorted(heads)
 
 
-def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edit | None, where: str) -> torch.Tensor:
+@dataclass(frozen=True)
+class PatchSource:
+    """Another paused run's activation, for ``patch_from``: where it paused and its value."""
+
+    run_id: str
+    where: str  # its checkpoint's ``where`` ("layer 6 step 0 site z")
+    value: torch.Tensor  # its pending activation (its own edits applied)
+
+
+def _positions(edit: Edit, n_here: int, n_there: int) -> list[int]:
+    positions = list(edit.positions or ())
+    n = min(n_here, n_there)
+    bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < n]
+    if bad or not positions or len(set(positions)) != len(positions):
+        raise ActivationError(
+            f"positions must be distinct integers in 0..{n - 1} (positions in both runs), got {positions!r}"[:300]
+        )
+    return sorted(positions)
+
+
+def _patched(h: torch.Tensor, edit: Edit, patch: PatchSource | None, where: str) -> torch.Tensor:
+    """``h`` with the source run's activation written at ``edit.positions`` (all of it with ``None``)."""
+    if patch is None:
+        if edit.patch_from is not None:
+            raise ActivationError(f"patch_from={edit.patch_from!r} was not resolved to a paused run")
+        if edit.positions is not None:
+            raise ActivationError("positions= selects where patch_from writes: pass patch_from too")
+        return h
+    if edit.activation is not None:
+        raise ActivationError("pass either activation= or patch_from=, not both: each replaces the activation")
+    if patch.where != where:
+        raise ActivationError(
+            f"patch_from run {patch.run_id} is paused at {patch.where}, this run at {where}: "
+            "patching needs the same layer, step and site"
+        )
+    src = patch.value
+    if src.dtype != h.dtype or src.dim() != h.dim() or src.shape[:1] + src.shape[2:] != h.shape[:1] + h.shape[2:]:
+        raise ActivationError(
+            f"patch_from run {patch.run_id}'s activation has shape {tuple(src.shape)} ({_name(src.dtype)}), "
+            f"this run's {tuple(h.shape)} ({_name(h.dtype)}): only the number of positions may differ"
+        )
+    if edit.positions is None:
+        if src.shape != h.shape:
+            raise ActivationError(
+                f"patch_from run {patch.run_id} has {src.shape[1]} positions, this run {h.shape[1]}: "
+                "pass positions= to patch the ones both have"
+            )
+        return src.to(h.device)
+    idx = _positions(edit, h.shape[1], src.shape[1])
+    out = h.clone()
+    out[:, idx] = src[:, idx].to(h.device)
+    return out
+
+
+def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edit | None, where: str,
+               patch: PatchSource | None = None) -> torch.Tensor:
     """The activation to continue from: ``pending`` (or ``hidden`` with ``original``) with ``edit``.
 
-    ``where`` names the checkpoint in error messages (e.g. ``"layer 6 step 0 site z"``).
+    ``where`` names the checkpoint in error messages (e.g. ``"layer 6 step 0 site z"``);
+    ``patch`` is ``edit.patch_from`` resolved by the engine.
     """
     h = pending
     if edit is None or edit.empty:
@@ -43,6 +103,7 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
         h = hidden
     ref = hidden
     heads = _heads(edit, site, ref)
+    h = _patched(h, edit, patch, where)
     if edit.activation is not None:
         a = edit.activation
         if not isinstance(a, torch.Tensor):
@@ -71,6 +132,8 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
     if edit.scale is not None and not finite_number(edit.scale):
         raise ActivationError(f"scale must be a finite number, got {edit.scale!r}")
     if edit.scale is None and v is None:
+        if patch is not None and not bool(torch.isfinite(h).all()):
+            raise ActivationError(f"patch_from run {patch.run_id}'s activation has NaN or infinite values")
         return h
     part = h[..., heads, :] if heads else h
     if edit.scale is not None:

@@ -23,21 +23,21 @@ from torch import nn
 
 from ..errors import BadRequestError, BreakpointError, ExecutionError, NoTokenizerError, RunStateError
 from ..schema import RunState
-from . import kvcache, views
+from . import views
 from .architecture import Anatomy, check_split_is_exact, find_anatomy
-from .edits import apply_edit
+from .forking import Forking, ForkSpec
 from .residency import Residency
-from .runs import Checkpoint, Run, RunRegistry, WatchHit
+from .runs import Run, RunRegistry, WatchHit
 from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
 from .stepping import Stepper
 
 log = logging.getLogger("djinn_nb.core.engine")
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "ForkSpec"]
 
 
-class Engine:
+class Engine(Forking):
     """A loaded causal LM plus its runs. Thread-safe; see the module docstring."""
 
     def __init__(
@@ -212,94 +212,23 @@ class Engine:
 
     def resume(self, run_id: str, edit: Edit | None = None, owner: str = "") -> Run:
         """Continue a paused run (with an optional edit) to its next breakpoint or end."""
+        patch = self._patch_source(edit, owner)
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
             self.residency.restore(run)
-            start = self._edited(run.checkpoint, edit)  # validates before anything changes
+            start = self._edited(run.checkpoint, edit, patch)  # validates before anything changes
             self._advance(run, start)
         return run
 
-    def fork(
-        self,
-        run_id: str,
-        edit: Edit | None = None,
-        breakpoints: Iterable[Any] | None = None,
-        owner: str = "",
-        max_new_tokens: int | None = None,
-    ) -> Run:
-        """A new run continued from this run's checkpoint; the original stays paused, untouched.
-
-        ``breakpoints=None`` keeps the parent's; pass ``[]`` to run the fork to its end.
-        ``max_new_tokens`` shortens (or lengthens) the fork; it must exceed the paused step.
-        """
-        parent = self.get(run_id, owner)
-        with parent.lock:
-            self._require_paused(parent)
-            self.residency.restore(parent)
-            cp = parent.checkpoint
-            start = self._edited(cp, edit)
-            limit = parent.max_new_tokens if max_new_tokens is None else max_new_tokens
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit <= cp.step:
-                raise BadRequestError(
-                    f"max_new_tokens for a fork paused at step {cp.step} must be an integer > {cp.step}, got {limit!r}"
-                )
-            self._check_positions(len(parent.prompt_ids), limit)
-            bps = (
-                tuple(b for b in parent.breakpoints if b.step is None or b.step < limit)
-                if breakpoints is None
-                else self._breakpoints(breakpoints, limit)
-            )
-            t0 = time.perf_counter()
-            cache = kvcache.fork_cache(parent.cache)
-            swap = {id(parent.cache): cache}
-            child_cp = Checkpoint(
-                cp.layer,
-                cp.step,
-                cp.hidden,
-                cp.pending,
-                tuple(swap.get(id(a), a) for a in cp.args),
-                {k: swap.get(id(v), v) for k, v in cp.kwargs.items()},
-                cp.site,
-                cp.saved,
-                graphs=cp.graphs,
-            )
-            gen = None
-            if parent.generator is not None:
-                gen = torch.Generator(device=self.device)
-                gen.set_state(parent.generator.get_state())
-            child = Run(
-                id=self._registry.new_id(),
-                owner=owner,
-                prompt_ids=list(parent.prompt_ids),
-                max_new_tokens=limit,
-                breakpoints=bps,
-                watches=parent.watches,
-                watch_log=list(parent.watch_log),
-                sampling=parent.sampling,
-                generator=gen,
-                cache=cache,
-                record_logits=parent.record_logits,
-                token_ids=list(parent.token_ids),
-                step=parent.step,
-                checkpoint=child_cp,
-                parent=parent.id,
-                topk=list(parent.topk),
-                logits=list(parent.logits),
-            )
-            child.timings["fork_copy"] = time.perf_counter() - t0
-        self._registry.add(child)
-        with child.lock:
-            self._advance(child, start)
-        return child
-
     def edit(self, run_id: str, edit: Edit, owner: str = "") -> Run:
         """Change the paused activation in place; later resume/fork continue from it."""
+        patch = self._patch_source(edit, owner)
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
             self.residency.restore(run)
-            run.checkpoint.pending = self._edited(run.checkpoint, edit)
+            run.checkpoint.pending = self._edited(run.checkpoint, edit, patch)
         return run
 
     def reset_edit(self, run_id: str, owner: str = "") -> Run:
@@ -368,6 +297,23 @@ class Engine:
             with self._device_lock, torch.inference_mode():
                 return views.attention_pattern(self.model, self.parts[cp.layer], cp, run.cache)
 
+    def token_probs(self, run_ids: Sequence[str], token: int, owner: str = "") -> list[float]:
+        """Each run's probability of ``token`` in the distribution of its last finished step."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise BadRequestError(f"token must be an id in 0..{vocab - 1}, got {token!r}"[:200])
+        rows = []
+        for run_id in run_ids:
+            run = self.get(run_id, owner)
+            with run.lock:
+                if run.last_logits is None:
+                    raise RunStateError(f"run {run.id} has finished no step yet")
+                rows.append(run.last_logits)
+        if not rows:
+            return []
+        with torch.inference_mode():
+            return torch.stack(rows).float().softmax(-1)[:, token].tolist()
+
     def _check_k(self, k: Any) -> int:
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(vocab, 100):
@@ -423,11 +369,6 @@ class Engine:
         if run.state != RunState.PAUSED or run.checkpoint is None:
             detail = f": {run.error}" if run.error else ""
             raise RunStateError(f"run {run.id} is {run.state}, not paused{detail}")
-
-    @staticmethod
-    def _edited(cp: Checkpoint, edit: Edit | None) -> torch.Tensor:
-        """The activation to continue from: the pending one with ``edit`` applied (validated)."""
-        return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where)
 
     # ----- execution --------------------------------------------------------------
     def _advance(self, run: Run, start: torch.Tensor | None) -> None:

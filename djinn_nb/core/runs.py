@@ -81,6 +81,7 @@ class Run:
     error: str | None = None
     parent: str | None = None
     topk: list[list[tuple[int, float]]] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)  # nats, of each step's next-token distribution
     logits: list[torch.Tensor] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)

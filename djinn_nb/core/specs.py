@@ -143,11 +143,13 @@ class Sampling:
 
 @dataclass
 class Edit:
-    """A change to a paused activation: replace, then scale, then add.
+    """A change to a paused activation: replace (or patch), then scale, then add.
 
     It applies to the pending activation (the site's value with earlier ``edit``
     calls applied), or with ``original`` to the site's own value. ``heads`` (at
     ``z`` only) restricts ``scale`` and ``add`` to those attention heads.
+    ``patch_from`` names another run paused at the same layer, step and site: its
+    activation replaces this one at ``positions`` (all positions if ``None``).
     """
 
     activation: torch.Tensor | None = None
@@ -155,8 +157,11 @@ class Edit:
     add: torch.Tensor | None = None
     original: bool = False
     heads: tuple[int, ...] | None = None
+    patch_from: str | None = None
+    positions: tuple[int, ...] | None = None
 
     @property
     def empty(self) -> bool:
         return (self.activation is None and self.scale is None and self.add is None
-                and not self.original and self.heads is None)
+                and not self.original and self.heads is None and self.patch_from is None
+                and self.positions is None)

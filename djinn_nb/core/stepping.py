@@ -55,6 +55,8 @@ class Stepper:
         #: called between two steps of one ``advance`` (the run's lock held, no device work in
         #: flight): where a scheduler may hand the device to another run, or cancel this call
         self.between_steps: Callable[[Run], None] = lambda run: None
+        #: finished runs keep their KV cache (for ``rewind``) until closed
+        self.keep_finished = False
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -218,13 +220,9 @@ class Stepper:
                 run.state = RunState.PAUSED
                 return
             start = None
-            token = self.pick(run, logits)
-            run.token_times.append(time.perf_counter())
-            run.token_ids.append(token)
-            run.step += 1
-            if run.step >= run.max_new_tokens or token in self.eos_ids:
-                run.state = RunState.DONE
-                run.cache = None  # frees the device memory; tokens and logits stay
+            if self.take_tokens([run], logits)[0]:
+                if not self.keep_finished:
+                    run.cache = None  # frees the device memory; tokens and logits stay
                 return
 
     def _continue_fork(self, run: Run, cp: Checkpoint, start: torch.Tensor) -> torch.Tensor:
@@ -259,27 +257,53 @@ class Stepper:
                 slot.disabled = f"capture failed: {type(e).__name__}: {e}"
         return logits
 
+    def take_tokens(self, runs: Sequence[Run], logits: torch.Tensor) -> list[bool]:
+        """Pick each run's token from its row of ``logits`` and append it; whether each run ended."""
+        now = time.perf_counter()
+        ended = []
+        for run, token in zip(runs, self.pick_many(runs, logits)):
+            run.token_times.append(now)
+            run.token_ids.append(token)
+            run.step += 1
+            end = run.step >= run.max_new_tokens or token in self.eos_ids
+            if end:
+                run.state = RunState.DONE
+            ended.append(end)
+        return ended
+
     def pick(self, run: Run, logits: torch.Tensor) -> int:
-        """The next token (greedy argmax, or a seeded sample) and the top-k, in one device read."""
-        row = logits[0]
-        vals, idx = torch.topk(row.float().log_softmax(-1), min(TOP_K, row.shape[-1]))
-        run.last_logits = row
-        if run.record_logits:
-            run.logits.append(row)
-        s = run.sampling
-        if s.temperature == 0:
-            choice = torch.argmax(row, dim=-1)
-        else:
-            scores = row.float() / s.temperature
+        """The next token of one run (greedy argmax, or a seeded sample); see :meth:`pick_many`."""
+        return self.pick_many([run], logits)[0]
+
+    def pick_many(self, runs: Sequence[Run], logits: torch.Tensor) -> list[int]:
+        """Each run's next token from its row of ``logits`` (batch, vocab), with its top-k and the
+        distribution's entropy recorded, all read from the device in one transfer."""
+        lp = logits.float().log_softmax(-1)
+        k = min(TOP_K, logits.shape[-1])
+        vals, idx = torch.topk(lp, k, dim=-1)
+        entropy = torch.special.entr(lp.exp()).sum(-1)
+        choices = []
+        for i, run in enumerate(runs):
+            s = run.sampling
+            if s.temperature == 0:
+                choices.append(None)
+                continue
+            scores = logits[i].float() / s.temperature
             if s.top_k:
                 kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
-            choice = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator)
-        # float64 holds every token id exactly; one transfer instead of three syncs
-        packed = torch.cat([choice.reshape(1).double(), idx.double(), vals.double()]).tolist()
-        k = len(idx)
-        run.topk.append([(int(i), v) for i, v in zip(packed[1 : 1 + k], packed[1 + k :])])
-        return int(packed[0])
+            choices.append(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator).reshape(()))
+        greedy = torch.argmax(logits, dim=-1)
+        choice = torch.stack([greedy[i] if c is None else c for i, c in enumerate(choices)])
+        # float64 holds every token id exactly; one transfer instead of a sync per value
+        rows = torch.cat([choice[:, None].double(), idx.double(), vals.double(), entropy[:, None].double()], 1).tolist()
+        for i, (run, row) in enumerate(zip(runs, rows)):
+            run.last_logits = logits[i]
+            if run.record_logits:
+                run.logits.append(logits[i])
+            run.topk.append([(int(t), v) for t, v in zip(row[1 : 1 + k], row[1 + k : 1 + 2 * k])])
+            run.entropies.append(row[-1])
+        return [int(row[0]) for row in rows]
 
 
 __all__ = ["Paused", "Stepper", "TOP_K"]

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import rpyc
 
-from ..core.engine import Engine
+from ..core.engine import Engine, ForkSpec
 from ..core.runs import Run, activation_stats
 from ..core.specs import Edit, Sampling
 from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
@@ -123,6 +123,8 @@ class DjinnService(rpyc.Service):
             add=self._tensor_arg(req.add, add, "add"),
             original=req.original,
             heads=None if req.heads is None else tuple(req.heads),
+            patch_from=req.patch_from,
+            positions=None if req.positions is None else tuple(req.positions),
         )
 
     def _tensor_arg(self, meta: Any, data: Any, what: str) -> Any:
@@ -205,6 +207,39 @@ class DjinnService(rpyc.Service):
         run = self._engine.fork(_str(run_id, "run id"), edit, req.breakpoints, owner, req.max_new_tokens)
         self._state.after_change(run)
         return run.summary().to_json()
+
+    @_reply
+    def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = ()) -> list[dict[str, Any]]:
+        """Several forks of one checkpoint (a list of ``ForkRequest``), run as a batch where they can be.
+
+        ``payloads``: empty, or two entries per fork (its activation and add bytes, or None).
+        """
+        owner = self._who()
+        reqs = wire.loads(requests_json, "fork_many request")
+        if not isinstance(reqs, list) or not reqs:
+            raise BadRequestError("fork_many takes a non-empty list of fork requests")
+        if type(payloads) is not tuple or len(payloads) not in (0, 2 * len(reqs)) or any(
+            p is not None and type(p) is not bytes for p in payloads
+        ):
+            raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
+        specs = []
+        for i, obj in enumerate(reqs):
+            req = ForkRequest.from_json(obj)
+            act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
+            specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
+        runs = self._engine.fork_many(_str(run_id, "run id"), specs, owner)
+        for run in runs:
+            self._state.after_change(run)
+        return [run.summary().to_json() for run in runs]
+
+    @_reply
+    def exposed_token_probs(self, request_json: Any) -> list[float]:
+        """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
+        req = wire.loads(request_json, "token_probs request")
+        if not isinstance(req, dict) or set(req) != {"runs", "token"} or not isinstance(req["runs"], list):
+            raise BadRequestError("token_probs takes {'runs': [run ids], 'token': token id}")
+        ids = [_str(r, "run id") for r in req["runs"]]
+        return self._engine.token_probs(ids, req["token"], self._who())
 
     @_reply
     def exposed_offload(self, run_id: Any) -> dict[str, Any]:

@@ -1,0 +1,96 @@
+"""Forks of one checkpoint, run as one batch.
+
+Forks from one checkpoint have the same prompt, the same tokens so far and the
+same KV cache up to the paused site; they differ only in the activation they
+continue from. So the rest of the paused step runs as one batch (the starts
+stacked on the batch dimension, the parent's cache repeated per row), and so do
+the later steps: every row has the same length at every step, so no padding or
+mask is needed, and each row's keys and values are its own. A fork leaves the
+batch when it ends (its rows are dropped; a finished run keeps its own copy for
+``rewind``) or when a step has something for it alone — a breakpoint or a
+watch — and then runs that step and the rest on its own cache, as any run does.
+
+Row ``i`` of a batched matmul need not equal the same row computed alone in the
+last bits on every device (kernels may tile by batch size); the README states
+what was measured. Sampling uses each fork's own generator, row by row.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..schema import RunState
+from . import kvcache
+from .runs import Run
+from .stepping import Stepper
+
+
+def rows_of(cache: Any, rows: Sequence[int]) -> Any:
+    """A new cache holding only ``rows`` of ``cache``'s batch (the source is not changed)."""
+    out = kvcache.fork_cache(cache)
+    out.batch_select_indices(torch.tensor(list(rows), dtype=torch.long, device=_device(cache)))
+    return out
+
+
+def _device(cache: Any) -> torch.device | None:
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            return keys.device
+    return None
+
+
+class ForkBatch:
+    """Runs ``members`` (new forks of ``parent``'s checkpoint) from their ``starts`` as one batch.
+
+    After :meth:`run`, each member is done, or (listed in :attr:`left`) holds its own
+    cache at the start of a step it must run alone.
+    """
+
+    def __init__(self, stepper: Stepper, parent: Run, members: Sequence[Run], starts: Sequence[torch.Tensor]):
+        if len(members) != len(starts) or not members:
+            raise ValueError("a batch needs one start per member")
+        self.stepper = stepper
+        self.members = list(members)
+        self.starts = list(starts)
+        self.checkpoint = parent.checkpoint
+        self.parent_cache = parent.cache
+        self.left: list[Run] = []
+
+    def run(self) -> None:
+        """Finish the paused step for every member together, then step them together."""
+        cp, n = self.checkpoint, len(self.members)
+        cache = kvcache.fork_cache(self.parent_cache)
+        cache.batch_repeat_interleave(n)
+        swap = {id(self.parent_cache): cache}
+        args = tuple(swap.get(id(a), a) for a in cp.args)
+        kwargs = {k: swap.get(id(v), v) for k, v in cp.kwargs.items()}
+        saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
+        for run in self.members:
+            run.state = RunState.RUNNING
+            run.continued_by = f"batch of {n}"
+        logits = self.stepper.continue_from(cp.layer, cp.site, torch.cat(self.starts, 0), args, kwargs, saved)
+        active = list(self.members)
+        while True:
+            keep = []
+            for i, (run, done) in enumerate(zip(active, self.stepper.take_tokens(active, logits))):
+                if done:
+                    run.cache = rows_of(cache, [i]) if self.stepper.keep_finished else None
+                elif self._needs_own_step(run):
+                    run.cache = rows_of(cache, [i])
+                    self.left.append(run)
+                else:
+                    keep.append(i)
+            if not keep:
+                return
+            if len(keep) < len(active):
+                cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=logits.device))
+                active = [active[i] for i in keep]
+            self.stepper.between_steps(active[0])
+            x = torch.tensor([[run.token_ids[-1]] for run in active], dtype=torch.long, device=self.stepper.device)
+            logits = self.stepper.model(input_ids=x, **self.stepper._model_kwargs(cache)).logits[:, -1, :]
+
+    @staticmethod
+    def _needs_own_step(run: Run) -> bool:
+        return any(b.covers(run.step) for b in (*run.breakpoints, *run.watches))
