@@ -18,7 +18,18 @@ from .client import Client, Run, connect
 from .errors import DjinnError
 from .version import __version__
 
-__all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension"]
+__all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension", "causal_trace",
+           "plot_causal_trace"]
+
+
+def __getattr__(name: str):
+    """``causal_trace`` and ``plot_causal_trace`` live in the notebook layer (pandas, matplotlib),
+    imported when first used."""
+    if name in ("causal_trace", "plot_causal_trace"):
+        from .notebook import tracing
+
+        return getattr(tracing, name)
+    raise AttributeError(f"module 'djinn_nb' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython

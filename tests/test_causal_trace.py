@@ -1,0 +1,102 @@
+"""Causal tracing through the client: the grid's cells against what restoring must give, its
+errors, and that it leaves no runs behind."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import djinn_nb
+from djinn_nb.core.reference import hf_model
+from djinn_nb.errors import BadRequestError
+
+CLEAN = [5, 17, 42, 99, 3, 250, 11, 7]
+CORRUPT = [5, 17, 42, 31, 3, 250, 11, 7]  # position 3 differs
+
+
+@pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
+def setup(request, saved_models):
+    path = saved_models[request.param]
+    return djinn_nb.connect(model=path, device="cpu"), hf_model(path)
+
+
+def next_token_probs(model, ids):
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+
+
+def test_resid_pre_at_layer_0_restores_exactly_the_differing_position(setup):
+    client, model = setup
+    frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, layers=[0, 1], site="resid_pre", progress=False)
+    clean_p, corrupt_p = next_token_probs(model, CLEAN), next_token_probs(model, CORRUPT)
+    answer = int(clean_p.argmax())
+    assert frame.attrs["answer"] == answer
+    assert frame.attrs["clean_prob"] == pytest.approx(clean_p[answer].item(), rel=1e-5)
+    assert frame.attrs["corrupt_prob"] == pytest.approx(corrupt_p[answer].item(), rel=1e-5)
+    assert list(frame.index) == [0, 1] and frame.shape == (2, len(CLEAN))
+    row = frame.loc[0].tolist()
+    # rows of one batched matmul agree to float rounding on CPU, not always bit for bit (README)
+    assert row[3] == pytest.approx(frame.attrs["clean_prob"], rel=1e-6)
+    assert all(p == pytest.approx(frame.attrs["corrupt_prob"], rel=1e-6) for i, p in enumerate(row) if i != 3)
+    assert frame.attrs["clean_prob"] != pytest.approx(frame.attrs["corrupt_prob"], rel=1e-3)
+    assert client.runs() == []
+
+
+def test_resid_post_last_position_after_the_last_layer_gives_the_clean_probability(setup):
+    client, model = setup
+    last = client.info["num_layers"] - 1
+    frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=9, layers=[last], positions=[2, 7], progress=False)
+    assert frame.attrs["answer"] == 9
+    assert frame.loc[last].tolist()[1] == pytest.approx(frame.attrs["clean_prob"], rel=1e-6)
+    # position 2 is identical in both prompts
+    assert frame.loc[last].tolist()[0] == pytest.approx(frame.attrs["corrupt_prob"], rel=1e-6)
+    assert frame.attrs["clean_prob"] == pytest.approx(next_token_probs(model, CLEAN)[9].item(), rel=1e-5)
+    assert client.runs() == []
+
+
+def test_every_cell_equals_a_hook_patching_one_position(setup, saved_models):
+    client, model = setup
+    layer = 1
+    frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=9, layers=[layer], positions=[1, 3, 6],
+                                  progress=False)
+    blocks = model.get_submodule("transformer.h" if hasattr(model, "transformer") else "model.layers")
+    from djinn_nb.core.pause import Trace
+
+    with Trace(blocks[layer]) as t, torch.no_grad():
+        model(torch.tensor([CLEAN]))
+    clean_h = t.value.clone()
+    for col, p in enumerate([1, 3, 6]):
+        def write(h, p=p):
+            h = h.clone()
+            h[:, p] = clean_h[:, p]
+            return h
+
+        with Trace(blocks[layer], edit=write):
+            want = next_token_probs(model, CORRUPT)[9].item()
+        assert frame.loc[layer].tolist()[col] == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_bad_input_is_refused_and_leaves_no_runs(setup):
+    client, _ = setup
+    with pytest.raises(BadRequestError, match="same number of tokens: 8 vs 7"):
+        djinn_nb.causal_trace(client, CLEAN, CORRUPT[:7], progress=False)
+    with pytest.raises(BadRequestError, match="layers must be integers"):
+        djinn_nb.causal_trace(client, CLEAN, CORRUPT, layers=[99], progress=False)
+    with pytest.raises(BadRequestError, match="positions must be integers"):
+        djinn_nb.causal_trace(client, CLEAN, CORRUPT, positions=[8], progress=False)
+    with pytest.raises(BadRequestError, match="not 'z'"):
+        djinn_nb.causal_trace(client, CLEAN, CORRUPT, site="z", progress=False)
+    with pytest.raises(BadRequestError, match="token must be an id"):
+        djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=10**9, layers=[0], progress=False)
+    assert client.runs() == []
+
+
+def test_the_plot_marks_both_probabilities(setup):
+    import matplotlib.pyplot as plt
+
+    client, _ = setup
+    frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, layers=[0, 1], positions=[2, 3], progress=False)
+    fig = djinn_nb.plot_causal_trace(frame)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any(t.startswith("clean ") for t in texts) and any(t.startswith("corrupt ") for t in texts)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["2", "3"]
+    plt.close(fig)
