@@ -35,8 +35,8 @@ def test_resid_pre_at_layer_0_restores_exactly_the_differing_position(setup):
     assert list(frame.index) == [0, 1] and frame.shape == (2, len(CLEAN))
     row = frame.loc[0].tolist()
     # rows of one batched matmul agree to float rounding on CPU, not always bit for bit (README)
-    assert row[3] == pytest.approx(frame.attrs["clean_prob"], rel=1e-6)
-    assert all(p == pytest.approx(frame.attrs["corrupt_prob"], rel=1e-6) for i, p in enumerate(row) if i != 3)
+    assert row[3] == pytest.approx(frame.attrs["clean_prob"], rel=1e-5)
+    assert all(p == pytest.approx(frame.attrs["corrupt_prob"], rel=1e-5) for i, p in enumerate(row) if i != 3)
     assert frame.attrs["clean_prob"] != pytest.approx(frame.attrs["corrupt_prob"], rel=1e-3)
     assert client.runs() == []
 
@@ -46,9 +46,9 @@ def test_resid_post_last_position_after_the_last_layer_gives_the_clean_probabili
     last = client.info["num_layers"] - 1
     frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=9, layers=[last], positions=[2, 7], progress=False)
     assert frame.attrs["answer"] == 9
-    assert frame.loc[last].tolist()[1] == pytest.approx(frame.attrs["clean_prob"], rel=1e-6)
+    assert frame.loc[last].tolist()[1] == pytest.approx(frame.attrs["clean_prob"], rel=1e-5)
     # position 2 is identical in both prompts
-    assert frame.loc[last].tolist()[0] == pytest.approx(frame.attrs["corrupt_prob"], rel=1e-6)
+    assert frame.loc[last].tolist()[0] == pytest.approx(frame.attrs["corrupt_prob"], rel=1e-5)
     assert frame.attrs["clean_prob"] == pytest.approx(next_token_probs(model, CLEAN)[9].item(), rel=1e-5)
     assert client.runs() == []
 
