@@ -1,0 +1,227 @@
+"""Batched forks and causal tracing, through the client to a ``djinn-server`` process (issue 10).
+
+    python -m experiments.bench_patching --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
+
+1. From one checkpoint (layer ``--layer``, prompt pass, ``--seq`` tokens), to the next token:
+   one ``fork``, sixteen ``fork`` calls one after another, and one ``fork_many`` of sixteen,
+   interleaved round by round. Goal: fork_many(16) <= 3x one fork.
+2. A causal-tracing grid (every layer x ``--positions`` positions of a prompt pair differing at
+   a few positions) three ways, in the same process and run: ``djinn_nb.causal_trace`` through
+   the client; plain PyTorch forward hooks on this process's copy of the same random model, one
+   full forward per cell; and nnsight (one trace per cell) where it can be imported.
+   Goal: >= 5x faster than the hook loop. The grids' largest difference is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import djinn_nb
+from djinn_nb.core.architecture import find_anatomy
+from djinn_nb.core.models import load_model
+from djinn_nb.core.pause import Trace
+
+from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, stats, sync
+
+HERE = Path(__file__).resolve().parent
+
+
+def _prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def hook_grid(model: torch.nn.Module, clean: list[int], corrupt: list[int], answer: int, layers: list[int],
+              positions: list[int]) -> list[list[float]]:
+    """The grid with plain forward hooks: one clean forward recording every block, then one full
+    forward of the corrupted prompt per cell with the block's output overwritten at one position."""
+    blocks = find_anatomy(model).blocks
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        traces = [Trace(blocks[layer]) for layer in layers]
+        for t in traces:
+            t.__enter__()
+        try:
+            model(torch.tensor([clean], device=device))
+        finally:
+            for t in traces:
+                t.__exit__(None, None, None)
+        clean_h = {layer: t.value.clone() for layer, t in zip(layers, traces)}
+        x = torch.tensor([corrupt], device=device)
+        grid = []
+        for layer in layers:
+            row = []
+            for p in positions:
+                def write(h: torch.Tensor, p: int = p, layer: int = layer) -> torch.Tensor:
+                    h = h.clone()
+                    h[:, p] = clean_h[layer][:, p]
+                    return h
+
+                with Trace(blocks[layer], edit=write):
+                    logits = model(x).logits[0, -1]
+                row.append(torch.softmax(logits.float(), -1)[answer])
+            grid.append(torch.stack(row))
+        return torch.stack(grid).tolist()
+
+
+def nnsight_grid(model: torch.nn.Module, clean: list[int], corrupt: list[int], answer: int, layers: list[int],
+                 positions: list[int]) -> list[list[float]] | None:
+    """The same grid with nnsight (one trace per cell), or None where nnsight is not installed."""
+    try:
+        from nnsight import NNsight
+    except Exception:  # noqa: BLE001 - not installed, or fails to import with this torch
+        return None
+    anatomy = find_anatomy(model)
+    device = next(model.parameters()).device
+    wrapped = NNsight(model)
+    blocks = wrapped
+    for part in anatomy.block_path.split("."):
+        blocks = getattr(blocks, part)
+    clean_x, corrupt_x = torch.tensor([clean], device=device), torch.tensor([corrupt], device=device)
+    with torch.inference_mode():
+        with wrapped.trace(clean_x):
+            saved = [_first(blocks[layer].output).save() for layer in layers]
+        clean_h = [_value(s) for s in saved]
+        grid = []
+        for li, layer in enumerate(layers):
+            row = []
+            for p in positions:
+                with wrapped.trace(corrupt_x):
+                    _first(blocks[layer].output)[:, p] = clean_h[li][:, p]
+                    probs = wrapped.output.logits[0, -1].float().softmax(-1)[answer].save()
+                row.append(float(_value(probs)))
+            grid.append(row)
+    return grid
+
+
+def _first(output: Any) -> Any:
+    """A block's hidden state inside an nnsight trace: transformers 5 blocks return a tensor,
+    older ones a tuple whose first element it is."""
+    try:
+        return output[0] if isinstance(output, tuple) else output
+    except Exception:  # noqa: BLE001
+        return output
+
+
+def _value(saved: Any) -> Any:
+    return getattr(saved, "value", saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--layer", type=int, default=6)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--forks", type=int, default=16)
+    p.add_argument("--positions", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--trace-repeats", type=int, default=3)
+    p.add_argument("--out", default="experiments/out/bench_patching")
+    args = p.parse_args(argv)
+    cmd = [sys.executable, "-m", "djinn_nb.serving", "--model", args.model, "--device", args.device, "--port", "0"]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)
+    try:
+        address = server.stdout.readline().rsplit(" at ", 1)[1].strip()
+        client = djinn_nb.connect(address)
+        vocab, n_layers = client.info["vocab_size"], client.info["num_layers"]
+
+        # 1. fork_many vs single forks, to the next token
+        prompt = _prompt(vocab, args.seq, 0)
+        parent = client.generate(prompt, max_new_tokens=1, breakpoints=[args.layer])
+        scales = [1.0 + 0.01 * i for i in range(args.forks)]
+
+        def close_all(runs: Any) -> None:
+            for r in runs if isinstance(runs, list) else [runs]:
+                r.close()
+
+        res = measure_interleaved(
+            {
+                "one_fork": Case(lambda _: parent.fork(scale=1.0, breakpoints=[]), teardown=close_all),
+                f"{args.forks}_forks_one_by_one": Case(
+                    lambda _: [parent.fork(scale=s, breakpoints=[]) for s in scales], teardown=close_all),
+                f"fork_many_{args.forks}": Case(
+                    lambda _: parent.fork_many([{"scale": s, "breakpoints": []} for s in scales]), teardown=close_all),
+            },
+            warmup=3,
+            repeats=args.repeats,
+        )
+        singles = [parent.fork(scale=s, breakpoints=[]) for s in scales]
+        batched = parent.fork_many([{"scale": s, "breakpoints": []} for s in scales])
+        tokens_equal = [a.token_ids == b.token_ids for a, b in zip(singles, batched)]
+        close_all(singles + batched)
+        parent.close()
+        one = res["one_fork"][0]
+        seq_ = res[f"{args.forks}_forks_one_by_one"][0]
+        many = res[f"fork_many_{args.forks}"][0]
+
+        # 2. the causal-tracing grid, three ways
+        clean = _prompt(vocab, args.positions, 1)
+        corrupt = list(clean)
+        for i in (1, 2, 3):
+            corrupt[i] = (clean[i] + 1) % vocab
+        layers, positions = list(range(n_layers)), list(range(args.positions))
+        model = load_model(args.model, device=args.device, dtype=args.dtype).model
+        with torch.inference_mode():
+            answer = int(model(torch.tensor([clean], device=model.device)).logits[0, -1].argmax())
+        frames, times = {}, {"djinn_causal_trace": [], "torch_hooks_full_forward_per_cell": [],
+                              "nnsight_trace_per_cell": []}
+        nnsight_ok = True
+        for _ in range(args.trace_repeats + 1):  # the first round warms up
+            for name in list(times):
+                if name == "nnsight_trace_per_cell" and not nnsight_ok:
+                    continue
+                sync()
+                t0 = time.perf_counter()
+                if name == "djinn_causal_trace":
+                    grid = djinn_nb.causal_trace(client, clean, corrupt, answer=answer, progress=False).to_numpy().tolist()
+                elif name == "torch_hooks_full_forward_per_cell":
+                    grid = hook_grid(model, clean, corrupt, answer, layers, positions)
+                else:
+                    grid = nnsight_grid(model, clean, corrupt, answer, layers, positions)
+                    nnsight_ok = grid is not None
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                frames[name] = grid
+        trace_ms = {k: stats(v[1:]).as_dict() for k, v in times.items() if len(v) > 1}
+        ref = torch.tensor(frames["torch_hooks_full_forward_per_cell"])
+        diffs = {k: float((torch.tensor(v) - ref).abs().max()) for k, v in frames.items() if v is not None}
+        djinn_ms = trace_ms["djinn_causal_trace"]["median_ms"]
+        out = {
+            "benchmark": "batched forks and causal tracing through the client to a djinn-server subprocess",
+            "model": args.model, "dtype": args.dtype, "layer": args.layer, "seq_len": args.seq,
+            "environment": environment(args.device),
+            "fork_ms": {k: v[0].as_dict() for k, v in res.items()},
+            "fork_many_over_one_fork": ratio(many.median_ms, one.median_ms),
+            "one_by_one_over_one_fork": ratio(seq_.median_ms, one.median_ms),
+            "fork_many_tokens_equal_single_forks": tokens_equal,
+            "trace": {"layers": len(layers), "positions": len(positions), "cells": len(layers) * len(positions),
+                      "answer": answer, "ms": trace_ms, "max_abs_diff_vs_hooks": diffs,
+                      "nnsight": "ran" if nnsight_ok else "not importable here"},
+            "hooks_over_djinn": ratio(trace_ms["torch_hooks_full_forward_per_cell"]["median_ms"], djinn_ms),
+            "nnsight_over_djinn": ratio(trace_ms.get("nnsight_trace_per_cell", {}).get("median_ms"), djinn_ms),
+        }
+        client.close()
+    finally:
+        server.kill()
+    name = f"bench_patching_{args.model.replace(':', '_')}_L{args.layer}_s{args.seq}.json"
+    write_json(Path(args.out) / name, out)
+    print(f"{args.model}: one fork {one.median_ms:.2f} ms, {args.forks} one by one {seq_.median_ms:.2f} ms "
+          f"({out['one_by_one_over_one_fork']:.1f}x), fork_many({args.forks}) {many.median_ms:.2f} ms "
+          f"({out['fork_many_over_one_fork']:.2f}x); tokens equal: {all(tokens_equal)}")
+    print(f"trace {len(layers)}x{len(positions)}: " + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in trace_ms.items())
+          + f"; hooks/djinn {out['hooks_over_djinn']:.1f}x; max |diff| {diffs}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
