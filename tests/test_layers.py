@@ -1,7 +1,7 @@
 """The package's layers, as the README describes them, checked on its source.
 
 core (no rpyc) → serving (no IPython) → client → notebook (only the client API);
-``errors``, ``schema`` and ``version`` are shared vocabulary. Every import counts,
+``errors``, ``schema``, ``conditions`` and ``version`` are shared vocabulary. Every import counts,
 lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (never
 executed) are left out of the cycle check.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "djinn_nb"
-SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.version"}
+SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.version", "djinn_nb.conditions"}
 ALLOWED = {  # layer → layers it may import
     "core": {"core"},
     "serving": {"core", "serving"},

@@ -152,6 +152,10 @@ class Client:
     def decode(self, ids: Sequence[int]) -> str:
         return _call(self._remote("decode"), wire.dumps([int(i) for i in ids]))
 
+    def decode_each(self, ids: Sequence[int]) -> list[str]:
+        """The text of each token on its own (one call)."""
+        return self._call("decode_each", wire.dumps([int(i) for i in ids]))
+
     def close(self) -> None:
         """Close the connection. Paused runs stay on the server until closed or their lease ends;
         an embedded server lives as long as this Python process."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError
 from ..schema import EditRequest, ForkRequest, RunState, RunSummary
 from ..serving import wire
@@ -93,6 +94,8 @@ def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
             b = list(b)
         if hasattr(b, "as_dict"):
             b = b.as_dict()
+        if isinstance(b, dict) and isinstance(b.get("when"), str):
+            b = {**b, "when": parse_condition(b["when"])}  # parsed here; the server validates the tree
         out.append(b)
     return out
 
@@ -303,6 +306,38 @@ class Run:
         """Change the paused activation on the server; later resume/fork start from it."""
         req, act, add_b = _edit_request(self._client, activation, scale, add, False, heads, patch_from, positions)
         return self._update(self._client._call("edit", self.id, wire.dumps(req.to_json()), act, add_b))
+
+    def next_layer(self) -> "Run":
+        """Pause at the next block's output in the same step, whatever the breakpoints (they apply
+        afterwards); returns this run, as :meth:`resume` does."""
+        return self._update(self._client._call("next_layer", self.id))
+
+    def next_step(self) -> "Run":
+        """Pause at the same layer and site one step later (or run to the end if there is none)."""
+        return self._update(self._client._call("next_step", self.id))
+
+    def rewind(self, step: int, layer: int | None = None, site: str | None = None) -> "Run":
+        """A new run paused at (``layer``, ``site``) of an earlier ``step`` of this run, paused or
+        finished; this run is left as it is. Defaults: where this run is (or last was) paused.
+        The new run reuses this run's KV cache up to that step; only that step is computed again."""
+        return Run(self._client, RunSummary.from_json(self._client._call("rewind", self.id, step, layer, site)))
+
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per generated token: ``step``, ``token_id``, ``token`` (text, with a tokenizer),
+        ``topk`` (``[(id, prob), ...]``, the chosen token first under greedy) and ``entropy`` (nats)."""
+        records = self._client._call("history", self.id)
+        texts = None
+        if self._client.info.get("has_tokenizer") and records:
+            texts = self._client.decode_each([r["token_id"] for r in records])
+        out = []
+        for i, r in enumerate(records):
+            rec = {"step": r["step"], "token_id": r["token_id"]}
+            if texts is not None:
+                rec["token"] = texts[i]
+            rec["topk"] = [(int(t), float(p)) for t, p in r["topk"]]
+            rec["entropy"] = float(r["entropy"])
+            out.append(rec)
+        return out
 
     def reset(self) -> "Run":
         """Undo edits: the paused activation is the site's own value again."""

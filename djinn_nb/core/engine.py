@@ -26,6 +26,7 @@ from ..schema import RunState
 from . import views
 from .architecture import Anatomy, check_split_is_exact, find_anatomy
 from .forking import Forking, ForkSpec
+from .navigation import Navigation
 from .residency import Residency
 from .runs import Run, RunRegistry, WatchHit
 from .sites import SITES, block_parts
@@ -37,7 +38,7 @@ log = logging.getLogger("djinn_nb.core.engine")
 __all__ = ["Engine", "ForkSpec"]
 
 
-class Engine(Forking):
+class Engine(Forking, Navigation):
     """A loaded causal LM plus its runs. Thread-safe; see the module docstring."""
 
     def __init__(
@@ -70,6 +71,7 @@ class Engine(Forking):
         # One device only: a graph of a model split over GPUs would span several streams.
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
         self.stepper = Stepper(model, self.anatomy, self.parts, self.eos_ids, self.cuda_graphs)
+        self.stepper.keep_finished = True  # finished runs keep their KV cache for rewind (navigation.py)
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.ignored_generation_config = _ignored_generation_settings(model)
@@ -133,6 +135,12 @@ class Engine(Forking):
         if self.tokenizer is None:
             raise NoTokenizerError(f"{self.name} has no tokenizer to decode with")
         return self.tokenizer.decode(list(ids))
+
+    def decode_each(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text."""
+        if self.tokenizer is None:
+            raise NoTokenizerError(f"{self.name} has no tokenizer to decode with")
+        return [self.tokenizer.decode([i]) for i in ids]
 
     # ----- registry ---------------------------------------------------------------
     def get(self, run_id: str, owner: str = "") -> Run:

@@ -141,6 +141,8 @@ class Forking:
             topk=list(parent.topk),
             logits=list(parent.logits),
             entropies=list(parent.entropies),
+            gen_states=list(parent.gen_states),
+            last_point=parent.last_point,
         )
 
     @staticmethod

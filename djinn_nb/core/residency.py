@@ -30,7 +30,8 @@ class Residency:
         return self.device.type == "cuda"
 
     def offload(self, run: Run) -> None:
-        """Move a paused run (its lock held) to host memory; on a CPU engine the same packing runs."""
+        """Move a paused run, or a finished one's KV cache (its lock held), to host memory; on a CPU
+        engine the same packing runs."""
         if run.offloaded:
             return
         t0 = time.perf_counter()
@@ -41,7 +42,8 @@ class Residency:
             views = iter(hp.host_views())
             map_run_tensors(run, lambda _t: next(views), torch.device("cpu"))
             run.host_pack = hp
-            run.checkpoint.graphs = graphs.TailGraphSlot()  # a graph would pin device memory
+            if run.checkpoint is not None:
+                run.checkpoint.graphs = graphs.TailGraphSlot()  # a graph would pin device memory
             if self._cuda:
                 torch.cuda.empty_cache()
         run.timings["offload"] = time.perf_counter() - t0
@@ -59,14 +61,20 @@ class Residency:
         run.host_pack = None
         run.timings["restore"] = time.perf_counter() - t0
 
+    @staticmethod
+    def holds_state(run: Run) -> bool:
+        """Paused, or finished with its KV cache kept for rewind, and on the device."""
+        return (run.paused or (run.done and run.cache is not None)) and not run.offloaded
+
     def resident_paused_bytes(self) -> int:
-        return sum(r.bytes_held() for r in self._registry.all() if r.paused and not r.offloaded)
+        """Bytes on the device held by paused runs and by finished runs' kept KV caches."""
+        return sum(r.bytes_held() for r in self._registry.all() if self.holds_state(r))
 
     def enforce_budget(self, max_bytes: int, keep: str | None = None) -> list[str]:
-        """Offload least-recently-used paused runs until resident paused state fits ``max_bytes``."""
+        """Offload least-recently-used paused (or finished) runs until their resident state fits ``max_bytes``."""
         moved: list[str] = []
         candidates = sorted(
-            (r for r in self._registry.all() if r.paused and not r.offloaded and r.id != keep),
+            (r for r in self._registry.all() if self.holds_state(r) and r.id != keep),
             key=lambda r: r.last_used,
         )
         resident = self.resident_paused_bytes()
@@ -75,7 +83,7 @@ class Residency:
                 break
             held = run.bytes_held()
             with run.lock:
-                if not run.paused or run.offloaded:
+                if not self.holds_state(run):
                     continue  # resumed, closed or offloaded meanwhile
                 self.offload(run)
             moved.append(run.id)

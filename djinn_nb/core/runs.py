@@ -17,7 +17,7 @@ import torch
 from ..errors import UnknownRunError
 from ..schema import RunState, RunSummary
 from . import graphs, kvcache, offload
-from .specs import Breakpoint, Sampling
+from .specs import Breakpoint, Point, Sampling
 
 
 @dataclass
@@ -82,6 +82,13 @@ class Run:
     parent: str | None = None
     topk: list[list[tuple[int, float]]] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)  # nats, of each step's next-token distribution
+    gen_states: list[torch.Tensor] = field(default_factory=list)  # sampling: the generator before each step
+    #: a one-shot stop (step, point) that overrides the breakpoints until reached (next_*, rewind)
+    target: tuple[int, Point] | None = None
+    forced: set[Point] = field(default_factory=set)  # conditional breakpoints that held at ``forced_step``
+    forced_step: int = -1
+    checked_step: int = -1  # the last step whose conditions were tested
+    last_point: tuple[int, str] | None = None  # (layer, site) of the last pause
     logits: list[torch.Tensor] = field(default_factory=list)
     last_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -6,6 +6,8 @@ ever sees well-formed requests.
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..conditions import check_tree as check_condition, parse as parse_condition
 from ..errors import BadRequestError, BreakpointError
 from .sites import DEFAULT_SITE, ORDER, SITES, check_site
 
@@ -37,21 +40,43 @@ class Point:
 
 @dataclass(frozen=True)
 class Breakpoint:
-    """Stop at ``site`` of decoder block ``layer`` at generation step ``step`` (``None``: every step)."""
+    """Stop at ``site`` of decoder block ``layer`` at generation step ``step`` (``None``: every step).
+
+    ``when`` (a condition tree as canonical JSON, see :mod:`djinn_nb.conditions`): stop only
+    at the steps whose output meets it.
+    """
 
     layer: int
     step: int | None = 0
     site: str = DEFAULT_SITE
+    when: str | None = None
 
     @property
     def point(self) -> Point:
         return Point.at(self.layer, self.site)
 
+    @property
+    def condition(self) -> dict[str, Any] | None:
+        return None if self.when is None else _tree(self.when)
+
     def covers(self, step: int) -> bool:
         return self.step is None or self.step == step
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step, "site": self.site}
+        out = {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step, "site": self.site}
+        if self.when is not None:
+            out["when"] = self.condition
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _tree(when: str) -> dict[str, Any]:
+    return json.loads(when)
+
+
+def condition_json(tree: dict[str, Any]) -> str:
+    """The canonical text of a condition tree (what ``Breakpoint.when`` holds)."""
+    return json.dumps(tree, sort_keys=True, separators=(",", ":"))
 
 
 def finite_number(x: Any) -> bool:
@@ -78,12 +103,16 @@ def parse_breakpoint(spec: Any) -> Breakpoint:
         return spec
     if isinstance(spec, str) and ":" in spec:
         spec = tuple(spec.split(":", 2))
+    when = None
     if isinstance(spec, dict):
-        unknown = set(spec) - {"layer", "step", "site"}
+        unknown = set(spec) - {"layer", "step", "site", "when"}
         if unknown or "layer" not in spec:
             raise BreakpointError(
-                f"a breakpoint dict takes 'layer' and optional 'step' and 'site', got {sorted(map(str, spec))}"[:300]
+                f"a breakpoint dict takes 'layer' and optional 'step', 'site' and 'when', got {sorted(map(str, spec))}"[:300]
             )
+        if spec.get("when") is not None:
+            w = spec["when"]
+            when = condition_json(parse_condition(w) if isinstance(w, str) else check_condition(w))
         spec = (spec["layer"], spec.get("step", 0), spec.get("site", DEFAULT_SITE))
     if isinstance(spec, (tuple, list)):
         if len(spec) not in (2, 3):
@@ -94,8 +123,8 @@ def parse_breakpoint(spec: Any) -> Breakpoint:
     layer = _int(layer, "breakpoint layer")
     site = check_site(site.strip() if isinstance(site, str) else site)
     if step is None or (isinstance(step, str) and step.strip().lower() == ALL_STEPS):
-        return Breakpoint(layer, None, site)
-    return Breakpoint(layer, _int(step, "breakpoint step"), site)
+        return Breakpoint(layer, None, site, when)
+    return Breakpoint(layer, _int(step, "breakpoint step"), site, when)
 
 
 def parse_breakpoints(
@@ -121,7 +150,7 @@ def parse_breakpoints(
                 f"gives steps 0..{max_new_tokens - 1} (0 is the prompt pass)"
             )
         out.add(bp)
-    return tuple(sorted(out, key=lambda b: (b.layer, ORDER[b.site], -1 if b.step is None else b.step)))
+    return tuple(sorted(out, key=lambda b: (b.layer, ORDER[b.site], -1 if b.step is None else b.step, b.when or "")))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ..schema import RunState
 from . import graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import Trace, output_hidden
+from .conditional import StepTest
 from .runs import Checkpoint, Run, WatchHit
 from .sites import BlockParts, finish_block
 from .specs import Point
@@ -185,25 +186,40 @@ class Stepper:
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
-        """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
+        """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this.
+
+        A one-shot ``run.target`` (step, point) — set by next_layer, next_step and rewind —
+        is the only stop until it is reached. Conditional breakpoints are tested after their
+        step and, where they hold, the step is replayed to pause in it (see conditional.py).
+        """
         first = True
         while True:
             if not first:
                 self.between_steps(run)
             first = False
             cp, step = run.checkpoint, run.step
-            stops = [b.point for b in run.breakpoints if b.covers(step)]
-            watches = [b.point for b in run.watches if b.covers(step)]
+            if run.target is not None:
+                stops = [run.target[1]] if run.target[0] == step else []
+            else:
+                stops = [b.point for b in run.breakpoints if b.covers(step) and b.when is None]
+                stops += sorted(run.forced) if run.forced_step == step else []
+            test = StepTest.prepare(run, step, start)
+            user_watches = [b.point for b in run.watches if b.covers(step)]
+            watches = sorted({*user_watches, *(test.norm_points if test else ())})
 
-            def record(layer: int, site: str, value: torch.Tensor, step: int = step) -> None:
-                run.watch_log.append(WatchHit(layer, step, site, value))
+            def record(layer: int, site: str, value: torch.Tensor, step: int = step, test: StepTest | None = test) -> None:
+                point = Point.at(layer, site)
+                if point in user_watches:
+                    run.watch_log.append(WatchHit(layer, step, site, value))
+                if test is not None:
+                    test.record(point, value)
 
             try:
                 if cp is not None:
                     start = cp.pending if start is None else start
                     here = Point.at(cp.layer, cp.site)
                     later = [p for p in stops + watches if p > here]
-                    if run.parent is not None and not later and self.cuda_graphs:
+                    if run.parent is not None and not later and test is None and self.cuda_graphs:
                         logits = self._continue_fork(run, cp, start)
                     else:
                         run.continued_by = "eager"
@@ -218,9 +234,20 @@ class Stepper:
                 run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
                 run.timings["checkpoint"] = p.capture_s
                 run.state = RunState.PAUSED
+                run.last_point = (p.layer, p.site)
+                if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
+                    run.target = None
                 return
             start = None
-            if self.take_tokens([run], logits)[0]:
+            ended = self.take_tokens([run], logits)[0]
+            if test is not None:
+                held = test.held(run, step)
+                if held:  # undo the step and run it again, stopping where the conditions held
+                    run.checkpoint, start = test.undo(run)
+                    run.forced, run.forced_step = set(held), step
+                    continue
+            if ended:
+                run.target = None
                 if not self.keep_finished:
                     run.cache = None  # frees the device memory; tokens and logits stay
                 return
@@ -288,6 +315,7 @@ class Stepper:
             if s.temperature == 0:
                 choices.append(None)
                 continue
+            run.gen_states.append(run.generator.get_state())  # what rewinding to this step restores
             scores = logits[i].float() / s.temperature
             if s.top_k:
                 kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]

@@ -242,6 +242,35 @@ class DjinnService(rpyc.Service):
         return self._engine.token_probs(ids, req["token"], self._who())
 
     @_reply
+    def exposed_next_layer(self, run_id: Any) -> dict[str, Any]:
+        """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
+        return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()))
+
+    @_reply
+    def exposed_next_step(self, run_id: Any) -> dict[str, Any]:
+        """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
+        return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()))
+
+    @_reply
+    def exposed_rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None) -> dict[str, Any]:
+        """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run."""
+        owner = self._who()
+        if type(step) is not int or (layer is not None and type(layer) is not int):
+            raise BadRequestError("step (and layer) must be integers")
+        if site is not None and type(site) is not str:
+            raise BadRequestError("site must be a string")
+        return self._stepped(self._engine.rewind(_str(run_id, "run id"), step, layer, site, owner))
+
+    @_reply
+    def exposed_history(self, run_id: Any) -> list[dict[str, Any]]:
+        """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
+        return self._engine.history(_str(run_id, "run id"), self._who())
+
+    def _stepped(self, run: Run) -> dict[str, Any]:
+        self._state.after_change(run)
+        return run.summary().to_json()
+
+    @_reply
     def exposed_offload(self, run_id: Any) -> dict[str, Any]:
         """Move a paused run's state to host memory; later calls bring it back."""
         return self._engine.offload(_str(run_id, "run id"), self._who()).summary().to_json()
@@ -355,3 +384,12 @@ class DjinnService(rpyc.Service):
         if not isinstance(ids, list) or any(type(i) is not int for i in ids):
             raise BadRequestError("token ids must be a list of ints")
         return self._engine.decode(ids)
+
+    @_reply
+    def exposed_decode_each(self, ids_json: Any) -> list[str]:
+        """The text of each token id on its own."""
+        self._who()
+        ids = wire.loads(ids_json, "token ids")
+        if not isinstance(ids, list) or len(ids) > 1 << 16 or any(type(i) is not int for i in ids):
+            raise BadRequestError("token ids must be a list of ints")
+        return self._engine.decode_each(ids)

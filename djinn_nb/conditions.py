@@ -1,0 +1,275 @@
+"""Conditions of conditional breakpoints: a small language, parsed into a JSON tree, never evaluated as code.
+
+``when="entropy > 2.5 and step >= 3"`` is parsed here, on the client, by a
+recursive-descent parser into a tree of plain values; the server validates
+the tree again (:func:`check_tree`) and evaluates it itself over numbers it
+computed (:func:`evaluate`). Nothing the user writes reaches ``eval`` on either
+side, so ``__import__('os')`` is a syntax error like any other.
+
+Grammar::
+
+    expr   := and ("or" and)*
+    and    := not ("and" not)*
+    not    := "not" not | atom
+    atom   := "(" expr ")" | TERM CMP value | TERM ["not"] "in" "[" value ("," value)* "]"
+    TERM   := top1_prob | entropy | token | norm | step
+    CMP    := < | <= | > | >= | == | !=
+    value  := number | "quoted text" (token only: a text of one token)
+
+Trees: ``{"and": [t, ...]}``, ``{"or": [...]}``, ``{"not": t}``,
+``{"term": "entropy", "op": ">", "value": 2.5}``,
+``{"term": "token", "op": "in", "values": [42, {"text": " Paris"}]}``.
+This module is shared vocabulary (no torch, no rpyc); every layer may use it.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping
+
+from .errors import BreakpointError
+
+TERMS = {
+    "top1_prob": "the probability of the most likely next token at the step examined",
+    "entropy": "the entropy (nats) of the step's next-token distribution",
+    "token": "the token the step chose (an id, or a text of one token in quotes)",
+    "norm": "the largest per-position L2 norm of the activation at the breakpoint's site",
+    "step": "the generation step (0 is the prompt pass)",
+}
+COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+}
+MAX_SOURCE = 1000
+MAX_NODES = 200
+MAX_DEPTH = 32
+
+_TOKEN = re.compile(r"""\s*(?:
+    (?P<num>-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
+  | (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<op><=|>=|==|!=|<|>|\(|\)|\[|\]|,)
+  | (?P<word>[A-Za-z_][A-Za-z_0-9]*)
+  | (?P<bad>\S)
+)""", re.VERBOSE)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
+
+
+def _lex(source: str) -> list[tuple[str, str, int]]:
+    tokens, pos = [], 0
+    while pos < len(source):
+        m = _TOKEN.match(source, pos)
+        if m is None or m.end() == pos:  # only trailing whitespace is left
+            break
+        kind = m.lastgroup
+        if kind == "bad":
+            raise BreakpointError(f"condition {source!r}: unexpected character {m.group(kind)!r} at {m.start(kind)}")
+        tokens.append((kind, m.group(kind), m.start(kind)))
+        pos = m.end()
+    return tokens
+
+
+def _unquote(text: str) -> str:
+    body, out, i = text[1:-1], [], 0
+    while i < len(body):
+        if body[i] == "\\" and i + 1 < len(body):
+            out.append(_ESCAPES.get(body[i + 1], body[i + 1]))
+            i += 2
+        else:
+            out.append(body[i])
+            i += 1
+    return "".join(out)
+
+
+class _Parser:
+    def __init__(self, source: str):
+        self.source = source
+        self.tokens = _lex(source)
+        self.i = 0
+
+    def fail(self, why: str) -> BreakpointError:
+        where = self.tokens[self.i][2] if self.i < len(self.tokens) else len(self.source)
+        return BreakpointError(f"condition {self.source!r}: {why} at {where}"[:400])
+
+    def peek(self) -> tuple[str, str, int] | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def take(self, kind: str | None = None, text: str | None = None) -> tuple[str, str, int] | None:
+        tok = self.peek()
+        if tok is None or (kind and tok[0] != kind) or (text and tok[1] != text):
+            return None
+        self.i += 1
+        return tok
+
+    def parse(self) -> dict[str, Any]:
+        if not self.tokens:
+            raise BreakpointError("condition is empty")
+        tree = self.expr(0)
+        if self.peek() is not None:
+            raise self.fail(f"unexpected {self.peek()[1]!r}")
+        return tree
+
+    def expr(self, depth: int) -> dict[str, Any]:
+        if depth > MAX_DEPTH:
+            raise self.fail("nested too deeply")
+        parts = [self.conj(depth)]
+        while self.take("word", "or"):
+            parts.append(self.conj(depth))
+        return parts[0] if len(parts) == 1 else {"or": parts}
+
+    def conj(self, depth: int) -> dict[str, Any]:
+        parts = [self.neg(depth)]
+        while self.take("word", "and"):
+            parts.append(self.neg(depth))
+        return parts[0] if len(parts) == 1 else {"and": parts}
+
+    def neg(self, depth: int) -> dict[str, Any]:
+        if self.take("word", "not"):
+            return {"not": self.neg(depth + 1)}
+        return self.atom(depth)
+
+    def atom(self, depth: int) -> dict[str, Any]:
+        if self.take("op", "("):
+            tree = self.expr(depth + 1)
+            if not self.take("op", ")"):
+                raise self.fail("expected ')'")
+            return tree
+        tok = self.take("word")
+        if tok is None:
+            raise self.fail("expected a term (" + ", ".join(TERMS) + ")")
+        term = tok[1]
+        if term not in TERMS:
+            raise BreakpointError(f"condition {self.source!r}: unknown term {term!r}; known: {', '.join(TERMS)}"[:400])
+        negate = bool(self.take("word", "not"))
+        if self.take("word", "in"):
+            if not self.take("op", "["):
+                raise self.fail("expected '[' after 'in'")
+            values = [self.value(term)]
+            while self.take("op", ","):
+                values.append(self.value(term))
+            if not self.take("op", "]"):
+                raise self.fail("expected ']'")
+            node = {"term": term, "op": "in", "values": values}
+            return {"not": node} if negate else node
+        if negate:
+            raise self.fail("expected 'in' after 'not'")
+        op = self.take("op")
+        if op is None or op[1] not in COMPARISONS:
+            raise self.fail("expected one of < <= > >= == != or in")
+        return {"term": term, "op": op[1], "value": self.value(term)}
+
+    def value(self, term: str) -> Any:
+        tok = self.take("num") or self.take("str")
+        if tok is None:
+            raise self.fail("expected a number" + (" or a quoted token text" if term == "token" else ""))
+        if tok[0] == "str":
+            if term != "token":
+                raise self.fail(f"{term} compares with numbers, not text")
+            return {"text": _unquote(tok[1])}
+        number = float(tok[1])
+        return int(number) if number.is_integer() and re.fullmatch(r"-?\d+", tok[1]) else number
+
+
+def parse(source: str) -> dict[str, Any]:
+    """The JSON tree of a condition; ``BreakpointError`` naming what is wrong."""
+    if not isinstance(source, str):
+        raise BreakpointError(f"a condition is text, got {type(source).__name__}")
+    if len(source) > MAX_SOURCE:
+        raise BreakpointError(f"a condition is at most {MAX_SOURCE} characters")
+    return check_tree(_Parser(source).parse())
+
+
+def check_tree(tree: Any) -> dict[str, Any]:
+    """Validate a tree from the wire: only the node shapes above, known terms, plain values."""
+    count = [0]
+
+    def walk(node: Any, depth: int) -> None:
+        count[0] += 1
+        if count[0] > MAX_NODES or depth > MAX_DEPTH:
+            raise BreakpointError(f"a condition has at most {MAX_NODES} parts, nested at most {MAX_DEPTH} deep")
+        if not isinstance(node, dict) or len(node) == 0:
+            raise BreakpointError("a condition node must be an object")
+        keys = set(node)
+        if keys in ({"and"}, {"or"}):
+            parts = next(iter(node.values()))
+            if not isinstance(parts, list) or len(parts) < 2:
+                raise BreakpointError("'and'/'or' take a list of two or more conditions")
+            for p in parts:
+                walk(p, depth + 1)
+        elif keys == {"not"}:
+            walk(node["not"], depth + 1)
+        elif keys in ({"term", "op", "value"}, {"term", "op", "values"}):
+            term, op = node["term"], node["op"]
+            if term not in TERMS:
+                raise BreakpointError(f"unknown term {term!r} in a condition; known: {', '.join(TERMS)}"[:300])
+            values = node.get("values", [node.get("value")])
+            if ("values" in node) != (op == "in") or (op != "in" and op not in COMPARISONS):
+                raise BreakpointError(f"a comparison's op is one of {list(COMPARISONS)} or 'in' (with values), got {op!r}"[:300])
+            if not isinstance(values, list) or not values or len(values) > 64:
+                raise BreakpointError("'in' takes a list of 1 to 64 values")
+            for v in values:
+                text = isinstance(v, dict) and set(v) == {"text"} and isinstance(v["text"], str) and len(v["text"]) <= 200
+                number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if not (number or (text and term == "token")):
+                    raise BreakpointError(f"{term} compares with {'a token id or text' if term == 'token' else 'numbers'}, got {v!r}"[:300])
+        else:
+            raise BreakpointError(f"not a condition node: keys {sorted(map(str, keys))}"[:300])
+
+    walk(tree, 0)
+    return tree
+
+
+def terms_of(tree: Mapping[str, Any]) -> set[str]:
+    """The terms a tree reads (the server computes only those)."""
+    if "term" in tree:
+        return {tree["term"]}
+    if "not" in tree:
+        return terms_of(tree["not"])
+    return set().union(*(terms_of(t) for t in next(iter(tree.values()))))
+
+
+def map_values(tree: Mapping[str, Any], fn: Callable[[str, Any], Any]) -> dict[str, Any]:
+    """A copy of the tree with each comparison value replaced by ``fn(term, value)``."""
+    if "term" in tree:
+        out = dict(tree)
+        if "values" in tree:
+            out["values"] = [fn(tree["term"], v) for v in tree["values"]]
+        else:
+            out["value"] = fn(tree["term"], tree["value"])
+        return out
+    if "not" in tree:
+        return {"not": map_values(tree["not"], fn)}
+    key = next(iter(tree))
+    return {key: [map_values(t, fn) for t in tree[key]]}
+
+
+def evaluate(tree: Mapping[str, Any], values: Mapping[str, float | int]) -> bool:
+    """The tree's truth for the given term values (token texts already resolved to ids)."""
+    if "and" in tree:
+        return all(evaluate(t, values) for t in tree["and"])
+    if "or" in tree:
+        return any(evaluate(t, values) for t in tree["or"])
+    if "not" in tree:
+        return not evaluate(tree["not"], values)
+    x = values[tree["term"]]
+    if tree["op"] == "in":
+        return x in tree["values"]
+    return COMPARISONS[tree["op"]](x, tree["value"])
+
+
+def to_text(tree: Mapping[str, Any]) -> str:
+    """The condition written back as text (for listings)."""
+    def value(v: Any) -> str:
+        return repr(v["text"]) if isinstance(v, dict) else repr(v)
+
+    if "and" in tree or "or" in tree:
+        key = "and" if "and" in tree else "or"
+        return f" {key} ".join(f"({to_text(t)})" if ("and" in t or "or" in t) else to_text(t) for t in tree[key])
+    if "not" in tree:
+        inner = to_text(tree["not"])
+        return f"not ({inner})"
+    if tree["op"] == "in":
+        return f"{tree['term']} in [{', '.join(value(v) for v in tree['values'])}]"
+    return f"{tree['term']} {tree['op']} {value(tree['value'])}"
+
+
+__all__ = ["TERMS", "parse", "check_tree", "terms_of", "map_values", "evaluate", "to_text"]

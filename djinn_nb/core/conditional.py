@@ -1,0 +1,94 @@
+"""Conditional breakpoints: test a step's output on the server, and replay the step to pause in it.
+
+A breakpoint with ``when`` cannot know before a step runs whether it should stop
+in it: its terms (``top1_prob``, ``entropy``, ``token``) are about the step's
+output. So the step runs unpaused (with a watch where ``norm`` is needed), the
+condition is evaluated on numbers already read back with the token, and only
+if it holds is the step undone — the token, its top-k and entropy, the
+generator's state, the watch hits, and the KV cache (restored from a snapshot
+of its layer objects, which shares every tensor: HF's dynamic layers never
+write in place) — and run again with the breakpoints that held as ordinary
+stops. The replay computes exactly what the first run computed, so the pause
+shows what an unconditional breakpoint at that step would. A step whose
+conditions were tested is not tested again when it is resumed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..conditions import evaluate, terms_of
+from ..schema import RunState
+from . import kvcache
+from .runs import Checkpoint, Run
+from .specs import Breakpoint, Point
+
+
+@dataclass
+class StepTest:
+    """The conditional breakpoints of one step, and what undoing the step needs."""
+
+    breakpoints: list[Breakpoint]
+    norm_points: list[Point]
+    cache: Any
+    watch_len: int
+    last_logits: torch.Tensor | None
+    generator_state: torch.Tensor | None
+    checkpoint: Checkpoint | None
+    start: torch.Tensor | None
+    norms: dict[Point, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, run: Run, step: int, start: torch.Tensor | None) -> "StepTest | None":
+        """The step's test, or None when no conditional breakpoint is left to test in it."""
+        if run.target is not None or run.checked_step == step:
+            return None
+        cp = run.checkpoint
+        here = Point.at(cp.layer, cp.site) if cp is not None else None
+        bps = [b for b in run.breakpoints if b.when is not None and b.covers(step)
+               and (here is None or b.point > here)]  # a point already passed in this step cannot be revisited
+        if not bps:
+            return None
+        norm_points = sorted({b.point for b in bps if "norm" in terms_of(b.condition)})
+        gen = run.generator.get_state() if run.generator is not None else None
+        return cls(bps, norm_points, kvcache.fork_cache(run.cache), len(run.watch_log), run.last_logits, gen,
+                   cp, start)
+
+    def record(self, point: Point, value: torch.Tensor) -> None:
+        if point in self.norm_points:
+            self.norms[point] = value.detach().float().flatten(2).norm(dim=-1).amax()  # z: heads × head_dim
+
+    def held(self, run: Run, step: int) -> list[Point]:
+        """The points of the breakpoints whose condition the finished step meets."""
+        run.checked_step = step
+        values: dict[str, Any] = {
+            "top1_prob": math.exp(run.topk[-1][0][1]),
+            "entropy": run.entropies[-1],
+            "token": run.token_ids[-1],
+            "step": step,
+        }
+        norms = {p: float(v) for p, v in self.norms.items()}  # one read per point, only where asked
+        return sorted({b.point for b in self.breakpoints
+                       if evaluate(b.condition, {**values, "norm": norms.get(b.point, math.nan)})})
+
+    def undo(self, run: Run) -> tuple[Checkpoint | None, torch.Tensor | None]:
+        """Put the run back as it was before the step; returns what the step started from."""
+        run.token_ids.pop()
+        run.topk.pop()
+        run.entropies.pop()
+        run.token_times.pop()
+        if run.gen_states:
+            run.gen_states.pop()
+        if run.record_logits:
+            run.logits.pop()
+        run.last_logits = self.last_logits
+        run.step -= 1
+        run.state = RunState.RUNNING
+        run.cache.layers = self.cache.layers
+        del run.watch_log[self.watch_len:]
+        if self.generator_state is not None:
+            run.generator.set_state(self.generator_state)
+        return self.checkpoint, self.start

@@ -1,0 +1,153 @@
+"""A debugger's controls on runs: step to the next layer or step, rewind to an earlier step, history.
+
+``next_layer``/``next_step`` give a paused run a one-shot stop (``Run.target``)
+that overrides its breakpoints until reached; they still apply afterwards.
+``rewind`` makes a new run paused at (layer, site) of an earlier step of any
+run that has reached it: the KV cache is the source's, cropped to the length
+it had before that step (views of the same tensors: HF's dynamic layers never
+write in place, so nothing is copied), and only that step, up to the layer, is
+computed again — exactly what a fresh breakpoint there would compute. That is
+why finished runs keep their KV cache until closed or expired (counted in
+``bytes_held`` and by the paused-bytes budget).
+
+This is a mixin of :class:`~djinn_nb.core.engine.Engine`, kept apart so each file has one job.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadRequestError, BreakpointError, RunStateError
+from ..schema import RunState
+from .runs import Run
+from .specs import Point
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
+
+
+class Navigation:
+    """``next_layer``, ``next_step``, ``rewind`` and ``history``, for :class:`Engine`."""
+
+    def next_layer(self: "Engine", run_id: str, owner: str = "") -> Run:
+        """Pause at the next block's output (``resid_post`` of layer + 1) in the same step."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            cp = run.checkpoint
+            if cp.layer + 1 >= self.num_layers:
+                raise BreakpointError(
+                    f"run {run.id} is paused at the last layer ({cp.layer}): use next_step() or resume()"
+                )
+            self._check_site(cp.layer + 1, "resid_post")
+            self.residency.restore(run)
+            run.target = (cp.step, Point.at(cp.layer + 1, "resid_post"))
+            self._advance(run, None)
+        return run
+
+    def next_step(self: "Engine", run_id: str, owner: str = "") -> Run:
+        """Pause at the same layer and site one step later (or run to the end if there is none)."""
+        run = self.get(run_id, owner)
+        with run.lock:
+            self._require_paused(run)
+            cp = run.checkpoint
+            self.residency.restore(run)
+            run.target = (cp.step + 1, Point.at(cp.layer, cp.site))
+            self._advance(run, None)
+        return run
+
+    def rewind(self: "Engine", run_id: str, step: int, layer: int | None = None, site: str | None = None,
+               owner: str = "") -> Run:
+        """A new run paused at (``layer``, ``site``) of ``step`` of this run, which is left as it is.
+
+        Defaults: the run's current (or, finished, its last) pause's layer and site.
+        """
+        src = self.get(run_id, owner)
+        with src.lock:
+            if src.state not in (RunState.PAUSED, RunState.DONE) or src.cache is None:
+                raise RunStateError(f"run {src.id} is {src.state}: only a paused or finished run can be rewound")
+            reached = src.step + 1 if src.paused else src.step  # steps executed, or under way
+            if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < reached:
+                raise BreakpointError(f"run {src.id} has reached steps 0..{reached - 1}, not {step!r}"[:200])
+            if layer is None or site is None:
+                if src.last_point is None:
+                    raise BreakpointError(f"run {src.id} has never paused: pass layer= (and site=) to rewind")
+                layer = src.last_point[0] if layer is None else layer
+                site = src.last_point[1] if site is None else site
+            bp = self._breakpoints([(layer, step, site)], src.max_new_tokens)[0]
+            self.residency.restore(src)
+            run = self._rewound(src, step, owner)
+        self._registry.add(run)
+        with run.lock:
+            run.target = (step, bp.point)
+            self._advance(run, None)
+        return run
+
+    def history(self: "Engine", run_id: str, owner: str = "") -> list[dict[str, Any]]:
+        """One record per generated token: step, token_id, topk [(id, prob)], entropy (nats)."""
+        import math
+
+        run = self.get(run_id, owner)
+        with run.lock:
+            return [
+                {"step": i, "token_id": t, "topk": [(int(j), math.exp(lp)) for j, lp in top], "entropy": h}
+                for i, (t, top, h) in enumerate(zip(run.token_ids, run.topk, run.entropies))
+            ]
+
+    # ----- helpers ----------------------------------------------------------------
+    def _check_site(self: "Engine", layer: int, site: str) -> None:
+        why = self.parts[layer].missing(site) or self.inexact_sites.get(site)
+        if why:
+            raise BreakpointError(why)
+
+    def _rewound(self: "Engine", src: Run, step: int, owner: str) -> Run:
+        """A copy of ``src`` as it was before ``step``: tokens, records and the cropped KV cache."""
+        import torch
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        from . import kvcache
+
+        if step == 0:
+            cache = DynamicCache(config=self.model.config)
+        else:
+            length = len(src.prompt_ids) + step - 1  # the cache before step k holds the prompt and k-1 tokens
+            cache = kvcache.fork_cache(src.cache)
+            odd = [i for i, layer in enumerate(cache.layers) if type(layer) is not DynamicLayer]
+            if odd:
+                raise BadRequestError(
+                    f"rewind crops a full KV cache; this model's layer {odd[0]} keeps a "
+                    f"{type(cache.layers[odd[0]]).__name__} (a sliding window or a state), which cannot be cropped back"
+                )
+            for layer in cache.layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name, None)
+                    if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] > length:
+                        setattr(layer, name, t[..., :length, :])
+        gen = None
+        if src.generator is not None:
+            gen = torch.Generator(device=self.device)
+            gen.set_state(src.gen_states[step] if step < len(src.gen_states) else src.generator.get_state())
+        return Run(
+            id=self._registry.new_id(),
+            owner=owner,
+            prompt_ids=list(src.prompt_ids),
+            max_new_tokens=src.max_new_tokens,
+            breakpoints=src.breakpoints,
+            watches=src.watches,
+            watch_log=[h for h in src.watch_log if h.step < step],
+            sampling=src.sampling,
+            generator=gen,
+            cache=cache,
+            record_logits=src.record_logits,
+            token_ids=src.token_ids[:step],
+            step=step,
+            parent=src.id,
+            topk=src.topk[:step],
+            entropies=src.entropies[:step],
+            gen_states=src.gen_states[:step],
+            logits=src.logits[:step],
+            last_logits=src.logits[step - 1] if 0 < step <= len(src.logits) else None,
+        )
+
+
+__all__ = ["Navigation"]
