@@ -85,8 +85,10 @@ def nnsight_grid(model: torch.nn.Module, clean: list[int], corrupt: list[int], a
         blocks = getattr(blocks, part)
     clean_x, corrupt_x = torch.tensor([clean], device=device), torch.tensor([corrupt], device=device)
     with torch.inference_mode():
+        saved = []
         with wrapped.trace(clean_x):
-            saved = [_first(blocks[layer].output).save() for layer in layers]
+            for layer in layers:
+                saved.append(_first(blocks[layer].output).save())
         clean_h = [_value(s) for s in saved]
         grid = []
         for li, layer in enumerate(layers):
