@@ -1,6 +1,7 @@
 """IPython magics: ``%load_ext djinn_nb`` registers ``%djinn_connect``, ``%djinn_break``,
 ``%djinn_run``/``%%djinn_run``, ``%djinn_inspect``, ``%djinn_resume``, ``%djinn_steer``,
-``%djinn_lens``, ``%djinn_attention`` and ``%djinn_runs``.
+``%djinn_lens``, ``%djinn_attention`` and ``%djinn_runs`` (and, from ``debug_magics``,
+``%djinn_next_layer``, ``%djinn_next_step``, ``%djinn_rewind``, ``%djinn_history``).
 
 The magics parse their arguments and call the client API (:mod:`djinn_nb.client`);
 nothing else. A user's mistake, and any error the server reports, is raised as
@@ -8,16 +9,17 @@ IPython's ``UsageError``: one line, no traceback.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from . import magic_args as A
+from ..conditions import parse as parse_condition
 from ..client import Client, Run, connect
 from .display import RESIDUAL_SITES, Activation, Attention, Comparison, LensGrid, token_strings
-from ..errors import DjinnError, UnknownRunError
+from ..errors import DjinnError
+from .usage import one_line, usage_errors
 
 __all__ = ["DjinnMagics", "register"]
 
@@ -25,25 +27,8 @@ _CONNECT_HINT = "run %djinn_connect first (no address: the embedded default mode
 _RUN_HINT = "set a breakpoint with %djinn_break layer=6, then start a run with %djinn_run <prompt>"
 
 
-def _one_line(message: Any) -> str:
-    return " ".join(str(message).split())
-
-
-def _usage_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn argument mistakes and server errors into a one-line ``UsageError``."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except A.ArgError as e:
-            raise UsageError(_one_line(e)) from None
-        except UnknownRunError as e:
-            raise UsageError(f"{_one_line(e)}; list the runs with %djinn_runs") from None
-        except DjinnError as e:
-            raise UsageError(_one_line(e)) from None
-
-    return wrapper
+_one_line = one_line
+_usage_errors = usage_errors
 
 
 @magics_class
@@ -190,15 +175,19 @@ class DjinnMagics(Magics):
     def djinn_break(self, line: str = "") -> list[dict[str, Any]] | None:
         """Add a breakpoint for the next runs, list them, or clear them.
 
-        %djinn_break layer=6 [step=0|all] [site=resid_post]
+        %djinn_break layer=6 [step=0|all] [site=resid_post] [when="top1_prob < 0.3"]
                                             pause in decoder block 6 (step 0: the prompt pass,
                                             k: the k-th decoding step, all: every step) at a site:
                                             resid_pre (the block's input), z (each head's attention
-                                            output), attn_out, resid_mid, mlp_out, resid_post (its output)
+                                            output), attn_out, resid_mid, mlp_out, resid_post (its output);
+                                            when=: only at steps whose output meets the condition
+                                            (top1_prob, entropy, token, norm, step; < <= > >= == != in
+                                            and or not), tested on the server
         %djinn_break                        returns the list of breakpoints
         %djinn_break clear                  removes them all
         """
-        p = A.parse(line, dict(layer=A.integer, step=A.step_value, site=A.text), "djinn_break", anywhere=True)
+        p = A.parse(line, dict(layer=A.integer, step=A.step_value, site=A.text, when=A.text), "djinn_break",
+                    anywhere=True)
         if p.rest == "clear" and not p.options:
             self.breakpoints = []
             print("breakpoints cleared")
@@ -213,9 +202,13 @@ class DjinnMagics(Magics):
             return list(self.breakpoints)
         bp = {"layer": self._check_layer(p.options["layer"]), "step": p.options.get("step", 0),
               "site": self._check_site(p.options.get("site", "resid_post"))}
+        if "when" in p.options:
+            parse_condition(p.options["when"])  # a mistake shows here, before any run starts
+            bp["when"] = p.options["when"]
         if bp not in self.breakpoints:
             self.breakpoints.append(bp)
-        print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']} {b['site']}" for b in self.breakpoints))
+        print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']} {b['site']}"
+                                          + (f" when {b['when']}" if "when" in b else "") for b in self.breakpoints))
         return None
 
     @line_cell_magic
@@ -279,15 +272,19 @@ class DjinnMagics(Magics):
     def djinn_resume(self, line: str = "") -> Run:
         """Continue the paused run to its next breakpoint or end; returns the Run.
 
-        %djinn_resume [scale=0.9] [add=VAR] [activation=VAR] [heads=1,3] [compare=true] [run=r3]
+        %djinn_resume [scale=0.9] [add=VAR] [activation=VAR] [heads=1,3] [patch_from=r2 [positions=3,4]]
+                      [compare=true] [run=r3]
 
         scale multiplies the paused activation; add=VAR adds the tensor in variable VAR
         (shape (hidden,) or the activation's); activation=VAR replaces it. At site z, heads=1,3
-        restricts scale/add to those attention heads (heads=3 scale=0 ablates head 3). With an edit,
+        restricts scale/add to those attention heads (heads=3 scale=0 ablates head 3). patch_from=r2
+        writes run r2's activation (paused at the same layer, step and site) at positions (all if
+        not given), on the server. With an edit,
         the unmodified continuation is computed first (a fork) and, once the run is done,
         shown beside the edited one with the changed tokens highlighted (compare=false skips it).
         """
-        spec = dict(scale=A.number, add=A.text, activation=A.text, heads=A.int_list, compare=A.flag, run=A.text)
+        spec = dict(scale=A.number, add=A.text, activation=A.text, heads=A.int_list, compare=A.flag, run=A.text,
+                    patch_from=A.text, positions=A.int_list)
         p = A.parse(line, spec, "djinn_resume", anywhere=True)
         if p.rest:
             raise UsageError(f"%djinn_resume takes key=value words such as scale=0.9, not {p.rest!r}")
@@ -295,6 +292,9 @@ class DjinnMagics(Magics):
         edit = {k: self._tensor_arg(p.options[k], k) for k in ("add", "activation") if k in p.options}
         if "scale" in p.options:
             edit["scale"] = p.options["scale"]
+        if "positions" in p.options and "patch_from" not in p.options:
+            raise UsageError("positions= says where patch_from= writes: add patch_from=<run id>")
+        edit.update({k: p.options[k] for k in ("patch_from", "positions") if k in p.options})
         heads = self._check_heads(run, p.options.get("heads"), edit)
         if heads is not None:
             edit["heads"] = heads
@@ -466,7 +466,10 @@ def register(ipython: Any) -> DjinnMagics:
     """Register the djinn magics with an IPython shell (``%load_ext djinn_nb`` calls this)."""
     from .formatters import register as show_as_html
 
+    from .debug_magics import NavigationMagics
+
     magics = DjinnMagics(ipython)
     ipython.register_magics(magics)
+    ipython.register_magics(NavigationMagics(ipython, magics))
     show_as_html(ipython)
     return magics
