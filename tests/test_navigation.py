@@ -199,3 +199,21 @@ def test_finished_runs_keep_their_cache_and_it_counts(setup):
     run = client.generate(PROMPT, max_new_tokens=N)
     assert run.done and run.bytes_held > 0
     run.close()
+
+
+def test_the_paused_bytes_budget_offloads_finished_runs_and_rewind_brings_them_back(saved_models):
+    from djinn_nb.core.engine import Engine
+
+    model = hf_model(saved_models["gpt2-tiny"])
+    engine = Engine(model, None, "tiny")
+    done = engine.generate(PROMPT, N, breakpoints=[(LAYER, 5)])
+    engine.resume(done.id)
+    assert done.done and engine.resident_paused_bytes() == done.bytes_held() > 0
+    assert engine.enforce_budget(0) == [done.id]
+    assert done.offloaded and engine.resident_paused_bytes() == 0
+    back = engine.rewind(done.id, 3)
+    fresh = engine.generate(PROMPT, N, breakpoints=[(LAYER, 3)])
+    assert not done.offloaded and torch.equal(back.checkpoint.hidden, fresh.checkpoint.hidden)
+    while back.paused:
+        engine.resume(back.id)
+    assert back.token_ids == done.token_ids == generate(model, PROMPT, N)
