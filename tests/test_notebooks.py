@@ -31,6 +31,7 @@ EXPECTED = {
     "03_reproduce_exp3.ipynb": (3, 5),
     "04_inside_a_block.ipynb": (5, 5),
     "05_causal_tracing.ipynb": (1, 1),
+    "06_control_flow.ipynb": (0, 2),
 }
 
 

@@ -324,18 +324,22 @@ class Run:
 
     def history(self) -> list[dict[str, Any]]:
         """One dict per generated token: ``step``, ``token_id``, ``token`` (text, with a tokenizer),
-        ``topk`` (``[(id, prob), ...]``, the chosen token first under greedy) and ``entropy`` (nats)."""
+        ``topk`` (``[(id, prob), ...]``, the chosen token first under greedy), ``entropy`` (nats),
+        and with a tokenizer ``topk_tokens`` (the alternatives' texts)."""
         records = self._client._call("history", self.id)
-        texts = None
+        texts: dict[int, str] = {}
         if self._client.info.get("has_tokenizer") and records:
-            texts = self._client.decode_each([r["token_id"] for r in records])
+            ids = sorted({r["token_id"] for r in records} | {int(t) for r in records for t, _ in r["topk"]})
+            texts = dict(zip(ids, self._client.decode_each(ids)))
         out = []
-        for i, r in enumerate(records):
-            rec = {"step": r["step"], "token_id": r["token_id"]}
-            if texts is not None:
-                rec["token"] = texts[i]
+        for r in records:
+            rec: dict[str, Any] = {"step": r["step"], "token_id": r["token_id"]}
+            if texts:
+                rec["token"] = texts[r["token_id"]]
             rec["topk"] = [(int(t), float(p)) for t, p in r["topk"]]
             rec["entropy"] = float(r["entropy"])
+            if texts:
+                rec["topk_tokens"] = [texts[t] for t, _ in rec["topk"]]
             out.append(rec)
         return out
 

@@ -49,6 +49,11 @@ class TokenHistory:
             return self._decode([token_id])
         return f"[{token_id}]"
 
+    def _alt(self, record: dict[str, Any], i: int) -> str:
+        if "topk_tokens" in record:
+            return record["topk_tokens"][i]
+        return self._text(record["topk"][i][0], {})
+
     def _repr_html_(self) -> str:
         if not self.records:
             return "<div class='djinn-hist'><i>no tokens generated yet</i></div>"
@@ -56,8 +61,8 @@ class TokenHistory:
         spans = []
         for r in self.records:
             alts = "\n".join(
-                f"{'→' if i == 0 else ' '} {html.escape(repr(self._text(t, {})))[:40]:<18} {p:6.1%}"
-                for i, (t, p) in enumerate(r["topk"])
+                f"{'→' if i == 0 else ' '} {html.escape(repr(self._alt(r, i)))[:40]:<18} {p:6.1%}"
+                for i, (_, p) in enumerate(r["topk"])
             )
             card = f"step {r['step']}  ·  entropy {r['entropy']:.2f} nats\n{alts}\n%djinn_rewind step={r['step']}"
             spans.append(
@@ -73,7 +78,7 @@ class TokenHistory:
     def __repr__(self) -> str:
         lines = [f"{'step':>4}  {'token':<18} {'entropy':>7}  top-k"]
         for r in self.records:
-            alts = ", ".join(f"{self._text(t, {})!r} {p:.2f}" for t, p in r["topk"][:3])
+            alts = ", ".join(f"{self._alt(r, i)!r} {p:.2f}" for i, (_, p) in enumerate(r["topk"][:3]))
             lines.append(f"{r['step']:>4}  {self._text(r['token_id'], r)!r:<18} {r['entropy']:>7.3f}  {alts}")
         return "\n".join(lines)
 
