@@ -45,7 +45,7 @@ $(LAB_STAMP): $(STAMP)
 	touch $(LAB_STAMP)
 
 lab: $(LAB_STAMP)
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) notebooks/01_quickstart.ipynb
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/01_quickstart.ipynb
 
 server: install
 	$(VENV)/bin/djinn-server --port 5556

@@ -73,8 +73,10 @@ plots.show(plots.plot_steering_effect(sweep))
 
 # %%
 mid = layers[len(layers) // 2]
-pd.set_option("display.max_colwidth", 80)
-sweep[sweep.layer == mid][["factor", "token_change_rate", "text"]]
+# a Styler keeps line breaks as line breaks (a DataFrame's HTML writes them as a literal \n)
+(sweep[sweep.layer == mid][["factor", "token_change_rate", "text"]].style.hide(axis="index")
+ .format({"factor": "{:g}", "token_change_rate": "{:.2f}"})
+ .set_properties(subset=["text"], **{"white-space": "pre-wrap", "text-align": "left", "font-family": "monospace"}))
 
 # %% [markdown]
 # ## Where a fork's time goes
