@@ -44,8 +44,13 @@ $(LAB_STAMP): $(STAMP)
 	$(PY) -m ipykernel install --sys-prefix --name djinn_nb --display-name "Python (djinn_nb)"
 	touch $(LAB_STAMP)
 
+# Prints the URL of notebook 01 (with a fresh token) first: on a machine without a browser,
+# open it through a tunnel (ssh -L 8888:127.0.0.1:8888 host).
 lab: $(LAB_STAMP)
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/01_quickstart.ipynb
+	@token=$$($(PY) -c 'import secrets; print(secrets.token_hex(16))'); \
+	echo "JupyterLab with notebook 01: http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks/01_quickstart.ipynb?token=$$token"; \
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 --ServerApp.root_dir="$(CURDIR)" \
+	    --IdentityProvider.token=$$token $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/01_quickstart.ipynb
 
 server: install
 	$(VENV)/bin/djinn-server --port 5556

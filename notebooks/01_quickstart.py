@@ -172,7 +172,8 @@ assert steered.token_ids == run.token_ids, "the fork should match %djinn_resume 
 # arrow keys), the paused run is **forked** (copied on the server, with its hidden state multiplied
 # by the factor) and the fork generates the rest of the text. The fork's text appears beside the
 # unmodified one, aligned and highlighted as above, with a small plot of the share of tokens
-# changed at each factor tried so far. While a fork is computing, the old text is dimmed under a
+# changed at each factor tried so far. Hover over a token of the fork to see the model's top 5
+# choices at that step (the run records its logits: `record_logits=true`). While a fork is computing, the old text is dimmed under a
 # "computing" line. The paused run itself is not changed, so you can try as many factors as you
 # like; once the run is resumed or closed, the slider disables itself and says why.
 #
@@ -181,7 +182,7 @@ assert steered.token_ids == run.token_ids, "the fork should match %djinn_resume 
 # When you are done, `w.close()` and `%djinn_runs close=all` free the server's memory.
 
 # %%
-# run = %djinn_run max_new_tokens={max_new_tokens} {prompt}
+# run = %djinn_run max_new_tokens={max_new_tokens} record_logits=true {prompt}
 # w = %djinn_steer min=0 max=2 step=0.05
 w
 

@@ -59,7 +59,8 @@ def test_make_lab_installs_jupyterlab_registers_a_kernel_and_opens_notebook_01()
                          text=True, check=True).stdout
     assert re.search(r'pip install -q -e "\.\[notebook,lab\]"', out)
     assert "ipykernel install --sys-prefix --name djinn_nb" in out
-    assert re.search(r"jupyter lab --ip=127\.0\.0\.1 .*notebooks/01_quickstart\.ipynb", out)
+    assert re.search(r"jupyter lab --ip=127\.0\.0\.1 .*--ServerApp\.root_dir=.*notebooks/01_quickstart\.ipynb", out, re.S)
+    assert re.search(r"echo \"JupyterLab with notebook 01: http://127\.0\.0\.1:8888/lab/tree/notebooks/01_quickstart\.ipynb\?token=", out)
     cfg = (REPO / "setup.cfg").read_text()
     lab = cfg.split("lab =")[1].split("dev =")[0]
     assert "jupyterlab" in lab
@@ -295,3 +296,30 @@ def test_notebooks_carry_the_language_info_a_kernel_reports():
         assert info["version"].count(".") == 2, p.name
         if os.environ.get("DJINN_BROWSER_TEST") == "required":  # CI: the notebooks match this Python
             assert info["version"] == sys.version.split()[0], p.name
+
+
+# ----- "what to build" 4: hover on a token shows its top-k alternatives -------------------
+def test_slider_tokens_carry_their_top_k_alternatives_when_logits_are_recorded(client):
+    run = client.generate(PROMPT, max_new_tokens=5, breakpoints=[1], record_logits=True)
+    w = SteeringWidget(client, run, top_k=3)
+    try:
+        result = w.set(0.5)
+        alts = result.comparison.alternatives
+        with run.fork(scale=0.5, breakpoints=[]) as f:
+            for step, tok in enumerate(f.token_ids):
+                probs, ids = torch.softmax(f.logits(step).float(), -1).topk(3)
+                assert [p for _, p in alts[step]] == pytest.approx(probs.tolist())
+                assert [t for t, _ in alts[step]] == D.token_strings(client, ids.tolist())
+                assert alts[step][0][0] == D.token_strings(client, [tok])[0]  # greedy: the top one was chosen
+        titles = re.findall(r"title='([^']*)'", w.output.value)
+        assert sum("top: " in t for t in titles) == 5  # one per generated token
+    finally:
+        w.close()
+        run.close()
+    plain = client.generate(PROMPT, max_new_tokens=5, breakpoints=[1])
+    w = SteeringWidget(client, plain)
+    try:
+        assert w.set(0.5).comparison.alternatives is None and "top: " not in w.output.value
+    finally:
+        w.close()
+        plain.close()

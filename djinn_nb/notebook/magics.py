@@ -381,7 +381,8 @@ class DjinnMagics(Magics):
             if prompt is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
             max_new = current.max_new_tokens
-        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new)
+        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new,
+                             record_logits=True)  # the slider's hover alternatives
         if not run.paused:
             raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
         return run

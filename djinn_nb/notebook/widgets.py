@@ -95,6 +95,7 @@ class SteeringWidget:
         value: float = 1.0,
         max_results: int = 100,
         heads: list[int] | None = None,
+        top_k: int = 5,
     ):
         import ipywidgets as w
 
@@ -102,6 +103,8 @@ class SteeringWidget:
             raise ValueError(f"run {run.id} is {run.state}: steering needs a paused run")
         self.client, self.run, self.heads = client, run, heads
         self.lo, self.hi = float(min), float(max)
+        self.top_k = top_k  # hover alternatives per token, when the run records logits (0: none)
+        self._texts: dict[int, str] = {}
         with run.fork(breakpoints=[]) as base:
             self.baseline_ids = base.token_ids
         self.baseline_tokens = token_strings(client, self.baseline_ids)
@@ -202,9 +205,30 @@ class SteeringWidget:
         latency = (time.perf_counter() - t0) * 1e3
         with fork:
             ids = fork.token_ids
+            alternatives = self._alternatives(fork, len(ids))
         note = f"fork latency {latency:.1f} ms"
         comparison = self._comparison(ids, f"scale {value:.3g}", note)
+        comparison.alternatives = alternatives
         return ForkResult(value, ids, decode_text(self.client, ids), latency, comparison)
+
+    def _alternatives(self, fork: "Run", n: int) -> list[list[tuple[str, float]]] | None:
+        """Per generated token, the top-k tokens (text, probability) of the step that chose it;
+        ``None`` when the run records no logits (``record_logits=True`` at generate)."""
+        if not self.top_k:
+            return None
+        import torch
+
+        out = []
+        try:
+            for step in range(n):
+                probs, ids = torch.softmax(fork.logits(step).float(), -1).topk(self.top_k)
+                missing = [i for i in ids.tolist() if i not in self._texts]
+                self._texts.update(zip(missing, token_strings(self.client, missing)))
+                out.append([(self._texts[i], p) for i, p in zip(ids.tolist(), probs.tolist())])
+        except DjinnError:
+            self.top_k = 0  # not recorded: don't ask again
+            return None
+        return out
 
     def _comparison(self, ids: list[int], label: str, note: str) -> Comparison:
         tokens = self.baseline_tokens if ids == self.baseline_ids else token_strings(self.client, ids)

@@ -180,7 +180,8 @@ def _slider_state(page) -> dict:
         const box = s.closest('.widget-vbox');
         const shown = box.querySelector('.djinn-compare');
         const cells = shown ? shown.querySelectorAll('td pre') : [];
-        return {{readout: s.querySelector('.widget-readout').textContent.trim(),
+        const titles = cells.length === 2 ? [...cells[1].querySelectorAll('span[title]')].map(e => e.title) : [];
+        return {{readout: s.querySelector('.widget-readout').textContent.trim(), titles: titles,
                  busy: !!box.querySelector('.djinn-busy'),
                  text: cells.length === 2 ? cells[1].textContent : null,
                  label: shown ? shown.querySelectorAll('th')[1].textContent : null,
@@ -189,14 +190,16 @@ def _slider_state(page) -> dict:
     }}""")
 
 
-def _settled(page) -> dict:
+def _settled(page, scale: float) -> dict:
+    """Wait until the slider shows the fork of ``scale`` (not busy, its status says so)."""
+    want = f"showing scale {scale:.3g}"
     page.wait_for_function(
         f"""() => {{
             const nb = document.getElementById({_NB}.id);
             const sliders = nb.querySelectorAll('.widget-slider');
             const box = sliders[sliders.length - 1].closest('.widget-vbox');
             const status = box.querySelector('.djinn-status');
-            return !box.querySelector('.djinn-busy') && status && status.textContent.includes('showing scale');
+            return !box.querySelector('.djinn-busy') && status && status.textContent.endsWith({want!r});
         }}""", timeout=FORK_TIMEOUT_S * 1000, polling=250)
     return _slider_state(page)
 
@@ -218,9 +221,10 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         _run_all(page)
         page.screenshot(path=str(ARTIFACTS / "01_after_run_all.png"), full_page=True)
         assert _errors(page) == []
-        state = _settled(page)  # the last cell moved the slider to 0.9 from code
+        state = _settled(page, 0.9)  # the last cell moved the slider to 0.9 from code
         assert state["readout"] == "0.90" and not state["disabled"]
         assert state["text"] == _fork_text(expected_client, 0.9)
+        assert state["titles"] and all(t.startswith("top: ") or "top: " in t for t in state["titles"])
 
         handle = page.locator(f"#{page.evaluate(f'() => {_NB}.id')} .widget-slider .noUi-handle").last
         handle.scroll_into_view_if_needed()
@@ -229,8 +233,8 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         page.mouse.down()
         page.mouse.move(box["x"] - 25, box["y"] + box["height"] / 2, steps=8)
         page.mouse.up()
-        state = _settled(page)
-        dragged = float(state["readout"])
+        dragged = float(_slider_state(page)["readout"])
+        state = _settled(page, dragged)
         assert dragged < 0.9 and state["label"] == f"scale {dragged:.3g}"
         assert state["text"] == _fork_text(expected_client, dragged), f"slider at {dragged}"
         page.screenshot(path=str(ARTIFACTS / "01_slider_dragged.png"), full_page=True)
@@ -243,7 +247,7 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         page.wait_for_function(
             f"() => [...document.getElementById({_NB}.id).querySelectorAll('.widget-slider .widget-readout')]"
             ".pop().textContent.trim() === '1.50'", timeout=10_000)
-        state = _settled(page)
+        state = _settled(page, 1.5)
         assert state["label"] == "scale 1.5" and state["text"] == _fork_text(expected_client, 1.5)
         page.screenshot(path=str(ARTIFACTS / "01_slider_typed.png"), full_page=True)
     finally:
