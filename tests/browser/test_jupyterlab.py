@@ -250,6 +250,19 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         state = _settled(page, 1.5)
         assert state["label"] == "scale 1.5" and state["text"] == _fork_text(expected_client, 1.5)
         page.screenshot(path=str(ARTIFACTS / "01_slider_typed.png"), full_page=True)
+
+        # resuming the slider's run (as a person would, in a new cell) disables the slider, saying why
+        page.evaluate(f"() => {{ {_NB}.sessionContext.session.kernel.requestExecute({{code: '%djinn_resume'}}); return true; }}")
+        page.wait_for_function(
+            f"""() => {{
+                const nb = document.getElementById({_NB}.id);
+                const sliders = nb.querySelectorAll('.widget-slider');
+                const box = sliders[sliders.length - 1].closest('.widget-vbox');
+                const status = box.querySelector('.djinn-status');
+                return status && status.textContent.startsWith('slider disabled: run');
+            }}""", timeout=60_000, polling=250)
+        assert _slider_state(page)["disabled"]
+        page.screenshot(path=str(ARTIFACTS / "01_slider_disabled.png"), full_page=True)
     finally:
         page.close()
 
