@@ -35,17 +35,18 @@ def client():
 
 @pytest.fixture
 def shell(client):
-    from IPython.testing.globalipapp import get_ipython
+    """The process's IPython shell (as tests/test_magics.py uses it) with the extension, on ``client``."""
+    from IPython.core.interactiveshell import InteractiveShell
 
-    from djinn_nb.notebook.magics import register
-
-    ip = get_ipython()
-    m = register(ip)
-    m.client, m.breakpoints, m.run = client, [], None
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "djinn_nb")
+    m = ip.magics_manager.registry["DjinnMagics"]
+    saved = (m.client, m.breakpoints, m.run, m.widgets)
+    m.client, m.breakpoints, m.run, m.widgets = client, [], None, []
     yield ip
     for w in m.widgets:
         w.close()
-    m.widgets = []
+    m.client, m.breakpoints, m.run, m.widgets = saved
 
 
 def _magic(shell, line: str):
@@ -239,13 +240,18 @@ def test_runs_table_formats_bytes_and_missing_values_once(shell, client):
 
 # ----- item 12: a terminal IPython shows text, not object reprs ---------------------------
 def test_figures_and_widgets_in_a_text_only_front_end(client, capsys):
-    from IPython.testing.globalipapp import get_ipython
+    from IPython.core.interactiveshell import InteractiveShell
 
-    ip = get_ipython()  # the test shell's formatter is text-only, as a terminal's
-    assert "image/png" not in ip.display_formatter.active_types
-    plots.show(plots.plot_activation(torch.ones(1, 3, 4), title="t"))
+    ip = InteractiveShell.instance()
+    saved = ip.display_formatter.active_types
+    ip.display_formatter.active_types = ["text/plain"]  # what TerminalInteractiveShell sets
+    try:
+        plots.show(plots.plot_activation(torch.ones(1, 3, 4), title="t"))
+    finally:
+        ip.display_formatter.active_types = saved
     out = capsys.readouterr().out
     assert out.startswith("[figure: t;") and "IPython.core.display.Image" not in out
+    assert plots.shows_images()  # a Jupyter-like front end gets the image
     run = client.generate(PROMPT, max_new_tokens=4, breakpoints=[1])
     w = SteeringWidget(client, run)
     try:
