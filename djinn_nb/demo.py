@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="host:port of a djinn-server (default: embedded)")
     p.add_argument("--model", default=None, help="model for the embedded server (default: SmolLM2)")
     p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--layer", type=int, default=None, help="breakpoint layer (default: middle)")
+    p.add_argument("--layer", type=int, default=None, help="breakpoint layer (default: a third of the depth)")
     p.add_argument("--max-new-tokens", type=int, default=12)
     args = p.parse_args(argv)
 
@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     info = client.info
     print(f"Connected to {info['model']}: {info['num_layers']} decoder blocks, hidden size "
           f"{info['hidden_size']}, {info['dtype']} on {info['device']} ({time.perf_counter() - t0:.1f} s).")
-    layer = args.layer if args.layer is not None else info["num_layers"] // 2
+    # a third of the depth: on the default model, x0.9 there changes the text (layer 10 of 30:
+    # 7 of 12 tokens, measured on CPU); at the middle layer it changes nothing
+    layer = args.layer if args.layer is not None else info["num_layers"] // 3
 
     plain = client.generate(args.prompt, max_new_tokens=args.max_new_tokens)
     print(f"\nUnpaused run:   {args.prompt!r} -> {plain.text!r}")

@@ -73,8 +73,10 @@ plots.show(plots.plot_steering_effect(sweep))
 
 # %%
 mid = layers[len(layers) // 2]
-pd.set_option("display.max_colwidth", 80)
-sweep[sweep.layer == mid][["factor", "token_change_rate", "text"]]
+# a Styler keeps line breaks as line breaks (a DataFrame's HTML writes them as a literal \n)
+(sweep[sweep.layer == mid][["factor", "token_change_rate", "text"]].style.hide(axis="index")
+ .format({"factor": "{:g}", "token_change_rate": "{:.2f}"})
+ .set_properties(subset=["text"], **{"white-space": "pre-wrap", "text-align": "left", "font-family": "monospace"}))
 
 # %% [markdown]
 # ## Where a fork's time goes
@@ -91,17 +93,20 @@ lat = pd.DataFrame({
 })
 display(plots.latency_breakdown_table(lat))
 plots.show(plots.plot_latency_breakdown(lat))
+assert client.runs() == [], "the sweep closed every run and fork it started"
 
 # %% [markdown]
 # ## The slider (live kernel)
 #
 # The same experiment by hand: a paused run at the middle layer and a slider over the factor. In
-# JupyterLab, drag it; headless, the loop below moves it from code and shows each result.
+# JupyterLab, drag it (hover over a token for the model's top choices there); headless, the
+# loop below moves it from code and shows each result. The slider stays live after Run All;
+# when you are done, `w.close(); run.close()` frees the paused run on the server.
 
 # %%
 from djinn_nb.notebook.widgets import SteeringWidget
 
-run = client.generate(prompt, max_new_tokens=max_new_tokens, breakpoints=[mid])
+run = client.generate(prompt, max_new_tokens=max_new_tokens, breakpoints=[mid], record_logits=True)
 w = SteeringWidget(client, run, min=0, max=2, step=0.05)
 w
 
@@ -109,7 +114,3 @@ w
 for v in (0.5, 1.5):
     display(w.set(v).comparison)
 
-# %%
-w.close()
-run.close()
-assert client.runs() == [], "every run and fork of this notebook is closed"

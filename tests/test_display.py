@@ -69,9 +69,10 @@ def test_all_text_is_escaped():
 
 def test_compare_marks_exactly_the_changed_tokens():
     page = D.compare_html(["a", "b", "c"], [1, 2, 3], ["a", "x", "c", "d"], [1, 9, 3, 4], "scale 0.5")
-    marked = re.findall(r"<span style='background:[^']*'>([^<]*)</span>", page)
+    marked = re.findall(r"<span style='background:#ffe08a[^']*'[^>]*>([^<]*)</span>", page)
     assert marked == ["x", "d"]
-    assert "2 of 4 tokens changed" in page
+    assert re.findall(r"<span style='background:#f8c9c9[^']*'[^>]*>([^<]*)</span>", page) == ["b"]
+    assert "2 of 4 tokens changed (1 replaced, 1 inserted)" in page
     assert D.changed_positions([1, 2, 3], [1, 2]) == [False, False]
     c = D.Comparison([1, 2, 3], ["a", "b", "c"], [1, 2], ["a", "b"], "short")
     assert c.changed == 1  # a missing token counts
@@ -82,7 +83,7 @@ def test_activation_table_and_object(client):
     run = client.generate(PROMPT, max_new_tokens=2, breakpoints=[6])
     stats = run.activation_stats
     table = D.activation_table(stats, [f"#{t}" for t in PROMPT])
-    assert list(table.columns) == ["position", "token", "norm", "mean", "max"]
+    assert list(table.columns) == ["token", "norm", "mean", "max"] and table.index.name == "position"
     h = run.activation()[0]
     assert table["norm"].tolist() == pytest.approx(h.norm(dim=-1).tolist(), rel=1e-5)
     assert table["max"].tolist() == pytest.approx(h.max(dim=-1).values.tolist(), rel=1e-5)

@@ -176,12 +176,12 @@ def test_runs_lists_reattaches_and_closes(shell, client):
     magic(shell, "djinn_break layer=6")
     run = magic(shell, f"djinn_run max_new_tokens=4 {PROMPT}")
     table = magic(shell, "djinn_runs")
-    row = table.set_index("id").loc[run.id]
+    row = table.frame().set_index("id").loc[run.id]
     assert (row["state"], row["layer"], row["step"]) == ("paused", 6, 0)
     assert row["bytes_held"] > 0
     act = magic(shell, f"djinn_inspect run={run.id} plot=false")  # re-attached by id
     assert act.run_id == run.id
-    assert magic(shell, "djinn_runs close=all").empty
+    assert magic(shell, "djinn_runs close=all") == [] 
     assert client.runs() == []
 
 
@@ -218,6 +218,11 @@ def test_no_connection(shell):
         ([], "djinn_inspect", "no run yet: set a breakpoint with %djinn_break layer=6"),
         ([], "djinn_resume scale=0.9", "%djinn_run <prompt>"),
         (["djinn_run max_new_tokens=2 [1, 2]"], "djinn_inspect", "is done, not paused: set a breakpoint"),
+        # issue 12, item 11: on a finished run with a breakpoint already set, no suggestion to set one
+        (["djinn_break layer=6", "djinn_run max_new_tokens=2 [1, 2]", "djinn_resume"], "djinn_inspect",
+         "is done, not paused: start a new run with %djinn_run <prompt>; it pauses at the breakpoints set (layer 6 step 0"),
+        (["djinn_break layer=6", "djinn_run max_new_tokens=2 [1, 2]", "djinn_resume"], "djinn_resume scale=0.5",
+         "is done, not paused: start a new run with %djinn_run <prompt>; it pauses at the breakpoints set (layer 6 step 0"),
         ([], "djinn_break layer=12", "use layer=0..11"),
         ([], "djinn_break layer=-1", "use layer=0..11"),
         ([], "djinn_break step=2", "write %djinn_break layer=6"),

@@ -67,10 +67,29 @@ def test_notebook_sources_are_python_and_leave_sys_path_alone():
     assert not (NOTEBOOKS / "make_notebooks.py").exists()
 
 
+def test_no_cell_after_a_slider_closes_it():
+    """Issue 12, item 4: after Run All, the slider the text says to drag is still there."""
+    sliders = 0
+    for src in sorted(NOTEBOOKS.glob("0*.py")):
+        code = [c for c in jupytext_cells(src) if c[0] == "code"]
+        made = [i for i, c in enumerate(code) if "%djinn_steer" in c[1] or "SteeringWidget(" in c[1]]
+        if made:
+            sliders += 1
+            assert not any(".close()" in c[1] or "close=all" in c[1] for c in code[made[-1]:]), src.name
+    assert sliders >= 2
+
+
+def jupytext_cells(src: Path) -> list[tuple[str, str, list[str]]]:
+    jupytext = pytest.importorskip("jupytext")
+    return _cells(jupytext.read(src))
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.delenv("PYTHONPATH", raising=False)  # the notebooks find what they import on their own
+    # the kernel imports this checkout's djinn_nb, whatever an editable install points at
+    # (the notebooks themselves never touch sys.path: test_notebook_sources_are_python_...)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     params = {**PARAMS, **EXTRA.get(name, {})}
     if name.startswith("03"):
         params["output_dir"] = str(tmp_path / "exp3")
@@ -88,3 +107,25 @@ def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     assert len(htmls) >= least_html and sum("<table" in h for h in htmls) >= least_html - 1
     if name.startswith("03"):
         assert (tmp_path / "exp3" / "djinn_breakpoint_results.json").is_file()
+    if name.startswith("01"):
+        _check_quickstart(nb, htmls)
+    if name.startswith("02"):  # the continuations' table (01's lens shows tokens as reprs, '\\n' on purpose)
+        tables = [h for h in htmls if "token_change_rate" in h and "djinn-compare" not in h]
+        assert tables and not any("\\n" in h for h in tables), "a table shows a literal \\n (issue 12, item 14)"
+
+
+def _text(nb) -> str:
+    return "".join("".join(o.get("text", "")) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def _check_quickstart(nb, htmls: list[str]) -> None:
+    """Issue 12: 01's steering example changes the output (item 8); `run = %djinn_run` says it paused
+    (item 9); no cell after the slider closes it (item 4); the connect cell prints its load time (item 3)."""
+    import re
+
+    text = _text(nb)
+    assert re.search(r"run r\d+-\w+ paused at layer 10 \(resid_post\), the prompt pass", text)
+    m = re.search(r"scale 0\.9 after layer 10: (\d+) of 12 token positions differ", text)
+    assert m and int(m.group(1)) > 0, "the default steering example must visibly change the text"
+    assert re.search(r"connected to .* \(30 layers\) in \d+\.\d s", text)
+    assert any("djinn-compare" in h and "prompt: <b>The capital of France is</b>" in h for h in htmls)

@@ -66,7 +66,9 @@ def test_changed_tokens_are_highlighted(paused, widget):
     result = widget.set(0.0)
     changed = [i for i, (a, b) in enumerate(zip(widget.baseline_ids, result.token_ids)) if a != b]
     assert changed, "zeroing layer 6's output changes the continuation"
-    assert widget.output.value.count("background:#ffe08a") == result.comparison.changed
+    from djinn_nb.notebook.compare import changed_positions
+
+    assert widget.output.value.count("background:#ffe08a") == sum(changed_positions(widget.baseline_ids, result.token_ids))
 
 
 def test_fast_moves_run_only_the_latest_value(client, paused, widget):
@@ -106,16 +108,31 @@ def test_forks_are_closed(client, paused):
     assert {r["id"] for r in client.runs()} == before
 
 
-def test_a_failed_fork_is_reported_and_the_widget_keeps_working(client, widget):
+def test_a_slider_whose_run_is_gone_disables_itself_and_others_keep_working(client, widget):
+    """Issue 12, item 6: a closed (or resumed) run's slider is disabled with the reason shown,
+    instead of printing "fork ... failed" on every move."""
     other = client.generate(PROMPT, max_new_tokens=8, breakpoints=[6])
     w = SteeringWidget(client, other)
     try:
         other.close()
         assert w.set(0.5) is None
-        assert "failed" in w.status.value and w.error
+        assert w.slider.disabled and "slider disabled: run" in w.status.value and "is closed" in w.status.value
+        assert "failed" not in w.status.value and w.results == []
     finally:
         w.close()
     assert widget.set(0.5).scale == 0.5
+
+
+def test_a_slider_whose_run_was_closed_on_the_server_disables_itself(client):
+    other = client.generate(PROMPT, max_new_tokens=8, breakpoints=[6])
+    w = SteeringWidget(client, other)
+    try:
+        client.attach(other.id).close()  # another handle: this Run object still says paused
+        assert other.paused
+        assert w.set(0.5) is None
+        assert w.slider.disabled and "gone from the server" in w.status.value
+    finally:
+        w.close()
 
 
 def test_needs_a_paused_run(client):

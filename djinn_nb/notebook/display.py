@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..errors import DjinnError
 from ..schema import RunState, RunSummary
+from .compare import Comparison, changed_positions, compare_html
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -33,6 +34,8 @@ __all__ = [
     "compare_html",
     "changed_positions",
     "Comparison",
+    "runs_rows",
+    "RunsTable",
     "token_strings",
     "decode_text",
     "format_bytes",
@@ -43,8 +46,7 @@ __all__ = [
 ]
 
 _STYLE = "border-collapse:collapse;font-family:monospace;font-size:12px"
-_CELL = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd"
-_MARK = "background:#ffe08a;border-radius:2px"
+_CELL = "padding:2px 8px;text-align:left;vertical-align:top;border-bottom:1px solid #ddd"
 
 
 def _e(value: Any) -> str:
@@ -99,8 +101,9 @@ def run_html(s: RunSummary, decoder: Decoder | None = None) -> str:
     rows: list[tuple[str, str]] = [
         ("state", _e(where)),
         ("tokens so far", _e(f"{len(s.token_ids)} of {s.max_new_tokens}")),
-        ("text", f"<pre style='margin:0;white-space:pre-wrap'>{_e(text)}</pre>"),
     ]
+    if s.token_ids:  # none yet while paused in the prompt pass
+        rows.append(("text", f"<pre style='margin:0;white-space:pre-wrap'>{_e(text)}</pre>"))
     act = s.activation
     if act:
         edited = " (edited)" if act.get("edited") else ""
@@ -138,15 +141,48 @@ def client_html(info: dict[str, Any], address: str, runs: Sequence[dict[str, Any
     return _table(rows, "djinn client")
 
 
+RUNS_COLUMNS = ("id", "state", "layer", "step", "tokens", "bytes held", "parent")
+
+
+def runs_rows(runs: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """``client.runs()`` as text cells, as the run card writes them: bytes as ``192.0 KiB``, a
+    missing value as ``-`` (one spelling, never ``None``/``NaN``/``<NA>``)."""
+    def cell(r: dict[str, Any], c: str) -> str:
+        v = r.get("bytes_held" if c == "bytes held" else c)
+        if c == "bytes held":
+            return format_bytes(v)
+        return "-" if v is None or v == "" else str(v)
+
+    return [[cell(r, c) for c in RUNS_COLUMNS] for r in runs]
+
+
 def runs_html(runs: Sequence[dict[str, Any]]) -> str:
-    """The server's list of runs (``client.runs()``) as a table."""
-    cols = ["id", "state", "layer", "step", "tokens", "bytes_held", "parent"]
-    head = "".join(f"<th style='{_CELL}'>{_e(c)}</th>" for c in cols)
-    body = ""
-    for r in runs:
-        cells = [format_bytes(r.get(c)) if c == "bytes_held" else ("-" if r.get(c) is None else r.get(c)) for c in cols]
-        body += "<tr>" + "".join(f"<td style='{_CELL}'>{_e(v)}</td>" for v in cells) + "</tr>"
+    """The server's list of runs (``client.runs()``) as a left-aligned table."""
+    head = "".join(f"<th style='{_CELL}'>{_e(c)}</th>" for c in RUNS_COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td style='{_CELL}'>{_e(v)}</td>" for v in row) + "</tr>"
+                   for row in runs_rows(runs))
+    if not runs:
+        body = f"<tr><td style='{_CELL}' colspan='{len(RUNS_COLUMNS)}'>no runs</td></tr>"
     return f"<table style='{_STYLE}'><tr>{head}</tr>{body}</table>"
+
+
+class RunsTable(list):
+    """``%djinn_runs``'s result: the rows of ``client.runs()`` (plain dicts), shown as the run
+    card writes them; ``.frame()`` is a DataFrame of the raw values (bytes as integers)."""
+
+    def frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        cols = ["id", "state", "layer", "step", "tokens", "bytes_held", "parent"]
+        return pd.DataFrame(list(self), columns=cols).astype({"layer": "Int64", "step": "Int64"})
+
+    def _repr_html_(self) -> str:
+        return runs_html(self)
+
+    def __repr__(self) -> str:
+        rows = [list(RUNS_COLUMNS)] + runs_rows(self)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(RUNS_COLUMNS))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _per_position(tensor: "torch.Tensor") -> dict[str, list[float]]:
@@ -167,7 +203,7 @@ def activation_table(
     tokens: Sequence[str] | None = None,
     lens: Sequence[Sequence[tuple[str, float]]] | None = None,
 ) -> "pd.DataFrame":
-    """Per-position statistics of a paused activation: position, token, norm, mean, max
+    """Per-position statistics of a paused activation, indexed by position: token, norm, mean, max
     (and ``lens``: the top tokens of the logit lens with their probabilities, when given).
 
     ``stats`` is ``run.activation_stats`` (or any dict with ``position_norm``, ``position_mean``,
@@ -179,7 +215,6 @@ def activation_table(
     n = len(stats["position_norm"])
     toks = list(tokens) if tokens is not None and len(tokens) == n else ["?"] * n
     columns: dict[str, Any] = {
-        "position": range(n),
         "token": toks,
         "norm": stats["position_norm"],
         "mean": stats["position_mean"],
@@ -187,7 +222,7 @@ def activation_table(
     }
     if lens is not None and len(lens) == n:
         columns["lens (top tokens, probability)"] = [lens_text(e) for e in lens]
-    return pd.DataFrame(columns)
+    return pd.DataFrame(columns, index=pd.RangeIndex(n, name="position"))
 
 
 def activation_html(
@@ -205,8 +240,9 @@ def activation_html(
         f"norm {stats['norm']:.4g}, mean {stats['mean']:.4g}, std {stats['std']:.4g}, "
         f"min {stats['min']:.4g}, max {stats['max']:.4g}"
     )
-    table = activation_table(per_position or stats, tokens, lens).to_html(
-        index=False, float_format=lambda x: f"{x:.4g}", escape=True)
+    table = activation_table(per_position or stats, tokens, lens).reset_index().to_html(
+        index=False, float_format=lambda x: f"{x:.4g}", escape=True, justify="left")
+    table = table.replace("<table ", "<table style='text-align:left' ", 1)
     tail = f"<div style='font-size:12px'>{_e(note)}</div>" if note else ""
     return f"<div><b>{_e(title)}</b>: {_e(head)}{table}{tail}</div>"
 
@@ -249,71 +285,6 @@ class Activation:
         return (
             f"<djinn Activation run {self.run_id} layer {self.layer} {self.site} step {self.step} "
             f"{tuple(self.tensor.shape)} {str(self.tensor.dtype).replace('torch.', '')}{note}>"
-        )
-
-
-def _token_spans(tokens: Sequence[str], changed: Sequence[bool]) -> str:
-    return "".join(
-        f"<span style='{_MARK}'>{_e(t)}</span>" if c else f"<span>{_e(t)}</span>" for t, c in zip(tokens, changed)
-    )
-
-
-def changed_positions(baseline: Sequence[int], other: Sequence[int]) -> list[bool]:
-    """For each token of ``other``: does it differ from ``baseline`` at that position?"""
-    return [i >= len(baseline) or t != baseline[i] for i, t in enumerate(other)]
-
-
-def compare_html(
-    baseline_tokens: Sequence[str],
-    baseline_ids: Sequence[int],
-    tokens: Sequence[str],
-    ids: Sequence[int],
-    label: str,
-    note: str = "",
-) -> str:
-    """The baseline continuation beside another one, the other's changed tokens highlighted."""
-    changed = changed_positions(baseline_ids, ids)
-    n_changed = sum(changed) + max(0, len(baseline_ids) - len(ids))
-    total = max(len(ids), len(baseline_ids)) or 1
-    pre = "margin:0;white-space:pre-wrap;font-family:monospace"
-    cell = "vertical-align:top;padding:4px 10px;width:50%"
-    summary = f"{n_changed} of {total} tokens changed"
-    if note:
-        summary += f"; {note}"
-    return (
-        f"<table style='border-collapse:collapse;width:100%'><tr>"
-        f"<th style='{cell}'>baseline (unmodified)</th><th style='{cell}'>{_e(label)}</th></tr><tr>"
-        f"<td style='{cell}'><pre style='{pre}'>{_token_spans(baseline_tokens, [False] * len(baseline_tokens))}</pre></td>"
-        f"<td style='{cell}'><pre style='{pre}'>{_token_spans(tokens, changed)}</pre></td>"
-        f"</tr></table><div style='font-size:12px'>{_e(summary)}</div>"
-    )
-
-
-@dataclass
-class Comparison:
-    """A continuation next to the unmodified one; HTML in a notebook, two lines of text elsewhere."""
-
-    baseline_ids: list[int]
-    baseline_tokens: list[str]
-    token_ids: list[int]
-    tokens: list[str]
-    label: str
-    note: str = ""
-
-    @property
-    def changed(self) -> int:
-        """How many positions differ (a length difference counts)."""
-        return sum(changed_positions(self.baseline_ids, self.token_ids)) + max(
-            0, len(self.baseline_ids) - len(self.token_ids)
-        )
-
-    def _repr_html_(self) -> str:
-        return compare_html(self.baseline_tokens, self.baseline_ids, self.tokens, self.token_ids, self.label, self.note)
-
-    def __repr__(self) -> str:
-        return (
-            f"baseline: {''.join(self.baseline_tokens)!r}\n{self.label}: {''.join(self.tokens)!r} "
-            f"({self.changed} of {max(len(self.token_ids), len(self.baseline_ids))} tokens changed)"
         )
 
 

@@ -9,22 +9,24 @@ IPython's ``UsageError``: one line, no traceback.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 
 from . import magic_args as A
+from . import messages as M
 from ..conditions import parse as parse_condition
 from ..client import Client, Run, connect
-from .display import RESIDUAL_SITES, Activation, Attention, Comparison, LensGrid, token_strings
+from .display import RESIDUAL_SITES, Activation, Attention, Comparison, LensGrid, RunsTable, decode_text, token_strings
 from ..errors import DjinnError
 from .usage import one_line, usage_errors
 
 __all__ = ["DjinnMagics", "register"]
 
 _CONNECT_HINT = "run %djinn_connect first (no address: the embedded default model)"
-_RUN_HINT = "set a breakpoint with %djinn_break layer=6, then start a run with %djinn_run <prompt>"
+_RUN_HINT = M.BREAK_HINT
 
 
 _one_line = one_line
@@ -62,7 +64,7 @@ class DjinnMagics(Magics):
     def _paused(self, run_id: str | None) -> Run:
         run = self._target(run_id)
         if not run.paused:
-            raise UsageError(f"run {run.id} is {run.state}, not paused: {_RUN_HINT}")
+            raise UsageError(M.not_paused_hint(run, self.breakpoints))
         return run
 
     def _check_layer(self, layer: int) -> int:
@@ -150,6 +152,9 @@ class DjinnMagics(Magics):
             address = p.rest
         if address is not None and "model" in p.options:
             raise UsageError("pass an address or model=..., not both: a running server has chosen its model")
+        if address is None:
+            print(M.loading_line(p.options.get("model"), p.options.get("device")), flush=True)
+        t0 = time.perf_counter()
         try:
             client = connect(address, **p.options)
         except DjinnError:
@@ -168,6 +173,7 @@ class DjinnMagics(Magics):
         self._baselines.clear()
         n = client.info["num_layers"]
         self.breakpoints = [b for b in self.breakpoints if b["layer"] < n]
+        print(f"connected to {client.info.get('model')} ({n} layers) in {time.perf_counter() - t0:.1f} s")
         return client
 
     @line_magic
@@ -233,7 +239,9 @@ class DjinnMagics(Magics):
             prompt = A.parse_prompt(cell, "%djinn_run")
         else:
             prompt = A.parse_prompt(p.rest)
-        return self._start(prompt, **p.options)
+        run = self._start(prompt, **p.options)
+        print(M.run_line(run))  # `r = %djinn_run ...` shows nothing else
+        return run
 
     @line_magic
     @_usage_errors
@@ -303,13 +311,22 @@ class DjinnMagics(Magics):
                 self._baselines[run.id] = base.token_ids
         run.resume(**edit)
         self.run = run
+        for widget in self.widgets:  # a slider on this run has no checkpoint left once it moved on
+            if getattr(widget, "run", None) is not None and widget.run.id == run.id:
+                if widget.run is not run:
+                    widget.run.refresh()
+                widget.check()
         baseline = self._baselines.get(run.id)
         if run.done and baseline is not None:
             from IPython.display import display
 
             client = self._client()
+            prompt = self._prompt_ids(run)
             display(Comparison(baseline, token_strings(client, baseline), run.token_ids,
-                               token_strings(client, run.token_ids), "edited run"))
+                               token_strings(client, run.token_ids), "edited run",
+                               prompt=decode_text(client, prompt) if prompt else None))
+        elif not run.done or baseline is None:
+            print(M.run_line(run))
         return run
 
     @line_magic
@@ -363,7 +380,8 @@ class DjinnMagics(Magics):
             if prompt is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
             max_new = current.max_new_tokens
-        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new)
+        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new,
+                             record_logits=True)  # the slider's hover alternatives
         if not run.paused:
             raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
         return run
@@ -436,16 +454,15 @@ class DjinnMagics(Magics):
 
     @line_magic
     @_usage_errors
-    def djinn_runs(self, line: str = "") -> Any:
-        """This client's runs on the server (id, state, layer, step, tokens, bytes held) as a DataFrame.
+    def djinn_runs(self, line: str = "") -> RunsTable:
+        """This client's runs on the server (id, state, layer, step, tokens, bytes held) as a table
+        (the rows of ``client.runs()``; ``.frame()`` is a DataFrame of the raw values).
 
         %djinn_runs [close=r3|all]
 
         Any of them can be picked up again: run=ID in %djinn_inspect/%djinn_resume/%djinn_steer,
         or client.attach(ID). close=ID frees one run's server memory, close=all every run.
         """
-        import pandas as pd
-
         p = A.parse(line, dict(close=A.text), "djinn_runs", anywhere=True)
         if p.rest:
             raise UsageError(f"%djinn_runs takes close=ID|all, not {p.rest!r}")
@@ -458,8 +475,7 @@ class DjinnMagics(Magics):
                 self._baselines.pop(run_id, None)
                 if self.run is not None and self.run.id == run_id:
                     self.run = None
-        cols = ["id", "state", "layer", "step", "tokens", "bytes_held", "parent"]
-        return pd.DataFrame(client.runs(), columns=cols).astype({"layer": "Int64"})
+        return RunsTable(client.runs())
 
 
 def register(ipython: Any) -> DjinnMagics:

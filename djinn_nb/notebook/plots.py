@@ -158,9 +158,17 @@ def plot_steering_effect(data: Any) -> "Figure":
     return fig
 
 
-def plot_activation(tensor: "torch.Tensor", tokens: Sequence[str] | None = None, title: str = "") -> "Figure":
+SINK_RATIO = 20.0  # a norm this many times the median one gets a log scale (an attention sink)
+
+
+def plot_activation(tensor: "torch.Tensor", tokens: Sequence[str] | None = None, title: str = "",
+                    log: bool | None = None) -> "Figure":
     """Two panels for a paused activation (batch, positions, hidden), or at site ``z``
-    (batch, positions, heads, head_dim): per-position L2 norm (over all heads at ``z``), value histogram."""
+    (batch, positions, heads, head_dim): per-position L2 norm (over all heads at ``z``), value histogram.
+
+    ``log=None`` puts the norms on a log scale when one position's norm is over ``SINK_RATIO``
+    times the median (position 0 is often an attention sink, ~100x the others, which would
+    flatten every other bar); ``True``/``False`` forces it."""
     t = tensor.detach().float()
     if t.dim() == 4:
         t = t.flatten(2)
@@ -171,7 +179,12 @@ def plot_activation(tensor: "torch.Tensor", tokens: Sequence[str] | None = None,
     if tokens is not None and len(tokens) == len(norms) and len(norms) <= 40:
         ax1.set_xticks(range(len(norms)), [repr(s)[1:-1] for s in tokens], rotation=60, ha="right", fontsize=7)
     ax1.set_xlabel("position")
-    ax1.set_ylabel("L2 norm")
+    positive = sorted(n for n in norms if n > 0)
+    if log is None:
+        log = bool(positive) and positive[-1] > SINK_RATIO * positive[len(positive) // 2]
+    ax1.set_ylabel("L2 norm (log scale)" if log else "L2 norm")
+    if log:
+        ax1.set_yscale("log")
     ax1.set_title("norm per position")
     ax2.hist(t.flatten().numpy(), bins=80, color="#dd8452", log=True)
     ax2.set_xlabel("value")
@@ -315,8 +328,26 @@ def to_png(fig: "Figure", dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
-def show(fig: "Figure", dpi: int = 100) -> None:
-    """Display the figure as a PNG image in the notebook, whatever matplotlib's backend."""
-    from IPython.display import Image, display
+def shows_images() -> bool:
+    """Whether the current IPython front end renders images (Jupyter does; a terminal IPython,
+    whose display formatter is text-only, would print ``<IPython.core.display.Image object>``)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    ip = get_ipython()
+    formatter = getattr(ip, "display_formatter", None)
+    return formatter is not None and "image/png" in getattr(formatter, "active_types", ())
 
-    display(Image(data=to_png(fig, dpi)))
+
+def show(fig: "Figure", dpi: int = 100) -> None:
+    """Display the figure as a PNG image in the notebook, whatever matplotlib's backend; in a
+    terminal, one line saying what the figure is and how to get it."""
+    if shows_images():
+        from IPython.display import Image, display
+
+        display(Image(data=to_png(fig, dpi)))
+    else:
+        name = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ", ".join(
+            a.get_title() for a in fig.axes if a.get_title())
+        print(f"[figure: {name or 'untitled'}; images show in Jupyter; here: fig.savefig('x.png')]")
