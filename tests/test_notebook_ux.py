@@ -120,7 +120,7 @@ def test_slider_dims_the_old_text_while_a_fork_computes_and_shows_one_summary(cl
     run = client.generate(PROMPT, max_new_tokens=8, breakpoints=[1])
     w = SteeringWidget(client, run, min=0, max=3, step=0.25)
     gate, started = threading.Event(), threading.Event()
-    real = run.fork
+    real = run.fork_many  # what the slider forks with (widgets.forks_at)
 
     def slow(*a, **k):
         started.set()
@@ -128,7 +128,7 @@ def test_slider_dims_the_old_text_while_a_fork_computes_and_shows_one_summary(cl
         return real(*a, **k)
 
     try:
-        run.fork = slow
+        run.fork_many = slow
         w.slider.value = 0.0
         assert started.wait(30)
         busy = w.output.value
@@ -136,7 +136,7 @@ def test_slider_dims_the_old_text_while_a_fork_computes_and_shows_one_summary(cl
         assert "computing scale 0" in w.status.value
         gate.set()
         result = w.wait()
-        del run.fork
+        del run.fork_many
         page = w.output.value + w.status.value
         assert "djinn-busy" not in page and "opacity:0.4" not in page
         assert len(re.findall(r"\d+ of \d+ tokens changed", page)) == 1, "the summary appears once"

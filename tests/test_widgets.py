@@ -73,15 +73,15 @@ def test_changed_tokens_are_highlighted(paused, widget):
 
 def test_fast_moves_run_only_the_latest_value(client, paused, widget):
     calls, gate, started = [], threading.Event(), threading.Event()
-    real_fork = paused.fork
+    real_fork_many = paused.fork_many  # what the slider forks with (widgets.forks_at)
 
-    def slow_fork(*args, **kwargs):
-        calls.append(kwargs.get("scale"))
+    def slow_fork_many(edits):
+        calls.extend(e.get("scale") for e in edits)
         started.set()
         gate.wait(30)
-        return real_fork(*args, **kwargs)
+        return real_fork_many(edits)
 
-    paused.fork = slow_fork
+    paused.fork_many = slow_fork_many
     try:
         widget.slider.value = 0.25
         assert started.wait(30)
@@ -90,7 +90,7 @@ def test_fast_moves_run_only_the_latest_value(client, paused, widget):
         gate.set()
         result = widget.wait()
     finally:
-        del paused.fork
+        del paused.fork_many
     assert calls == [0.25, 2.25]
     assert result.scale == 2.25 and result.token_ids == _expected(paused, 2.25)
     assert [r.scale for r in widget.results] == [0.25, 2.25]
