@@ -25,6 +25,7 @@ from . import graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import Trace, output_hidden
 from .runs import Checkpoint, Run, WatchHit
+from .scheduler import NonFiniteLogits, logits_finite
 from .sites import BlockParts, finish_block
 from .specs import Point
 
@@ -217,8 +218,10 @@ class Stepper:
                 run.timings["checkpoint"] = p.capture_s
                 run.state = RunState.PAUSED
                 return
-            start = None
+            used, start = start, None
             token = self.pick(run, logits)
+            if not logits_finite(run):  # never a token from NaN: the engine undoes this call
+                raise NonFiniteLogits(step, cp, used)
             run.token_times.append(time.perf_counter())
             run.token_ids.append(token)
             run.step += 1

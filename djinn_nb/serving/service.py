@@ -9,53 +9,63 @@ class without the server's traceback. Runs belong to the token that made them.
 from __future__ import annotations
 
 import functools
-import hashlib
-import hmac
 import inspect
 import logging
+import select
+import threading
 from typing import Any, Callable
 
 import rpyc
 
 from ..core.engine import Engine
 from ..core.runs import Run, activation_stats
+from ..core.scheduler import call_scope
 from ..core.specs import Edit, Sampling
-from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
+from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError, QuotaError
 from ..schema import EditRequest, ForkRequest, GenerateRequest
 from ..version import __version__
 from . import sidechannel, wire
 from .protocol import PROTOCOL
 from .transport import FastChannel
+from .users import Authenticator, User
 
 log = logging.getLogger("djinn_nb.serving.service")
 
 
-def owner_of(token: str | None) -> str:
-    """Runs are filed under a digest of the token, never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16] if token else ""
-
-
 class ServerState:
-    """What all connections share: the engine, the token and the limits."""
+    """What all connections share: the engine, who may connect, and the limits."""
 
     def __init__(
         self,
         engine: Engine,
-        token: str | None = None,
+        auth: Authenticator | None = None,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
         max_paused_bytes: int | None = None,
         bulk: sidechannel.BulkServer | None = None,
+        limits: Any = None,
     ):
         self.engine = engine
-        self.token = token or None
+        self.auth = auth or Authenticator({})
         self.max_payload = max_payload
         self.max_paused_bytes = max_paused_bytes
         self.bulk = bulk
+        self.limits = limits
+        self.inflight: Any = None
+        self.freed = threading.Event()  # set when runs were closed: the reaper trims the heap
+        self.on_hello: Callable[[Any], None] = lambda conn: None
 
     def after_change(self, run: Run) -> None:
         """Apply the residency budget once a call has left ``run`` paused or done."""
         if self.max_paused_bytes is not None:
             self.engine.enforce_budget(self.max_paused_bytes, keep=run.id)
+
+    def held_bytes(self, owner: str | None = None) -> int:
+        """Bytes held by ``owner``'s runs (all runs when None), device and host alike."""
+        runs = self.engine.all_runs() if owner is None else self.engine.runs(owner)
+        return sum(r.bytes_held() for r in runs)
+
+
+PLAIN = (str, bytes, int, float, bool, type(None))
 
 
 def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,6 +80,10 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(self: "DjinnService", *args: Any) -> Any:
         try:
+            for i, a in enumerate(args):  # by type alone: a remote object is never touched
+                if type(a) not in PLAIN:
+                    raise BadRequestError(f"argument {i + 1} of {name} must be a plain value (str, bytes, int, "
+                                          "float, bool or None), not a remote object")
             try:
                 signature.bind(self, *args)
             except TypeError:
@@ -100,16 +114,91 @@ class DjinnService(rpyc.Service):
     def __init__(self, state: ServerState):
         self._state = state
         self._owner: str | None = None
+        self._user: User | None = None
         self._channel: FastChannel | None = None
+        self._conn: rpyc.Connection | None = None
+        self._peer = "?"
 
     def on_connect(self, conn: rpyc.Connection) -> None:
         channel = getattr(conn, "_channel", None)
         self._channel = channel if isinstance(channel, FastChannel) else None
+        self._conn = conn
+        try:
+            self._peer = str(conn._config["endpoints"][1][0])
+        except (KeyError, IndexError, TypeError):
+            pass
+
+    def on_disconnect(self, conn: rpyc.Connection) -> None:
+        if self._state.bulk is not None:
+            self._state.bulk.release(id(self))  # this connection's unfetched downloads and uploads
+
+    def _rpyc_getattr(self, name: str) -> Any:
+        """Before ``hello`` succeeds, ``hello`` is the only name a peer can even look up."""
+        call = "exposed_" + name.removeprefix("exposed_")  # rpyc's own check is bypassed by this override
+        if self._owner is None and call != "exposed_hello":
+            raise AttributeError("call hello(protocol, token) first")
+        if not callable(getattr(type(self), call, None)):
+            raise AttributeError(f"cannot access {name!r}")
+        return getattr(self, call)
+
+    def _alive(self) -> bool:
+        """Whether the client is still connected (a peer's FIN shows as POLLRDHUP, unread data or not)."""
+        try:
+            fd = self._channel.stream.sock.fileno()
+            p = select.poll()
+            p.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            return not p.poll(0)
+        except (AttributeError, OSError, ValueError):
+            return self._channel is None
+
+    def _scope(self) -> Any:
+        limits = self._state.limits
+        return call_scope(self._who(), self._alive, getattr(limits, "max_call_seconds", None))
+
+    def _check_quota(self, max_new_tokens: int | None = None, new_run: bool = True) -> None:
+        """Refuse, before anything changes, a call that would take this user past a quota."""
+        owner, user, limits = self._who(), self._user, self._state.limits
+        steps = getattr(limits, "max_call_steps", None)
+        if steps is not None and type(max_new_tokens) is int and max_new_tokens > steps:
+            raise QuotaError(f"quota max_call_steps: a call may run at most {steps} steps; "
+                             f"asked for max_new_tokens={max_new_tokens}", quota="max_call_steps")
+        if user is not None and new_run and user.max_runs is not None:
+            held = len(self._engine.runs(owner))
+            if held >= user.max_runs:
+                raise QuotaError(f"quota max_runs: user {user.name} holds {held} of {user.max_runs} runs; "
+                                 "close some first", quota="max_runs")
+        self._check_bytes(owner)
+
+    def _check_bytes(self, owner: str) -> None:
+        user, total = self._user, getattr(self._state.limits, "max_held_bytes", None)
+        if user is not None and user.max_paused_bytes is not None:
+            held = self._state.held_bytes(owner)
+            if held > user.max_paused_bytes:
+                raise QuotaError(f"quota max_paused_bytes: user {user.name}'s runs hold {held} bytes, over "
+                                 f"{user.max_paused_bytes}; close or shorten some runs", quota="max_paused_bytes")
+        if total is not None:
+            held = self._state.held_bytes()
+            if held > total:
+                raise QuotaError(f"quota max_held_bytes: the server's runs hold {held} bytes, over its "
+                                 f"{total}; try again after runs are closed", quota="max_held_bytes")
+
+    def _admit(self, run: Run) -> None:
+        """A new run that took its owner (or the server) past a byte quota is closed and refused."""
+        try:
+            self._check_bytes(self._who())
+        except QuotaError:
+            self._engine.close(run.id, run.owner)
+            self._state.freed.set()
+            raise
 
     # ----- helpers ----------------------------------------------------------------
     @property
     def _engine(self) -> Engine:
         return self._state.engine
+
+    @property
+    def _admin(self) -> bool:
+        return self._user is not None and self._user.admin
 
     def _who(self) -> str:
         if self._owner is None:
@@ -143,7 +232,7 @@ class DjinnService(rpyc.Service):
             raise BadRequestError("bulk must be true or false")
         nbytes = t.numel() * t.element_size()
         if bulk and self._state.bulk is not None and nbytes >= sidechannel.BULK_THRESHOLD:
-            return {"bulk": self._state.bulk.offer(t, self._who())}
+            return {"bulk": self._state.bulk.offer(t, self._who(), id(self))}
         return wire.encode_tensor(t)
 
     # ----- exposed calls ----------------------------------------------------------
@@ -157,10 +246,11 @@ class DjinnService(rpyc.Service):
             )
         if token is not None and type(token) is not str:
             raise BadRequestError("token must be a string or None")
-        expected = self._state.token
-        if expected is not None and not (token and hmac.compare_digest(token.encode(), expected.encode())):
-            raise AuthenticationError("wrong or missing token: pass token=... (or set DJINN_TOKEN)")
-        self._owner = owner_of(token if expected is not None else None)
+        if self._owner is not None:
+            raise BadRequestError("hello was already said on this connection")
+        self._user = self._state.auth.authenticate(token, self._peer)
+        self._owner = self._user.name if self._user is not None else ""
+        self._state.on_hello(self._conn)
         if self._channel is not None:  # authenticated: frames up to a tensor payload plus framing
             self._channel.max_frame = self._state.max_payload + (1 << 20)
         return {"server_version": __version__, "protocol": PROTOCOL, **self._engine.info()}
@@ -175,15 +265,18 @@ class DjinnService(rpyc.Service):
         """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
         req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
-        run = self._engine.generate(
-            req.prompt,
-            req.max_new_tokens,
-            req.breakpoints,
-            Sampling(req.temperature, req.top_k, req.seed),
-            owner=owner,
-            record_logits=req.record_logits,
-            watches=req.watches,
-        )
+        self._check_quota(req.max_new_tokens)
+        with self._scope():
+            run = self._engine.generate(
+                req.prompt,
+                req.max_new_tokens,
+                req.breakpoints,
+                Sampling(req.temperature, req.top_k, req.seed),
+                owner=owner,
+                record_logits=req.record_logits,
+                watches=req.watches,
+            )
+        self._admit(run)
         self._state.after_change(run)
         return run.summary().to_json()
 
@@ -192,7 +285,9 @@ class DjinnService(rpyc.Service):
         """Continue a paused run after an ``EditRequest`` (tensors inline in ``act``/``add`` or by ticket)."""
         owner = self._who()
         edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
-        run = self._engine.resume(_str(run_id, "run id"), edit, owner)
+        self._check_quota(new_run=False)
+        with self._scope():
+            run = self._engine.resume(_str(run_id, "run id"), edit, owner)
         self._state.after_change(run)
         return run.summary().to_json()
 
@@ -202,7 +297,11 @@ class DjinnService(rpyc.Service):
         owner = self._who()
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
         edit = self._edit(req.edit, act, add)
-        run = self._engine.fork(_str(run_id, "run id"), edit, req.breakpoints, owner, req.max_new_tokens)
+        parent = self._engine.get(_str(run_id, "run id"), owner)
+        self._check_quota(req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens)
+        with self._scope():
+            run = self._engine.fork(parent.id, edit, req.breakpoints, owner, req.max_new_tokens)
+        self._admit(run)
         self._state.after_change(run)
         return run.summary().to_json()
 
@@ -274,7 +373,8 @@ class DjinnService(rpyc.Service):
         """Reserve a side-channel upload of a tensor with this header; returns {port, ticket}."""
         if self._state.bulk is None:
             raise BadRequestError("this server has no side channel")
-        return self._state.bulk.expect(wire.loads(meta_json, "tensor header"), self._state.max_payload, self._who())
+        return self._state.bulk.expect(wire.loads(meta_json, "tensor header"), self._state.max_payload, self._who(),
+                                       id(self))
 
     @_reply
     def exposed_logits(self, run_id: Any, step: Any = None, bulk: Any = False) -> Any:
@@ -298,12 +398,20 @@ class DjinnService(rpyc.Service):
 
     @_reply
     def exposed_runs(self) -> list[dict[str, Any]]:
-        runs = sorted(self._engine.runs(self._who()), key=lambda r: int(r.id[1:].split("-")[0]))
+        """This user's runs; an admin's listing has every user's."""
+        owner = self._who()
+        mine = self._engine.all_runs() if self._admin else self._engine.runs(owner)
+        runs = sorted(mine, key=lambda r: int(r.id[1:].split("-")[0]))
         return [r.summary(detail=False).row().to_json() for r in runs]
 
     @_reply
     def exposed_close(self, run_id: Any) -> dict[str, Any]:
-        self._engine.close(_str(run_id, "run id"), self._who())
+        owner = self._who()
+        run_id = _str(run_id, "run id")
+        if self._admin:  # an admin closes any run, as its owner would
+            owner = next((r.owner for r in self._engine.all_runs() if r.id == run_id), owner)
+        self._engine.close(run_id, owner)
+        self._state.freed.set()
         return {"id": run_id, "state": "closed"}
 
     @_reply
