@@ -65,6 +65,8 @@ class Client:
         self.max_download_bytes = max_download_bytes
         try:
             self._conn = open_connection(host, port, HELLO_SECONDS, self._ssl, max_frame=max_download_bytes + (1 << 20))
+        except DjinnError:
+            raise
         except OSError as e:
             raise DjinnError(f"cannot reach the djinn server at {host}:{port}: {e}") from None
         self._methods: dict[str, Any] = {}
