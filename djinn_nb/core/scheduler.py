@@ -35,6 +35,7 @@ import torch
 
 from ..errors import NonFiniteError, QuotaError
 from ..schema import RunState
+from . import kvcache
 
 __all__ = ["FairScheduler", "CallStopped", "NonFiniteLogits", "call_scope", "Snapshot"]
 
@@ -197,6 +198,8 @@ class Snapshot:
     state: Any
     step: int
     checkpoint: Any
+    cache_layers: list[Any]  # the layer objects (a CUDA-graph replay replaces some)
+    cache_state: list[dict[str, Any]]  # each layer's attributes: append-only layers never write in place
     cache_lengths: list[int]
     lengths: dict[str, int]
     last_logits: Any
@@ -204,10 +207,10 @@ class Snapshot:
 
     @classmethod
     def of(cls, run: Any) -> "Snapshot":
-        cache = run.cache
+        layers = list(run.cache.layers) if run.cache is not None else []
         return cls(
-            run.state, run.step, run.checkpoint,
-            [layer.get_seq_length() for layer in cache.layers] if cache is not None else [],
+            run.state, run.step, run.checkpoint, layers, [dict(vars(layer)) for layer in layers],
+            [layer.get_seq_length() for layer in layers],
             {k: len(getattr(run, k)) for k in ("token_ids", "topk", "logits", "token_times", "watch_log")},
             run.last_logits,
             run.generator.get_state() if run.generator is not None else None,
@@ -240,12 +243,16 @@ def non_finite_error(run: Any, exc: NonFiniteLogits, num_layers: int) -> str:
 
 
 def roll_back(run: Any, snap: Snapshot) -> None:
-    """Put a run back exactly as ``snap`` found it: its cache cropped layer by layer, tokens and logs cut."""
+    """Put a run back exactly as ``snap`` found it: the same cache tensors (or, for a layer type that
+    writes in place, cropped to its length then), tokens and logs cut."""
     if run.cache is not None:
-        for layer, length in zip(run.cache.layers, snap.cache_lengths):
-            extra = layer.get_seq_length() - length
-            if extra > 0:
-                layer.crop(-extra)
+        run.cache.layers[:] = snap.cache_layers
+        for layer, state, length in zip(snap.cache_layers, snap.cache_state, snap.cache_lengths):
+            if type(layer) in kvcache._APPEND_ONLY:
+                vars(layer).clear()
+                vars(layer).update(state)
+            elif layer.get_seq_length() > length:
+                layer.crop(length - layer.get_seq_length())
     for k, n in snap.lengths.items():
         del getattr(run, k)[n:]
     run.step, run.checkpoint, run.last_logits, run.state = snap.step, snap.checkpoint, snap.last_logits, snap.state
