@@ -60,11 +60,14 @@ class ServerProc:
             self.proc.wait(10)
 
 
-def start(args: list[str], workdir: Path, preexec: Callable[[], None] | None = None, timeout: float = 180) -> ServerProc:
-    """Start ``python -m djinn_nb.serving --port 0 ARGS`` and wait for its address line."""
+def start(args: list[str], workdir: Path, preexec: Callable[[], None] | None = None, timeout: float = 180,
+          env_extra: dict[str, str] | None = None) -> ServerProc:
+    """Start ``python -m djinn_nb.serving --port 0 ARGS`` (environment plus ``env_extra``) and wait
+    for its address line."""
     log = workdir / f"server-{len(list(workdir.glob('server-*.log')))}.log"
     env = {k: v for k, v in os.environ.items() if k != "DJINN_TOKEN"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "djinn_nb.serving", "--port", "0", *args], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=preexec)

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="stop (and close the run of) a call still stepping after this long (default 600)")
     p.add_argument("--max-call-steps", type=int, default=None, help="refuse max_new_tokens above this")
     p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-unauthenticated", type=int, default=64, help="connections not yet past hello")
     p.add_argument("--hello-seconds", type=float, default=10.0, help="time a new connection has to authenticate")
     p.add_argument("--max-auth-failures", type=int, default=20,
                    help="failed hellos per address per minute before that address is refused for the minute")
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    limits = Limits(max_connections=args.max_connections, hello_seconds=args.hello_seconds,
+    limits = Limits(max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
+                    hello_seconds=args.hello_seconds,
                     max_call_seconds=args.max_call_seconds, max_call_steps=args.max_call_steps,
                     max_held_bytes=args.max_held_bytes, auth_failures=args.max_auth_failures)
     try:

@@ -243,7 +243,7 @@ class BulkServer:
             with self._lock:
                 self._expire()
                 slot = self._slots.get(key)
-                if slot is None or slot.claimed:
+                if slot is None or slot.claimed or slot.done.is_set():
                     return
                 slot.claimed = True  # single use: a second connection with this ticket gets nothing
                 mine = slot
@@ -261,9 +261,12 @@ class BulkServer:
         except (OSError, EOFError, ValueError):
             pass
         finally:
-            if mine is not None and mine.upload and not mine.done.is_set():
-                mine.tensor = None
-                self._forget(mine)  # a broken upload frees its reservation at once
+            if mine is not None and mine.upload:
+                if mine.done.is_set():
+                    mine.claimed = False  # arrived: expiry or its connection's end drop it if never taken
+                else:
+                    mine.tensor = None
+                    self._forget(mine)  # a broken upload frees its reservation at once
             conn.close()
             self._conns.release()
 
