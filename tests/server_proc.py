@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -107,8 +107,7 @@ def make_cert(directory: Path, name: str) -> tuple[str, str]:
     return str(cert), str(key)
 
 
-@pytest.fixture(scope="session")
-def lab():
+def lab_server() -> Iterator[ServerProc]:
     """The shared server: a 4-block GPT-2 (``save_model``), TLS, users alice (max_runs 3), bob, carol (max_paused_bytes 1000), root (admin)."""
     workdir = Path(tempfile.mkdtemp(prefix="djinn-lab-"))
     cert, key = make_cert(workdir, "server")
@@ -124,5 +123,13 @@ def lab():
     model = save_model(workdir)
     server = start(["--model", model, "--users", str(users), "--tls-cert", cert, "--tls-key", key], workdir)
     server.tokens, server.ca, server.files = tokens, cert, workdir
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The shared server (see ``lab_server``)."""
+    yield from lab_server()

@@ -316,3 +316,32 @@ def test_memory_of_closed_runs_goes_back_to_the_os(lab):
         assert now - baseline <= 0.15 * held, (baseline, now, held)
     finally:
         bob.close()
+
+
+def test_large_inline_requests_share_a_bounded_in_flight_budget():
+    """An authenticated peer stalls halfway through a 1 MiB frame (its bytes reserved) in a 1.5 MiB
+    budget: another 1 MiB request waits, then its connection is dropped; once the staller is gone,
+    room is back."""
+    from djinn_nb.serving.server import Limits
+    from serving import raw_connection, reply, serve
+
+    served = serve(limits=Limits(inflight_bytes=3 << 19, inflight_wait_s=0.5))
+    blob, header = b"\0" * (1 << 20), wire.dumps({"activation": {"dtype": "float32", "shape": [1 << 18]}})
+    try:
+        staller, b = raw_connection(served.port), raw_connection(served.port)
+        run = reply(b.root.generate(wire.dumps({"prompt": PROMPT, "max_new_tokens": 2, "breakpoints": [3]})))["result"]
+        sock = staller._channel.stream.sock
+        sock.sendall(struct.pack("!LB", (1 << 20) + 200, 0) + b"\0" * 1000)  # then nothing
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(EOFError):
+            b.root.edit(run["id"], header, blob, None)
+        assert time.monotonic() - t0 < 3
+        sock.shutdown(socket.SHUT_RDWR)
+        staller.close()
+        time.sleep(0.2)
+        c = raw_connection(served.port)
+        assert reply(c.root.edit(run["id"], header, blob, None))["error"]["kind"] == "ActivationError"  # reached the call
+        c.close()
+    finally:
+        served.server.close()

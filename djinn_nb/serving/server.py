@@ -53,6 +53,7 @@ class Limits:
     max_call_steps: int | None = None
     max_held_bytes: int | None = None  # all runs together, device and host
     inflight_bytes: int = 2 << 30  # large request frames being received at once
+    inflight_wait_s: float = 30.0  # how long a large frame waits for room before its connection is dropped
     auth_failures: int = 20  # per address per minute, then refused for the rest of the minute
 
 
@@ -227,7 +228,7 @@ class DjinnServer:
         self.tls_context = tls.server_context(tls_cert, tls_key) if tls_cert else None
         self.state = ServerState(engine, Authenticator(users, self.limits.auth_failures), max_payload,
                                  max_paused_bytes, limits=self.limits)
-        self.state.inflight = InflightBudget(self.limits.inflight_bytes)
+        self.state.inflight = InflightBudget(self.limits.inflight_bytes, self.limits.inflight_wait_s)
         self.lease_seconds = float(lease_seconds)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
