@@ -25,7 +25,7 @@ from djinn_nb.errors import BadRequestError, DjinnError, QuotaError
 from djinn_nb.serving import sidechannel, wire
 from djinn_nb.serving.protocol import PROTOCOL
 from djinn_nb.serving.transport import RPYC_CONFIG, open_connection
-from server_proc import lab, start  # noqa: F401 - the session's shared server
+from server_proc import start
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 TOKEN = "fortress-token"
@@ -41,7 +41,7 @@ def fortress():
     workdir = Path(tempfile.mkdtemp(prefix="djinn-fortress-"))
     server = start(["--model", "random:gpt2-tiny", "--hello-seconds", "1.5", "--max-auth-failures", "5",
                     "--max-call-seconds", "0.4", "--max-call-steps", "200", "--max-unauthenticated", "16",
-                    "--max-connections", "100000"], workdir, preexec=_low_nofile,
+                    "--max-connections", "100000", "--max-held-bytes", "2000000"], workdir, preexec=_low_nofile,
                    env_extra={"DJINN_TOKEN": TOKEN})  # the token through the environment, not the command line
     yield server
     server.stop()
@@ -63,6 +63,8 @@ def keeper(fortress):
     client.check = check
     yield client
     check()
+    for r in client.runs():
+        client.attach(r["id"]).close()
     client.close()
 
 
@@ -198,6 +200,14 @@ def test_call_caps_stop_a_long_call_and_refuse_a_huge_one(fortress, keeper):
         keeper.generate(PROMPT, max_new_tokens=200, watches=[(layer, "all") for layer in range(12)])
     assert time.monotonic() - t0 < 3
     assert len(keeper.runs()) == before  # the stopped run was closed
+
+
+def test_what_runs_hold_is_bounded_with_a_clear_refusal(fortress, keeper):
+    before = sorted(r["id"] for r in keeper.runs())
+    with pytest.raises(QuotaError, match="max_held_bytes"):  # ~2.3 MB of cache and watches, over the 2 MB cap
+        keeper.generate([i % 500 for i in range(250)], max_new_tokens=2, breakpoints=[11],
+                        watches=[(layer, 0) for layer in range(11)])
+    assert sorted(r["id"] for r in keeper.runs()) == before
 
 
 def test_running_out_of_descriptors_refuses_newcomers_and_keeps_serving(fortress, keeper):

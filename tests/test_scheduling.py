@@ -19,7 +19,6 @@ from djinn_nb.errors import NonFiniteError
 from djinn_nb.serving import wire
 from djinn_nb.serving.protocol import PROTOCOL
 from djinn_nb.serving.transport import open_connection
-from server_proc import lab  # noqa: F401 - the session's shared server
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 

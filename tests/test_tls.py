@@ -11,7 +11,7 @@ import torch
 import djinn_nb
 from djinn_nb.errors import DjinnError, TransportError
 from djinn_nb.serving import sidechannel
-from server_proc import lab, make_cert  # noqa: F401 - the session's shared server
+from server_proc import make_cert
 
 PROMPT = [(7 * i) % 500 for i in range(600)]
 

@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 from djinn_nb.errors import AuthenticationError, QuotaError, UnknownRunError
-from server_proc import lab  # noqa: F401 - the session's shared server
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 
