@@ -63,12 +63,8 @@ class Client:
                  tls_ca: str | None = None, max_download_bytes: int = MAX_DOWNLOAD_BYTES):
         self._ssl = client_context(tls, tls_ca)
         self.max_download_bytes = max_download_bytes
-        try:
-            self._conn = open_connection(host, port, HELLO_SECONDS, self._ssl, max_frame=max_download_bytes + (1 << 20))
-        except DjinnError:
-            raise
-        except OSError as e:
-            raise DjinnError(f"cannot reach the djinn server at {host}:{port}: {e}") from None
+        # an unreachable address raises OSError (ConnectionRefusedError, ...); TLS failures TransportError
+        self._conn = open_connection(host, port, HELLO_SECONDS, self._ssl, max_frame=max_download_bytes + (1 << 20))
         self._methods: dict[str, Any] = {}
         config = self._conn._config
         try:
