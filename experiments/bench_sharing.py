@@ -15,22 +15,21 @@ import argparse
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import rpyc  # noqa: E402
+import rpyc
 
-import djinn_nb  # noqa: E402
-from djinn_nb.errors import DjinnError  # noqa: E402
-from djinn_nb.serving import wire  # noqa: E402
-from djinn_nb.serving.protocol import PROTOCOL  # noqa: E402
-from djinn_nb.serving.transport import open_connection  # noqa: E402
+import djinn_nb
+from djinn_nb.errors import DjinnError
+from djinn_nb.serving import wire
+from djinn_nb.serving.protocol import PROTOCOL
+from djinn_nb.serving.transport import open_connection
 
-from .exp3_whitebox.exp3lib.env import environment, write_json  # noqa: E402
+from .exp3_whitebox.exp3lib.env import environment, write_json
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 

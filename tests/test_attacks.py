@@ -6,7 +6,6 @@ limits (hello deadline, call time, auth failures) and a low descriptor limit.
 """
 from __future__ import annotations
 
-import os
 import resource
 import socket
 import struct
@@ -24,6 +23,7 @@ from djinn_nb.client.connection import Client
 from djinn_nb.errors import BadRequestError, DjinnError, QuotaError
 from djinn_nb.serving import sidechannel, wire
 from djinn_nb.serving.protocol import PROTOCOL
+from djinn_nb.serving.service import DjinnService
 from djinn_nb.serving.transport import RPYC_CONFIG, open_connection
 from server_proc import start
 
@@ -86,14 +86,14 @@ def test_silent_and_trickling_peers_are_cut_off_at_the_hello_deadline(fortress, 
     try:
         t0 = time.monotonic()
         over = socks[15:]  # 16 may wait for hello at once: the rest are closed at once
-        assert all(_closed_by_server(s, 1.0) for s in over)
+        assert all(_closed_by_server(s, 3.0) for s in over)
         trickle.sendall(struct.pack("!LB", 60000, 0))
         for _ in range(4):
             trickle.sendall(b"\x00")
             keeper.check()
             time.sleep(0.2)
-        assert all(_closed_by_server(s, 5) for s in socks[:15] + [trickle])
-        assert time.monotonic() - t0 < 6
+        assert all(_closed_by_server(s, 8) for s in socks[:15] + [trickle])
+        assert time.monotonic() - t0 < 9  # the deadline is 1.5 s; without the doorman they would stay forever
     finally:
         for s in socks + [trickle]:
             s.close()
@@ -125,14 +125,16 @@ def test_remote_objects_are_refused_without_being_touched(fortress, keeper):
     conn = rpyc.connect("127.0.0.1", fortress.port, config=dict(RPYC_CONFIG, allow_all_attrs=True))
     try:
         assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
-        calls = [n.removeprefix("exposed_") for n in dir(type(conn.root)) if False] or [
-            "info", "generate", "resume", "fork", "offload", "watched", "watched_activation", "edit", "reset_edit",
-            "activation", "lens", "lens_grid", "attention", "expect", "logits", "status", "runs", "close",
-            "tokenize", "decode"]
+        calls = sorted(n.removeprefix("exposed_") for n in dir(DjinnService)
+                       if n.startswith("exposed_") and getattr(getattr(DjinnService, n), "djinn_call", False))
+        assert len(calls) >= 20
+        for name in ("get_service_name", "get_service_aliases"):  # rpyc's own exposed methods are not served
+            with pytest.raises(AttributeError):
+                getattr(conn.root, name)
         for name in calls:
             for position in range(2):
                 args = ["x"] * position + [Bait()]
-                msg = wire.loads(getattr(conn.root, name)(*args) if True else None)
+                msg = wire.loads(getattr(conn.root, name)(*args))
                 assert msg["ok"] is False and msg["error"]["kind"] == "BadRequestError", (name, msg)
                 assert "plain value" in msg["error"]["message"] or "takes" in msg["error"]["message"]
         assert touched == []

@@ -99,6 +99,7 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
             return wire.dumps({"ok": True, "result": meta}), payload
         return wire.dumps({"ok": True, "result": result})  # non-finite floats become null
 
+    wrapper.djinn_call = True  # what _rpyc_getattr serves (rpyc's own exposed_get_service_* are not)
     return wrapper
 
 
@@ -137,7 +138,7 @@ class DjinnService(rpyc.Service):
         call = "exposed_" + name.removeprefix("exposed_")  # rpyc's own check is bypassed by this override
         if self._owner is None and call != "exposed_hello":
             raise AttributeError("call hello(protocol, token) first")
-        if not callable(getattr(type(self), call, None)):
+        if not getattr(getattr(type(self), call, None), "djinn_call", False):
             raise AttributeError(f"cannot access {name!r}")
         return getattr(self, call)
 
