@@ -1,6 +1,7 @@
 """Figures for the README's reliability rows: a shared server under load and under attack.
 
     python -m experiments.bench_sharing --out experiments/results/cpu-2core/bench_sharing
+    python -m experiments.bench_sharing --model random:gpt2 --device cuda:0 --out DIR   # on a GPU
 
 Starts real ``djinn-server`` processes on loopback (the test helpers in
 ``tests/server_proc.py``: a 4-block GPT-2 512 wide, TLS, a users file) and records:
@@ -34,10 +35,10 @@ from .exp3_whitebox.exp3lib.env import environment, write_json
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 
 
-def _lab():
+def _lab(model: str | None, device: str):
     import server_proc
 
-    gen = server_proc.lab_server()
+    gen = server_proc.lab_server(model, device)
     return gen, next(gen)
 
 
@@ -50,9 +51,11 @@ def fork_ms(run) -> float:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="default: a 4-block GPT-2 512 wide (the tests' model)")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    gen, lab = _lab()
-    out: dict = {"environment": environment("cpu")}
+    gen, lab = _lab(args.model, args.device)
+    out: dict = {"environment": environment(args.device), "model": args.model or "gpt2-4x512 (tests)"}
     try:
         alice, bob, root = lab.connect("alice"), lab.connect("bob"), lab.connect("root")
         parked = bob.generate(PROMPT, max_new_tokens=2, breakpoints=[2])
@@ -107,7 +110,8 @@ def main() -> int:
 
         def fetch(c) -> None:
             barrier.wait()
-            ok.append(c.attach(big.id).activation().shape)
+            t = c.attach(big.id).activation()
+            ok.append(t.numel() * t.element_size())
 
         t0 = time.perf_counter()
         ths = [threading.Thread(target=fetch, args=(c,)) for c in clients]
@@ -115,7 +119,7 @@ def main() -> int:
             th.start()
         for th in ths:
             th.join()
-        out["fetch_32x"] = {"ok": len(ok), "bytes_each": 600 * 512 * 4, "wall_s": time.perf_counter() - t0}
+        out["fetch_32x"] = {"ok": len(ok), "bytes_each": max(ok, default=0), "wall_s": time.perf_counter() - t0}
         for c in clients:
             c.close()
         big.close()

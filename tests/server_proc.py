@@ -107,7 +107,7 @@ def make_cert(directory: Path, name: str) -> tuple[str, str]:
     return str(cert), str(key)
 
 
-def lab_server() -> Iterator[ServerProc]:
+def lab_server(model: str | None = None, device: str = "cpu") -> Iterator[ServerProc]:
     """The shared server: a 4-block GPT-2 (``save_model``), TLS, users alice (max_runs 3), bob, carol (max_paused_bytes 1000), root (admin)."""
     workdir = Path(tempfile.mkdtemp(prefix="djinn-lab-"))
     cert, key = make_cert(workdir, "server")
@@ -120,8 +120,8 @@ def lab_server() -> Iterator[ServerProc]:
     tokens["bob"] = add_user(users, "bob")
     tokens["carol"] = add_user(users, "carol", max_paused_bytes=1000)
     tokens["root"] = add_user(users, "root", admin=True)
-    model = save_model(workdir)
-    server = start(["--model", model, "--users", str(users), "--tls-cert", cert, "--tls-key", key], workdir)
+    model = model or save_model(workdir)
+    server = start(["--model", model, "--device", device, "--users", str(users), "--tls-cert", cert, "--tls-key", key], workdir)
     server.tokens, server.ca, server.files = tokens, cert, workdir
     try:
         yield server
