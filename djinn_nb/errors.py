@@ -76,6 +76,28 @@ class ExecutionError(DjinnError, RuntimeError):
     kind = "ExecutionError"
 
 
+class QuotaError(DjinnError):
+    """A server limit refused the call (``quota`` names it); nothing was changed."""
+
+    kind = "QuotaError"
+
+    def __init__(self, message: str = "", quota: str | None = None):
+        super().__init__(message)
+        self.quota = quota
+
+
+class NonFiniteError(ExecutionError):
+    """A step's logits were NaN or infinite; the message names the layer where values stopped being finite."""
+
+    kind = "NonFiniteError"
+
+
+class TransportError(DjinnError, ConnectionError):
+    """The connection could not be made or secured (TLS refused, certificate not trusted, timeout)."""
+
+    kind = "TransportError"
+
+
 ERROR_CLASSES: dict[str, type[DjinnError]] = {
     cls.kind: cls
     for cls in (
@@ -90,6 +112,9 @@ ERROR_CLASSES: dict[str, type[DjinnError]] = {
         AuthenticationError,
         ProtocolError,
         ExecutionError,
+        QuotaError,
+        NonFiniteError,
+        TransportError,
     )
 }
 

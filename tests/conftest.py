@@ -30,3 +30,6 @@ def embedded():
     from djinn_nb.core.models import load_model
 
     return load_model(None)
+
+
+from server_proc import lab  # noqa: E402,F401 - one shared djinn-server process per session (users, TLS, attacks)

@@ -29,7 +29,7 @@ def test_side_channel_round_trip_matches_inline(served, monkeypatch):
     inline = run.activation()
     offered = []
     real_offer = srv.state.bulk.offer
-    monkeypatch.setattr(srv.state.bulk, "offer", lambda t, owner="": offered.append(t.shape) or real_offer(t, owner))
+    monkeypatch.setattr(srv.state.bulk, "offer", lambda t, owner="", conn=0: offered.append(t.shape) or real_offer(t, owner, conn))
     monkeypatch.setattr(sidechannel, "BULK_THRESHOLD", 16)
     bulk = run.activation()
     assert offered == [inline.shape] and torch.equal(bulk, inline)

@@ -198,7 +198,7 @@ def paused():
     served.server.close()
 
 
-EXPOSED = sorted(n[len("exposed_"):] for n in vars(DjinnService) if n.startswith("exposed_") and n != "exposed_hello")
+EXPOSED = sorted(n[len("exposed_"):] for n in dir(DjinnService) if n.startswith("exposed_") and n != "exposed_hello")
 SUCCEED_WITHOUT_ARGS = {"runs", "info"}  # readers that take nothing
 argument = (
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.binary(max_size=64)
@@ -307,20 +307,25 @@ def test_scale_edit_within_the_cap_still_works(capped):
 
 
 def test_side_channel_owners_cannot_evict_each_other():
+    """Over a share or a full table a new slot is refused; nobody's pending transfer is ever dropped."""
+    from djinn_nb.errors import QuotaError
     from djinn_nb.serving.sidechannel import BulkServer
 
     bulk = BulkServer(per_owner=2, max_slots=4)
     try:
         meta = {"dtype": "float32", "shape": [4]}
         alice = bulk.expect(meta, owner="alice")
-        for _ in range(3):  # bob over his share evicts only his own oldest
-            bulk.expect(meta, owner="bob")
+        bob = [bulk.expect(meta, owner="bob") for _ in range(2)]
+        with pytest.raises(QuotaError, match="side channel is busy"):
+            bulk.expect(meta, owner="bob")  # over his share: refused, his own slots kept too
         assert bulk.pending() == 3
         bulk.expect(meta, owner="carol")
-        with pytest.raises(BadRequestError, match="side channel is busy"):
+        with pytest.raises(QuotaError, match="side channel is busy"):
             bulk.expect(meta, owner="dave")
         sidechannel.push("127.0.0.1", alice, torch.arange(4.0))
+        sidechannel.push("127.0.0.1", bob[0], torch.arange(4.0) + 1)
         assert torch.equal(bulk.take(alice["ticket"], owner="alice"), torch.arange(4.0))
+        assert torch.equal(bulk.take(bob[0]["ticket"], owner="bob"), torch.arange(4.0) + 1)
     finally:
         bulk.close()
 

@@ -18,6 +18,7 @@ from ..serving import sidechannel, wire
 from ..errors import BadRequestError, DjinnError, error_from_wire
 from ..schema import GenerateRequest, RunRow, RunSummary
 from ..serving.protocol import DEFAULT_PORT, PROTOCOL
+from ..serving.tls import client_context
 from ..serving.transport import open_connection
 from .run import Run, plain_breakpoints
 
@@ -43,17 +44,47 @@ def _call(conn_fn: Any, *args: Any) -> Any:
     return (msg["result"], payload) if payload is not None else msg["result"]
 
 
-class Client:
-    """A connection to a djinn server (remote, or embedded in this process)."""
+#: Seconds to connect and say hello: a server that does not answer (say, a TLS server to a plain
+#: client, or the reverse) is reported, never waited on.
+HELLO_SECONDS = 15.0
+#: The most this client accepts in one tensor from a server, whatever the server announces.
+MAX_DOWNLOAD_BYTES = 8 << 30
 
-    def __init__(self, host: str, port: int, token: str | None = None):
-        self._conn = open_connection(host, port)
+
+class Client:
+    """A connection to a djinn server (remote, or embedded in this process).
+
+    ``tls=True`` verifies the server's certificate against the system CAs, ``tls_ca=FILE``
+    against that CA only (hostname included, on both channels). ``max_download_bytes``
+    caps any one tensor or frame the server may send.
+    """
+
+    def __init__(self, host: str, port: int, token: str | None = None, tls: bool = False,
+                 tls_ca: str | None = None, max_download_bytes: int = MAX_DOWNLOAD_BYTES):
+        self._ssl = client_context(tls, tls_ca)
+        self.max_download_bytes = max_download_bytes
+        # an unreachable address raises OSError (ConnectionRefusedError, ...); TLS failures TransportError
+        self._conn = open_connection(host, port, HELLO_SECONDS, self._ssl, max_frame=max_download_bytes + (1 << 20))
         self._methods: dict[str, Any] = {}
+        config = self._conn._config
         try:
+            config["sync_request_timeout"] = HELLO_SECONDS
             self._info = _call(self._remote("hello"), PROTOCOL, token)
+        except TimeoutError:
+            self._conn.close()
+            raise DjinnError(f"the djinn server at {host}:{port} did not answer hello within {HELLO_SECONDS:g} s "
+                             "(a TLS server reached without tls=..., or not a djinn server?)") from None
+        except (DjinnError, EOFError) as e:
+            self._conn.close()
+            if isinstance(e, DjinnError) and "connection to the djinn server was lost" not in str(e):
+                raise
+            hint = " (if the server uses TLS, connect with tls=True or tls_ca=FILE)" if self._ssl is None else ""
+            raise DjinnError(f"the djinn server at {host}:{port} closed the connection before hello{hint}") from None
         except Exception:
             self._conn.close()
             raise
+        finally:
+            config["sync_request_timeout"] = 3600
         self.address = f"{host}:{port}"
         self.host = host
         _open_clients.add(self)
@@ -62,9 +93,9 @@ class Client:
         """A tensor from the server: inline for small ones, over the side channel for large ones."""
         result = _call(self._remote(name), *args, True)
         if isinstance(result, dict) and "bulk" in result:
-            return sidechannel.fetch(self.host, result["bulk"])
+            return sidechannel.fetch(self.host, result["bulk"], self.max_download_bytes, ssl_context=self._ssl)
         meta, data = result
-        return wire.decode_tensor(meta, data, max_bytes=1 << 40)
+        return wire.decode_tensor(meta, data, max_bytes=self.max_download_bytes)
 
     def _tensor_in(self, t: torch.Tensor) -> tuple[dict[str, Any], bytes | None]:
         """(spec, inline bytes) for a tensor sent to the server; large ones go ahead on the side channel."""
@@ -72,7 +103,7 @@ class Client:
             return wire.encode_tensor(t)
         meta = {"dtype": wire.dtype_name(t.dtype), "shape": list(t.shape)}
         slot = _call(self._remote("expect"), wire.dumps(meta))
-        sidechannel.push(self.host, slot, t)
+        sidechannel.push(self.host, slot, t, ssl_context=self._ssl)
         return {"ticket": slot["ticket"]}, None
 
     def _call(self, name: str, *args: Any) -> Any:
@@ -199,6 +230,8 @@ def connect(
     device: str | None = None,
     dtype: str | None = None,
     token: str | None = None,
+    tls: bool = False,
+    tls_ca: str | None = None,
 ) -> Client:
     """Connect to a djinn server.
 
@@ -207,7 +240,9 @@ def connect(
     embedded server on loopback in this process and talks to it over the same
     rpyc protocol; the model is loaded once per (model, device, dtype); the
     device defaults to ``"cpu"``.
-    ``connect()`` uses the embedded default model.
+    ``connect()`` uses the embedded default model. ``tls=True`` (system CAs) or
+    ``tls_ca=FILE`` reach a server started with ``--tls-cert``; its certificate and
+    hostname are verified.
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")
     if address is not None:
@@ -221,7 +256,7 @@ def connect(
             host, port = address, str(DEFAULT_PORT)
         if not port.isdigit():
             raise BadRequestError(f"address must be 'host:port', got {address!r}")
-        return Client(host, int(port), token)
+        return Client(host, int(port), token, tls=tls, tls_ca=tls_ca)
     from ..serving.server import DjinnServer, build_engine
 
     device = device or "cpu"

@@ -23,6 +23,7 @@ import torch
 from ..schema import RunState
 from . import kvcache
 from .runs import Run
+from .scheduler import logits_finite
 from .stepping import Stepper
 
 
@@ -75,7 +76,10 @@ class ForkBatch:
         while True:
             keep = []
             for i, (run, done) in enumerate(zip(active, self.stepper.take_tokens(active, logits))):
-                if done:
+                if not logits_finite(run):  # never a token from NaN: this fork fails, the others go on
+                    run.state, run.cache = RunState.FAILED, None
+                    run.error = f"non-finite logits at step {run.step - 1}: the edit made later layers overflow"
+                elif done:
                     run.cache = rows_of(cache, [i]) if self.stepper.keep_finished else None
                 elif self._needs_own_step(run):
                     run.cache = rows_of(cache, [i])

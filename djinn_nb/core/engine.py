@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Any, Iterable, Sequence
 
@@ -28,6 +27,7 @@ from .architecture import Anatomy, check_split_is_exact, find_anatomy
 from .forking import Forking, ForkSpec
 from .navigation import Navigation
 from .residency import Residency
+from .scheduler import CallStopped, FairScheduler, NonFiniteLogits, Snapshot, on_non_finite
 from .runs import Run, RunRegistry, WatchHit
 from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
@@ -56,7 +56,7 @@ class Engine(Forking, Navigation):
         self.parts = [block_parts(model, self.anatomy.blocks, i) for i in range(self.anatomy.num_layers)]
         self.device = self.anatomy.lm_head.weight.device
         self.dtype = self.anatomy.lm_head.weight.dtype
-        self._device_lock = threading.Lock()
+        self._device_lock = FairScheduler()  # a turn handed on between steps (scheduler.py)
         self._registry = RunRegistry()
         self.residency = Residency(self.device, self._device_lock, self._registry, self._drop)
         gen_cfg = getattr(model, "generation_config", None)
@@ -72,6 +72,7 @@ class Engine(Forking, Navigation):
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
         self.stepper = Stepper(model, self.anatomy, self.parts, self.eos_ids, self.cuda_graphs)
         self.stepper.keep_finished = True  # finished runs keep their KV cache for rewind (navigation.py)
+        self.stepper.between_steps = self._device_lock.between_steps
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.ignored_generation_config = _ignored_generation_settings(model)
@@ -381,11 +382,17 @@ class Engine(Forking, Navigation):
     # ----- execution --------------------------------------------------------------
     def _advance(self, run: Run, start: torch.Tensor | None) -> None:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
-        with self._device_lock, torch.inference_mode():
+        with self._device_lock.turn(run.owner), torch.inference_mode():
             t0 = time.perf_counter()
+            snap = Snapshot.of(run)
             run.state = RunState.RUNNING  # listing and the residency budget leave it alone
             try:
                 self.stepper.advance(run, start)
+            except CallStopped as e:  # client gone or over the call's time: no checkpoint to pause at
+                self._drop(run)
+                raise e.error from None
+            except NonFiniteLogits as e:
+                on_non_finite(self, run, snap, e)
             except torch.OutOfMemoryError as e:
                 self._fail(run, f"out of device memory: {e}")
             except Exception as e:  # noqa: BLE001 - the cache may be half-written: the run cannot go on

@@ -26,6 +26,7 @@ from .architecture import Anatomy, run_tail
 from .pause import Trace, output_hidden
 from .conditional import StepTest
 from .runs import Checkpoint, Run, WatchHit
+from .scheduler import NonFiniteLogits, logits_finite
 from .sites import BlockParts, finish_block
 from .specs import Point
 
@@ -238,8 +239,10 @@ class Stepper:
                 if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
                     run.target = None
                 return
-            start = None
+            used, start = start, None
             ended = self.take_tokens([run], logits)[0]
+            if not logits_finite(run):  # never a token from NaN: the engine undoes this call
+                raise NonFiniteLogits(step, cp, used)
             if test is not None:
                 held = test.held(run, step)
                 if held:  # undo the step and run it again, stopping where the conditions held

@@ -1,4 +1,8 @@
-"""``djinn-server`` (or ``python -m djinn_nb.serving``): load a model and serve it."""
+"""``djinn-server`` (or ``python -m djinn_nb.serving``): load a model and serve it.
+
+``djinn-server add-user NAME --users FILE`` adds a user to a users file and prints
+their new token once (only its SHA-256 is stored).
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,41 +10,97 @@ import logging
 import os
 import sys
 
+from ..errors import DjinnError
 from . import wire
 from .protocol import DEFAULT_PORT
-from .server import DEFAULT_LEASE_SECONDS, DjinnServer, build_engine, is_loopback
+from .server import DEFAULT_LEASE_SECONDS, DjinnServer, Limits, build_engine, is_loopback
+
+
+def add_user_main(argv: list[str]) -> int:
+    from .users import add_user
+
+    p = argparse.ArgumentParser(prog="djinn-server add-user", description="Add a user; prints their token once.")
+    p.add_argument("name")
+    p.add_argument("--users", required=True, help="the users file (created if absent, mode 0600)")
+    p.add_argument("--admin", action="store_true", help="may list and close every user's runs")
+    p.add_argument("--max-runs", type=int, default=None)
+    p.add_argument("--max-paused-bytes", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        token = add_user(args.users, args.name, args.admin, max_runs=args.max_runs,
+                         max_paused_bytes=args.max_paused_bytes)
+    except DjinnError as e:
+        print(f"djinn-server add-user: {e}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["add-user"]:
+        return add_user_main(argv[1:])
     p = argparse.ArgumentParser(prog="djinn-server", description="Serve a causal LM with breakpoints over rpyc.")
     p.add_argument("--model", default=None, help="hub id, local directory, 'embedded' (default) or 'random:<shape>'")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto")
     p.add_argument("--device-map", default=None, help="'auto' splits the model over GPUs (accelerate)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    p.add_argument("--token", default=os.environ.get("DJINN_TOKEN"), help="required off loopback (or DJINN_TOKEN)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed)")
+    p.add_argument("--token", default=os.environ.get("DJINN_TOKEN"),
+                   help="one-user shortcut (default: $DJINN_TOKEN; prefer the environment to the command line)")
+    p.add_argument("--users", default=None, help="users file: name -> token_sha256, admin, max_runs, max_paused_bytes")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: both channels under TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--max-payload-bytes", type=int, default=wire.DEFAULT_MAX_PAYLOAD)
     p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
                    help="close runs untouched this long (default 600)")
     p.add_argument("--max-paused-bytes", type=int, default=None,
                    help="offload least-recently-used paused runs to host memory above this many device bytes")
+    p.add_argument("--max-held-bytes", type=int, default=None,
+                   help="refuse new runs while all runs together hold more than this (device and host)")
+    p.add_argument("--max-call-seconds", type=float, default=600.0,
+                   help="stop (and close the run of) a call still stepping after this long (default 600)")
+    p.add_argument("--max-call-steps", type=int, default=None, help="refuse max_new_tokens above this")
+    p.add_argument("--max-connections", type=int, default=256)
+    p.add_argument("--max-unauthenticated", type=int, default=64, help="connections not yet past hello")
+    p.add_argument("--hello-seconds", type=float, default=10.0, help="time a new connection has to authenticate")
+    p.add_argument("--max-auth-failures", type=int, default=20,
+                   help="failed hellos per address per minute before that address is refused for the minute")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="keep forks on the eager path (default: replay the layers after a checkpoint as a CUDA graph)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not is_loopback(args.host) and not args.token:
+    token = None if args.users else args.token
+    if not is_loopback(args.host) and not (token or args.users):
         print(
-            f"djinn-server: refusing to bind {args.host} without a token; pass --token SECRET or set DJINN_TOKEN",
+            f"djinn-server: refusing to bind {args.host} without a token; pass --token SECRET or set DJINN_TOKEN, "
+            "or --users FILE",
             file=sys.stderr,
         )
         return 2
-    engine = build_engine(args.model, args.device, args.dtype, args.device_map, cuda_graphs=False if args.no_cuda_graphs else None)
-    server = DjinnServer(
-        engine, args.host, args.port, args.token, args.max_payload_bytes, args.lease_seconds, args.max_paused_bytes
-    )
+    limits = Limits(max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
+                    hello_seconds=args.hello_seconds,
+                    max_call_seconds=args.max_call_seconds, max_call_steps=args.max_call_steps,
+                    max_held_bytes=args.max_held_bytes, auth_failures=args.max_auth_failures)
+    try:
+        users = None
+        if args.users:
+            from .users import load_users
+
+            users = load_users(args.users)
+        engine = build_engine(args.model, args.device, args.dtype, args.device_map,
+                              cuda_graphs=False if args.no_cuda_graphs else None)
+        server = DjinnServer(engine, args.host, args.port, token, args.max_payload_bytes, args.lease_seconds,
+                             args.max_paused_bytes, users=users, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                             limits=limits)
+    except DjinnError as e:
+        print(f"djinn-server: {e}", file=sys.stderr)
+        return 2
     info = engine.info()
-    print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}", flush=True)
+    tls_note = " (TLS)" if args.tls_cert else ""
+    print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}"
+          f"{tls_note}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -48,5 +108,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
     return 0
-
-

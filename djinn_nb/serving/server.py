@@ -1,30 +1,61 @@
-"""The server's lifecycle: the listener, the side channel and the lease reaper.
+"""The server's lifecycle: the listener, the doorman, the side channel and the reaper.
 
 :class:`DjinnServer` serves an engine over rpyc (``service.DjinnService`` per
 connection). It binds 127.0.0.1 unless told otherwise, and refuses any other
-address without a token.
+address without authentication (``--token`` or ``--users``). Before a peer has
+authenticated it is bounded in everything it can cost: a connection slot (of
+``max_unauthenticated``), a small frame cap, and ``hello_seconds`` to say hello,
+after which the doorman hangs up. Running out of file descriptors refuses the
+newcomer (a spare descriptor is kept to accept and close it) instead of ending
+the accept loop; memory freed by closed runs is handed back to the OS
+(``malloc_trim`` on glibc) by the reaper.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import ipaddress
 import logging
+import os
+import socket
 import threading
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import rpyc
 from rpyc.utils.server import ThreadedServer
 
 from ..core.engine import Engine
 from ..errors import AuthenticationError, BadRequestError
-from . import sidechannel, wire
+from . import sidechannel, tls, wire
 from .protocol import DEFAULT_PORT
 from .service import DjinnService, ServerState
-from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, tune_socket
+from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, tune_socket
+from .users import Authenticator, User, single_user
 
 DEFAULT_LEASE_SECONDS = 600.0
 #: Largest frame a connection may send before ``hello`` succeeds.
 UNAUTHENTICATED_FRAME = 64 << 10
 log = logging.getLogger("djinn_nb.serving.server")
+_quiet = logging.getLogger("djinn_nb.serving.rpyc")  # rpyc logs every accept: not for peers to flood
+_quiet.setLevel(logging.WARNING)
+
+
+@dataclass
+class Limits:
+    """What the server lets peers and calls cost (None: no limit)."""
+
+    max_connections: int = 256
+    max_unauthenticated: int = 64
+    hello_seconds: float = 10.0
+    max_call_seconds: float | None = 600.0
+    max_call_steps: int | None = None
+    max_held_bytes: int | None = None  # all runs together, device and host
+    inflight_bytes: int = 2 << 30  # large request frames being received at once
+    inflight_wait_s: float = 30.0  # how long a large frame waits for room before its connection is dropped
+    auth_failures: int = 20  # per address per minute, then refused for the rest of the minute
+
 
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
@@ -34,20 +65,127 @@ def is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-class _FastThreadedServer(ThreadedServer):
-    """rpyc's threaded server, over the fast uncompressed channel."""
 
-    def _serve_client(self, sock, credentials):  # noqa: ANN001 - rpyc's signature
+def malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _Listener(ThreadedServer):
+    """rpyc's threaded server over the fast channel, with connection caps, TLS and a doorman."""
+
+    def __init__(self, djinn: "DjinnServer", *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.djinn = djinn
+        self._spare: int | None = os.open(os.devnull, os.O_RDONLY)
+        self._conns: dict[Any, float] = {}  # rpyc connection -> hello deadline (None once authenticated)
+        self._conns_lock = threading.Lock()
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except socket.timeout:
+            return
+        except OSError as e:
+            if not self.active:
+                raise EOFError() from None
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._refuse_one()
+            elif e.errno not in (errno.EINTR, errno.EAGAIN, errno.ECONNABORTED):
+                raise EOFError() from None
+            return
+        sock.setblocking(True)
+        with self._conns_lock:
+            total = len(self._conns)
+            pending = sum(1 for d in self._conns.values() if d is not None)
+        limits = self.djinn.limits
+        if total >= limits.max_connections or pending >= limits.max_unauthenticated:
+            _close(sock)
+            return
+        self.clients.add(sock)
+        try:
+            threading.Thread(target=self._authenticate_and_serve_client, args=(sock,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: refuse this one, keep serving
+            self.clients.discard(sock)
+            _close(sock)
+
+    def _refuse_one(self) -> None:
+        """Out of descriptors: free the spare, accept and close the newcomer, take the spare back."""
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            try:
+                os.close(spare)
+            except OSError:
+                pass
+        try:
+            sock, _ = self.listener.accept()
+            _close(sock)
+        except OSError:
+            time.sleep(0.05)
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            time.sleep(0.05)
+
+    def _serve_client(self, sock: socket.socket, credentials: Any) -> None:
         tune_socket(sock)
-        config = dict(self.protocol_config, credentials=credentials, endpoints=(sock.getsockname(), sock.getpeername()), logger=self.logger)
-        conn = self.service._connect(FastChannel(FastSocketStream(sock), max_frame=UNAUTHENTICATED_FRAME), config)
-        self._handle_connection(conn)
-
-    def _handle_connection(self, conn) -> None:  # noqa: ANN001
+        state = self.djinn.state
+        if self.djinn.tls_context is not None:
+            try:
+                sock = tls.accept(self.djinn.tls_context, sock, min(tls.HANDSHAKE_SECONDS, self.djinn.limits.hello_seconds))
+            except (OSError, ValueError):
+                return  # a plain client, a bad certificate or a stalled handshake: nothing was served
+        try:
+            endpoints = (sock.getsockname(), sock.getpeername())
+        except OSError:
+            return
+        config = dict(self.protocol_config, credentials=None, endpoints=endpoints, logger=self.logger)
+        channel = FastChannel(FastSocketStream(sock), max_frame=UNAUTHENTICATED_FRAME, budget=state.inflight)
+        conn = self.service._connect(channel, config)
+        with self._conns_lock:
+            self._conns[conn] = time.monotonic() + self.djinn.limits.hello_seconds
         try:
             conn.serve_all()
-        except OSError:  # the server closed this client's socket while it was being polled
+        except OSError:
             conn.close()
+        finally:
+            with self._conns_lock:
+                self._conns.pop(conn, None)
+
+    def authenticated(self, conn: Any) -> None:
+        with self._conns_lock:
+            if conn in self._conns:
+                self._conns[conn] = None
+
+    def sweep(self) -> None:
+        """Hang up on connections that did not say hello in time."""
+        now = time.monotonic()
+        with self._conns_lock:
+            late = [c for c, d in self._conns.items() if d is not None and d < now]
+        for conn in late:
+            try:
+                conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
+
+    def close(self) -> None:
+        super().close()
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            try:
+                os.close(spare)
+            except OSError:
+                pass
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 class DjinnServer:
@@ -56,6 +194,8 @@ class DjinnServer:
     Runs untouched for ``lease_seconds`` are closed by a reaper thread (their device
     memory is freed), so a notebook that dies leaks nothing for long, while one
     that restarts within the lease can ``attach`` to its paused runs again.
+    ``users`` (see users.py) or ``token`` authenticate; ``tls_cert``/``tls_key`` put
+    both channels under TLS.
     """
 
     def __init__(
@@ -67,28 +207,44 @@ class DjinnServer:
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_paused_bytes: int | None = None,
+        users: dict[str, User] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        limits: Limits | None = None,
     ):
-        if not is_loopback(host) and not token:
+        if users and token:
+            raise BadRequestError("pass either a token or a users file, not both")
+        users = users or single_user(token)
+        if not is_loopback(host) and not users:
             raise AuthenticationError(
-                f"refusing to bind {host} without a token: pass --token or set DJINN_TOKEN "
+                f"refusing to bind {host} without a token: pass --token or set DJINN_TOKEN, or --users FILE "
                 "(clients then connect with token=...)"
             )
         if not lease_seconds > 0:
             raise BadRequestError(f"lease_seconds must be positive, got {lease_seconds!r}")
-        self.state = ServerState(engine, token, max_payload, max_paused_bytes)
+        if (tls_cert is None) != (tls_key is None):
+            raise BadRequestError("TLS needs both --tls-cert and --tls-key")
+        self.limits = limits or Limits()
+        self.tls_context = tls.server_context(tls_cert, tls_key) if tls_cert else None
+        self.state = ServerState(engine, Authenticator(users, self.limits.auth_failures), max_payload,
+                                 max_paused_bytes, limits=self.limits)
+        self.state.inflight = InflightBudget(self.limits.inflight_bytes, self.limits.inflight_wait_s)
         self.lease_seconds = float(lease_seconds)
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
-        self._server = _FastThreadedServer(
+        self._server = _Listener(
+            self,
             rpyc.utils.helpers.classpartial(DjinnService, self.state),
             hostname=host,
             port=port,
             protocol_config=dict(RPYC_CONFIG),
-            logger=log,
+            logger=_quiet,
         )
+        self.state.on_hello = self._server.authenticated
         self._server._listen()  # listen now, so the address is connectable once we return
         self.host, self.port = self._server.host, self._server.port
-        self.state.bulk = sidechannel.BulkServer(host)  # after the rpyc port bound: nothing leaks if it fails
+        # after the rpyc port bound: nothing leaks if it fails
+        self.state.bulk = sidechannel.BulkServer(host, tls_context=self.tls_context)
         self._thread: threading.Thread | None = None
 
     @property
@@ -96,10 +252,20 @@ class DjinnServer:
         return f"{self.host}:{self.port}"
 
     def _reap(self) -> None:
-        interval = min(5.0, max(0.05, self.lease_seconds / 4))
+        interval = min(0.25, self.lease_seconds / 4)
+        last_expiry = time.monotonic()
         while not self._stop.wait(interval):
-            for run_id in self.state.engine.expire(self.lease_seconds):
-                log.info("lease expired: closed run %s", run_id)
+            self._server.sweep()
+            if self.state.bulk is not None:
+                self.state.bulk.sweep()
+            if time.monotonic() - last_expiry >= min(5.0, self.lease_seconds / 4):
+                last_expiry = time.monotonic()
+                for run_id in self.state.engine.expire(self.lease_seconds):
+                    log.info("lease expired: closed run %s", run_id)
+                    self.state.freed.set()
+            if self.state.freed.is_set():
+                self.state.freed.clear()
+                malloc_trim()
 
     def start(self) -> "DjinnServer":
         self._reaper.start()

@@ -8,108 +8,154 @@ class without the server's traceback. Runs belong to the token that made them.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import hmac
-import inspect
 import logging
+import select
+import threading
 from typing import Any, Callable
 
 import rpyc
 
-from ..core.engine import Engine, ForkSpec
+from ..core.engine import Engine
 from ..core.runs import Run, activation_stats
+from ..core.scheduler import call_scope
 from ..core.specs import Edit, Sampling
-from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
+from ..errors import AuthenticationError, BadRequestError, ProtocolError, QuotaError
 from ..schema import EditRequest, ForkRequest, GenerateRequest
 from ..version import __version__
 from . import sidechannel, wire
+from .debug_calls import DebugCalls
 from .protocol import PROTOCOL
+from .replies import _reply, _str
 from .transport import FastChannel
+from .users import Authenticator, User
 
 log = logging.getLogger("djinn_nb.serving.service")
 
 
-def owner_of(token: str | None) -> str:
-    """Runs are filed under a digest of the token, never the token itself."""
-    return hashlib.sha256(token.encode()).hexdigest()[:16] if token else ""
-
-
 class ServerState:
-    """What all connections share: the engine, the token and the limits."""
+    """What all connections share: the engine, who may connect, and the limits."""
 
     def __init__(
         self,
         engine: Engine,
-        token: str | None = None,
+        auth: Authenticator | None = None,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
         max_paused_bytes: int | None = None,
         bulk: sidechannel.BulkServer | None = None,
+        limits: Any = None,
     ):
         self.engine = engine
-        self.token = token or None
+        self.auth = auth or Authenticator({})
         self.max_payload = max_payload
         self.max_paused_bytes = max_paused_bytes
         self.bulk = bulk
+        self.limits = limits
+        self.inflight: Any = None
+        self.freed = threading.Event()  # set when runs were closed: the reaper trims the heap
+        self.on_hello: Callable[[Any], None] = lambda conn: None
 
     def after_change(self, run: Run) -> None:
         """Apply the residency budget once a call has left ``run`` paused or done."""
         if self.max_paused_bytes is not None:
             self.engine.enforce_budget(self.max_paused_bytes, keep=run.id)
 
-
-def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run an exposed call; turn its result or a ``DjinnError`` into JSON text."""
-
-    signature = inspect.signature(fn)
-    name = fn.__name__.removeprefix("exposed_")
-    params = list(signature.parameters.values())[1:]
-    least = sum(p.default is inspect.Parameter.empty for p in params)
-    arity = f"{least}" if least == len(params) else f"{least} to {len(params)}"
-
-    @functools.wraps(fn)
-    def wrapper(self: "DjinnService", *args: Any) -> Any:
-        try:
-            try:
-                signature.bind(self, *args)
-            except TypeError:
-                raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}") from None
-            result = fn(self, *args)
-        except DjinnError as e:
-            return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})
-        except Exception as e:  # noqa: BLE001 - a bug must not leak a traceback or kill the connection
-            log.exception("internal error in %s", fn.__name__)
-            return wire.dumps({"ok": False, "error": {"kind": "DjinnError", "message": f"internal server error: {type(e).__name__}: {e}"}})
-        if isinstance(result, tuple):  # (meta, payload)
-            meta, payload = result
-            return wire.dumps({"ok": True, "result": meta}), payload
-        return wire.dumps({"ok": True, "result": result})  # non-finite floats become null
-
-    return wrapper
+    def held_bytes(self, owner: str | None = None) -> int:
+        """Bytes held by ``owner``'s runs (all runs when None), device and host alike."""
+        runs = self.engine.all_runs() if owner is None else self.engine.runs(owner)
+        return sum(r.bytes_held() for r in runs)
 
 
-def _str(value: Any, what: str) -> str:
-    if type(value) is not str or not value or len(value) > 256:
-        raise BadRequestError(f"{what} must be a non-empty string")
-    return value
-
-
-class DjinnService(rpyc.Service):
+class DjinnService(DebugCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
         self._state = state
         self._owner: str | None = None
+        self._user: User | None = None
         self._channel: FastChannel | None = None
+        self._conn: rpyc.Connection | None = None
+        self._peer = "?"
 
     def on_connect(self, conn: rpyc.Connection) -> None:
         channel = getattr(conn, "_channel", None)
         self._channel = channel if isinstance(channel, FastChannel) else None
+        self._conn = conn
+        try:
+            self._peer = str(conn._config["endpoints"][1][0])
+        except (KeyError, IndexError, TypeError):
+            pass
+
+    def on_disconnect(self, conn: rpyc.Connection) -> None:
+        if self._state.bulk is not None:
+            self._state.bulk.release(id(self))  # this connection's unfetched downloads and uploads
+
+    def _rpyc_getattr(self, name: str) -> Any:
+        """Before ``hello`` succeeds, ``hello`` is the only name a peer can even look up."""
+        call = "exposed_" + name.removeprefix("exposed_")  # rpyc's own check is bypassed by this override
+        if self._owner is None and call != "exposed_hello":
+            raise AttributeError("call hello(protocol, token) first")
+        if not getattr(getattr(type(self), call, None), "djinn_call", False):
+            raise AttributeError(f"cannot access {name!r}")
+        return getattr(self, call)
+
+    def _alive(self) -> bool:
+        """Whether the client is still connected (a peer's FIN shows as POLLRDHUP, unread data or not)."""
+        try:
+            fd = self._channel.stream.sock.fileno()
+            p = select.poll()
+            p.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            return not p.poll(0)
+        except (AttributeError, OSError, ValueError):
+            return self._channel is None
+
+    def _scope(self) -> Any:
+        limits = self._state.limits
+        return call_scope(self._who(), self._alive, getattr(limits, "max_call_seconds", None))
+
+    def _check_quota(self, max_new_tokens: int | None = None, new_run: bool = True) -> None:
+        """Refuse, before anything changes, a call that would take this user past a quota."""
+        owner, user, limits = self._who(), self._user, self._state.limits
+        steps = getattr(limits, "max_call_steps", None)
+        if steps is not None and type(max_new_tokens) is int and max_new_tokens > steps:
+            raise QuotaError(f"quota max_call_steps: a call may run at most {steps} steps; "
+                             f"asked for max_new_tokens={max_new_tokens}", quota="max_call_steps")
+        if user is not None and new_run and user.max_runs is not None:
+            held = len(self._engine.runs(owner))
+            if held >= user.max_runs:
+                raise QuotaError(f"quota max_runs: user {user.name} holds {held} of {user.max_runs} runs; "
+                                 "close some first", quota="max_runs")
+        self._check_bytes(owner)
+
+    def _check_bytes(self, owner: str) -> None:
+        user, total = self._user, getattr(self._state.limits, "max_held_bytes", None)
+        if user is not None and user.max_paused_bytes is not None:
+            held = self._state.held_bytes(owner)
+            if held > user.max_paused_bytes:
+                raise QuotaError(f"quota max_paused_bytes: user {user.name}'s runs hold {held} bytes, over "
+                                 f"{user.max_paused_bytes}; close or shorten some runs", quota="max_paused_bytes")
+        if total is not None:
+            held = self._state.held_bytes()
+            if held > total:
+                raise QuotaError(f"quota max_held_bytes: the server's runs hold {held} bytes, over its "
+                                 f"{total}; try again after runs are closed", quota="max_held_bytes")
+
+    def _admit(self, run: Run) -> None:
+        """A new run that took its owner (or the server) past a byte quota is closed and refused."""
+        try:
+            self._check_bytes(self._who())
+        except QuotaError:
+            self._engine.close(run.id, run.owner)
+            self._state.freed.set()
+            raise
 
     # ----- helpers ----------------------------------------------------------------
     @property
     def _engine(self) -> Engine:
         return self._state.engine
+
+    @property
+    def _admin(self) -> bool:
+        return self._user is not None and self._user.admin
 
     def _who(self) -> str:
         if self._owner is None:
@@ -145,7 +191,7 @@ class DjinnService(rpyc.Service):
             raise BadRequestError("bulk must be true or false")
         nbytes = t.numel() * t.element_size()
         if bulk and self._state.bulk is not None and nbytes >= sidechannel.BULK_THRESHOLD:
-            return {"bulk": self._state.bulk.offer(t, self._who())}
+            return {"bulk": self._state.bulk.offer(t, self._who(), id(self))}
         return wire.encode_tensor(t)
 
     # ----- exposed calls ----------------------------------------------------------
@@ -159,10 +205,11 @@ class DjinnService(rpyc.Service):
             )
         if token is not None and type(token) is not str:
             raise BadRequestError("token must be a string or None")
-        expected = self._state.token
-        if expected is not None and not (token and hmac.compare_digest(token.encode(), expected.encode())):
-            raise AuthenticationError("wrong or missing token: pass token=... (or set DJINN_TOKEN)")
-        self._owner = owner_of(token if expected is not None else None)
+        if self._owner is not None:
+            raise BadRequestError("hello was already said on this connection")
+        self._user = self._state.auth.authenticate(token, self._peer)
+        self._owner = self._user.name if self._user is not None else ""
+        self._state.on_hello(self._conn)
         if self._channel is not None:  # authenticated: frames up to a tensor payload plus framing
             self._channel.max_frame = self._state.max_payload + (1 << 20)
         return {"server_version": __version__, "protocol": PROTOCOL, **self._engine.info()}
@@ -177,15 +224,18 @@ class DjinnService(rpyc.Service):
         """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
         req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
-        run = self._engine.generate(
-            req.prompt,
-            req.max_new_tokens,
-            req.breakpoints,
-            Sampling(req.temperature, req.top_k, req.seed),
-            owner=owner,
-            record_logits=req.record_logits,
-            watches=req.watches,
-        )
+        self._check_quota(req.max_new_tokens)
+        with self._scope():
+            run = self._engine.generate(
+                req.prompt,
+                req.max_new_tokens,
+                req.breakpoints,
+                Sampling(req.temperature, req.top_k, req.seed),
+                owner=owner,
+                record_logits=req.record_logits,
+                watches=req.watches,
+            )
+        self._admit(run)
         self._state.after_change(run)
         return run.summary().to_json()
 
@@ -194,7 +244,9 @@ class DjinnService(rpyc.Service):
         """Continue a paused run after an ``EditRequest`` (tensors inline in ``act``/``add`` or by ticket)."""
         owner = self._who()
         edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
-        run = self._engine.resume(_str(run_id, "run id"), edit, owner)
+        self._check_quota(new_run=False)
+        with self._scope():
+            run = self._engine.resume(_str(run_id, "run id"), edit, owner)
         self._state.after_change(run)
         return run.summary().to_json()
 
@@ -204,69 +256,11 @@ class DjinnService(rpyc.Service):
         owner = self._who()
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
         edit = self._edit(req.edit, act, add)
-        run = self._engine.fork(_str(run_id, "run id"), edit, req.breakpoints, owner, req.max_new_tokens)
-        self._state.after_change(run)
-        return run.summary().to_json()
-
-    @_reply
-    def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = ()) -> list[dict[str, Any]]:
-        """Several forks of one checkpoint (a list of ``ForkRequest``), run as a batch where they can be.
-
-        ``payloads``: empty, or two entries per fork (its activation and add bytes, or None).
-        """
-        owner = self._who()
-        reqs = wire.loads(requests_json, "fork_many request")
-        if not isinstance(reqs, list) or not reqs:
-            raise BadRequestError("fork_many takes a non-empty list of fork requests")
-        if type(payloads) is not tuple or len(payloads) not in (0, 2 * len(reqs)) or any(
-            p is not None and type(p) is not bytes for p in payloads
-        ):
-            raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
-        specs = []
-        for i, obj in enumerate(reqs):
-            req = ForkRequest.from_json(obj)
-            act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
-            specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
-        runs = self._engine.fork_many(_str(run_id, "run id"), specs, owner)
-        for run in runs:
-            self._state.after_change(run)
-        return [run.summary().to_json() for run in runs]
-
-    @_reply
-    def exposed_token_probs(self, request_json: Any) -> list[float]:
-        """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
-        req = wire.loads(request_json, "token_probs request")
-        if not isinstance(req, dict) or set(req) != {"runs", "token"} or not isinstance(req["runs"], list):
-            raise BadRequestError("token_probs takes {'runs': [run ids], 'token': token id}")
-        ids = [_str(r, "run id") for r in req["runs"]]
-        return self._engine.token_probs(ids, req["token"], self._who())
-
-    @_reply
-    def exposed_next_layer(self, run_id: Any) -> dict[str, Any]:
-        """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
-        return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()))
-
-    @_reply
-    def exposed_next_step(self, run_id: Any) -> dict[str, Any]:
-        """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
-        return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()))
-
-    @_reply
-    def exposed_rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None) -> dict[str, Any]:
-        """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run."""
-        owner = self._who()
-        if type(step) is not int or (layer is not None and type(layer) is not int):
-            raise BadRequestError("step (and layer) must be integers")
-        if site is not None and type(site) is not str:
-            raise BadRequestError("site must be a string")
-        return self._stepped(self._engine.rewind(_str(run_id, "run id"), step, layer, site, owner))
-
-    @_reply
-    def exposed_history(self, run_id: Any) -> list[dict[str, Any]]:
-        """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
-        return self._engine.history(_str(run_id, "run id"), self._who())
-
-    def _stepped(self, run: Run) -> dict[str, Any]:
+        parent = self._engine.get(_str(run_id, "run id"), owner)
+        self._check_quota(req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens)
+        with self._scope():
+            run = self._engine.fork(parent.id, edit, req.breakpoints, owner, req.max_new_tokens)
+        self._admit(run)
         self._state.after_change(run)
         return run.summary().to_json()
 
@@ -338,7 +332,8 @@ class DjinnService(rpyc.Service):
         """Reserve a side-channel upload of a tensor with this header; returns {port, ticket}."""
         if self._state.bulk is None:
             raise BadRequestError("this server has no side channel")
-        return self._state.bulk.expect(wire.loads(meta_json, "tensor header"), self._state.max_payload, self._who())
+        return self._state.bulk.expect(wire.loads(meta_json, "tensor header"), self._state.max_payload, self._who(),
+                                       id(self))
 
     @_reply
     def exposed_logits(self, run_id: Any, step: Any = None, bulk: Any = False) -> Any:
@@ -362,12 +357,20 @@ class DjinnService(rpyc.Service):
 
     @_reply
     def exposed_runs(self) -> list[dict[str, Any]]:
-        runs = sorted(self._engine.runs(self._who()), key=lambda r: int(r.id[1:].split("-")[0]))
+        """This user's runs; an admin's listing has every user's."""
+        owner = self._who()
+        mine = self._engine.all_runs() if self._admin else self._engine.runs(owner)
+        runs = sorted(mine, key=lambda r: int(r.id[1:].split("-")[0]))
         return [r.summary(detail=False).row().to_json() for r in runs]
 
     @_reply
     def exposed_close(self, run_id: Any) -> dict[str, Any]:
-        self._engine.close(_str(run_id, "run id"), self._who())
+        owner = self._who()
+        run_id = _str(run_id, "run id")
+        if self._admin:  # an admin closes any run, as its owner would
+            owner = next((r.owner for r in self._engine.all_runs() if r.id == run_id), owner)
+        self._engine.close(run_id, owner)
+        self._state.freed.set()
         return {"id": run_id, "state": "closed"}
 
     @_reply
@@ -384,12 +387,3 @@ class DjinnService(rpyc.Service):
         if not isinstance(ids, list) or any(type(i) is not int for i in ids):
             raise BadRequestError("token ids must be a list of ints")
         return self._engine.decode(ids)
-
-    @_reply
-    def exposed_decode_each(self, ids_json: Any) -> list[str]:
-        """The text of each token id on its own."""
-        self._who()
-        ids = wire.loads(ids_json, "token ids")
-        if not isinstance(ids, list) or len(ids) > 1 << 16 or any(type(i) is not int for i in ids):
-            raise BadRequestError("token ids must be a list of ints")
-        return self._engine.decode_each(ids)

@@ -17,7 +17,9 @@ No pickle, no code: only raw bytes whose length the header fixes.
 """
 from __future__ import annotations
 
+import errno
 import hmac
+import os
 import secrets
 import socket
 import threading
@@ -27,14 +29,18 @@ from typing import Any
 
 import torch
 
-from ..errors import BadRequestError, DjinnError
-from . import wire
+from ..errors import BadRequestError, DjinnError, QuotaError
+from . import tls, wire
 from .transport import tune_socket
 
 TICKET_BYTES = 32
 #: Tensors of at least this many bytes go through the side channel (below it, inline rpyc is cheaper).
 BULK_THRESHOLD = 1 << 20
 _ACK = b"\x01"
+#: Seconds a peer has to present its ticket (in total, however it trickles).
+TICKET_SECONDS = 5.0
+#: Slowest transfer rate tolerated (bytes/s) once a ticket is presented, and the least time allowed.
+MIN_RATE, MIN_TRANSFER_SECONDS = 1 << 20, 30.0
 
 
 def tensor_view(t: torch.Tensor) -> memoryview:
@@ -46,41 +52,57 @@ def tensor_view(t: torch.Tensor) -> memoryview:
 
 @dataclass
 class _Slot:
-    tensor: torch.Tensor
+    tensor: torch.Tensor | None  # an upload's tensor is allocated when its peer connects
     upload: bool
     expires: float
     owner: str = ""
+    conn: int = 0  # the rpyc connection that reserved it: released when that connection ends
+    dtype: Any = None
+    shape: list[int] = field(default_factory=list)
+    nbytes: int = 0
     claimed: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class BulkServer:
-    """A listening socket that serves offered tensors and receives expected ones, by ticket."""
+    """A listening socket that serves offered tensors and receives expected ones, by ticket.
+
+    Bounded against its peers: a connection has ``TICKET_SECONDS`` in all to present a
+    ticket and then a deadline set by the size (``MIN_RATE``), however it trickles; at
+    most ``max_conns`` are served at once. A slot is never taken from one transfer to
+    make room for another: past ``max_slots`` (or the reserved bytes) a new one is
+    refused; every slot goes on use, expiry (``ttl``), a failed transfer or the end of
+    the rpyc connection that reserved it.
+    """
 
     def __init__(
         self,
         host: str = "127.0.0.1",
         port: int = 0,
         ttl: float = 60.0,
-        max_slots: int = 64,
-        per_owner: int = 16,
+        max_slots: int = 256,
+        per_owner: int = 128,
         max_reserved_bytes: int = 4 << 30,
+        max_conns: int = 128,
+        tls_context: Any = None,
     ):
         self.ttl = ttl
         self.max_slots = max_slots
         self.per_owner = per_owner
         self.max_reserved_bytes = max_reserved_bytes
+        self.tls_context = tls_context
         self._slots: dict[bytes, _Slot] = {}
         self._lock = threading.Lock()
-        self._conns = threading.BoundedSemaphore(32)
-        self._sock = socket.create_server((host, port))
+        self._conns = threading.BoundedSemaphore(max_conns)
+        self._sock = socket.create_server((host, port), backlog=max_conns)
         self.host, self.port = self._sock.getsockname()[:2]
         self._closed = False
+        self._spare: int | None = os.open(os.devnull, os.O_RDONLY)
         self._thread = threading.Thread(target=self._accept_loop, name="djinn-bulk", daemon=True)
         self._thread.start()
 
     # ----- the server's side of the rpyc call ---------------------------------------
-    def offer(self, tensor: torch.Tensor, owner: str = "") -> dict[str, Any]:
+    def offer(self, tensor: torch.Tensor, owner: str = "", conn: int = 0) -> dict[str, Any]:
         """Hold ``tensor`` for one download; returns ``{dtype, shape, port, ticket}`` for the reply.
 
         The slot keeps a reference, not a copy: do not change the tensor in place before it is fetched.
@@ -89,13 +111,16 @@ class BulkServer:
         if name not in wire.WIRE_DTYPES:
             raise BadRequestError(f"dtype {name} cannot cross the wire; use one of {sorted(wire.WIRE_DTYPES)}")
         t = tensor.detach().to("cpu").contiguous()
-        slot = _Slot(t, upload=False, expires=time.monotonic() + self.ttl, owner=owner)
+        slot = _Slot(t, upload=False, expires=time.monotonic() + self.ttl, owner=owner, conn=conn,
+                     nbytes=t.numel() * t.element_size())
         return {"dtype": name, "shape": list(t.shape), **self._add(slot)}
 
-    def expect(self, meta: Any, max_bytes: int = wire.DEFAULT_MAX_PAYLOAD, owner: str = "") -> dict[str, Any]:
+    def expect(self, meta: Any, max_bytes: int = wire.DEFAULT_MAX_PAYLOAD, owner: str = "",
+               conn: int = 0) -> dict[str, Any]:
         """Reserve one upload of a tensor with header ``meta`` (validated) for ``owner``; returns ``{port, ticket}``."""
-        dtype, shape, _ = wire.check_header(meta, max_bytes)
-        slot = _Slot(torch.empty(shape, dtype=dtype), upload=True, expires=time.monotonic() + self.ttl, owner=owner)
+        dtype, shape, nbytes = wire.check_header(meta, max_bytes)
+        slot = _Slot(None, upload=True, expires=time.monotonic() + self.ttl, owner=owner, conn=conn,
+                     dtype=dtype, shape=shape, nbytes=nbytes)
         return self._add(slot)
 
     def take(self, ticket: Any, owner: str = "", timeout: float = 30.0) -> torch.Tensor:
@@ -105,10 +130,11 @@ class BulkServer:
             slot = self._slots.get(key)
         if slot is None or not slot.upload or not hmac.compare_digest(slot.owner, owner):
             raise BadRequestError("unknown or expired upload ticket")
-        if not slot.done.wait(timeout):
-            raise BadRequestError("the upload did not arrive in time")
+        arrived = slot.done.wait(timeout)
         with self._lock:
-            self._slots.pop(key, None)
+            self._slots.pop(key, None)  # on every path: a ticket is used once
+        if not arrived or slot.tensor is None:
+            raise BadRequestError("the upload did not arrive in time")
         return slot.tensor
 
     def pending(self) -> int:
@@ -117,6 +143,21 @@ class BulkServer:
             self._expire()
             return len(self._slots)
 
+    def reserved_bytes(self) -> int:
+        with self._lock:
+            return sum(s.nbytes for s in self._slots.values())
+
+    def release(self, conn: int) -> None:
+        """Drop every slot the rpyc connection ``conn`` reserved and nobody is transferring."""
+        with self._lock:
+            for key in [k for k, s in self._slots.items() if s.conn == conn and not s.claimed]:
+                del self._slots[key]
+
+    def sweep(self) -> None:
+        """Drop expired slots (called periodically, not only when a new one is filed)."""
+        with self._lock:
+            self._expire()
+
     def close(self) -> None:
         self._closed = True
         try:
@@ -124,21 +165,25 @@ class BulkServer:
         finally:
             with self._lock:
                 self._slots.clear()
+            if self._spare is not None:
+                spare, self._spare = self._spare, None
+                try:
+                    os.close(spare)
+                except OSError:
+                    pass
 
     # ----- internals ----------------------------------------------------------------
     def _add(self, slot: _Slot) -> dict[str, Any]:
-        """File a slot. Memory stays bounded without one owner cancelling another's transfers:
-        an owner over its share loses its own oldest unclaimed slot; a full table refuses."""
+        """File a slot, or refuse it: never by cancelling another transfer."""
         key = secrets.token_bytes(TICKET_BYTES)
-        nbytes = slot.tensor.numel() * slot.tensor.element_size()
         with self._lock:
             self._expire()
-            mine = [k for k, s in self._slots.items() if s.owner == slot.owner and not s.claimed]
-            while mine and len(mine) >= self.per_owner:
-                del self._slots[mine.pop(0)]
-            reserved = sum(s.tensor.numel() * s.tensor.element_size() for s in self._slots.values() if s.upload)
-            if len(self._slots) >= self.max_slots or (slot.upload and reserved + nbytes > self.max_reserved_bytes):
-                raise BadRequestError("the side channel is busy (too many transfers pending); try again shortly")
+            mine = sum(1 for s in self._slots.values() if s.owner == slot.owner)
+            reserved = sum(s.nbytes for s in self._slots.values())
+            if (len(self._slots) >= self.max_slots or mine >= self.per_owner
+                    or reserved + slot.nbytes > self.max_reserved_bytes):
+                raise QuotaError("the side channel is busy (too many transfers pending); try again shortly",
+                                 quota="side_channel")
             self._slots[key] = slot
         return {"port": self.port, "ticket": key.hex()}
 
@@ -156,40 +201,72 @@ class BulkServer:
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if self._closed:
+                    return
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._refuse_one()
+                continue
             if not self._conns.acquire(blocking=False):
                 conn.close()  # too many at once: the client sees EOF and reports it
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="djinn-bulk-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="djinn-bulk-conn", daemon=True).start()
+            except RuntimeError:
+                conn.close()
+                self._conns.release()
+
+    def _refuse_one(self) -> None:
+        if self._spare is not None:
+            spare, self._spare = self._spare, None
+            try:
+                os.close(spare)
+            except OSError:
+                pass
+        try:
+            self._sock.accept()[0].close()
+        except OSError:
+            time.sleep(0.05)
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            time.sleep(0.05)
 
     def _serve(self, conn: socket.socket) -> None:
         mine: _Slot | None = None  # the slot this connection claimed
         try:
             tune_socket(conn)
-            conn.settimeout(10.0)
-            key = _recv_exact(conn, TICKET_BYTES)
+            deadline = time.monotonic() + TICKET_SECONDS
+            if self.tls_context is not None:
+                conn = tls.accept(self.tls_context, conn, TICKET_SECONDS)
+            key = _recv_exact(conn, TICKET_BYTES, deadline)
             with self._lock:
                 self._expire()
                 slot = self._slots.get(key)
-                if slot is None or slot.claimed:
+                if slot is None or slot.claimed or slot.done.is_set():
                     return
                 slot.claimed = True  # single use: a second connection with this ticket gets nothing
                 mine = slot
                 if not slot.upload:
                     del self._slots[key]
-            conn.settimeout(60.0)  # per recv/send: a stalled peer frees its thread within a minute
+            deadline = time.monotonic() + max(MIN_TRANSFER_SECONDS, slot.nbytes / MIN_RATE)
             if slot.upload:
-                _recv_into(conn, tensor_view(slot.tensor))
+                slot.tensor = torch.empty(slot.shape, dtype=slot.dtype)
+                _recv_into(conn, tensor_view(slot.tensor), deadline)
                 slot.done.set()
                 conn.sendall(_ACK)
             else:
+                conn.settimeout(max(1.0, deadline - time.monotonic()))
                 conn.sendall(tensor_view(slot.tensor))
-        except (OSError, EOFError):
+        except (OSError, EOFError, ValueError):
             pass
         finally:
-            if mine is not None and mine.upload and not mine.done.is_set():
-                self._forget(mine)  # a broken upload frees its reservation at once
+            if mine is not None and mine.upload:
+                if mine.done.is_set():
+                    mine.claimed = False  # arrived: expiry or its connection's end drop it if never taken
+                else:
+                    mine.tensor = None
+                    self._forget(mine)  # a broken upload frees its reservation at once
             conn.close()
             self._conns.release()
 
@@ -203,39 +280,49 @@ def _ticket_bytes(ticket: Any) -> bytes:
         raise BadRequestError("a ticket is a hex string of 64 characters") from None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    _recv_into(sock, memoryview(buf), deadline)
     return bytes(buf)
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
+def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view``; with ``deadline`` (monotonic), a peer that trickles or stalls past it is cut off."""
     got, count = 0, len(view)
     while got < count:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EOFError(f"side channel too slow: {got} of {count} bytes by the deadline")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:], count - got)
         if not n:
             raise EOFError(f"side channel closed after {got} of {count} bytes")
         got += n
 
 
-def _connect(host: str, port: Any, ticket: Any, timeout: float) -> socket.socket:
+def _connect(host: str, port: Any, ticket: Any, timeout: float, ssl_context: Any = None) -> socket.socket:
     if type(port) is not int or not 0 < port < 65536:
         raise BadRequestError(f"bad side-channel port {port!r}")
     key = _ticket_bytes(ticket)
     sock = socket.create_connection((host, port), timeout=timeout)
     tune_socket(sock)
+    sock = tls.connect(ssl_context, sock, host, f"side channel {host}:{port}", timeout)
+    sock.settimeout(timeout)
     sock.sendall(key)
     return sock
 
 
 # ----- the client's side ------------------------------------------------------------
-def fetch(host: str, reply: Any, max_bytes: int = 1 << 40, timeout: float = 60.0) -> torch.Tensor:
-    """Download the tensor a server ``offer``ed: ``reply`` is ``{dtype, shape, port, ticket}``."""
+def fetch(host: str, reply: Any, max_bytes: int = 1 << 40, timeout: float = 60.0,
+          ssl_context: Any = None) -> torch.Tensor:
+    """Download the tensor a server ``offer``ed: ``reply`` is ``{dtype, shape, port, ticket}``; a header
+    over ``max_bytes`` (what the caller is willing to receive) is refused before anything is allocated."""
     if not isinstance(reply, dict) or set(reply) != {"dtype", "shape", "port", "ticket"}:
         raise BadRequestError("a side-channel reply is {dtype, shape, port, ticket}")
     dtype, shape, _ = wire.check_header({"dtype": reply["dtype"], "shape": reply["shape"]}, max_bytes)
     out = torch.empty(shape, dtype=dtype)
-    sock = _connect(host, reply["port"], reply["ticket"], timeout)
+    sock = _connect(host, reply["port"], reply["ticket"], timeout, ssl_context)
     try:
         _recv_into(sock, tensor_view(out))
     except (OSError, EOFError) as e:
@@ -245,15 +332,16 @@ def fetch(host: str, reply: Any, max_bytes: int = 1 << 40, timeout: float = 60.0
     return out
 
 
-def push(host: str, slot: Any, tensor: torch.Tensor, timeout: float = 60.0) -> None:
+def push(host: str, slot: Any, tensor: torch.Tensor, timeout: float = 60.0, ssl_context: Any = None) -> None:
     """Upload ``tensor`` to a slot the server ``expect``ed: ``slot`` is ``{port, ticket}``."""
     if not isinstance(slot, dict) or set(slot) != {"port", "ticket"}:
         raise BadRequestError("a side-channel slot is {port, ticket}")
     t = tensor.detach().to("cpu").contiguous()
-    sock = _connect(host, slot["port"], slot["ticket"], timeout)
+    sock = _connect(host, slot["port"], slot["ticket"], timeout, ssl_context)
     try:
         sock.sendall(tensor_view(t))
-        sock.shutdown(socket.SHUT_WR)  # a short upload then ends at the server at once, not at a timeout
+        if not hasattr(sock, "unwrap"):  # TLS cannot half-close; the server knows the size anyway
+            sock.shutdown(socket.SHUT_WR)  # a short upload then ends at the server at once, not at a timeout
         if _recv_exact(sock, 1) != _ACK:
             raise EOFError("no acknowledgement")
     except (OSError, EOFError) as e:

@@ -16,6 +16,7 @@ link speed through :mod:`djinn_nb.serving.sidechannel` instead.
 from __future__ import annotations
 
 import socket
+import threading
 from typing import Any
 
 import rpyc
@@ -86,22 +87,69 @@ class FastSocketStream(SocketStream):
             got += n
         self.bytes_in += count
 
+    def poll(self, timeout: Any) -> bool:
+        """Also true when TLS has already decrypted bytes that ``select`` cannot see."""
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        return super().poll(timeout)
+
     def read(self, count: int) -> bytes:
         buf = bytearray(count)
         self.read_into(memoryview(buf))
         return bytes(buf)
 
 
+class InflightBudget:
+    """Bytes of large request frames all connections may hold at once (the server's host memory)."""
+
+    def __init__(self, total: int, wait_s: float = 30.0):
+        self.total, self.wait_s, self.used = total, wait_s, 0
+        self._cv = threading.Condition()
+
+    def acquire(self, n: int) -> bool:
+        with self._cv:
+            if n > self.total:
+                return False
+            if not self._cv.wait_for(lambda: self.used + n <= self.total, self.wait_s):
+                return False
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+#: Frames up to this size are not counted against an ``InflightBudget``.
+SMALL_FRAME = 64 << 10
+
+
 class FastChannel(Channel):
     """An uncompressed rpyc channel that writes and reads each frame with as few copies as it can."""
 
-    __slots__ = ("max_frame",)
+    __slots__ = ("max_frame", "budget", "_held")
 
-    def __init__(self, stream: FastSocketStream, max_frame: int | None = None):
+    def __init__(self, stream: FastSocketStream, max_frame: int | None = None, budget: InflightBudget | None = None):
         super().__init__(stream, compress=False)
         #: Frames longer than this end the connection before any buffer is allocated (the
         #: length comes from the peer); the server keeps it small until ``hello`` succeeds.
         self.max_frame = max_frame
+        #: On the server, large frames reserve their bytes here until the next frame is read
+        #: (rpyc handles a request before reading the next one on the same connection).
+        self.budget = budget
+        self._held = 0
+
+    def _give_back(self) -> None:
+        if self._held:
+            self.budget.release(self._held)
+            self._held = 0
+
+    def close(self) -> None:
+        if self.budget is not None:
+            self._give_back()
+        super().close()
 
     def send(self, data: bytes) -> None:
         header = self.FRAME_HEADER.pack(len(data), 0)
@@ -129,6 +177,12 @@ class FastChannel(Channel):
             self._hang_up("peer sent a compressed frame; djinn_nb never compresses")
         if self.max_frame is not None and length > self.max_frame:
             self._hang_up(f"peer sent a {length}-byte frame, over this connection's cap of {self.max_frame}")
+        if self.budget is not None:
+            self._give_back()
+            if length > SMALL_FRAME:
+                if not self.budget.acquire(length):
+                    self._hang_up(f"no memory for a {length}-byte request: the server's in-flight budget is spent")
+                self._held = length
         buf = bytearray(length + len(self.FLUSHER))
         self.stream.read_into(memoryview(buf))
         if buf[length:] != self.FLUSHER:
@@ -136,9 +190,15 @@ class FastChannel(Channel):
         return memoryview(buf)[:length].toreadonly()
 
 
-def open_connection(host: str, port: int, timeout: float = 10.0) -> rpyc.Connection:
-    """A client rpyc connection over the fast stream, with the locked-down config."""
+def open_connection(host: str, port: int, timeout: float = 10.0, ssl_context: Any = None,
+                    max_frame: int | None = None) -> rpyc.Connection:
+    """A client rpyc connection over the fast stream, with the locked-down config; TLS with
+    ``ssl_context`` (verified, hostname included); frames over ``max_frame`` from the server end it."""
+    from . import tls
+
     sock = socket.create_connection((host, port), timeout=timeout)
-    sock.settimeout(None)
     tune_socket(sock)
-    return connect_channel(FastChannel(FastSocketStream(sock)), service=rpyc.VoidService, config=dict(RPYC_CONFIG))
+    sock = tls.connect(ssl_context, sock, host, f"djinn server {host}:{port}", timeout)
+    sock.settimeout(None)
+    return connect_channel(FastChannel(FastSocketStream(sock), max_frame=max_frame), service=rpyc.VoidService,
+                           config=dict(RPYC_CONFIG))

@@ -1,0 +1,277 @@
+"""Who uses the device next: a fair, step-level scheduler, per-call limits, and the NaN guard.
+
+The engine used to hold one lock from a call's first step to its pause or end,
+so a 500-token generation made a one-token fork wait for all of it. Here the
+device is a *turn* that a run hands on between two of its steps
+(``Stepper.between_steps``) whenever someone else is waiting:
+
+- **Round-robin across owners, FIFO within an owner.** Waiting calls queue under
+  their owner; the next turn goes to the owner after the last one served, in the
+  order owners started waiting, and within an owner to its oldest waiter. A call
+  that yields queues again behind everyone already waiting. So a fork, resume or
+  short generation waits for about one step of each other owner's work.
+- **Calls are stopped between steps** when their client has gone away or they
+  ran past the server's per-call time cap (:class:`CallStopped`); a run cannot
+  pause between steps (a pause needs a breakpoint's checkpoint), so the engine
+  closes it.
+- **Non-finite logits** (:class:`NonFiniteLogits`) never become a token: the call
+  fails naming the block whose output stopped being finite, and a resumed run is
+  put back exactly where it was paused (its KV cache cropped to its length then).
+
+Nothing here knows about rpyc: the serving layer describes a call with
+:func:`call_scope` (its owner, how to tell the client is still there, a deadline).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..errors import NonFiniteError, QuotaError
+from ..schema import RunState
+from . import kvcache
+
+__all__ = ["FairScheduler", "CallStopped", "NonFiniteLogits", "call_scope", "Snapshot"]
+
+
+@dataclass
+class _Call:
+    owner: str
+    alive: Callable[[], bool]
+    deadline: float | None
+    max_seconds: float | None
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def call_scope(owner: str, alive: Callable[[], bool] = lambda: True,
+               max_seconds: float | None = None) -> Iterator[None]:
+    """Describe the calling thread's request: its owner, whether its client is still there,
+    and how long it may run; the scheduler consults it between steps."""
+    prev = getattr(_local, "call", None)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    _local.call = _Call(owner, alive, deadline, max_seconds)
+    try:
+        yield
+    finally:
+        _local.call = prev
+
+
+def _current() -> _Call | None:
+    return getattr(_local, "call", None)
+
+
+class CallStopped(Exception):
+    """A call stopped between two steps; ``error`` is what its client (if any) is told."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class NonFiniteLogits(Exception):
+    """A step's logits were NaN or infinite (raised before their token is used)."""
+
+    def __init__(self, step: int, checkpoint: Any, start: torch.Tensor | None):
+        super().__init__(f"non-finite logits at step {step}")
+        self.step, self.checkpoint, self.start = step, checkpoint, start
+
+
+def logits_finite(run: Any) -> bool:
+    """Whether the step just picked came from finite logits: a NaN or +inf anywhere makes the
+    top log-probability NaN, so this costs no device work beyond what ``pick`` read."""
+    return bool(run.topk) and math.isfinite(run.topk[-1][0][1])
+
+
+@dataclass
+class _Ticket:
+    owner: str
+    granted: bool = False
+
+
+@dataclass
+class FairScheduler:
+    """The device as a turn: ``with sched.turn(owner):`` holds it; ``between_steps`` hands it on.
+
+    Also usable as a plain context manager (``with sched:``) for short device work (offload,
+    restore, views), which queues under the calling request's owner.
+    """
+
+    _cv: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()))
+    _holder: _Ticket | None = None
+    _waiting: dict[str, deque] = field(default_factory=dict)  # owner -> FIFO of tickets
+    _order: deque = field(default_factory=deque)  # owners with waiters, in round-robin order
+    handoffs: int = 0
+
+    def acquire(self, owner: str = "") -> _Ticket:
+        with self._cv:
+            t = _Ticket(owner)
+            if self._holder is None and not self._order:
+                t.granted, self._holder = True, t
+                return t
+            self._enqueue(t)
+            while not t.granted:
+                self._cv.wait()
+            return t
+
+    def release(self) -> None:
+        with self._cv:
+            self._holder = None
+            self._grant_next()
+
+    def _enqueue(self, t: _Ticket) -> None:
+        q = self._waiting.get(t.owner)
+        if q is None:
+            q = self._waiting[t.owner] = deque()
+            self._order.append(t.owner)
+        q.append(t)
+
+    def _grant_next(self) -> None:
+        if not self._order:
+            return
+        owner = self._order.popleft()
+        q = self._waiting[owner]
+        t = q.popleft()
+        if q:
+            self._order.append(owner)  # its next waiter comes after every other owner's
+        else:
+            del self._waiting[owner]
+        t.granted, self._holder = True, t
+        self.handoffs += 1
+        self._cv.notify_all()
+
+    def waiting(self) -> int:
+        with self._cv:
+            return sum(len(q) for q in self._waiting.values())
+
+    @contextlib.contextmanager
+    def turn(self, owner: str) -> Iterator[None]:
+        self.acquire(owner)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def __enter__(self) -> "FairScheduler":
+        call = _current()
+        self.acquire(call.owner if call else "")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def between_steps(self, run: Any) -> None:
+        """Stop the call if its client left or its time is up; else let the next waiter take a step."""
+        call = _current()
+        if call is not None:
+            if not call.alive():
+                raise CallStopped(QuotaError(f"run {run.id}: the client went away; stopped at step {run.step}"))
+            if call.deadline is not None and time.monotonic() > call.deadline:
+                raise CallStopped(QuotaError(
+                    f"run {run.id} stopped at step {run.step}: the call ran past the server's max_call_seconds "
+                    f"({call.max_seconds:g} s) and its run was closed; use breakpoints or fewer max_new_tokens",
+                    quota="max_call_seconds"))
+        with self._cv:
+            if not self._order:
+                return
+            me = _Ticket(run.owner)
+            self._holder = None
+            self._enqueue(me)
+            self._grant_next()
+            while not me.granted:
+                self._cv.wait()
+
+
+# ----- the NaN guard ---------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """What a call may change in a paused run, taken before it runs (cheap: lengths and references)."""
+
+    state: Any
+    step: int
+    checkpoint: Any
+    cache_layers: list[Any]  # the layer objects (a CUDA-graph replay replaces some)
+    cache_state: list[dict[str, Any]]  # each layer's attributes: append-only layers never write in place
+    cache_lengths: list[int]
+    lengths: dict[str, int]
+    last_logits: Any
+    generator_state: Any
+    navigation: tuple = ()  # target, forced stops, the last tested step, the last pause
+
+    @classmethod
+    def of(cls, run: Any) -> "Snapshot":
+        layers = list(run.cache.layers) if run.cache is not None else []
+        return cls(
+            run.state, run.step, run.checkpoint, layers, [dict(vars(layer)) for layer in layers],
+            [layer.get_seq_length() for layer in layers],
+            {k: len(getattr(run, k)) for k in ("token_ids", "topk", "logits", "token_times", "watch_log",
+                                               "entropies", "gen_states")},
+            run.last_logits,
+            run.generator.get_state() if run.generator is not None else None,
+            (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point),
+        )
+
+
+def first_non_finite_block(cache: Any, new_positions: int) -> int | None:
+    """The first block whose keys/values for the latest ``new_positions`` are not finite: its input
+    (the previous block's output) was not. None when every block's are finite."""
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2] >= new_positions:
+                if not bool(torch.isfinite(t[..., -new_positions:, :]).all()):
+                    return i
+    return None
+
+
+def non_finite_error(run: Any, exc: NonFiniteLogits, num_layers: int) -> str:
+    n_new = len(run.prompt_ids) if exc.step == 0 else 1
+    block = first_non_finite_block(run.cache, n_new)
+    if block is None:
+        where = f"after layer {num_layers - 1} (its output was finite: the final norm or the head overflowed)"
+    elif block == 0:
+        where = "before layer 0 (the embeddings)"
+    else:
+        where = f"at layer {block - 1} (its output, the input of layer {block}, is the first that is not finite)"
+    return (f"run {run.id}: the logits of step {exc.step} are not finite (NaN or inf); values stopped being "
+            f"finite {where}; no token was taken from them")
+
+
+def roll_back(run: Any, snap: Snapshot) -> None:
+    """Put a run back exactly as ``snap`` found it: the same cache tensors (or, for a layer type that
+    writes in place, cropped to its length then), tokens and logs cut."""
+    if run.cache is not None:
+        run.cache.layers[:] = snap.cache_layers
+        for layer, state, length in zip(snap.cache_layers, snap.cache_state, snap.cache_lengths):
+            if type(layer) in kvcache._APPEND_ONLY:
+                vars(layer).clear()
+                vars(layer).update(state)
+            elif layer.get_seq_length() > length:
+                layer.crop(length - layer.get_seq_length())
+    for k, n in snap.lengths.items():
+        del getattr(run, k)[n:]
+    run.step, run.checkpoint, run.last_logits, run.state = snap.step, snap.checkpoint, snap.last_logits, snap.state
+    if snap.navigation:
+        run.target, run.forced, run.forced_step, run.checked_step, run.last_point = snap.navigation
+    if snap.generator_state is not None:
+        run.generator.set_state(snap.generator_state)
+
+
+def on_non_finite(engine: Any, run: Any, snap: Snapshot, exc: NonFiniteLogits) -> None:
+    """A resumed run goes back to its pause; a new run (generate, fork) fails. Raises the error."""
+    message = non_finite_error(run, exc, engine.num_layers)
+    if snap.state == RunState.PAUSED:
+        roll_back(run, snap)
+        cp = run.checkpoint
+        raise NonFiniteError(f"{message}; the run is still paused at layer {cp.layer} step {cp.step}")
+    engine._free(run, RunState.FAILED)
+    run.error = message
+    raise NonFiniteError(message)

@@ -1,0 +1,114 @@
+"""The exposed calls across runs and over time: batched forks, token probabilities, stepping,
+rewind, the token history.
+
+A mixin of :class:`~djinn_nb.serving.service.DjinnService` (its ``_who``, ``_scope``,
+``_check_quota``, ``_admit`` and state), kept apart so each module has one job. Calls that
+run steps do so under the caller's scheduling scope and quotas, as ``generate`` does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.forking import ForkSpec
+from ..core.runs import Run
+from ..errors import BadRequestError, QuotaError
+from ..schema import ForkRequest
+from . import wire
+from .replies import _reply, _str
+
+__all__ = ["DebugCalls"]
+
+
+class DebugCalls:
+    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``, ``decode_each``."""
+
+    @_reply
+    def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = ()) -> list[dict[str, Any]]:
+        """Several forks of one checkpoint (a list of ``ForkRequest``), run as a batch where they can be.
+
+        ``payloads``: empty, or two entries per fork (its activation and add bytes, or None).
+        """
+        owner = self._who()
+        reqs = wire.loads(requests_json, "fork_many request")
+        if not isinstance(reqs, list) or not reqs:
+            raise BadRequestError("fork_many takes a non-empty list of fork requests")
+        if type(payloads) is not tuple or len(payloads) not in (0, 2 * len(reqs)) or any(
+            p is not None and type(p) is not bytes for p in payloads
+        ):
+            raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
+        specs = []
+        for i, obj in enumerate(reqs):
+            req = ForkRequest.from_json(obj)
+            act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
+            specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
+        parent = self._engine.get(_str(run_id, "run id"), owner)
+        self._check_quota(max((s.max_new_tokens or parent.max_new_tokens) for s in specs))
+        user = self._user
+        if user is not None and user.max_runs is not None:
+            held = len(self._engine.runs(owner))
+            if held + len(specs) > user.max_runs:
+                raise QuotaError(f"quota max_runs: user {user.name} holds {held} of {user.max_runs} runs; "
+                                 f"{len(specs)} forks would pass it", quota="max_runs")
+        with self._scope():
+            runs = self._engine.fork_many(parent.id, specs, owner)
+        for run in runs:
+            self._admit(run)
+            self._state.after_change(run)
+        return [run.summary().to_json() for run in runs]
+
+    @_reply
+    def exposed_token_probs(self, request_json: Any) -> list[float]:
+        """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
+        req = wire.loads(request_json, "token_probs request")
+        if not isinstance(req, dict) or set(req) != {"runs", "token"} or not isinstance(req["runs"], list):
+            raise BadRequestError("token_probs takes {'runs': [run ids], 'token': token id}")
+        if len(req["runs"]) > 4096:
+            raise BadRequestError("token_probs takes at most 4096 runs at once")
+        ids = [_str(r, "run id") for r in req["runs"]]
+        return self._engine.token_probs(ids, req["token"], self._who())
+
+    @_reply
+    def exposed_next_layer(self, run_id: Any) -> dict[str, Any]:
+        """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
+        self._check_quota(new_run=False)
+        with self._scope():
+            return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()))
+
+    @_reply
+    def exposed_next_step(self, run_id: Any) -> dict[str, Any]:
+        """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
+        self._check_quota(new_run=False)
+        with self._scope():
+            return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()))
+
+    @_reply
+    def exposed_rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None) -> dict[str, Any]:
+        """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run."""
+        owner = self._who()
+        if type(step) is not int or (layer is not None and type(layer) is not int):
+            raise BadRequestError("step (and layer) must be integers")
+        if site is not None and type(site) is not str:
+            raise BadRequestError("site must be a string")
+        self._check_quota()
+        with self._scope():
+            run = self._engine.rewind(_str(run_id, "run id"), step, layer, site, owner)
+        self._admit(run)
+        return self._stepped(run)
+
+    @_reply
+    def exposed_history(self, run_id: Any) -> list[dict[str, Any]]:
+        """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
+        return self._engine.history(_str(run_id, "run id"), self._who())
+
+    def _stepped(self, run: Run) -> dict[str, Any]:
+        self._state.after_change(run)
+        return run.summary().to_json()
+
+    @_reply
+    def exposed_decode_each(self, ids_json: Any) -> list[str]:
+        """The text of each token id on its own."""
+        self._who()
+        ids = wire.loads(ids_json, "token ids")
+        if not isinstance(ids, list) or len(ids) > 1 << 16 or any(type(i) is not int for i in ids):
+            raise BadRequestError("token ids must be a list of ints")
+        return self._engine.decode_each(ids)

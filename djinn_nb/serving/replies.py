@@ -1,0 +1,67 @@
+"""How an exposed call answers: plain arguments checked by type alone, results and errors as JSON text.
+
+Every ``exposed_`` call of the service is wrapped by :func:`_reply`: an argument that is
+not a plain value is refused without being touched (no ``repr``, no attribute access, so
+no callback into the client), a wrong number of arguments is a ``BadRequestError``, and
+a ``DjinnError`` returns as ``{"ok": false, "error": {"kind", "message"}}`` so the client
+raises the same class. Only wrapped calls are served (``djinn_call``).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, Callable
+
+from ..errors import BadRequestError, DjinnError
+from . import wire
+
+log = logging.getLogger("djinn_nb.serving.service")
+
+__all__ = ["PLAIN", "_reply", "_str"]
+
+
+PLAIN = (str, bytes, int, float, bool, type(None))
+
+
+def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an exposed call; turn its result or a ``DjinnError`` into JSON text."""
+
+    signature = inspect.signature(fn)
+    name = fn.__name__.removeprefix("exposed_")
+    params = list(signature.parameters.values())[1:]
+    least = sum(p.default is inspect.Parameter.empty for p in params)
+    arity = f"{least}" if least == len(params) else f"{least} to {len(params)}"
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any) -> Any:
+        try:
+            for i, a in enumerate(args):  # by type alone: a remote object is never touched
+                if type(a) not in PLAIN:
+                    raise BadRequestError(f"argument {i + 1} of {name} must be a plain value (str, bytes, int, "
+                                          "float, bool or None), not a remote object")
+            try:
+                signature.bind(self, *args)
+            except TypeError:
+                raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}") from None
+            result = fn(self, *args)
+        except DjinnError as e:
+            return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})
+        except Exception as e:  # noqa: BLE001 - a bug must not leak a traceback or kill the connection
+            log.exception("internal error in %s", fn.__name__)
+            return wire.dumps({"ok": False, "error": {"kind": "DjinnError", "message": f"internal server error: {type(e).__name__}: {e}"}})
+        if isinstance(result, tuple):  # (meta, payload)
+            meta, payload = result
+            return wire.dumps({"ok": True, "result": meta}), payload
+        return wire.dumps({"ok": True, "result": result})  # non-finite floats become null
+
+    wrapper.djinn_call = True  # what _rpyc_getattr serves (rpyc's own exposed_get_service_* are not)
+    return wrapper
+
+
+def _str(value: Any, what: str) -> str:
+    if type(value) is not str or not value or len(value) > 256:
+        raise BadRequestError(f"{what} must be a non-empty string")
+    return value
+
+

@@ -1,0 +1,359 @@
+"""Attacks on a real ``djinn-server`` process, each bounded in count and time, on loopback only.
+
+Every test keeps an authenticated client connected from before the attack and checks
+that it is served throughout. The "fortress" server runs a tiny model with short
+limits (hello deadline, call time, auth failures) and a low descriptor limit.
+"""
+from __future__ import annotations
+
+import resource
+import socket
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import rpyc
+import torch
+
+import djinn_nb
+from djinn_nb.client.connection import Client
+from djinn_nb.errors import BadRequestError, DjinnError, QuotaError
+from djinn_nb.serving import sidechannel, wire
+from djinn_nb.serving.protocol import PROTOCOL
+from djinn_nb.serving.service import DjinnService
+from djinn_nb.serving.transport import RPYC_CONFIG, open_connection
+from server_proc import start
+
+PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
+TOKEN = "fortress-token"
+NOFILE = 160
+
+
+def _low_nofile() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+@pytest.fixture(scope="module")
+def fortress():
+    workdir = Path(tempfile.mkdtemp(prefix="djinn-fortress-"))
+    server = start(["--model", "random:gpt2-tiny", "--hello-seconds", "1.5", "--max-auth-failures", "5",
+                    "--max-call-seconds", "0.4", "--max-call-steps", "200", "--max-unauthenticated", "16",
+                    "--max-connections", "100000", "--max-held-bytes", "2000000"], workdir, preexec=_low_nofile,
+                   env_extra={"DJINN_TOKEN": TOKEN})  # the token through the environment, not the command line
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def keeper(fortress):
+    """An authenticated client connected before the attack; ``check()`` asserts it is still served."""
+    client = djinn_nb.connect(fortress.address, token=TOKEN)
+    run = client.generate(PROMPT, max_new_tokens=4, breakpoints=[2])
+    want = client.generate(PROMPT, max_new_tokens=4).token_ids
+
+    def check() -> None:
+        assert fortress.alive()
+        fork = run.fork(breakpoints=[])
+        assert fork.token_ids == want
+        fork.close()
+
+    client.check = check
+    yield client
+    check()
+    for r in client.runs():
+        client.attach(r["id"]).close()
+    client.close()
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_silent_and_trickling_peers_are_cut_off_at_the_hello_deadline(fortress, keeper):
+    trickle = socket.create_connection(("127.0.0.1", fortress.port))
+    socks = [socket.create_connection(("127.0.0.1", fortress.port)) for _ in range(24)]
+    try:
+        t0 = time.monotonic()
+        over = socks[15:]  # 16 may wait for hello at once: the rest are closed at once
+        assert all(_closed_by_server(s, 3.0) for s in over)
+        trickle.sendall(struct.pack("!LB", 60000, 0))
+        for _ in range(4):
+            trickle.sendall(b"\x00")
+            keeper.check()
+            time.sleep(0.2)
+        assert all(_closed_by_server(s, 8) for s in socks[:15] + [trickle])
+        assert time.monotonic() - t0 < 9  # the deadline is 1.5 s; without the doorman they would stay forever
+    finally:
+        for s in socks + [trickle]:
+            s.close()
+    djinn_nb.connect(fortress.address, token=TOKEN).close()  # newcomers are served again
+
+
+def test_remote_objects_are_refused_without_being_touched(fortress, keeper):
+    touched = []
+
+    class Bait:
+        def __repr__(self) -> str:
+            touched.append("repr")
+            return "bait"
+
+        def __str__(self) -> str:
+            touched.append("str")
+            return "bait"
+
+        def __eq__(self, other: object) -> bool:
+            touched.append("eq")
+            return False
+
+        __hash__ = object.__hash__
+
+        def __len__(self) -> int:
+            touched.append("len")
+            return 1
+
+    conn = rpyc.connect("127.0.0.1", fortress.port, config=dict(RPYC_CONFIG, allow_all_attrs=True))
+    try:
+        assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
+        calls = sorted(n.removeprefix("exposed_") for n in dir(DjinnService)
+                       if n.startswith("exposed_") and getattr(getattr(DjinnService, n), "djinn_call", False))
+        assert len(calls) >= 20
+        for name in ("get_service_name", "get_service_aliases"):  # rpyc's own exposed methods are not served
+            with pytest.raises(AttributeError):
+                getattr(conn.root, name)
+        for name in calls:
+            for position in range(2):
+                args = ["x"] * position + [Bait()]
+                msg = wire.loads(getattr(conn.root, name)(*args))
+                assert msg["ok"] is False and msg["error"]["kind"] == "BadRequestError", (name, msg)
+                assert "plain value" in msg["error"]["message"] or "takes" in msg["error"]["message"]
+        assert touched == []
+    finally:
+        conn.close()
+
+
+def test_side_channel_silent_and_trickling_peers_block_nobody(fortress, keeper):
+    slot = keeper._call("expect", wire.dumps({"dtype": "float32", "shape": [4]}))
+    port = slot["port"]
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    trickle = socket.create_connection(("127.0.0.1", port))
+    t0 = time.monotonic()
+    big = torch.arange(600_000, dtype=torch.float32)  # 2.4 MB, uploaded while they hang on
+    up = keeper._call("expect", wire.dumps({"dtype": "float32", "shape": [600_000]}))
+    sidechannel.push("127.0.0.1", up, big)
+    assert time.monotonic() - t0 < 3
+    for _ in range(3):
+        trickle.sendall(b"\x01")
+        time.sleep(0.5)
+    assert all(_closed_by_server(s, sidechannel.TICKET_SECONDS + 2) for s in silent + [trickle])
+    assert time.monotonic() - t0 < sidechannel.TICKET_SECONDS + 3
+    for s in silent + [trickle]:
+        s.close()
+
+
+GIB = wire.dumps({"dtype": "float32", "shape": [1 << 28]})  # 1 GiB: four fill the side channel's reservations
+
+
+def test_reserved_side_channel_slots_are_released_when_their_connection_ends(fortress, keeper):
+    for _ in range(3):  # would be refused the second time if the first reservations had been kept
+        conn = open_connection("127.0.0.1", fortress.port)
+        assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
+        for _ in range(4):
+            reply = wire.loads(conn.root.expect(GIB))
+            assert reply["ok"], reply
+        conn.close()
+        time.sleep(0.2)
+    conn = open_connection("127.0.0.1", fortress.port)
+    try:
+        assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
+        assert all(wire.loads(conn.root.expect(GIB))["ok"] for _ in range(4))
+        fifth = wire.loads(conn.root.expect(GIB))
+        assert fifth["error"]["kind"] == "QuotaError" and "busy" in fifth["error"]["message"]
+    finally:
+        conn.close()
+
+
+def test_a_broken_upload_frees_its_slot(fortress, keeper):
+    up = keeper._call("expect", GIB)
+    with pytest.raises(DjinnError, match="upload failed"):
+        sidechannel.push("127.0.0.1", up, torch.zeros(4), timeout=5)  # too short: the server drops the slot
+    time.sleep(0.2)
+    tickets = [keeper._call("expect", GIB)["ticket"] for _ in range(4)]  # all four fit again
+    assert up["ticket"] not in tickets
+
+
+def test_call_caps_stop_a_long_call_and_refuse_a_huge_one(fortress, keeper):
+    before = len(keeper.runs())
+    with pytest.raises(QuotaError, match="max_call_steps"):
+        keeper.generate(PROMPT, max_new_tokens=201)
+    assert len(keeper.runs()) == before  # nothing was made
+    t0 = time.monotonic()
+    with pytest.raises(QuotaError, match="max_call_seconds"):
+        keeper.generate(PROMPT, max_new_tokens=200, watches=[(layer, "all") for layer in range(12)])
+    assert time.monotonic() - t0 < 3
+    assert len(keeper.runs()) == before  # the stopped run was closed
+
+
+def test_what_runs_hold_is_bounded_with_a_clear_refusal(fortress, keeper):
+    before = sorted(r["id"] for r in keeper.runs())
+    with pytest.raises(QuotaError, match="max_held_bytes"):  # ~2.3 MB of cache and watches, over the 2 MB cap
+        keeper.generate([i % 500 for i in range(250)], max_new_tokens=2, breakpoints=[11],
+                        watches=[(layer, 0) for layer in range(11)])
+    assert sorted(r["id"] for r in keeper.runs()) == before
+
+
+def test_running_out_of_descriptors_refuses_newcomers_and_keeps_serving(fortress, keeper):
+    conns, refused = [], 0
+    try:
+        for _ in range(NOFILE + 20):
+            try:
+                conns.append(Client("127.0.0.1", fortress.port, TOKEN))
+            except DjinnError:
+                refused += 1
+                if refused >= 5:
+                    break
+        assert refused >= 5 and len(conns) < NOFILE
+        keeper.check()
+    finally:
+        for c in conns:
+            c.close()
+    time.sleep(0.5)
+    djinn_nb.connect(fortress.address, token=TOKEN).close()
+
+
+def test_client_does_not_trust_sizes_the_server_announces():
+    """A fake server announcing a 4 GiB frame: the client hangs up without allocating it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def liar() -> None:
+        sock, _ = listener.accept()
+        sock.recv(65536)
+        sock.sendall(struct.pack("!LB", 0xFFFFFF00, 0))
+        time.sleep(2)
+        sock.close()
+
+    threading.Thread(target=liar, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(DjinnError, match="closed the connection|lost"):
+        Client("127.0.0.1", listener.getsockname()[1], max_download_bytes=1 << 20)
+    assert time.monotonic() - t0 < 2
+    listener.close()
+    with pytest.raises(BadRequestError, match="over"):
+        sidechannel.fetch("127.0.0.1", {"dtype": "float32", "shape": [1 << 38], "port": 1, "ticket": "00" * 32},
+                          max_bytes=1 << 30)
+
+
+def test_failed_authentications_are_throttled_and_logged_once(fortress, keeper):
+    """Last in this module: it locks loopback out of hello for a minute (connected clients stay served)."""
+    kinds = []
+    for i in range(12):
+        conn = open_connection("127.0.0.1", fortress.port)
+        try:
+            kinds.append(wire.loads(conn.root.hello(PROTOCOL, f"guess-{i}"))["error"]["message"])
+        finally:
+            conn.close()
+    assert all("wrong or missing token" in m for m in kinds[:5])
+    assert all("too many failed" in m for m in kinds[5:])
+    conn = open_connection("127.0.0.1", fortress.port)
+    try:  # the right token is not even looked at during the lockout: guessing learns nothing
+        assert "too many failed" in wire.loads(conn.root.hello(PROTOCOL, TOKEN))["error"]["message"]
+    finally:
+        conn.close()
+    keeper.check()
+    log = fortress.log.read_text()
+    assert log.count("failed authentication") == 1, log[-2000:]
+    assert "accepted" not in log and "welcome" not in log and "goodbye" not in log
+
+
+# ----- on the shared server ----------------------------------------------------------------------
+def test_32_clients_fetching_large_tensors_at_once_all_succeed(lab):
+    owner = lab.connect("bob")
+    run = owner.generate([(7 * i) % 500 for i in range(600)], max_new_tokens=2, breakpoints=[1])
+    want = run.activation()
+    clients = [lab.connect("bob") for _ in range(32)]
+    start, out = threading.Barrier(32), {}
+
+    def fetch(i: int) -> None:
+        try:
+            start.wait(30)
+            out[i] = clients[i].attach(run.id).activation()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            out[i] = e
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(32)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        errors = {i: r for i, r in out.items() if isinstance(r, BaseException)}
+        assert not errors, errors
+        assert len(out) == 32 and all(torch.equal(out[i], want) for i in range(32))
+        assert want.numel() * want.element_size() > 1 << 20
+    finally:
+        for c in clients:
+            c.close()
+        run.close()
+        owner.close()
+
+
+def test_memory_of_closed_runs_goes_back_to_the_os(lab):
+    bob = lab.connect("bob")
+    try:
+        prompt = [(11 * i) % 500 for i in range(600)]
+        bob.generate(prompt, max_new_tokens=2, breakpoints=[3]).close()  # warm up allocator and caches
+        time.sleep(1)
+        baseline = lab.rss()
+        runs = [bob.generate(prompt, max_new_tokens=2, breakpoints=[3], watches=[(0, 0), (1, 0), (2, 0)])
+                for _ in range(12)]
+        held = sum(r.refresh().bytes_held for r in runs)
+        grown = lab.rss() - baseline
+        assert held > 120e6 and grown > 0.6 * held, (held, grown)
+        for r in runs:
+            r.close()
+        deadline, now = time.monotonic() + 10, lab.rss()
+        while now - baseline > 0.15 * held and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = lab.rss()
+        assert now - baseline <= 0.15 * held, (baseline, now, held)
+    finally:
+        bob.close()
+
+
+def test_large_inline_requests_share_a_bounded_in_flight_budget():
+    """An authenticated peer stalls halfway through a 1 MiB frame (its bytes reserved) in a 1.5 MiB
+    budget: another 1 MiB request waits, then its connection is dropped; once the staller is gone,
+    room is back."""
+    from djinn_nb.serving.server import Limits
+    from serving import raw_connection, reply, serve
+
+    served = serve(limits=Limits(inflight_bytes=3 << 19, inflight_wait_s=0.5))
+    blob, header = b"\0" * (1 << 20), wire.dumps({"activation": {"dtype": "float32", "shape": [1 << 18]}})
+    try:
+        staller, b = raw_connection(served.port), raw_connection(served.port)
+        run = reply(b.root.generate(wire.dumps({"prompt": PROMPT, "max_new_tokens": 2, "breakpoints": [3]})))["result"]
+        sock = staller._channel.stream.sock
+        sock.sendall(struct.pack("!LB", (1 << 20) + 200, 0) + b"\0" * 1000)  # then nothing
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(EOFError):
+            b.root.edit(run["id"], header, blob, None)
+        assert time.monotonic() - t0 < 3
+        sock.shutdown(socket.SHUT_RDWR)
+        staller.close()
+        time.sleep(0.2)
+        c = raw_connection(served.port)
+        assert reply(c.root.edit(run["id"], header, blob, None))["error"]["kind"] == "ActivationError"  # reached the call
+        c.close()
+    finally:
+        served.server.close()
