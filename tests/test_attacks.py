@@ -87,11 +87,15 @@ def test_silent_and_trickling_peers_are_cut_off_at_the_hello_deadline(fortress, 
         t0 = time.monotonic()
         over = socks[15:]  # 16 may wait for hello at once: the rest are closed at once
         assert all(_closed_by_server(s, 3.0) for s in over)
-        trickle.sendall(struct.pack("!LB", 60000, 0))
-        for _ in range(4):
-            trickle.sendall(b"\x00")
-            keeper.check()
-            time.sleep(0.2)
+        try:
+            trickle.sendall(struct.pack("!LB", 60000, 0))
+            for _ in range(4):
+                trickle.sendall(b"\x00")
+                keeper.check()
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # on a slow machine the deadline may already have cut it off: what is asserted below
+        keeper.check()
         assert all(_closed_by_server(s, 8) for s in socks[:15] + [trickle])
         assert time.monotonic() - t0 < 9  # the deadline is 1.5 s; without the doorman they would stay forever
     finally:

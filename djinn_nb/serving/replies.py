@@ -37,9 +37,9 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, *args: Any) -> Any:
         try:
             for i, a in enumerate(args):  # by type alone: a remote object is never touched
-                if type(a) not in PLAIN:
+                if not _plain(a):
                     raise BadRequestError(f"argument {i + 1} of {name} must be a plain value (str, bytes, int, "
-                                          "float, bool or None), not a remote object")
+                                          "float, bool, None, or a tuple of those), not a remote object")
             try:
                 signature.bind(self, *args)
             except TypeError:
@@ -57,6 +57,13 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.djinn_call = True  # what _rpyc_getattr serves (rpyc's own exposed_get_service_* are not)
     return wrapper
+
+
+def _plain(a: Any) -> bool:
+    """A plain value, or a tuple of them (rpyc sends a tuple by value only when all its items are)."""
+    if type(a) in PLAIN:
+        return True
+    return type(a) is tuple and len(a) <= 1024 and all(type(x) in PLAIN for x in a)
 
 
 def _str(value: Any, what: str) -> str:
