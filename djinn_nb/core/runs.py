@@ -39,6 +39,8 @@ class Checkpoint:
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     created: float = field(default_factory=time.perf_counter)
     graphs: graphs.TailGraphSlot = field(default_factory=graphs.TailGraphSlot)  # shared with forks
+    #: (pending, its activation_stats): a summary reuses them until pending is replaced
+    stats: tuple[torch.Tensor, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def edited(self) -> bool:
@@ -127,11 +129,13 @@ class Run:
         cp = self.checkpoint
         activation = None
         if detail and cp is not None:
+            if cp.stats is None or cp.stats[0] is not cp.pending:  # edits and restores replace pending
+                cp.stats = (cp.pending, activation_stats(cp.pending))
             activation = {
                 "shape": list(cp.pending.shape),
                 "dtype": str(cp.pending.dtype).replace("torch.", ""),
                 "edited": cp.edited,
-                **activation_stats(cp.pending),
+                **cp.stats[1],
             }
         return RunSummary(
             id=self.id,

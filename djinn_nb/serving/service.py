@@ -64,16 +64,16 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(fn)
     name = fn.__name__.removeprefix("exposed_")
     params = list(signature.parameters.values())[1:]
+    if any(p.kind != p.POSITIONAL_OR_KEYWORD for p in params):  # the arity check below counts positions only
+        raise TypeError(f"{fn.__name__}: exposed calls take plain positional parameters")
     least = sum(p.default is inspect.Parameter.empty for p in params)
     arity = f"{least}" if least == len(params) else f"{least} to {len(params)}"
 
     @functools.wraps(fn)
     def wrapper(self: "DjinnService", *args: Any) -> Any:
         try:
-            try:
-                signature.bind(self, *args)
-            except TypeError:
-                raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}") from None
+            if not least <= len(args) <= len(params):  # what signature.bind checked, at a tenth of the cost
+                raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}")
             result = fn(self, *args)
         except DjinnError as e:
             return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})
