@@ -14,11 +14,25 @@ Layers, lowest first (a test keeps each from importing a higher one):
 ``client`` (this API) → ``notebook`` (magics, display, widgets; only the client API).
 ``errors``, ``schema`` and ``version`` are shared vocabulary every layer may use.
 """
-from .client import Client, Run, connect
+from typing import TYPE_CHECKING, Any
+
 from .errors import DjinnError
 from .version import __version__
 
+if TYPE_CHECKING:
+    from .client import Client, Run, connect
+
 __all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension"]
+
+
+def __getattr__(name: str) -> Any:
+    """The client API, imported on first use: ``djinn_nb.core`` alone (an in-process engine
+    on a machine without rpyc, say) then needs neither rpyc nor the client."""
+    if name in ("connect", "Client", "Run"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'djinn_nb' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython
