@@ -58,7 +58,10 @@ srv.start()
 # A djinn server on a tiny random model whose Engine.resume/fork record their own duration;
 # the client reads those durations back over stdin/stdout at the end (not through rpyc).
 DJINN_SERVER = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
+import torch
+if os.environ.get("BENCH_SERVER_THREADS"):  # torch intra-op threads in the server (default: torch's own)
+    torch.set_num_threads(int(os.environ["BENCH_SERVER_THREADS"]))
 from djinn_nb.serving.server import DjinnServer, build_engine
 engine = build_engine("random:gpt2-tiny", "cpu")
 spent = {"resume": [], "fork": []}
@@ -72,6 +75,10 @@ def timed(name, fn):
     return wrapper
 engine.resume = timed("resume", engine.resume)
 engine.fork = timed("fork", engine.fork)
+from djinn_nb.serving.service import DjinnService
+spent.update(service_resume=[], service_fork=[], service_status=[], service_runs=[])
+for name in ("resume", "fork", "status", "runs"):  # the whole exposed call, as rpyc's dispatch sees it
+    setattr(DjinnService, "exposed_" + name, timed("service_" + name, getattr(DjinnService, "exposed_" + name)))
 server = DjinnServer(engine, "127.0.0.1", 0).start()
 print("PORT", server.port, flush=True)
 for line in sys.stdin:
@@ -81,6 +88,10 @@ for line in sys.stdin:
             v.clear()
 server.close()
 """
+
+
+#: the exposed call behind each client call (its whole time in the server is recorded too)
+SERVICE_OF = {"resume": "service_resume", "fork": "service_fork", "refresh": "service_status", "runs": "service_runs"}
 
 
 def _spawn(code: str) -> tuple[subprocess.Popen, int]:
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(0)
         per_round: dict[str, list[float]] = {k: [] for k in variants}
         engine_med: dict[str, list[float]] = {k: [] for k in engine_timed}
+        service: dict[str, list[float]] = {k: [] for k in SERVICE_OF}
         for r in range(args.rounds):
             order = list(variants)
             rng.shuffle(order)
@@ -202,10 +214,13 @@ def main(argv: list[str] | None = None) -> int:
                     djinn_proc.stdin.flush()
                     _read_spent()
                 ts = _times(variants[name], args.calls)
-                if name in engine_timed:
+                if name in engine_timed or name in ("refresh", "runs"):
                     djinn_proc.stdin.write("spent\n")
                     djinn_proc.stdin.flush()
-                    spent = _read_spent()[name]
+                    all_spent = _read_spent()
+                    service[name].append(statistics.median(all_spent[SERVICE_OF[name]]))
+                if name in engine_timed:
+                    spent = all_spent[name]
                     if len(spent) != len(ts):
                         raise RuntimeError(f"{name}: {len(ts)} calls but {len(spent)} engine timings")
                     engine_med[name].append(statistics.median(spent))
@@ -242,11 +257,17 @@ def main(argv: list[str] | None = None) -> int:
              "ratio_p25": q[0], "ratio_p75": q[2]}
         if name in engine_med:
             v["engine_us_median_subtracted"] = statistics.median(engine_med[name]) * 1e6
+        if service.get(name):
+            # inside the exposed call but outside the engine: the service's own work (JSON, checks, summary)
+            v["service_us_median_without_engine"] = (statistics.median(service[name]) * 1e6
+                                                     - v.get("engine_us_median_subtracted", 0.0))
         result["variants"][name] = v
     result["environment"] = versions()
     print(f"{'call':16s} {'us':>8s} {'x echo':>7s} {'p25..p75':>13s}")
     for name, v in result["variants"].items():
         extra = f"   (engine {v['engine_us_median_subtracted']:.0f} us subtracted)" if "engine_us_median_subtracted" in v else ""
+        if "service_us_median_without_engine" in v:
+            extra += f"   service's own work {v['service_us_median_without_engine']:.0f} us"
         print(f"{name:16s} {v['us_median']:8.1f} {v['ratio_to_rpyc_echo']:7.2f} "
               f"{v['ratio_p25']:6.2f}..{v['ratio_p75']:<6.2f}{extra}")
     if args.out:

@@ -54,10 +54,12 @@ def test_exact_models_pass_with_every_site_and_four_forwards(shape):
     model = build_random(shape, seed=3)
     calls = []
     model.register_forward_pre_hook(lambda *a: calls.append(1))
+    threads = torch.get_num_threads()
     engine = Engine(model)
     assert engine.inexact_sites == {}
     assert engine.info()["sites"] == list(SITES)
     assert len(calls) == 4  # 2 reference steps + 1 chained split forward per step
+    assert torch.get_num_threads() == threads  # the probe's fewer threads are given back
 
 
 def test_inner_sites_that_do_not_finish_exactly_are_named_and_refused():

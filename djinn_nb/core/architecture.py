@@ -138,8 +138,6 @@ def check_split_is_exact(
     ``resid_post`` (the block's output) must be exact or the model is refused; any other site
     that is not comes back as ``{site: why}`` (breakpoints there are then refused).
     """
-    from transformers import DynamicCache
-
     vocab = int(getattr(model.config, "vocab_size", 2))
     device = anatomy.lm_head.weight.device
     gen = torch.Generator().manual_seed(1234)
@@ -149,6 +147,26 @@ def check_split_is_exact(
     if anatomy.logits_to_keep:
         kw["logits_to_keep"] = 1
     name = type(model).__name__
+    threads = torch.get_num_threads()
+    fewer = device.type == "cpu" and threads > 1
+    if fewer:
+        # 6-token forwards are memory-bound: half the threads lose little on an idle machine, and on a
+        # busy one they do not stall at every op's barrier waiting for a descheduled thread (on two
+        # cores shared with other work the probe took 8-14 s with 2 threads, 0.6 s with 1).
+        # The thread count is the same for both sides of every comparison, so what is compared is
+        # the same as at any other count: the same operations on the same inputs.
+        torch.set_num_threads(max(1, threads // 2))
+    try:
+        return _probe(model, anatomy, forward_split, sites, steps, kw, name)
+    finally:
+        if fewer:
+            torch.set_num_threads(threads)
+
+
+def _probe(model: nn.Module, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str],
+           steps: list[torch.Tensor], kw: dict, name: str) -> dict[str, str]:
+    from transformers import DynamicCache
+
     with torch.inference_mode():
         ref_cache = DynamicCache(config=model.config)
         refs = [model(input_ids=x, **{anatomy.cache_arg: ref_cache}, **kw).logits[:, -1, :] for x in steps]
