@@ -29,9 +29,9 @@ def __getattr__(name: str) -> Any:
     """The client API, imported on first use: ``djinn_nb.core`` alone (an in-process engine
     on a machine without rpyc, say) then needs neither rpyc nor the client."""
     if name in ("connect", "Client", "Run"):
-        from . import client
+        from .client import Client, Run, connect
 
-        return getattr(client, name)
+        return {"connect": connect, "Client": Client, "Run": Run}[name]
     raise AttributeError(f"module 'djinn_nb' has no attribute {name!r}")
 
 
