@@ -89,8 +89,9 @@ def build(shape: str, gpus: int, dtype: torch.dtype, max_memory_gib: float | Non
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     overrides = dict(SHAPES[shape])
-    if overrides["vocab_size"] < 50000:
-        overrides.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    # no end-of-sequence id: a random model must generate every token asked for (and tiny
+    # vocabularies would not hold the full-size special ids anyway)
+    overrides.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     config = LlamaConfig(**overrides)
     std = float(getattr(config, "initializer_range", 0.02))
     t = time.perf_counter()
