@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import rpyc
 
     import djinn_nb
-    from djinn_nb.serving.transport import RPYC_CONFIG, open_connection
+    from djinn_nb.serving.transport import open_connection
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
@@ -146,15 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         bare = rpyc.connect("127.0.0.1", echo_port)
         bare._channel.stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         bare_echo = bare.root.echo
-        fast = open_connection("127.0.0.1", echo_port)
-        # the locked-down config refuses non-exposed names; echo is exposed
+        fast = open_connection("127.0.0.1", echo_port)  # djinn_nb's transport and locked-down config
         fast_echo = fast.root.echo
-        assert dict(RPYC_CONFIG)["allow_pickle"] is False
 
         client = djinn_nb.connect(f"127.0.0.1:{djinn_port}")
         prompt = [1, 2, 3, 4, 5, 6]
         paused = client.generate(prompt, max_new_tokens=2, breakpoints=[6])
-        other = client.generate(prompt, max_new_tokens=2)
+        client.generate(prompt, max_new_tokens=2)  # a finished run, so that runs() lists more than one
         arg = paused.id  # an echo of a run id: the size of the small calls' argument
         state: dict[str, Any] = {}
 
@@ -167,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         def resume() -> None:
             state["stepper"].resume()
 
-        def fork() -> None:
-            f = paused.fork(scale=0.9, breakpoints=[], max_new_tokens=1)
-            closes.append(f)
+        closes: list = []  # forks to close after their round, untimed
 
-        closes: list = []
+        def fork() -> None:
+            closes.append(paused.fork(scale=0.9, breakpoints=[], max_new_tokens=1))
 
         def _read_spent() -> dict[str, list[float]]:
             while True:
