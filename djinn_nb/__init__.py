@@ -14,17 +14,26 @@ Layers, lowest first (a test keeps each from importing a higher one):
 ``client`` (this API) → ``notebook`` (magics, display, widgets; only the client API).
 ``errors``, ``schema`` and ``version`` are shared vocabulary every layer may use.
 """
-from .client import Client, Run, connect
+from typing import TYPE_CHECKING, Any
+
 from .errors import DjinnError
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .client import Client, Run, connect
 
 __all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension", "causal_trace",
            "plot_causal_trace"]
 
 
-def __getattr__(name: str):
-    """``causal_trace`` and ``plot_causal_trace`` live in the notebook layer (pandas, matplotlib),
-    imported when first used."""
+def __getattr__(name: str) -> Any:
+    """The client API, imported on first use: ``djinn_nb.core`` alone (an in-process engine
+    on a machine without rpyc, say) then needs neither rpyc nor the client. ``causal_trace``
+    and ``plot_causal_trace`` live in the notebook layer (pandas, matplotlib)."""
+    if name in ("connect", "Client", "Run"):
+        from .client import Client, Run, connect
+
+        return {"connect": connect, "Client": Client, "Run": Run}[name]
     if name in ("causal_trace", "plot_causal_trace"):
         from .notebook import tracing
 

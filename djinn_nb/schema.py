@@ -61,25 +61,35 @@ class _Message:
     _optional: frozenset[str] = frozenset()
 
     @classmethod
+    def _spec(cls) -> tuple[frozenset[str], tuple[tuple[str, bool, tuple | None, bool], ...]]:
+        """Field names and ``(name, required, kinds, optional)`` per field, worked out once per class."""
+        spec = cls.__dict__.get("_spec_cache")
+        if spec is None:
+            fields = dataclasses.fields(cls)
+            spec = (frozenset(f.name for f in fields), tuple(
+                (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                 cls._types.get(f.name), f.name in cls._optional) for f in fields))
+            cls._spec_cache = spec
+        return spec
+
+    @classmethod
     def from_json(cls, obj: Any):
         if not isinstance(obj, dict):
             raise _fail(cls, f"expected an object, got {type(obj).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - set(fields))
-        if unknown:
-            raise _fail(cls, f"unknown field(s) {unknown}; known: {sorted(fields)}")
+        names, spec = cls._spec()
+        if not names.issuperset(obj):
+            raise _fail(cls, f"unknown field(s) {sorted(map(str, set(obj) - names))}; known: {sorted(names)}")
         values = {}
-        for name, f in fields.items():
+        for name, required, kinds, optional in spec:
             if name not in obj:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if required:
                     raise _fail(cls, f"missing field {name!r}")
                 continue
-            kinds = cls._types.get(name)
-            values[name] = obj[name] if kinds is None else _check(cls, name, obj[name], kinds, name in cls._optional)
+            values[name] = obj[name] if kinds is None else _check(cls, name, obj[name], kinds, optional)
         return cls(**values)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name, *_ in self._spec()[1]}
 
 
 @dataclass

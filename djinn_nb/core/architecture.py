@@ -98,44 +98,106 @@ def run_tail(anatomy: Anatomy, hidden: torch.Tensor) -> torch.Tensor:
     return anatomy.lm_head(hidden[:, -1:, :])[:, -1, :]
 
 
+#: ``forward_split(ids, cache, points)``: the model's own forward paused at the first of
+#: ``points`` (``(layer, site)`` pairs in forward order), then finished by hand, pausing and
+#: continuing at each later point as a run with several breakpoints in one step does;
+#: returns the next-token logits.
+ForwardSplit = Callable[[torch.Tensor, object, Sequence[tuple[int, str]]], torch.Tensor]
+
+#: The order in which the probe's chain visits sites (filtered to the model's): ``resid_post``
+#: (which must be exact) and ``z`` take the first layer, where the model's own forward pauses.
+CHAIN_ORDER = ("resid_post", "z", "resid_pre", "attn_out", "resid_mid", "mlp_out")
+
+
+def probe_chains(num_layers: int, sites: Sequence[str]) -> list[list[tuple[int, str]]] | None:
+    """The probe's two chains (prompt pass, decoding step): every site once, each at its own layer,
+    spread from the first block to the last; ``None`` when there are fewer blocks than sites.
+
+    The decoding step's chain rotates the sites by one, so each step's forward pauses at a
+    different site in the model's own forward and each site is finished at two layers.
+    """
+    order = [s for s in CHAIN_ORDER if s in sites]
+    n = len(order)
+    if n == 0 or num_layers < n:
+        return None
+    layers = [0] if n == 1 else [round(i * (num_layers - 1) / (n - 1)) for i in range(n)]
+    return [[(layers[i], order[(i + k) % n]) for i in range(n)] for k in (0, 1)]
+
+
 def check_split_is_exact(
-    model: nn.Module, anatomy: Anatomy, forward_split: Callable[..., torch.Tensor], sites: Sequence[str]
+    model: nn.Module, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str]
 ) -> dict[str, str]:
     """Compare split execution with the model's own forward on a short input, bit for bit.
 
-    ``forward_split(ids, cache, layer, site)`` must stop the model at ``site`` of block
-    ``layer`` and finish by hand, returning next-token logits. Two steps are checked
-    (the prompt pass and one decoding step), so KV-cache handling is covered too.
-    ``resid_post`` (the block's output) must be exact or the model is refused; any other
-    site that is not comes back as ``{site: why}`` (breakpoints there are then refused).
+    Two steps are checked (a 6-token prompt pass and one decoding step), so KV-cache handling
+    is covered too. Each step's split forward is one chain (:func:`probe_chains`): paused at a
+    site of one block in the model's own forward, finished by hand, paused again at the next
+    site of a later block and so on to the head, so one forward per step checks finishing from
+    every site (4 forwards in all instead of 2 + 2 per site). If a chain's logits differ, each
+    site is probed alone at the layers the chains used, to say which sites are inexact.
+    ``resid_post`` (the block's output) must be exact or the model is refused; any other site
+    that is not comes back as ``{site: why}`` (breakpoints there are then refused).
     """
-    from transformers import DynamicCache
-
     vocab = int(getattr(model.config, "vocab_size", 2))
     device = anatomy.lm_head.weight.device
     gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, vocab, (1, 6), generator=gen).to(device)
-    nxt = torch.randint(0, vocab, (1, 1), generator=gen).to(device)
-    layer = max(0, anatomy.num_layers // 2 - 1)
+    steps = [torch.randint(0, vocab, (1, 6), generator=gen).to(device),
+             torch.randint(0, vocab, (1, 1), generator=gen).to(device)]
     kw = {"use_cache": True}
     if anatomy.logits_to_keep:
         kw["logits_to_keep"] = 1
-    inexact: dict[str, str] = {}
+    name = type(model).__name__
+    threads = torch.get_num_threads()
+    fewer = device.type == "cpu" and threads > 1
+    if fewer:
+        # 6-token forwards are memory-bound: half the threads lose little on an idle machine, and on a
+        # busy one they do not stall at every op's barrier waiting for a descheduled thread (on two
+        # cores shared with other work the probe took 8-14 s with 2 threads, 0.6 s with 1).
+        # The thread count is the same for both sides of every comparison, so what is compared is
+        # the same as at any other count: the same operations on the same inputs.
+        torch.set_num_threads(max(1, threads // 2))
+    try:
+        return _probe(model, anatomy, forward_split, sites, steps, kw, name)
+    finally:
+        if fewer:
+            torch.set_num_threads(threads)
+
+
+def _probe(model: nn.Module, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str],
+           steps: list[torch.Tensor], kw: dict, name: str) -> dict[str, str]:
+    from transformers import DynamicCache
+
     with torch.inference_mode():
         ref_cache = DynamicCache(config=model.config)
-        refs = [model(input_ids=ids, **{anatomy.cache_arg: ref_cache}, **kw).logits[:, -1, :]]
-        refs.append(model(input_ids=nxt, **{anatomy.cache_arg: ref_cache}, **kw).logits[:, -1, :])
-        for site in sites:
+        refs = [model(input_ids=x, **{anatomy.cache_arg: ref_cache}, **kw).logits[:, -1, :] for x in steps]
+
+        def differs(points_per_step: Sequence[Sequence[tuple[int, str]]]) -> str | None:
             cache = DynamicCache(config=model.config)
-            got = [forward_split(ids, cache, layer, site), forward_split(nxt, cache, layer, site)]
-            for step, (r, g) in enumerate(zip(refs, got)):
-                if not torch.equal(r, g):
-                    diff = (r.float() - g.float()).abs().max().item()
-                    inexact[site] = (
-                        f"{type(model).__name__}: finishing the forward by hand from {site} of block {layer} "
-                        f"does not reproduce the model's own forward (step {step}, max abs diff {diff:.3g})"
-                    )
-                    break
+            for step, (x, points, ref) in enumerate(zip(steps, points_per_step, refs)):
+                got = forward_split(x, cache, points)
+                if not torch.equal(ref, got):
+                    diff = (ref.float() - got.float()).abs().max().item()
+                    return f"step {step}, max abs diff {diff:.3g}"
+            return None
+
+        chains = probe_chains(anatomy.num_layers, sites)
+        if chains is not None and differs(chains) is None:
+            return {}
+        layer_of = {s: l for l, s in chains[0]} if chains else {}
+        inexact: dict[str, str] = {}
+        for site in sites:
+            layer = layer_of.get(site, max(0, anatomy.num_layers // 2 - 1))
+            why = differs([[(layer, site)]] * 2)
+            if why is not None:
+                inexact[site] = (
+                    f"{name}: finishing the forward by hand from {site} of block {layer} "
+                    f"does not reproduce the model's own forward ({why})"
+                )
     if "resid_post" in inexact:
         raise UnsupportedModelError(inexact["resid_post"] + "; breakpoints would not be exact on this architecture")
+    if chains is not None and not inexact:
+        raise UnsupportedModelError(
+            f"{name}: each site finishes exactly alone, but pausing at several sites of one forward "
+            "does not reproduce the model's own forward; breakpoints would not be exact on this architecture"
+        )
     return inexact

@@ -45,7 +45,9 @@ def map_cache_tensors(
 ) -> None:
     """Replace every tensor of every layer by ``fn(tensor)``, in a fixed order; set the layers' device."""
     for layer in cache.layers:
+        moved = None
         for name, t in _tensors(layer):
-            setattr(layer, name, fn(t))
+            moved = fn(t)
+            setattr(layer, name, moved)
         if device is not None and isinstance(getattr(layer, "device", None), torch.device):
-            layer.device = device
+            layer.device = moved.device if moved is not None else device  # split models: each layer's own GPU

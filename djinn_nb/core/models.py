@@ -130,31 +130,62 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_dir() -> Path:
-    """A directory with the embedded model converted by ``save_pretrained`` (made on first use)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A directory with the embedded model converted by ``save_pretrained`` (made on first use).
 
+    The first use says what it does and where it caches, with a progress bar on stderr
+    (dequantizing takes tens of seconds on two cores); later uses return at once.
+    """
     gguf = embedded_gguf_path()
     target = cache_dir() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
         return target
+    _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize the GGUF to fp32 and save it with its tokenizer at ``target`` (atomically)."""
+    import sys
+
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(
+        f"djinn_nb: converting the embedded model once: {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB, "
+        f"4-bit GGUF) -> fp32 safetensors in {target} (set DJINN_CACHE to cache elsewhere)",
+        file=sys.stderr, flush=True,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The dequantized weights are plain fp32: drop the GGUF marker so they can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    stages = ["dequantizing the GGUF weights", "reading the tokenizer", "saving safetensors", "saving the tokenizer"]
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with tqdm(total=len(stages), desc="djinn_nb convert", unit="stage", file=sys.stderr) as bar:
+            def stage(i: int) -> None:
+                bar.set_postfix_str(stages[i])
+                if i:
+                    bar.update(1)
+
+            stage(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+                stage(1)
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            # The dequantized weights are plain fp32: drop the GGUF marker so they can be saved.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            stage(2)
+            model.save_pretrained(tmp)
+            stage(3)
+            tok.save_pretrained(tmp)
+            bar.update(1)
+            bar.set_postfix_str("done")
         if not target.exists():
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    print(f"djinn_nb: cached in {target}; later loads take a few seconds", file=sys.stderr, flush=True)
 
 
 def load_model(

@@ -18,6 +18,7 @@ import torch
 @dataclass
 class _Group:
     buffer: torch.Tensor  # 1-D, this group's dtype
+    device: torch.device  # where the members came from (a model split over GPUs has several)
     numels: list[int]
     shapes: list[torch.Size]
     order: list[int]  # position of each member in the packed list
@@ -45,21 +46,31 @@ class HostPack:
         """The packed tensors, in their original order, as views of the host buffers."""
         return self._unflatten([g.buffer for g in self.groups])
 
-    def to_device(self, device: torch.device) -> list[torch.Tensor]:
-        """One host-to-device copy per dtype; the tensors as views of the device buffers."""
-        return self._unflatten([g.buffer.to(device, non_blocking=True) for g in self.groups])
+    @property
+    def devices(self) -> set[torch.device]:
+        """The devices the packed tensors came from."""
+        return {g.device for g in self.groups}
+
+    def to_device(self, device: torch.device | None = None) -> list[torch.Tensor]:
+        """One host-to-device copy per (device, dtype): each tensor back to the device it came
+        from (``device`` only for a group that came from the host); views of the device buffers."""
+        return self._unflatten([
+            g.buffer.to(device if g.device.type == "cpu" and device is not None else g.device, non_blocking=True)
+            for g in self.groups
+        ])
 
 
 def pack(tensors: list[torch.Tensor], pin: bool) -> HostPack:
-    """Copy ``tensors`` into host buffers (asynchronously from a GPU: synchronize before use)."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
+    """Copy ``tensors`` into host buffers (asynchronously from a GPU: synchronize
+    ``HostPack.devices`` before use), one buffer per (device, dtype)."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
+        by_kind.setdefault((t.device, t.dtype), []).append(i)
     groups = []
-    for dtype, idx in by_dtype.items():
+    for (device, dtype), idx in by_kind.items():
         numels = [tensors[i].numel() for i in idx]
         buffer = torch.empty(sum(numels), dtype=dtype, pin_memory=pin)
-        group = _Group(buffer, numels, [tensors[i].shape for i in idx], idx)
+        group = _Group(buffer, device, numels, [tensors[i].shape for i in idx], idx)
         for chunk, i in zip(buffer.split(numels), idx):
             chunk.view(tensors[i].shape).copy_(tensors[i], non_blocking=pin)
         groups.append(group)

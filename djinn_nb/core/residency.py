@@ -37,8 +37,9 @@ class Residency:
         t0 = time.perf_counter()
         with self._device_lock:
             hp = offload.pack(run_tensors(run), pin=self._cuda)
-            if self._cuda:
-                torch.cuda.synchronize(self.device)
+            for device in hp.devices:  # every GPU a split model's run has state on
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
             views = iter(hp.host_views())
             map_run_tensors(run, lambda _t: next(views), torch.device("cpu"))
             run.host_pack = hp
@@ -54,10 +55,12 @@ class Residency:
             return
         t0 = time.perf_counter()
         with self._device_lock:
+            devices = run.host_pack.devices
             views = iter(run.host_pack.to_device(self.device))
             map_run_tensors(run, lambda _t: next(views), self.device)
-            if self._cuda:
-                torch.cuda.synchronize(self.device)
+            for device in devices:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
         run.host_pack = None
         run.timings["restore"] = time.perf_counter() - t0
 

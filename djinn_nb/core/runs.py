@@ -6,6 +6,7 @@ them and walks their tensors (for ``bytes_held``, offload and restore).
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import threading
 import time
@@ -39,6 +40,8 @@ class Checkpoint:
     saved: dict[str, torch.Tensor] = field(default_factory=dict)
     created: float = field(default_factory=time.perf_counter)
     graphs: graphs.TailGraphSlot = field(default_factory=graphs.TailGraphSlot)  # shared with forks
+    #: (pending, its activation_stats): a summary reuses them until pending is replaced
+    stats: tuple[torch.Tensor, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def edited(self) -> bool:
@@ -135,11 +138,13 @@ class Run:
         cp = self.checkpoint
         activation = None
         if detail and cp is not None:
+            if cp.stats is None or cp.stats[0] is not cp.pending:  # edits and restores replace pending
+                cp.stats = (cp.pending, activation_stats(cp.pending))
             activation = {
                 "shape": list(cp.pending.shape),
                 "dtype": str(cp.pending.dtype).replace("torch.", ""),
                 "edited": cp.edited,
-                **activation_stats(cp.pending),
+                **cp.stats[1],
             }
         return RunSummary(
             id=self.id,
@@ -205,23 +210,41 @@ class RunRegistry:
 def activation_stats(t: torch.Tensor) -> dict[str, Any]:
     """Small statistics of an activation: overall and per-position norm, mean, max.
 
-    Computed on the tensor's device and read back in one transfer.
+    Computed on the tensor's device and read back in one transfer: per position the sum,
+    sum of squares, max and min (in float64: 7 small ops instead of 13, which is most of
+    their cost), from which the rest follows exactly enough for display (relative
+    differences ~1e-7 from float32 reductions).
     """
-    f = t.detach().float()
+    f = t.detach()
+    if f.dim() >= 3 and f.shape[0] != 1:
+        return _activation_stats_batched(f)
     per_pos = f[0].reshape(f.shape[1], -1) if f.dim() >= 3 else f.reshape(-1, f.shape[-1])  # z: heads × head_dim
-    std = f.std() if f.numel() > 1 else f.new_zeros(())
-    overall = torch.stack([f.norm(), f.mean(), std, f.max(), f.min()]).tolist()
-    rows = torch.stack([per_pos.norm(dim=-1), per_pos.mean(dim=-1), per_pos.amax(dim=-1)]).tolist()
+    d = per_pos.double()
+    s1, s2, mx, mn = torch.stack([d.sum(-1), (d * d).sum(-1), d.amax(-1), d.amin(-1)]).tolist()
+    k, n = d.shape[-1], d.numel()
+    total, squares = math.fsum(s1), math.fsum(s2)
+    mean = total / n
+    nan = math.nan
     return {
-        "norm": overall[0],
-        "mean": overall[1],
-        "std": overall[2],
-        "max": overall[3],
-        "min": overall[4],
-        "position_norm": rows[0],
-        "position_mean": rows[1],
-        "position_max": rows[2],
+        "norm": math.sqrt(squares),
+        "mean": mean,
+        "std": math.sqrt(max(0.0, (squares - n * mean * mean) / (n - 1))) if n > 1 else 0.0,
+        "max": nan if any(map(math.isnan, mx)) else max(mx),
+        "min": nan if any(map(math.isnan, mn)) else min(mn),
+        "position_norm": [math.sqrt(x) for x in s2],
+        "position_mean": [x / k for x in s1],
+        "position_max": mx,
     }
+
+
+def _activation_stats_batched(f: torch.Tensor) -> dict[str, Any]:
+    """Overall statistics over every row of a batch, per position of the first (as a single run shows)."""
+    f = f.float()
+    per_pos = f[0].reshape(f.shape[1], -1)
+    overall = torch.stack([f.norm(), f.mean(), f.std(), f.max(), f.min()]).tolist()
+    rows = torch.stack([per_pos.norm(dim=-1), per_pos.mean(dim=-1), per_pos.amax(dim=-1)]).tolist()
+    return {"norm": overall[0], "mean": overall[1], "std": overall[2], "max": overall[3], "min": overall[4],
+            "position_norm": rows[0], "position_mean": rows[1], "position_max": rows[2]}
 
 
 def run_tensors(run: Run) -> list[torch.Tensor]:

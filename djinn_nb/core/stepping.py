@@ -177,13 +177,28 @@ class Stepper:
 
         return finish_block(parts, site, h, saved, call_block, after)
 
-    def probe(self, ids: torch.Tensor, cache: Any, layer: int, site: str) -> torch.Tensor:
-        """Split the forward at ``site`` of block ``layer`` and finish it by hand (the exactness probe)."""
+    def probe(self, ids: torch.Tensor, cache: Any, points: Sequence[tuple[int, str]]) -> torch.Tensor:
+        """The exactness probe's split forward: pause at each of ``points`` (in forward order) and
+        continue by hand from it, as a run with these breakpoints in one step would; the logits."""
+        stops = [Point.at(layer, site) for layer, site in points]
         try:
-            self.forward(ids, cache, Point.at(layer, site))
+            self.forward(ids, cache, stops[0])
+            raise ExecutionError(f"probe did not pause at {points[0]}")
         except Paused as p:
-            return self.continue_from(p.layer, p.site, p.value, p.args, p.kwargs, p.saved)
-        raise ExecutionError("probe did not pause")
+            paused = p
+        for expected in [*stops[1:], None]:
+            try:
+                logits = self.continue_from(paused.layer, paused.site, paused.value, paused.args, paused.kwargs,
+                                            paused.saved, stops)
+            except Paused as p:
+                if Point.at(p.layer, p.site) != expected:
+                    raise ExecutionError(f"probe paused at {(p.layer, p.site)}, expected {expected}") from None
+                paused = p
+                continue
+            if expected is not None:
+                raise ExecutionError(f"probe did not pause at {(expected.layer, expected.site)}")
+            return logits
+        raise AssertionError("unreachable")
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
