@@ -56,6 +56,7 @@ class Stepper:
         self.model, self.anatomy, self.parts = model, anatomy, list(parts)
         self.eos_ids, self.cuda_graphs = eos_ids, cuda_graphs
         self.device = anatomy.lm_head.weight.device
+        self._blocks = list(anatomy.blocks)  # indexing an nn.ModuleList costs microseconds per call
         #: called between two steps of one ``advance`` (the run's lock held, no device work in
         #: flight): where a scheduler may hand the device to another run, or cancel this call
         self.between_steps: Callable[[Run], None] = lambda run: None
@@ -185,8 +186,8 @@ class Stepper:
         if first is None and not watched:  # nothing to meet on the way: the blocks back to back
             if site != "resid_post":
                 h = self._finish(layer, site, h, saved, args, kwargs, None, (), None)
-            for i in range(layer + 1, len(blocks)):
-                h = output_hidden(blocks[i](h, *args, **kwargs))
+            for block in self._blocks[layer + 1:]:
+                h = output_hidden(block(h, *args, **kwargs))
             return run_tail(self.anatomy, h)
         for i in range(layer, len(blocks)):
             inner_stop = first.site if first is not None and first.layer == i and first.site != "resid_post" else None
