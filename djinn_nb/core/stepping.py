@@ -229,6 +229,8 @@ class Stepper:
             self.forward(ids, cache, Point.at(layer, site))
         except Paused as p:
             return self.continue_from(p.layer, p.site, p.value, p.args, p.kwargs, p.saved)
+        finally:
+            self.release_traces()
         raise ExecutionError("probe did not pause")
 
     # ----- the step loop -------------------------------------------------------------
