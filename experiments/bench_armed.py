@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--min-rounds", type=int, default=8)
-    p.add_argument("--max-seconds", type=float, default=150.0, help="stop adding rounds after this long")
+    p.add_argument("--max-seconds", type=float, default=130.0, help="stop adding rounds after this long")
     p.add_argument("--out", default="experiments/out/bench_armed")
     args = p.parse_args(argv)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
