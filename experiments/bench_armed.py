@@ -2,14 +2,17 @@
 
     python -m experiments.bench_armed --model random:gpt2 --device cuda:0 --out DIR
 
-Whole greedy generations in one process on the engine, four variants per round
-in a shuffled order: plain; a breakpoint at (middle layer, every step) paused and
-resumed in-process; a watch at the same place (records, no pause); and a no-op
-torch forward hook on that block, the noise calibrator (its true cost is ~0).
-Reported: the median over rounds of each variant's time / plain's time in the
-same round, with the 25th-75th percentile of those ratios. And, least exposed to
-drift: one run armed on even steps only, its even steps' median time over its
-odd steps' (adjacent steps of one generation).
+Whole greedy generations in one process on the engine, variants per round in a
+shuffled order: plain; a breakpoint at (middle layer, every step) paused and
+resumed in-process; a watch at the same place (records, no pause); a no-op torch
+forward hook on that block, the noise calibrator (its true cost is ~0); and a
+conditional breakpoint there at every step that never fires (``top1_prob > 2``:
+each step runs unpaused and is tested on the server). Reported: the median over
+rounds of each variant's time / plain's time in the same round, with the
+25th-75th percentile of those ratios. And, least exposed to drift: one run armed
+on even steps only, its even steps' median time over its odd steps' (adjacent
+steps of one generation) — for the pausing breakpoint and for the conditional one.
+Rounds stop early after ``--max-seconds`` (at least ``--min-rounds``).
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--min-rounds", type=int, default=8)
+    p.add_argument("--max-seconds", type=float, default=130.0, help="stop adding rounds after this long")
     p.add_argument("--out", default="experiments/out/bench_armed")
     args = p.parse_args(argv)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -72,12 +77,26 @@ def main(argv: list[str] | None = None) -> int:
             engine.resume(run.id)
         return run
 
-    variants = {"plain": plain, "armed": armed, "watch": watch, "noop_hook": hook, "alternate": alternate}
-    step_pairs: list[float] = []
+    never = "top1_prob > 2"  # a probability never exceeds 2: every step is tested, none pauses
+
+    def conditional():
+        return engine.generate(prompt, args.new_tokens, breakpoints=[{"layer": layer, "step": "all", "when": never}])
+
+    def cond_alternate():
+        """Conditional breakpoints on even steps only (never firing): adjacent tested and untested steps."""
+        bps = [{"layer": layer, "step": s, "when": never} for s in range(0, args.new_tokens, 2)]
+        return engine.generate(prompt, args.new_tokens, breakpoints=bps)
+
+    variants = {"plain": plain, "armed": armed, "watch": watch, "noop_hook": hook, "alternate": alternate,
+                "conditional": conditional, "cond_alternate": cond_alternate}
+    step_pairs: dict[str, list[float]] = {"alternate": [], "cond_alternate": []}
     times: dict[str, list[float]] = {k: [] for k in variants}
     tokens: dict[str, list[int]] = {}
     rng = random.Random(0)
+    started = time.perf_counter()
     for i in range(args.rounds + 3):
+        if i >= args.min_rounds + 3 and time.perf_counter() - started > args.max_seconds:
+            break
         order = list(variants)
         rng.shuffle(order)
         for name in order:
@@ -87,38 +106,47 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             dt = time.perf_counter() - t0
             tokens[name] = run.token_ids
-            if name == "alternate" and i >= 3:
+            if name in step_pairs and i >= 3:
                 d = [b - a for a, b in zip(run.token_times, run.token_times[1:])]  # d[k-1]: step k
                 armed_steps = [d[k - 1] for k in range(2, len(run.token_times), 2)]
                 plain_steps = [d[k - 1] for k in range(1, len(run.token_times), 2)]
-                step_pairs.append(statistics.median(armed_steps) / statistics.median(plain_steps))
+                step_pairs[name].append(statistics.median(armed_steps) / statistics.median(plain_steps))
             engine.close(run.id)
             if i >= 3:
                 times[name].append(dt * 1e3)
-    out = {"model": args.model, "layer": layer, "seq_len": args.seq, "new_tokens": args.new_tokens,
-           "rounds": args.rounds, "environment": environment(args.device),
+    rounds = len(times["plain"])
+    out = {"model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq,
+           "new_tokens": args.new_tokens, "rounds": rounds, "environment": environment(args.device),
            "same_tokens_all_variants": len({tuple(t) for t in tokens.values()}) == 1,
            "plain_ms_median": statistics.median(times["plain"]), "variants": {}}
-    out["alternate_steps"] = {
-        "armed_over_plain_step_median": statistics.median(step_pairs),
-        "overhead_pct": (statistics.median(step_pairs) - 1) * 100,
-        "per_round": step_pairs,
-        "what": "within one run, breakpoint paused+resumed on even steps; median even-step time over median odd-step time",
-    }
-    for name in ("armed", "watch", "noop_hook"):
+    whats = {"alternate": "within one run, breakpoint paused+resumed on even steps; median even-step time over median odd-step time",
+             "cond_alternate": "within one run, a never-firing conditional breakpoint on even steps; median even-step time over median odd-step time"}
+    for name, pairs in step_pairs.items():
+        q = statistics.quantiles(pairs, n=4)
+        out[f"{name}_steps"] = {
+            "armed_over_plain_step_median": statistics.median(pairs),
+            "overhead_pct": (statistics.median(pairs) - 1) * 100,
+            "per_round_p25": q[0], "per_round_p75": q[2],
+            "per_round": pairs,
+            "what": whats[name],
+        }
+    for name in ("armed", "watch", "noop_hook", "conditional"):
         ratios = sorted(a / b for a, b in zip(times[name], times["plain"]))
         q = statistics.quantiles(ratios, n=4)
         out["variants"][name] = {"ms_median": statistics.median(times[name]), "ratio_median": statistics.median(ratios),
                                  "ratio_p25": q[0], "ratio_p75": q[2],
                                  "overhead_pct": (statistics.median(ratios) - 1) * 100}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / f"bench_armed_{args.model.replace(':', '_')}.json", out)
-    print(f"{args.model}: plain {out['plain_ms_median']:.1f} ms for {args.new_tokens} tokens; same tokens: {out['same_tokens_all_variants']}")
+    tag = args.model.replace(':', '_') + (f"_{args.dtype}" if args.dtype else "")
+    write_json(Path(args.out) / f"bench_armed_{tag}.json", out)
+    print(f"{args.model}: plain {out['plain_ms_median']:.1f} ms for {args.new_tokens} tokens, {rounds} rounds; "
+          f"same tokens: {out['same_tokens_all_variants']}")
     for name, v in out["variants"].items():
-        print(f"  {name:10s} {v['overhead_pct']:+.2f}%  (paired ratio p25..p75 {v['ratio_p25']:.3f}..{v['ratio_p75']:.3f})")
-    q = statistics.quantiles(step_pairs, n=4)
-    print(f"  alternate steps (armed even vs plain odd steps of one run): {out['alternate_steps']['overhead_pct']:+.2f}%"
-          f"  (per-round p25..p75 {q[0]:.3f}..{q[2]:.3f})")
+        print(f"  {name:11s} {v['overhead_pct']:+.2f}%  (paired ratio p25..p75 {v['ratio_p25']:.3f}..{v['ratio_p75']:.3f})")
+    for name in step_pairs:
+        a = out[f"{name}_steps"]
+        print(f"  {name} steps (even vs odd steps of one run): {a['overhead_pct']:+.2f}%"
+              f"  (per-round p25..p75 {a['per_round_p25']:.3f}..{a['per_round_p75']:.3f})")
     return 0
 
 

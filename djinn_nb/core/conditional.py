@@ -5,15 +5,17 @@ in it: its terms (``top1_prob``, ``entropy``, ``token``) are about the step's
 output. So the step runs unpaused (with a watch where ``norm`` is needed), the
 condition is evaluated on numbers already read back with the token, and only
 if it holds is the step undone — the token, its top-k and entropy, the
-generator's state, the watch hits, and the KV cache (restored from a snapshot
-of its layer objects, which shares every tensor: HF's dynamic layers never
-write in place) — and run again with the breakpoints that held as ordinary
+generator's state, the watch hits, and the KV cache (each layer's attributes
+put back as they were: the snapshot is a shallow copy of each layer's
+``__dict__``, sharing every tensor, since HF's dynamic layers never write in
+place; layers that do are deep-copied) — and run again with the breakpoints that held as ordinary
 stops. The replay computes exactly what the first run computed, so the pause
 shows what an unconditional breakpoint at that step would. A step whose
 conditions were tested is not tested again when it is resumed.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,28 @@ from ..schema import RunState
 from . import kvcache
 from .runs import Checkpoint, Run
 from .specs import Breakpoint, Point
+
+
+class CacheSnapshot:
+    """A KV cache's layers as they were, to put back exactly: each append-only layer's
+    attributes (the same tensors: nothing is copied), other layers deep-copied."""
+
+    def __init__(self, cache: Any):
+        self.layers = list(cache.layers)
+        self.state = [dict(vars(layer)) if type(layer) in kvcache.APPEND_ONLY else copy.deepcopy(layer)
+                      for layer in self.layers]
+
+    def restore(self, cache: Any) -> None:
+        layers = []
+        for layer, state in zip(self.layers, self.state):
+            if isinstance(state, dict):
+                attrs = vars(layer)
+                attrs.clear()
+                attrs.update(state)
+                layers.append(layer)
+            else:
+                layers.append(state)
+        cache.layers = layers
 
 
 @dataclass
@@ -54,7 +78,7 @@ class StepTest:
             return None
         norm_points = sorted({b.point for b in bps if "norm" in terms_of(b.condition)})
         gen = run.generator.get_state() if run.generator is not None else None
-        return cls(bps, norm_points, kvcache.fork_cache(run.cache), len(run.watch_log), run.last_logits, gen,
+        return cls(bps, norm_points, CacheSnapshot(run.cache), len(run.watch_log), run.last_logits, gen,
                    cp, start)
 
     def record(self, point: Point, value: torch.Tensor) -> None:
@@ -87,7 +111,7 @@ class StepTest:
         run.last_logits = self.last_logits
         run.step -= 1
         run.state = RunState.RUNNING
-        run.cache.layers = self.cache.layers
+        self.cache.restore(run.cache)
         del run.watch_log[self.watch_len:]
         if self.generator_state is not None:
             run.generator.set_state(self.generator_state)

@@ -25,6 +25,7 @@ def _tensors(layer: object) -> list[tuple[str, torch.Tensor]]:
 _APPEND_ONLY = tuple(
     t for t in (DynamicLayer, getattr(cache_utils, "DynamicSlidingWindowLayer", None)) if t is not None
 )
+APPEND_ONLY = _APPEND_ONLY
 
 
 def fork_cache(cache: Cache) -> Cache:

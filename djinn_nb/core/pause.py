@@ -75,6 +75,11 @@ class Trace:
       ``args``/``kwargs`` (what it takes to call the module again, or the modules after it).
 
     ``value`` holds the value at the last call (``None`` before any).
+
+    Besides the ``with`` block, a trace can stand: :meth:`hook` registers it until
+    :meth:`unhook`, and its hooks do nothing while ``active`` is false. The step loop
+    keeps a breakpoint's traces standing across steps instead of adding and removing
+    hooks at every step (a :class:`StopForward` from a standing trace is the caller's to catch).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class Trace:
         self.args: tuple = ()
         self.kwargs: dict[str, Any] = {}
         self.stopped = False
+        self.active = True
         self._handles: list[Any] = []
 
     def _seen(self, value: torch.Tensor) -> None:
@@ -104,6 +110,8 @@ class Trace:
             raise StopForward(self)
 
     def _pre_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not self.active:
+            return None
         if self.keep_inputs:
             self.args, self.kwargs = (args[1:], kwargs) if args else (
                 args, {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -120,6 +128,8 @@ class Trace:
         return None
 
     def _post_hook(self, _module: nn.Module, _args: tuple, _kwargs: dict, out: object) -> Any:
+        if not self.active:
+            return None
         h = output_hidden(out)
         if self.edit is not None:
             h = self.edit(h)
@@ -128,15 +138,26 @@ class Trace:
         self._seen(h)
         return None
 
-    def __enter__(self) -> "Trace":
+    def hook(self) -> "Trace":
+        """Register the hooks (until :meth:`unhook`)."""
         if self.pre or self.keep_inputs:
             self._handles.append(self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         if not self.pre:
             self._handles.append(self.module.register_forward_hook(self._post_hook, with_kwargs=True))
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
+    def unhook(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def forget(self) -> None:
+        """Drop what the last call recorded (a standing trace must not keep tensors alive)."""
+        self.value, self.args, self.kwargs, self.stopped = None, (), {}, False
+
+    def __enter__(self) -> "Trace":
+        return self.hook()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
+        self.unhook()
         return isinstance(exc, StopForward) and exc.trace is self

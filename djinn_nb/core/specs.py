@@ -31,7 +31,7 @@ class Point:
 
     @classmethod
     def at(cls, layer: int, site: str) -> "Point":
-        return cls(layer, ORDER[site])
+        return _point(cls, layer, site)
 
     @property
     def site(self) -> str:
@@ -51,7 +51,7 @@ class Breakpoint:
     site: str = DEFAULT_SITE
     when: str | None = None
 
-    @property
+    @functools.cached_property  # the step loop asks at every step; a frozen instance keeps it
     def point(self) -> Point:
         return Point.at(self.layer, self.site)
 
@@ -67,6 +67,11 @@ class Breakpoint:
         if self.when is not None:
             out["when"] = self.condition
         return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _point(cls: type, layer: int, site: str) -> Point:
+    return cls(layer, ORDER[site])
 
 
 @functools.lru_cache(maxsize=256)

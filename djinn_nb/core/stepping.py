@@ -3,7 +3,9 @@
 A step with no breakpoint is the model's own forward. A step with one runs the
 model's own forward under :class:`~djinn_nb.core.pause.Trace` hooks that stop it
 at the first breakpoint's site (``Paused``, which the engine turns into a
-checkpoint). Continuing from a checkpoint finishes that block by hand
+checkpoint); a stop with nothing watched keeps its traces hooked, idle, from one
+step to the next (released when the run ends), since adding and removing hooks
+at every step was much of an armed step's host cost. Continuing from a checkpoint finishes that block by hand
 (:func:`~djinn_nb.core.sites.finish_block`), calls the later blocks with the
 arguments the model gave the paused one, then the final norm and head — the
 split the load-time probe (:meth:`Stepper.probe`) checks bit for bit against the
@@ -23,7 +25,7 @@ from ..errors import ExecutionError
 from ..schema import RunState
 from . import graphs, kvcache
 from .architecture import Anatomy, run_tail
-from .pause import Trace, output_hidden
+from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
 from .runs import Checkpoint, Run, WatchHit
 from .scheduler import NonFiniteLogits, logits_finite
@@ -34,6 +36,9 @@ TOP_K = 5
 
 #: ``on_watch(layer, site, value)``: a watch's record.
 OnWatch = Callable[[int, str, torch.Tensor], None]
+
+#: how many stop points keep their traces standing between steps (least recently used go)
+STANDING = 4
 
 
 class Paused(Exception):
@@ -54,11 +59,14 @@ class Stepper:
         self.model, self.anatomy, self.parts = model, anatomy, list(parts)
         self.eos_ids, self.cuda_graphs = eos_ids, cuda_graphs
         self.device = anatomy.lm_head.weight.device
+        self._blocks = list(anatomy.blocks)  # indexing an nn.ModuleList costs microseconds per call
         #: called between two steps of one ``advance`` (the run's lock held, no device work in
         #: flight): where a scheduler may hand the device to another run, or cancel this call
         self.between_steps: Callable[[Run], None] = lambda run: None
         #: finished runs keep their KV cache (for ``rewind``) until closed
         self.keep_finished = False
+        #: a stop point's traces (inputs, stopper, saved, all), hooked and idle between steps
+        self._standing: dict[Point, tuple[Trace, Trace, dict[str, Trace], list[Trace]]] = {}
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -107,6 +115,8 @@ class Stepper:
         for w in watches:
             if stop is None or w <= stop:
                 by_layer.setdefault(w.layer, []).append(w.site)
+        if stop is not None and not by_layer:
+            return self._forward_standing(ids, cache, stop)
         with contextlib.ExitStack() as stack:
             for layer, sites in by_layer.items():
                 if stop is None or layer != stop.layer:
@@ -121,6 +131,39 @@ class Stepper:
         if stopper is not None and stopper.stopped:
             raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0)
         raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
+
+    def _forward_standing(self, ids: torch.Tensor, cache: Any, stop: Point) -> torch.Tensor:
+        """``forward`` to ``stop`` with nothing to watch, on traces that stay hooked between steps."""
+        traces = self._standing.pop(stop, None)
+        if traces is None:
+            with contextlib.ExitStack() as stack:
+                inputs, stopper, saved = self._site_traces(stack, stop.layer, stop.site, (), None, True)
+                stack.pop_all()  # they stay hooked
+            traces = (inputs, stopper, saved, list({id(t): t for t in (inputs, *saved.values(), stopper)}.values()))
+            while len(self._standing) >= STANDING:
+                self.release_traces(next(iter(self._standing)))
+        self._standing[stop] = traces  # most recently used last
+        inputs, stopper, saved, every = traces
+        for t in every:
+            t.active = True
+        try:
+            t0 = time.perf_counter()
+            self.model(input_ids=ids, **self._model_kwargs(cache))
+        except StopForward as e:
+            if e.trace is not stopper:
+                raise
+            raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0) from None
+        finally:
+            for t in every:
+                t.active = False
+                t.forget()
+        raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
+
+    def release_traces(self, point: Point | None = None) -> None:
+        """Unhook the standing traces of ``point`` (``None``: of every point)."""
+        for p in [point] if point is not None else list(self._standing):
+            for t in self._standing.pop(p, (None, None, None, []))[3]:
+                t.unhook()
 
     def _block(self, layer: int, h: torch.Tensor, args: tuple, kwargs: dict, stop: str | None,
                watches: Sequence[str], on_watch: OnWatch | None) -> torch.Tensor:
@@ -143,6 +186,12 @@ class Stepper:
         first = min((p for p in stops if p > here), default=None)
         watched = [w for w in watches if w > here and (first is None or w <= first)]
         blocks = self.anatomy.blocks
+        if first is None and not watched:  # nothing to meet on the way: the blocks back to back
+            if site != "resid_post":
+                h = self._finish(layer, site, h, saved, args, kwargs, None, (), None)
+            for block in self._blocks[layer + 1:]:
+                h = output_hidden(block(h, *args, **kwargs))
+            return run_tail(self.anatomy, h)
         for i in range(layer, len(blocks)):
             inner_stop = first.site if first is not None and first.layer == i and first.site != "resid_post" else None
             inner_watch = [w.site for w in watched if w.layer == i and w.site not in ("resid_pre", "resid_post")]
@@ -182,23 +231,26 @@ class Stepper:
         continue by hand from it, as a run with these breakpoints in one step would; the logits."""
         stops = [Point.at(layer, site) for layer, site in points]
         try:
-            self.forward(ids, cache, stops[0])
-            raise ExecutionError(f"probe did not pause at {points[0]}")
-        except Paused as p:
-            paused = p
-        for expected in [*stops[1:], None]:
             try:
-                logits = self.continue_from(paused.layer, paused.site, paused.value, paused.args, paused.kwargs,
-                                            paused.saved, stops)
+                self.forward(ids, cache, stops[0])
+                raise ExecutionError(f"probe did not pause at {points[0]}")
             except Paused as p:
-                if Point.at(p.layer, p.site) != expected:
-                    raise ExecutionError(f"probe paused at {(p.layer, p.site)}, expected {expected}") from None
                 paused = p
-                continue
-            if expected is not None:
-                raise ExecutionError(f"probe did not pause at {(expected.layer, expected.site)}")
-            return logits
-        raise AssertionError("unreachable")
+            for expected in [*stops[1:], None]:
+                try:
+                    logits = self.continue_from(paused.layer, paused.site, paused.value, paused.args, paused.kwargs,
+                                                paused.saved, stops)
+                except Paused as p:
+                    if Point.at(p.layer, p.site) != expected:
+                        raise ExecutionError(f"probe paused at {(p.layer, p.site)}, expected {expected}") from None
+                    paused = p
+                    continue
+                if expected is not None:
+                    raise ExecutionError(f"probe did not pause at {(expected.layer, expected.site)}")
+                return logits
+            raise AssertionError("unreachable")
+        finally:
+            self.release_traces()
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
@@ -217,18 +269,13 @@ class Stepper:
             if run.target is not None:
                 stops = [run.target[1]] if run.target[0] == step else []
             else:
-                stops = [b.point for b in run.breakpoints if b.covers(step) and b.when is None]
-                stops += sorted(run.forced) if run.forced_step == step else []
+                stops = [b.point for b in run.breakpoints if b.when is None and (b.step is None or b.step == step)]
+                if run.forced_step == step:
+                    stops += sorted(run.forced)
             test = StepTest.prepare(run, step, start)
-            user_watches = [b.point for b in run.watches if b.covers(step)]
-            watches = sorted({*user_watches, *(test.norm_points if test else ())})
-
-            def record(layer: int, site: str, value: torch.Tensor, step: int = step, test: StepTest | None = test) -> None:
-                point = Point.at(layer, site)
-                if point in user_watches:
-                    run.watch_log.append(WatchHit(layer, step, site, value))
-                if test is not None:
-                    test.record(point, value)
+            user_watches = [b.point for b in run.watches if b.covers(step)] if run.watches else []
+            watches = sorted({*user_watches, *test.norm_points}) if test else sorted(set(user_watches))
+            record = self._recorder(run, step, user_watches, test) if watches else None
 
             try:
                 if cp is not None:
@@ -266,9 +313,20 @@ class Stepper:
                     continue
             if ended:
                 run.target = None
+                self.release_traces()
                 if not self.keep_finished:
                     run.cache = None  # frees the device memory; tokens and logits stay
                 return
+
+    @staticmethod
+    def _recorder(run: Run, step: int, user_watches: list[Point], test: StepTest | None) -> OnWatch:
+        def record(layer: int, site: str, value: torch.Tensor) -> None:
+            point = Point.at(layer, site)
+            if point in user_watches:
+                run.watch_log.append(WatchHit(layer, step, site, value))
+            if test is not None:
+                test.record(point, value)
+        return record
 
     def _continue_fork(self, run: Run, cp: Checkpoint, start: torch.Tensor) -> torch.Tensor:
         """A fork's continuation: eager, then captured as a CUDA graph and replayed (see graphs.py)."""
