@@ -304,6 +304,7 @@ class Stepper:
             used, start = start, None
             ended = self.take_tokens([run], logits)[0]
             if not logits_finite(run):  # never a token from NaN: the engine undoes this call
+                self._untake(run)
                 raise NonFiniteLogits(step, cp, used)
             if test is not None:
                 held = test.held(run, step)
@@ -373,6 +374,18 @@ class Stepper:
                 run.state = RunState.DONE
             ended.append(end)
         return ended
+
+    @staticmethod
+    def _untake(run: Run) -> None:
+        """Take back the token :meth:`take_tokens` just appended (and what it recorded with it)."""
+        for name in ("token_ids", "topk", "entropies", "token_times"):
+            getattr(run, name).pop()
+        if run.sampling.temperature > 0:
+            run.gen_states.pop()
+        if run.record_logits:
+            run.logits.pop()
+        run.step -= 1
+        run.state = RunState.RUNNING
 
     def pick(self, run: Run, logits: torch.Tensor) -> int:
         """The next token of one run (greedy argmax, or a seeded sample); see :meth:`pick_many`."""
