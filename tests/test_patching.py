@@ -199,3 +199,13 @@ def test_token_probs_match_the_softmax_of_each_runs_logits(setup):
         client.token_probs(forks, -1)
     with pytest.raises(RunStateError, match="finished no step"):
         client.token_probs([run], 7)
+
+
+def test_fork_many_refuses_an_overflowing_edit_before_starting_any(setup):
+    _, client, _ = setup
+    run = client.generate(CLEAN, max_new_tokens=N, breakpoints=[LAYER])
+    count = len(client.runs())
+    with pytest.raises(ActivationError, match="fork 1: the edit makes the activation non-finite"):
+        run.fork_many([{"scale": 2.0}, {"scale": 3e38, "add": [3e38] * client.info["hidden_size"]}])
+    assert len(client.runs()) == count and run.refresh().paused
+    run.close()

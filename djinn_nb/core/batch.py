@@ -16,7 +16,7 @@ what was measured. Sampling uses each fork's own generator, row by row.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -25,21 +25,6 @@ from . import kvcache
 from .runs import Run
 from .scheduler import logits_finite
 from .stepping import Stepper
-
-
-def rows_of(cache: Any, rows: Sequence[int]) -> Any:
-    """A new cache holding only ``rows`` of ``cache``'s batch (the source is not changed)."""
-    out = kvcache.fork_cache(cache)
-    out.batch_select_indices(torch.tensor(list(rows), dtype=torch.long, device=_device(cache)))
-    return out
-
-
-def _device(cache: Any) -> torch.device | None:
-    for layer in cache.layers:
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor):
-            return keys.device
-    return None
 
 
 class ForkBatch:
@@ -80,9 +65,9 @@ class ForkBatch:
                     run.state, run.cache = RunState.FAILED, None
                     run.error = f"non-finite logits at step {run.step - 1}: the edit made later layers overflow"
                 elif done:
-                    run.cache = rows_of(cache, [i]) if self.stepper.keep_finished else None
+                    run.cache = kvcache.row_of(cache, i, len(active)) if self.stepper.keep_finished else None
                 elif self._needs_own_step(run):
-                    run.cache = rows_of(cache, [i])
+                    run.cache = kvcache.row_of(cache, i, len(active))
                     self.left.append(run)
                 else:
                     keep.append(i)

@@ -90,11 +90,12 @@ def _patched(h: torch.Tensor, edit: Edit, patch: PatchSource | None, where: str)
 
 
 def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edit | None, where: str,
-               patch: PatchSource | None = None) -> torch.Tensor:
+               patch: PatchSource | None = None, check_finite: bool = True) -> torch.Tensor:
     """The activation to continue from: ``pending`` (or ``hidden`` with ``original``) with ``edit``.
 
     ``where`` names the checkpoint in error messages (e.g. ``"layer 6 step 0 site z"``);
-    ``patch`` is ``edit.patch_from`` resolved by the engine.
+    ``patch`` is ``edit.patch_from`` resolved by the engine. ``check_finite=False`` leaves the
+    result's finiteness (a device read) to the caller, who checks many at once.
     """
     h = pending
     if edit is None or edit.empty:
@@ -145,6 +146,6 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
         h[..., heads, :] = part
     else:
         h = part
-    if not bool(torch.isfinite(h).all()):
+    if check_finite and not bool(torch.isfinite(h).all()):
         raise ActivationError(f"the edit makes the activation non-finite in {_name(ref.dtype)} (overflow); nothing was changed")
     return h

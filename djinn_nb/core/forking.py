@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from ..errors import BadRequestError, ExecutionError
+from ..errors import ActivationError, BadRequestError, ExecutionError
 from ..schema import RunState
 from . import kvcache
 from .batch import ForkBatch
@@ -84,7 +84,7 @@ class Forking:
             cp = parent.checkpoint
             planned = []
             for spec, patch in zip(forks, patches):
-                start = self._edited(cp, spec.edit, patch)
+                start = self._edited(cp, spec.edit, patch, check_finite=len(forks) == 1)
                 limit = parent.max_new_tokens if spec.max_new_tokens is None else spec.max_new_tokens
                 if isinstance(limit, bool) or not isinstance(limit, int) or limit <= cp.step:
                     raise BadRequestError(
@@ -97,6 +97,13 @@ class Forking:
                     else self._breakpoints(spec.breakpoints, limit)
                 )
                 planned.append((start, limit, bps))
+            if len(forks) > 1:  # every start's finiteness in one device read
+                finite = torch.isfinite(torch.stack([p[0] for p in planned])).flatten(1).all(1).tolist()
+                if not all(finite):
+                    raise ActivationError(
+                        f"fork {finite.index(False)}: the edit makes the activation non-finite in "
+                        f"{str(cp.hidden.dtype).replace('torch.', '')} (overflow); no fork was started"
+                    )
             children = [self._child(parent, limit, bps, owner) for _, limit, bps in planned]
             starts = [start for start, _, _ in planned]
             here = Point.at(cp.layer, cp.site)
@@ -181,9 +188,10 @@ class Forking:
             return PatchSource(src.id, cp.where, cp.pending)
 
     @staticmethod
-    def _edited(cp: Checkpoint, edit: Edit | None, patch: PatchSource | None = None) -> torch.Tensor:
+    def _edited(cp: Checkpoint, edit: Edit | None, patch: PatchSource | None = None,
+                check_finite: bool = True) -> torch.Tensor:
         """The activation to continue from: the pending one with ``edit`` applied (validated)."""
-        return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where, patch)
+        return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where, patch, check_finite)
 
     def _advance_batch(self: "Engine", batch: ForkBatch) -> None:
         """Run a batch of forks under the device lock; each member's lock held throughout."""

@@ -28,16 +28,34 @@ _APPEND_ONLY = tuple(
 APPEND_ONLY = _APPEND_ONLY
 
 
+def _shallow(obj: object) -> object:
+    """``copy.copy`` for a plain object, without the reduce protocol's cost (~1 µs, not ~8)."""
+    new = object.__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    return new
+
+
 def fork_cache(cache: Cache) -> Cache:
     """An independent cache with the same contents; shares tensors where that is safe."""
-    new = copy.copy(cache)
+    new = _shallow(cache)
     layers = []
     for layer in cache.layers:
         if type(layer) in _APPEND_ONLY:
-            layers.append(copy.copy(layer))
+            layers.append(_shallow(layer))
         else:
             layers.append(copy.deepcopy(layer))
     new.layers = layers
+    return new
+
+
+def row_of(cache: Cache, row: int, rows: int) -> Cache:
+    """Row ``row`` of a cache batched ``rows`` wide, as a cache of its own (its tensors copied on
+    the device: no index tensor, no host sync, and the run holds only its own bytes)."""
+    new = fork_cache(cache)
+    for layer in new.layers:
+        for name, t in list(vars(layer).items()):
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows:
+                setattr(layer, name, t.narrow(0, row, 1).clone())
     return new
 
 
