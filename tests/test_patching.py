@@ -143,6 +143,8 @@ def test_fork_many_of_8_scales_equals_8_single_forks(setup, step):
     singles = [run.fork(scale=s, breakpoints=[]) for s in SCALES]
     assert [m.token_ids for m in many] == [s.token_ids for s in singles]
     assert all(m.done and m.parent == run.id for m in many)
+    # each batched fork counts its own rows of the batch's KV cache, as much as a single fork holds
+    assert [m.bytes_held for m in many] == [s.bytes_held for s in singles]
     assert many[0].summary["continued_by"] == "batch of 8"
     assert len({m.id for m in many}) == 8
     assert run.refresh().paused and torch.equal(run.activation(), before)

@@ -49,13 +49,19 @@ def fork_cache(cache: Cache) -> Cache:
 
 
 def row_of(cache: Cache, row: int, rows: int) -> Cache:
-    """Row ``row`` of a cache batched ``rows`` wide, as a cache of its own (its tensors copied on
-    the device: no index tensor, no host sync, and the run holds only its own bytes)."""
+    """Row ``row`` of a cache batched ``rows`` wide, as a cache of its own: views of the batch's
+    tensors (no copy, no index tensor, no host sync; dynamic layers never write in place, so
+    the rows stay independent). Its ``bytes_held`` counts its own rows."""
     new = fork_cache(cache)
     for layer in new.layers:
+        if type(layer) not in _APPEND_ONLY:  # a deep copy: give it real rows of its own
+            for name, t in list(vars(layer).items()):
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows:
+                    setattr(layer, name, t.narrow(0, row, 1).clone())
+            continue
         for name, t in list(vars(layer).items()):
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows:
-                setattr(layer, name, t.narrow(0, row, 1).clone())
+                setattr(layer, name, t.narrow(0, row, 1))
     return new
 
 

@@ -122,15 +122,23 @@ class Run:
         return self.host_pack is not None
 
     def bytes_held(self) -> int:
-        """Bytes of every tensor the run keeps (shared storage counted once), wherever it is."""
-        seen: dict[int, int] = {}
+        """Bytes of the tensors the run keeps, wherever they are: each distinct view counts its own
+        bytes (a batched fork's rows of a shared KV cache, a rewound run's cropped one), views of one
+        storage at most that storage's size, and the same view seen twice once."""
+        seen: dict[int, tuple[int, int, set]] = {}
         tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
         if self.last_logits is not None:
             tensors.append(self.last_logits)
         for t in tensors:
             st = t.untyped_storage()
-            seen[st.data_ptr() or id(t)] = st.nbytes()
-        return sum(seen.values())
+            key = st.data_ptr() or id(t)
+            total, cap, views = seen.get(key, (0, st.nbytes(), set()))
+            view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+            if view not in views:
+                views.add(view)
+                total += t.numel() * t.element_size()
+            seen[key] = (total, cap, views)
+        return sum(min(total, cap) for total, cap, _ in seen.values())
 
     def summary(self, detail: bool = True) -> RunSummary:
         """What a client sees of the run; ``detail`` adds the paused activation's statistics
