@@ -16,7 +16,6 @@ import ctypes
 import errno
 import ipaddress
 import logging
-import os
 import socket
 import threading
 import time
@@ -31,7 +30,7 @@ from ..errors import AuthenticationError, BadRequestError
 from . import sidechannel, tls, wire
 from .protocol import DEFAULT_PORT
 from .service import DjinnService, ServerState
-from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, tune_socket
+from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, SpareDescriptor, tune_socket
 from .users import Authenticator, User, single_user
 
 DEFAULT_LEASE_SECONDS = 600.0
@@ -80,7 +79,7 @@ class _Listener(ThreadedServer):
     def __init__(self, djinn: "DjinnServer", *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.djinn = djinn
-        self._spare: int | None = os.open(os.devnull, os.O_RDONLY)
+        self._spare = SpareDescriptor()
         self._conns: dict[Any, float] = {}  # rpyc connection -> hello deadline (None once authenticated)
         self._conns_lock = threading.Lock()
 
@@ -113,22 +112,8 @@ class _Listener(ThreadedServer):
             _close(sock)
 
     def _refuse_one(self) -> None:
-        """Out of descriptors: free the spare, accept and close the newcomer, take the spare back."""
-        if self._spare is not None:
-            spare, self._spare = self._spare, None
-            try:
-                os.close(spare)
-            except OSError:
-                pass
-        try:
-            sock, _ = self.listener.accept()
-            _close(sock)
-        except OSError:
-            time.sleep(0.05)
-        try:
-            self._spare = os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            time.sleep(0.05)
+        """Out of descriptors: refuse the newcomer with the spare descriptor, keep serving."""
+        self._spare.refuse_one(self.listener.accept)
 
     def _serve_client(self, sock: socket.socket, credentials: Any) -> None:
         tune_socket(sock)
@@ -173,12 +158,7 @@ class _Listener(ThreadedServer):
 
     def close(self) -> None:
         super().close()
-        if self._spare is not None:
-            spare, self._spare = self._spare, None
-            try:
-                os.close(spare)
-            except OSError:
-                pass
+        self._spare.release()
 
 
 def _close(sock: socket.socket) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import hmac
-import os
 import secrets
 import socket
 import threading
@@ -31,7 +30,7 @@ import torch
 
 from ..errors import BadRequestError, DjinnError, QuotaError
 from . import tls, wire
-from .transport import tune_socket
+from .transport import SpareDescriptor, tune_socket
 
 TICKET_BYTES = 32
 #: Tensors of at least this many bytes go through the side channel (below it, inline rpyc is cheaper).
@@ -97,7 +96,7 @@ class BulkServer:
         self._sock = socket.create_server((host, port), backlog=max_conns)
         self.host, self.port = self._sock.getsockname()[:2]
         self._closed = False
-        self._spare: int | None = os.open(os.devnull, os.O_RDONLY)
+        self._spare = SpareDescriptor()
         self._thread = threading.Thread(target=self._accept_loop, name="djinn-bulk", daemon=True)
         self._thread.start()
 
@@ -165,12 +164,7 @@ class BulkServer:
         finally:
             with self._lock:
                 self._slots.clear()
-            if self._spare is not None:
-                spare, self._spare = self._spare, None
-                try:
-                    os.close(spare)
-                except OSError:
-                    pass
+            self._spare.release()
 
     # ----- internals ----------------------------------------------------------------
     def _add(self, slot: _Slot) -> dict[str, Any]:
@@ -217,20 +211,7 @@ class BulkServer:
                 self._conns.release()
 
     def _refuse_one(self) -> None:
-        if self._spare is not None:
-            spare, self._spare = self._spare, None
-            try:
-                os.close(spare)
-            except OSError:
-                pass
-        try:
-            self._sock.accept()[0].close()
-        except OSError:
-            time.sleep(0.05)
-        try:
-            self._spare = os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            time.sleep(0.05)
+        self._spare.refuse_one(self._sock.accept)
 
     def _serve(self, conn: socket.socket) -> None:
         mine: _Slot | None = None  # the slot this connection claimed

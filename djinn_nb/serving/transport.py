@@ -15,8 +15,10 @@ link speed through :mod:`djinn_nb.serving.sidechannel` instead.
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 from typing import Any
 
 import rpyc
@@ -50,6 +52,34 @@ def tune_socket(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         except OSError:
             pass
+
+
+class SpareDescriptor:
+    """One descriptor held in reserve, so that a listener out of descriptors refuses newcomers
+    (frees the spare, accepts and closes one, takes the spare back) instead of spinning or exiting."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = os.open(os.devnull, os.O_RDONLY)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def refuse_one(self, accept: Any) -> None:
+        """Out of descriptors: ``accept()`` one waiting peer and close it at once."""
+        self.release()
+        try:
+            accept()[0].close()
+        except OSError:
+            time.sleep(0.05)
+        try:
+            self._fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            time.sleep(0.05)
 
 
 class FastSocketStream(SocketStream):
