@@ -20,8 +20,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 import rpyc
 
 import djinn_nb
@@ -36,7 +34,7 @@ PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 
 
 def _lab(model: str | None, device: str):
-    import server_proc
+    from tests import server_proc  # the repository root is on the path (python -m experiments...)
 
     gen = server_proc.lab_server(model, device)
     return gen, next(gen)
@@ -94,7 +92,7 @@ def main() -> int:
         refusals = {}
         for name, kw in (("plain client to TLS", {}), ("other CA", {"tls_ca": str(lab.files / "other.pem")})):
             if "tls_ca" in kw:
-                import server_proc
+                from tests import server_proc  # the repository root is on the path (python -m experiments...)
 
                 server_proc.make_cert(lab.files, "other")
             t0 = time.monotonic()

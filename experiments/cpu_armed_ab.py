@@ -1,7 +1,7 @@
 """Host cost per step of armed / conditional breakpoints, two versions of djinn_nb in one process.
 
     git archive <base-commit> djinn_nb | tar -x -C /tmp/base && mv /tmp/base/djinn_nb /tmp/base/djinn_nb_base
-    python -m experiments.cpu_armed_ab --base /tmp/base --out DIR
+    PYTHONPATH=/tmp/base python -m experiments.cpu_armed_ab --out DIR
 
 Small CPU model (host overhead dominates), one torch thread. Each round runs, in
 a shuffled order and for both versions: a plain generation, one paused and
@@ -19,7 +19,6 @@ import argparse
 import importlib
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from .exp3_whitebox.exp3lib.env import environment, write_json
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="folder holding the earlier version as package djinn_nb_base")
     p.add_argument("--model", default="gpt2-tiny")
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -38,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="experiments/out/cpu_armed_ab")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    sys.path.insert(0, args.base)
     versions = {}
     for tag, pkg in (("before", "djinn_nb_base"), ("after", "djinn_nb")):
         Engine = importlib.import_module(f"{pkg}.core.engine").Engine

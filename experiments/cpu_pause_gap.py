@@ -1,6 +1,6 @@
 """The host time of one pause and resume, two versions of djinn_nb in one process (CPU).
 
-    python -m experiments.cpu_pause_gap --base /tmp/base --out DIR   (base: see cpu_armed_ab.py)
+    PYTHONPATH=/tmp/base python -m experiments.cpu_pause_gap --out DIR   (the base package: see cpu_armed_ab.py)
 
 Timestamps at the hand-offs of a breakpoint paused and resumed at every step:
 the stop raised in the model's forward (a Trace hook), and the next block
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -56,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="experiments/out/cpu_pause_gap")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    sys.path.insert(0, args.base)
     pc = time.perf_counter
     n, prompt = args.new_tokens, list(range(1, 17))
     engines, logs = {}, {}
