@@ -16,12 +16,12 @@ what was measured. Sampling uses each fork's own generator, row by row.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..schema import RunState
-from . import kvcache
+from . import graphs, kvcache
 from .runs import Run
 from .scheduler import logits_finite
 from .stepping import Stepper
@@ -46,17 +46,12 @@ class ForkBatch:
 
     def run(self) -> None:
         """Finish the paused step for every member together, then step them together."""
-        cp, n = self.checkpoint, len(self.members)
-        cache = kvcache.fork_cache(self.parent_cache)
-        cache.batch_repeat_interleave(n)
-        swap = {id(self.parent_cache): cache}
-        args = tuple(swap.get(id(a), a) for a in cp.args)
-        kwargs = {k: swap.get(id(v), v) for k, v in cp.kwargs.items()}
-        saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
+        n = len(self.members)
+        start = torch.cat(self.starts, 0)
+        logits, cache, how = self._rest_of_step(n, start)
         for run in self.members:
             run.state = RunState.RUNNING
-            run.continued_by = f"batch of {n}"
-        logits = self.stepper.continue_from(cp.layer, cp.site, torch.cat(self.starts, 0), args, kwargs, saved)
+            run.continued_by = f"batch of {n}" + ("" if how == "eager" else f", {how}")
         active = list(self.members)
         while True:
             keep = []
@@ -79,6 +74,47 @@ class ForkBatch:
             self.stepper.between_steps(active[0])
             x = torch.tensor([[run.token_ids[-1]] for run in active], dtype=torch.long, device=self.stepper.device)
             logits = self.stepper.model(input_ids=x, **self.stepper._model_kwargs(cache)).logits[:, -1, :]
+
+    def _rest_of_step(self, n: int, start: torch.Tensor) -> tuple[torch.Tensor, Any, str]:
+        """The rest of the paused step for the stacked starts: eager, and on a GPU, from the second
+        batch of this size on, a replay of the captured layers (checked bit for bit at capture)."""
+        cp, slot = self.checkpoint, self.checkpoint.graphs
+        graph = slot.batched.get(n) if self.stepper.cuda_graphs else None
+        if graph is not None:
+            logits = graph.replay(start).clone()
+            cache = kvcache.fork_cache(graph.cache)
+            graph.copy_cache_into(cache)
+            slot.replays += 1
+            return logits, cache, "cuda-graph"
+        cache = kvcache.fork_cache(self.parent_cache)
+        cache.batch_repeat_interleave(n)
+        swap = {id(self.parent_cache): cache}
+        args = tuple(swap.get(id(a), a) for a in cp.args)
+        kwargs = {k: swap.get(id(v), v) for k, v in cp.kwargs.items()}
+        saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
+
+        def tail(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
+            return self.stepper.continue_from(cp.layer, cp.site, h, a, kw, saved)
+
+        seen = slot.batches.get(n, 0)
+        slot.batches[n] = seen + 1
+        capture = (self.stepper.cuda_graphs and seen >= graphs.CAPTURE_AFTER and n <= graphs.MAX_BATCH_CAPTURE
+                   and n not in slot.batched_disabled)
+        before = kvcache.fork_cache(cache) if capture else None  # the eager run below writes ``cache``
+        logits = tail(start, args, kwargs)
+        if not capture:
+            return logits, cache, "eager"
+        try:
+            first_written = cp.layer if cp.site == "resid_pre" else cp.layer + 1
+            graph = graphs.TailGraph(tail, first_written, start, args, kwargs, cache, before)
+            graph.replay(start)
+            if graph.matches(logits, cache):
+                slot.batched[n] = graph
+                return logits, cache, "graph captured"
+            slot.batched_disabled[n] = "graph replay differed from eager execution"
+        except Exception as e:  # noqa: BLE001 - any capture failure keeps the eager path
+            slot.batched_disabled[n] = f"capture failed: {type(e).__name__}: {e}"
+        return logits, cache, "eager"
 
     @staticmethod
     def _needs_own_step(run: Run) -> bool:

@@ -23,6 +23,8 @@ from . import kvcache
 
 #: Eager forks of one checkpoint before its layers are captured.
 CAPTURE_AFTER = 1
+#: The largest batch of forks whose layers are captured (a graph keeps its batch's KV cache).
+MAX_BATCH_CAPTURE = 64
 
 
 @dataclass
@@ -33,6 +35,10 @@ class TailGraphSlot:
     graph: "TailGraph | None" = None
     disabled: str | None = None  # why the eager path is kept
     replays: int = field(default=0)
+    #: batched forks (``fork_many``), by batch size: batches seen, graphs captured, why not
+    batches: dict[int, int] = field(default_factory=dict)
+    batched: "dict[int, TailGraph]" = field(default_factory=dict)
+    batched_disabled: dict[int, str] = field(default_factory=dict)
 
 
 def _swap(obj: Any, old: Any, new: Any) -> Any:
