@@ -109,6 +109,7 @@ class ForkBatch:
             graph = graphs.TailGraph(tail, first_written, start, args, kwargs, cache, before)
             graph.replay(start)
             if graph.matches(logits, cache):
+                graph.keep_alive = (saved, tail)  # the graph reads the repeated saved sites by address
                 slot.batched[n] = graph
                 return logits, cache, "graph captured"
             slot.batched_disabled[n] = "graph replay differed from eager execution"
