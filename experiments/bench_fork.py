@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -27,9 +25,7 @@ from djinn_nb.core.models import load_model
 from .exp3_whitebox.exp3lib import eager
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio
-
-HERE = Path(__file__).resolve().parent
-
+from .server_process import djinn_server
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,12 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--out", default="experiments/out/bench_fork")
     args = p.parse_args(argv)
-    cmd = [sys.executable, "-m", "djinn_nb.serving", "--model", args.model, "--device", args.device, "--port", "0"]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)
-    try:
-        address = server.stdout.readline().rsplit(" at ", 1)[1].strip()
+    with djinn_server(args.model, args.device, args.dtype) as address:
         client = djinn_nb.connect(address)
         model = load_model(args.model, device=args.device, dtype=args.dtype).model
         anatomy = find_anatomy(model)
@@ -85,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         }
         parent.close()
         client.close()
-    finally:
-        server.kill()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     name = f"bench_fork_{args.model.replace(':', '_')}_L{args.layer}_s{args.seq}.json"
     write_json(Path(args.out) / name, out)

@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,7 @@ from djinn_nb.core.pause import Trace
 
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, stats, sync
-
-HERE = Path(__file__).resolve().parent
-
+from .server_process import djinn_server
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -128,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-repeats", type=int, default=3)
     p.add_argument("--out", default="experiments/out/bench_patching")
     args = p.parse_args(argv)
-    cmd = [sys.executable, "-m", "djinn_nb.serving", "--model", args.model, "--device", args.device, "--port", "0"]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)
-    try:
-        address = server.stdout.readline().rsplit(" at ", 1)[1].strip()
+    with djinn_server(args.model, args.device, args.dtype) as address:
         client = djinn_nb.connect(address)
         vocab, n_layers = client.info["vocab_size"], client.info["num_layers"]
 
@@ -213,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             "nnsight_over_djinn": ratio(trace_ms.get("nnsight_trace_per_cell", {}).get("median_ms"), djinn_ms),
         }
         client.close()
-    finally:
-        server.kill()
     name = f"bench_patching_{args.model.replace(':', '_')}_L{args.layer}_s{args.seq}.json"
     write_json(Path(args.out) / name, out)
     print(f"{args.model}: one fork {one.median_ms:.2f} ms, {args.forks} one by one {seq_.median_ms:.2f} ms "

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+
+from ipython_shell import djinn_shell, magic
 
 import djinn_nb
 from djinn_nb.notebook.display import Activation
@@ -16,15 +17,8 @@ PROMPT = [5, 17, 42, 99, 7]
 
 @pytest.fixture(scope="module")
 def shell():
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "djinn_nb")
-    yield sh
-    magics = sh.magics_manager.registry["DjinnMagics"]
-    for w in magics.widgets:
-        w.close()
-    if magics.client is not None:
-        magics.client.close()
-        magics.client = None
+    with djinn_shell() as sh:
+        yield sh
 
 
 @pytest.fixture
@@ -36,10 +30,6 @@ def client(shell):
     for r in c.runs():
         c.attach(r["id"]).close()
 
-
-def magic(shell, line: str):
-    name, _, rest = line.partition(" ")
-    return shell.run_line_magic(name, rest)
 
 
 @pytest.mark.parametrize("model", ["random:gpt2-tiny", "random:llama-tiny"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+
+from ipython_shell import djinn_shell, magic
 
 from djinn_nb.notebook.history import TokenHistory
 
@@ -17,13 +18,8 @@ N = 8
 
 @pytest.fixture(scope="module")
 def shell():
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "djinn_nb")
-    yield sh
-    magics = sh.magics_manager.registry["DjinnMagics"]
-    if magics.client is not None:
-        magics.client.close()
-        magics.client = None
+    with djinn_shell() as sh:
+        yield sh
 
 
 @pytest.fixture
@@ -34,10 +30,6 @@ def client(shell):
     for r in c.runs():
         c.attach(r["id"]).close()
 
-
-def magic(shell, line: str):
-    name, _, rest = line.partition(" ")
-    return shell.run_line_magic(name, rest)
 
 
 def test_conditional_break_pauses_where_the_client_api_does(shell, client):

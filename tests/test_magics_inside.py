@@ -7,8 +7,9 @@ import html
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+
+from ipython_shell import djinn_shell, magic
 
 import djinn_nb
 from djinn_nb.notebook.display import Attention, LensGrid
@@ -18,16 +19,9 @@ PROMPT = [5, 17, 42, 99, 7]
 
 @pytest.fixture(scope="module")
 def shell(saved_models):
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "djinn_nb")
-    sh.run_line_magic("djinn_connect", f"model={saved_models['gpt2-tiny']}")
-    yield sh
-    magics = sh.magics_manager.registry["DjinnMagics"]
-    for w in magics.widgets:
-        w.close()
-    if magics.client is not None:
-        magics.client.close()
-        magics.client = None
+    with djinn_shell() as sh:
+        sh.run_line_magic("djinn_connect", f"model={saved_models['gpt2-tiny']}")
+        yield sh
 
 
 @pytest.fixture
@@ -39,10 +33,6 @@ def client(shell):
     for r in c.runs():
         c.attach(r["id"]).close()
 
-
-def magic(shell, line: str):
-    name, _, rest = line.partition(" ")
-    return shell.run_line_magic(name, rest)
 
 
 def _usage(shell, line: str) -> str:
