@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.forks
         cache = kvcache.fork_cache(parent.cache)
         cache.batch_repeat_interleave(n)
-        swap = {id(parent.cache): cache}
-        a = tuple(swap.get(id(x), x) for x in cp.args)
-        kw = {k: swap.get(id(v), v) for k, v in cp.kwargs.items()}
+        a = kvcache.swap_cache(cp.args, parent.cache, cache)
+        kw = kvcache.swap_cache(cp.kwargs, parent.cache, cache)
         with torch.inference_mode():
             logits = engine.stepper.continue_from(cp.layer, cp.site, torch.cat([cp.hidden] * n), a, kw, {})
             logits.argmax(-1).tolist()

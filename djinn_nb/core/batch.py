@@ -88,9 +88,8 @@ class ForkBatch:
             return logits, cache, "cuda-graph"
         cache = kvcache.fork_cache(self.parent_cache)
         cache.batch_repeat_interleave(n)
-        swap = {id(self.parent_cache): cache}
-        args = tuple(swap.get(id(a), a) for a in cp.args)
-        kwargs = {k: swap.get(id(v), v) for k, v in cp.kwargs.items()}
+        args = kvcache.swap_cache(cp.args, self.parent_cache, cache)
+        kwargs = kvcache.swap_cache(cp.kwargs, self.parent_cache, cache)
         saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
 
         def tail(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:

@@ -158,11 +158,10 @@ class Forking:
         t0 = time.perf_counter()
         cp = parent.checkpoint
         cache = kvcache.fork_cache(parent.cache)
-        swap = {id(parent.cache): cache}
         child_cp = Checkpoint(
             cp.layer, cp.step, cp.hidden, cp.pending,
-            tuple(swap.get(id(a), a) for a in cp.args),
-            {k: swap.get(id(v), v) for k, v in cp.kwargs.items()},
+            kvcache.swap_cache(cp.args, parent.cache, cache),
+            kvcache.swap_cache(cp.kwargs, parent.cache, cache),
             cp.site, cp.saved, graphs=cp.graphs,
         )
         child.cache, child.checkpoint = cache, child_cp

@@ -9,7 +9,7 @@ an O(layers) copy with no device traffic. Layer types that update in place
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformers import cache_utils
@@ -46,6 +46,17 @@ def fork_cache(cache: Cache) -> Cache:
             layers.append(copy.deepcopy(layer))
     new.layers = layers
     return new
+
+
+def swap_cache(obj: Any, old: Any, new: Any) -> Any:
+    """``obj`` (a block's args or kwargs) with the cache ``old`` replaced by ``new``, at any depth."""
+    if obj is old:
+        return new
+    if isinstance(obj, tuple):
+        return tuple(swap_cache(x, old, new) for x in obj)
+    if isinstance(obj, dict):
+        return {k: swap_cache(v, old, new) for k, v in obj.items()}
+    return obj
 
 
 def row_of(cache: Cache, row: int, rows: int) -> Cache:
