@@ -114,6 +114,19 @@ class RunRow(_Message):
     def __post_init__(self) -> None:
         self.state = _state(type(self), self.state)
 
+    @staticmethod
+    def checked(obj: Any) -> dict[str, Any]:
+        """``obj`` itself if it is a valid row (the listing's fast path: no dataclass in between),
+        else the ``BadRequestError`` that ``from_json`` raises for it."""
+        if (type(obj) is dict and obj.keys() == _ROW_KEYS and type(obj["id"]) is str and obj["state"] in _STATES
+                and type(obj["step"]) is int and type(obj["tokens"]) is int and type(obj["bytes_held"]) is int
+                and type(obj["offloaded"]) is bool and type(obj["idle_s"]) in (int, float)
+                and (obj["layer"] is None or type(obj["layer"]) is int)
+                and (obj["site"] is None or type(obj["site"]) is str)
+                and (obj["parent"] is None or type(obj["parent"]) is str) and math.isfinite(obj["idle_s"])):
+            return obj
+        return RunRow.from_json(obj).to_json()
+
 
 @dataclass
 class RunSummary(_Message):
@@ -143,13 +156,14 @@ class RunSummary(_Message):
     topk: list[list[float]] | None = None
     activation: dict[str, Any] | None = None
     idle_s: float = 0.0
+    v: int = -1  # the run's version when this was read (see RunBrief)
 
     _types = {
         "id": (str,), "step": (int,), "layer": (int,), "site": (str,), "token_ids": (list,),
         "prompt_ids": (list,), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
         "watched": (int,), "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "error": (str,),
         "timings_ms": (dict,), "continued_by": (str,), "topk": (list,), "activation": (dict,),
-        "idle_s": (int, float),
+        "idle_s": (int, float), "v": (int,),
     }
     _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation"})
 
@@ -163,9 +177,58 @@ class RunSummary(_Message):
     def prompt_len(self) -> int:
         return len(self.prompt_ids)
 
-    def row(self) -> RunRow:
-        return RunRow(self.id, self.state, self.layer, self.site, self.step, len(self.token_ids),
-                      self.bytes_held, self.offloaded, self.parent, self.idle_s)
+
+@dataclass
+class RunBrief:
+    """What a step, fork or refresh answers: where the run is, and the token ids the client lacks.
+
+    The client sent ``since``, how many token ids it holds of the run (or of a new run's source);
+    the run's ids are those ``[:keep]`` followed by ``tokens``. ``v`` is the run's version: while
+    it matches a :class:`RunSummary`'s ``v``, that summary's details (statistics, top-k, bytes
+    held, timings) are current, and the client need not ask for them again.
+    """
+
+    id: str
+    state: RunState
+    step: int
+    layer: int | None
+    site: str | None
+    keep: int
+    tokens: list[int]
+    max_new_tokens: int
+    parent: str | None
+    offloaded: bool
+    error: str | None
+    v: int
+
+    _FIELDS = ("id", "state", "step", "layer", "site", "keep", "tokens", "max_new_tokens", "parent", "offloaded",
+               "error", "v")
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "RunBrief":
+        """Checked field by field, by hand: this parse is on every step's path."""
+        if type(obj) is not dict or obj.keys() != _BRIEF_KEYS:
+            raise _fail(cls, f"expected an object with fields {list(cls._FIELDS)}")
+        step, keep, limit, v = obj["step"], obj["keep"], obj["max_new_tokens"], obj["v"]
+        if not (type(step) is int and type(keep) is int and type(limit) is int and type(v) is int and keep >= 0):
+            raise _fail(cls, "step, keep, max_new_tokens and v must be integers (keep >= 0)")
+        run_id, offloaded, tokens, state = obj["id"], obj["offloaded"], obj["tokens"], obj["state"]
+        if type(run_id) is not str or type(offloaded) is not bool:
+            raise _fail(cls, "id must be a string and offloaded a boolean")
+        layer, site, parent, error = obj["layer"], obj["site"], obj["parent"], obj["error"]
+        for name, value, kind in (("layer", layer, int), ("site", site, str), ("parent", parent, str),
+                                  ("error", error, str)):
+            if value is not None and type(value) is not kind:
+                raise _fail(cls, f"{name} must be {kind.__name__} or null")
+        if type(tokens) is not list or (tokens and not all(type(t) is int for t in tokens)):
+            raise _fail(cls, "tokens must be a list of ints")
+        return cls(run_id, _STATES.get(state) or _state(cls, state), step, layer, site, keep, tokens, limit, parent,
+                   offloaded, error, v)
+
+
+_BRIEF_KEYS = frozenset(RunBrief._FIELDS)
+_ROW_KEYS = frozenset(f.name for f in dataclasses.fields(RunRow))
+_STATES = {s.value: s for s in RunState}
 
 
 def _state(cls: type, value: Any) -> RunState:

@@ -54,5 +54,5 @@ def reply(raw: Any) -> Any:
 
 def where(conn: rpyc.Connection, run_id: str) -> tuple[str, Any, int, list[int]]:
     """(state, layer, step, token ids) of a run, as its owner sees it."""
-    s = reply(conn.root.status(run_id))["result"]
+    s = reply(conn.root.summary(run_id))["result"]
     return s["state"], s["layer"], s["step"], s["token_ids"]

@@ -252,7 +252,7 @@ def test_paused_run_resumes_to_the_reference_after_fuzzing(paused):
     served, conn, run_id, _ = paused
     state = "paused"
     while state == "paused":
-        state = reply(conn.root.resume(run_id, "{}"))["result"]["state"]
+        state = reply(conn.root.resume(run_id))["result"]["state"]
     assert where(conn, run_id)[3] == served.reference
 
 
@@ -289,22 +289,24 @@ def test_bad_tensor_input_is_refused_and_changes_nothing(capped, case, call):
     before, runs_before = where(conn, run_id), served.engine.runs()
     if call == "fork":  # a fork request carries its edit under "edit"
         edit_json = '{"edit": ' + edit_json + "}"
-    msg = reply(getattr(conn.root, call)(run_id, edit_json, act, add))
+    args = (run_id, None, edit_json, act, add) if call == "resume" else (run_id, edit_json, act, add)
+    msg = reply(getattr(conn.root, call)(*args))
     assert msg["ok"] is False and msg["error"]["kind"] in ("BadRequestError", "ActivationError")
     assert message.lower() in msg["error"]["message"].lower()
     assert where(conn, run_id) == before and served.engine.runs() == runs_before
     state = "paused"
     while state == "paused":
-        state = reply(conn.root.resume(run_id, "{}"))["result"]["state"]
+        state = reply(conn.root.resume(run_id))["result"]["state"]
     assert where(conn, run_id)[3] == served.reference
 
 
 def test_scale_edit_within_the_cap_still_works(capped):
     served, conn, run_id = capped
-    norm = reply(conn.root.status(run_id))["result"]["activation"]["norm"]
+    norm = reply(conn.root.summary(run_id))["result"]["activation"]["norm"]
     msg = reply(conn.root.edit(run_id, wire.dumps({"scale": 0.5}), None, None))
-    assert msg["ok"] and msg["result"]["activation"]["edited"]
-    assert math.isclose(msg["result"]["activation"]["norm"], 0.5 * norm, rel_tol=1e-5)
+    assert msg["ok"] and msg["result"]["id"] == run_id and msg["result"]["state"] == "paused"
+    after = reply(conn.root.summary(run_id))["result"]["activation"]
+    assert after["edited"] and math.isclose(after["norm"], 0.5 * norm, rel_tol=1e-5)
 
 
 def test_side_channel_owners_cannot_evict_each_other():
@@ -368,9 +370,9 @@ def test_fuzzed_edits_on_the_real_run_either_apply_cleanly_or_change_nothing(cal
 
         fuzz()
         assert [r["id"] for r in reply(conn.root.runs())["result"]] == [run_id]
-        assert reply(conn.root.status(run_id))["result"]["activation"]["edited"] is False
+        assert reply(conn.root.summary(run_id))["result"]["activation"]["edited"] is False
         while reply(conn.root.status(run_id))["result"]["state"] == "paused":
-            reply(conn.root.resume(run_id, "{}", None, None))
+            reply(conn.root.resume(run_id, None, "{}", None, None))
         assert where(conn, run_id)[3] == served.reference
     finally:
         conn.close()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from ..serving import sidechannel, wire
-from ..errors import BadRequestError, DjinnError, error_from_wire
+from ..errors import BadRequestError, DjinnError, ProtocolError, error_from_wire
 from ..schema import GenerateRequest, RunRow, RunSummary
 from ..serving.protocol import DEFAULT_PORT, PROTOCOL
 from ..serving.tls import client_context
@@ -158,7 +158,10 @@ class Client:
     def runs(self) -> list[dict[str, Any]]:
         """This client's runs on the server, one dict each (``djinn_nb.schema.RunRow``'s fields):
         id, state, layer, site, step, tokens, bytes_held, offloaded, parent, idle_s."""
-        return [RunRow.from_json(r).to_json() for r in self._call("runs")]
+        rows = self._call("runs")
+        if type(rows) is not list:
+            raise ProtocolError(f"runs: expected a list of rows, got {type(rows).__name__}")
+        return [RunRow.checked(r) for r in rows]
 
     def lens_grid(self, prompt: str | Sequence[int], k: int = 1, site: str = "resid_post") -> dict[str, torch.Tensor]:
         """The logit lens at ``site`` of every layer for one prompt pass, recorded without pausing:
@@ -175,7 +178,7 @@ class Client:
 
     def attach(self, run_id: str) -> Run:
         """A live handle on an existing run (after a kernel restart, say)."""
-        return Run(self, RunSummary.from_json(self._call("status", run_id)))
+        return Run(self, RunSummary.from_json(self._call("summary", run_id)))
 
     def tokenize(self, text: str) -> list[int]:
         return _call(self._remote("tokenize"), text)

@@ -1,10 +1,12 @@
 """``Run``: a handle on a generation whose state lives on the server.
 
-Each property reads the typed :class:`~djinn_nb.schema.RunSummary` that came
-back with the last call (``refresh()`` asks again). Tensors cross only when
-asked for (``activation()``, ``logits()``); every step reply carries the
-generated ids, the top-k next tokens and activation statistics, a few KB
-however large the model.
+A step, fork or refresh answers a :class:`~djinn_nb.schema.RunBrief`: where the
+run is and the token ids this client does not have yet, a few dozen bytes — a
+pause at every step then costs little more than rpyc's own round trip. The rest of
+a :class:`~djinn_nb.schema.RunSummary` (the paused activation's statistics, the
+top-k, bytes held, timings, breakpoints) is fetched the first time a property asks
+for it after the run changed, and kept while the run's version stays the same.
+Tensors cross only when asked for (``activation()``, ``logits()``).
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from ..conditions import parse as parse_condition
-from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError
-from ..schema import EditRequest, ForkRequest, RunState, RunSummary
+from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
+from ..schema import EditRequest, ForkRequest, RunBrief, RunState, RunSummary
 from ..serving import wire
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,16 +102,53 @@ def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
     return out
 
 
+def _tokens(brief: RunBrief, base: list[int]) -> list[int]:
+    """A run's token ids from a brief: the first ``keep`` of those the client had, then the new ones."""
+    if brief.keep > len(base):
+        raise ProtocolError(f"the server kept {brief.keep} token ids of the {len(base)} this client holds")
+    return base[:brief.keep] + brief.tokens if brief.keep else list(brief.tokens)
+
+
 class Run:
     """A generation on the server: paused at a breakpoint, done, failed or closed."""
 
     def __init__(self, client: "Client", summary: RunSummary):
         self._client = client
         self._s = summary
+        self._v = summary.v  # the run's version at the last reply; details are current when it is _s.v
+
+    @classmethod
+    def _from_brief(cls, client: "Client", reply: Any, source: "Run") -> "Run":
+        """A new run (fork, rewind) from its brief; its prompt is its source's, its details come on demand."""
+        b = RunBrief.from_json(reply)
+        src = source._s
+        run = cls(client, RunSummary(id=b.id, state=b.state, step=b.step, layer=b.layer, site=b.site,
+                                     token_ids=_tokens(b, src.token_ids), prompt_ids=list(src.prompt_ids),
+                                     max_new_tokens=b.max_new_tokens, parent=b.parent, offloaded=b.offloaded,
+                                     error=b.error, v=-1))
+        run._v = b.v
+        return run
 
     def _update(self, reply: Any) -> "Run":
-        self._s = RunSummary.from_json(reply)
+        """Take in a brief about this run."""
+        b, s = RunBrief.from_json(reply), self._s
+        if b.id != s.id:
+            raise ProtocolError(f"the server answered about run {b.id} for run {s.id}")
+        s.token_ids = _tokens(b, s.token_ids)
+        s.state, s.step, s.layer, s.site, s.max_new_tokens = b.state, b.step, b.layer, b.site, b.max_new_tokens
+        s.parent, s.offloaded, s.error = b.parent, b.offloaded, b.error
+        self._v = b.v
         return self
+
+    def _details(self) -> RunSummary:
+        """The whole summary, asked for again only if the run changed since it was read."""
+        if self._s.v != self._v and self._s.state != RunState.CLOSED:
+            self._s = RunSummary.from_json(self._client._call("summary", self.id))
+            self._v = self._s.v
+        return self._s
+
+    def _since(self) -> int:
+        return len(self._s.token_ids)
 
     # ----- where it is ------------------------------------------------------------
     @property
@@ -163,7 +202,7 @@ class Run:
 
     @property
     def breakpoints(self) -> list[dict[str, Any]]:
-        return [dict(b) for b in self._s.breakpoints]
+        return [dict(b) for b in self._details().breakpoints]
 
     @property
     def client(self) -> "Client":
@@ -181,16 +220,17 @@ class Run:
     @property
     def topk(self) -> list[tuple[int, float]] | None:
         """(token id, log-probability) of the most likely next tokens after the last finished step."""
-        return [(int(i), float(p)) for i, p in self._s.topk] if self._s.topk else None
+        topk = self._details().topk
+        return [(int(i), float(p)) for i, p in topk] if topk else None
 
     @property
     def activation_stats(self) -> dict[str, Any] | None:
         """Shape, dtype, norm/mean/max overall and per position of the paused activation."""
-        return self._s.activation
+        return self._details().activation
 
     @property
     def bytes_held(self) -> int:
-        return self._s.bytes_held
+        return self._details().bytes_held
 
     @property
     def offloaded(self) -> bool:
@@ -198,12 +238,13 @@ class Run:
 
     @property
     def timings_ms(self) -> dict[str, float]:
-        return dict(self._s.timings_ms)
+        return dict(self._details().timings_ms)
 
     @property
     def summary(self) -> dict[str, Any]:
-        """Everything the last reply said, as plain values (see ``djinn_nb.schema.RunSummary``)."""
-        return self._s.to_json()
+        """Everything about the run, as plain values (see ``djinn_nb.schema.RunSummary``); asked
+        for again only if the run changed since it was last read."""
+        return self._details().to_json()
 
     # ----- tensors ----------------------------------------------------------------
     def activation(self, original: bool = False) -> torch.Tensor:
@@ -246,8 +287,12 @@ class Run:
         same layer, step and site) writes its activation at ``positions`` (all if ``None``),
         on the server.
         """
+        if (activation is None and scale is None and add is None and not original and heads is None
+                and patch_from is None and positions is None):
+            return self._update(self._client._call("resume", self.id, len(self._s.token_ids)))
         req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions)
-        return self._update(self._client._call("resume", self.id, wire.dumps(req.to_json()), act, add_b))
+        return self._update(self._client._call("resume", self.id, self._since(), wire.dumps(req.to_json()), act,
+                                               add_b))
 
     def fork(
         self,
@@ -273,8 +318,8 @@ class Run:
             activation=activation, scale=scale, add=add, breakpoints=breakpoints, max_new_tokens=max_new_tokens,
             original=original, heads=heads, patch_from=patch_from, positions=positions,
         ))
-        reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b)
-        return Run(self._client, RunSummary.from_json(reply))
+        reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b, self._since())
+        return Run._from_brief(self._client, reply, self)
 
     def fork_many(self, edits: Sequence[dict[str, Any]]) -> list["Run"]:
         """One new run per dict of :meth:`fork`'s keyword arguments, all from this checkpoint.
@@ -297,30 +342,34 @@ class Run:
             payloads += [act, add_b]
         if all(p is None for p in payloads):
             payloads = []
-        reply = self._client._call("fork_many", self.id, wire.dumps(reqs), tuple(payloads))
-        return [Run(self._client, RunSummary.from_json(r)) for r in reply]
+        reply = self._client._call("fork_many", self.id, wire.dumps(reqs), tuple(payloads), self._since())
+        if type(reply) is not list or len(reply) != len(edits):
+            raise ProtocolError(f"fork_many: the server answered {len(reply) if type(reply) is list else reply!r} "
+                                f"runs for {len(edits)} edits"[:200])
+        return [Run._from_brief(self._client, r, self) for r in reply]
 
     def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None,
              heads: Sequence[int] | None = None, patch_from: "Run | str | None" = None,
              positions: int | Sequence[int] | None = None) -> "Run":
         """Change the paused activation on the server; later resume/fork start from it."""
         req, act, add_b = _edit_request(self._client, activation, scale, add, False, heads, patch_from, positions)
-        return self._update(self._client._call("edit", self.id, wire.dumps(req.to_json()), act, add_b))
+        return self._update(self._client._call("edit", self.id, wire.dumps(req.to_json()), act, add_b, self._since()))
 
     def next_layer(self) -> "Run":
         """Pause at the next block's output in the same step, whatever the breakpoints (they apply
         afterwards); returns this run, as :meth:`resume` does."""
-        return self._update(self._client._call("next_layer", self.id))
+        return self._update(self._client._call("next_layer", self.id, self._since()))
 
     def next_step(self) -> "Run":
         """Pause at the same layer and site one step later (or run to the end if there is none)."""
-        return self._update(self._client._call("next_step", self.id))
+        return self._update(self._client._call("next_step", self.id, self._since()))
 
     def rewind(self, step: int, layer: int | None = None, site: str | None = None) -> "Run":
         """A new run paused at (``layer``, ``site``) of an earlier ``step`` of this run, paused or
         finished; this run is left as it is. Defaults: where this run is (or last was) paused.
         The new run reuses this run's KV cache up to that step; only that step is computed again."""
-        return Run(self._client, RunSummary.from_json(self._client._call("rewind", self.id, step, layer, site)))
+        return Run._from_brief(self._client, self._client._call("rewind", self.id, step, layer, site, self._since()),
+                               self)
 
     def history(self) -> list[dict[str, Any]]:
         """One dict per generated token: ``step``, ``token_id``, ``token`` (text, with a tokenizer),
@@ -345,14 +394,14 @@ class Run:
 
     def reset(self) -> "Run":
         """Undo edits: the paused activation is the site's own value again."""
-        return self._update(self._client._call("reset_edit", self.id))
+        return self._update(self._client._call("reset_edit", self.id, self._since()))
 
     def offload(self) -> "Run":
         """Move this paused run's KV cache and checkpoint to the server's host memory.
 
         The next resume/fork/edit/activation brings it back to the device transparently.
         """
-        return self._update(self._client._call("offload", self.id))
+        return self._update(self._client._call("offload", self.id, self._since()))
 
     def watched(self) -> list[dict[str, Any]]:
         """Every watch hit so far: index, layer, site, step, shape, norm/mean/max (overall and per position)."""
@@ -363,7 +412,8 @@ class Run:
         return self._client._tensor_out("watched_activation", self.id, index)
 
     def refresh(self) -> "Run":
-        return self._update(self._client._call("status", self.id))
+        """Ask the server where the run is now (another handle or client may have moved it)."""
+        return self._update(self._client._call("status", self.id, len(self._s.token_ids)))
 
     def run_to_end(self) -> "Run":
         """Resume unmodified until the run is done (a convenience for scripts)."""

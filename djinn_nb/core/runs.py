@@ -62,6 +62,36 @@ class WatchHit(NamedTuple):
     tensor: torch.Tensor
 
 
+class VersionedLock:
+    """A run's re-entrant lock, counting how often it was let go.
+
+    A run changes only under its lock, so a value worked out from it at ``version`` v is
+    still current while the version is v: ``bytes_held`` is cached on it, and clients send
+    it back to learn, at the cost of an int, whether their copy of a run's details is stale.
+    """
+
+    __slots__ = ("_lock", "version")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.version = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self.version += 1  # before letting go: the next holder never sees the old version
+        self._lock.release()
+
+    def __enter__(self) -> "VersionedLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.version += 1
+        self._lock.release()
+
+
 @dataclass
 class Run:
     """One generation's server-side state. Use it through :class:`Engine`."""
@@ -99,7 +129,8 @@ class Run:
     continued_by: str | None = None  # how a fork ran the layers after its checkpoint
     last_used: float = field(default_factory=time.monotonic)
     host_pack: offload.HostPack | None = None
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    lock: VersionedLock = field(default_factory=VersionedLock, repr=False)
+    _bytes: tuple[tuple, int] | None = field(default=None, repr=False)  # (what it was counted at, bytes)
 
     @property
     def paused(self) -> bool:
@@ -124,7 +155,17 @@ class Run:
     def bytes_held(self) -> int:
         """Bytes of the tensors the run keeps, wherever they are: each distinct view counts its own
         bytes (a batched fork's rows of a shared KV cache, a rewound run's cropped one), views of one
-        storage at most that storage's size, and the same view seen twice once."""
+        storage at most that storage's size, and the same view seen twice once. Counted again only
+        after the run changed (its lock's version, and what it holds, as a cheap second check)."""
+        at = (self.lock.version, self.state, self.step, id(self.cache), id(self.checkpoint), id(self.host_pack),
+              len(self.watch_log), len(self.logits), id(self.last_logits))
+        if self._bytes is not None and self._bytes[0] == at:
+            return self._bytes[1]
+        held = self._count_bytes()
+        self._bytes = (at, held)
+        return held
+
+    def _count_bytes(self) -> int:
         seen: dict[int, tuple[int, int, set]] = {}
         tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
         if self.last_logits is not None:
@@ -140,9 +181,31 @@ class Run:
             seen[key] = (total, cap, views)
         return sum(min(total, cap) for total, cap, _ in seen.values())
 
+    def brief(self, since: int | None = None) -> dict[str, Any]:
+        """Where the run is, in a few fields: what most calls answer. ``since``: how many of the
+        run's (or, for a new run, its source's) token ids the client already has; only the ids
+        after ``keep`` are sent (a run's tokens only grow, and a fork's or rewind's start with
+        its source's). ``v`` tells the client whether the details it holds are stale."""
+        tokens = self.token_ids
+        keep = 0 if since is None else min(since, len(tokens))
+        cp = self.checkpoint
+        return {"id": self.id, "state": self.state.value, "step": cp.step if cp else self.step,
+                "layer": cp.layer if cp else None, "site": cp.site if cp else None, "keep": keep,
+                "tokens": tokens[keep:], "max_new_tokens": self.max_new_tokens, "parent": self.parent,
+                "offloaded": self.host_pack is not None, "error": self.error, "v": self.lock.version}
+
+    def row(self) -> dict[str, Any]:
+        """This run's line in a listing (a ``RunRow``), without its tokens."""
+        cp = self.checkpoint
+        return {"id": self.id, "state": self.state.value, "layer": cp.layer if cp else None,
+                "site": cp.site if cp else None, "step": cp.step if cp else self.step, "tokens": len(self.token_ids),
+                "bytes_held": self.bytes_held(), "offloaded": self.host_pack is not None, "parent": self.parent,
+                "idle_s": round(time.monotonic() - self.last_used, 3)}
+
     def summary(self, detail: bool = True) -> RunSummary:
         """What a client sees of the run; ``detail`` adds the paused activation's statistics
         (a device read) and the top-k — listings leave them out (and the tensors alone)."""
+        version = self.lock.version  # read first: a change while this is built leaves it stale, not wrong
         cp = self.checkpoint
         activation = None
         if detail and cp is not None:
@@ -175,6 +238,7 @@ class Run:
             topk=[list(x) for x in self.topk[-1]] if detail and self.topk else None,
             activation=activation,
             idle_s=round(time.monotonic() - self.last_used, 3),
+            v=version,
         )
 
 

@@ -14,7 +14,7 @@ from ..core.runs import Run
 from ..errors import BadRequestError, QuotaError
 from ..schema import ForkRequest
 from . import wire
-from .replies import _reply, _str
+from .replies import _reply, _since, _str
 
 __all__ = ["DebugCalls"]
 
@@ -23,12 +23,15 @@ class DebugCalls:
     """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``, ``decode_each``."""
 
     @_reply
-    def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = ()) -> list[dict[str, Any]]:
+    def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = (),
+                          since: Any = None) -> list[dict[str, Any]]:
         """Several forks of one checkpoint (a list of ``ForkRequest``), run as a batch where they can be.
 
         ``payloads``: empty, or two entries per fork (its activation and add bytes, or None).
+        Answers a ``RunBrief`` per fork (``since``: how many of the parent's token ids the client holds).
         """
         owner = self._who()
+        since = _since(since)
         reqs = wire.loads(requests_json, "fork_many request")
         if not isinstance(reqs, list) or not reqs:
             raise BadRequestError("fork_many takes a non-empty list of fork requests")
@@ -54,7 +57,7 @@ class DebugCalls:
         for run in runs:
             self._admit(run)
             self._state.after_change(run)
-        return [run.summary().to_json() for run in runs]
+        return [run.brief(since) for run in runs]
 
     @_reply
     def exposed_token_probs(self, request_json: Any) -> list[float]:
@@ -68,23 +71,28 @@ class DebugCalls:
         return self._engine.token_probs(ids, req["token"], self._who())
 
     @_reply
-    def exposed_next_layer(self, run_id: Any) -> dict[str, Any]:
+    def exposed_next_layer(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
+        since = _since(since)
         self._check_quota(new_run=False)
         with self._scope():
-            return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()))
+            return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()), since)
 
     @_reply
-    def exposed_next_step(self, run_id: Any) -> dict[str, Any]:
+    def exposed_next_step(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
+        since = _since(since)
         self._check_quota(new_run=False)
         with self._scope():
-            return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()))
+            return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()), since)
 
     @_reply
-    def exposed_rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None) -> dict[str, Any]:
-        """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run."""
+    def exposed_rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None,
+                       since: Any = None) -> dict[str, Any]:
+        """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run
+        (``since``: how many of the source's token ids the client holds)."""
         owner = self._who()
+        since = _since(since)
         if type(step) is not int or (layer is not None and type(layer) is not int):
             raise BadRequestError("step (and layer) must be integers")
         if site is not None and type(site) is not str:
@@ -93,16 +101,16 @@ class DebugCalls:
         with self._scope():
             run = self._engine.rewind(_str(run_id, "run id"), step, layer, site, owner)
         self._admit(run)
-        return self._stepped(run)
+        return self._stepped(run, since)
 
     @_reply
     def exposed_history(self, run_id: Any) -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
         return self._engine.history(_str(run_id, "run id"), self._who())
 
-    def _stepped(self, run: Run) -> dict[str, Any]:
+    def _stepped(self, run: Run, since: int | None) -> dict[str, Any]:
         self._state.after_change(run)
-        return run.summary().to_json()
+        return run.brief(since)
 
     @_reply
     def exposed_decode_each(self, ids_json: Any) -> list[str]:

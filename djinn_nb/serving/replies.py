@@ -18,7 +18,7 @@ from . import wire
 
 log = logging.getLogger("djinn_nb.serving.service")
 
-__all__ = ["PLAIN", "_reply", "_str"]
+__all__ = ["PLAIN", "_reply", "_since", "_str"]
 
 
 PLAIN = (str, bytes, int, float, bool, type(None))
@@ -72,3 +72,10 @@ def _str(value: Any, what: str) -> str:
     return value
 
 
+
+
+def _since(value: Any) -> int | None:
+    """How many token ids the client holds: None (send them all) or a non-negative int."""
+    if value is not None and (type(value) is not int or value < 0):
+        raise BadRequestError(f"since must be a non-negative integer or None, got {value!r}"[:120])
+    return value

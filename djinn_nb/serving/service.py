@@ -25,7 +25,7 @@ from ..version import __version__
 from . import sidechannel, wire
 from .debug_calls import DebugCalls
 from .protocol import PROTOCOL
-from .replies import _reply, _str
+from .replies import _reply, _since, _str
 from .transport import FastChannel
 from .users import Authenticator, User
 
@@ -240,20 +240,27 @@ class DjinnService(DebugCalls, rpyc.Service):
         return run.summary().to_json()
 
     @_reply
-    def exposed_resume(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
-        """Continue a paused run after an ``EditRequest`` (tensors inline in ``act``/``add`` or by ticket)."""
+    def exposed_resume(self, run_id: Any, since: Any = None, request_json: Any = None, act: Any = None,
+                       add: Any = None) -> dict[str, Any]:
+        """Continue a paused run, after an ``EditRequest`` if one is given (tensors inline in
+        ``act``/``add`` or by ticket); its ``RunBrief`` (``since``: token ids the client holds)."""
         owner = self._who()
-        edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
+        edit = None if request_json is None else self._edit(EditRequest.from_json(wire.loads(request_json, "edit")),
+                                                             act, add)
+        since = _since(since)
         self._check_quota(new_run=False)
         with self._scope():
             run = self._engine.resume(_str(run_id, "run id"), edit, owner)
         self._state.after_change(run)
-        return run.summary().to_json()
+        return run.brief(since)
 
     @_reply
-    def exposed_fork(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
-        """A new run from a paused one's checkpoint, after a ``ForkRequest``."""
+    def exposed_fork(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None,
+                     since: Any = None) -> dict[str, Any]:
+        """A new run from a paused one's checkpoint, after a ``ForkRequest``; its ``RunBrief``
+        (``since``: how many of the parent's token ids the client holds)."""
         owner = self._who()
+        since = _since(since)
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
         edit = self._edit(req.edit, act, add)
         parent = self._engine.get(_str(run_id, "run id"), owner)
@@ -262,12 +269,13 @@ class DjinnService(DebugCalls, rpyc.Service):
             run = self._engine.fork(parent.id, edit, req.breakpoints, owner, req.max_new_tokens)
         self._admit(run)
         self._state.after_change(run)
-        return run.summary().to_json()
+        return run.brief(since)
 
     @_reply
-    def exposed_offload(self, run_id: Any) -> dict[str, Any]:
+    def exposed_offload(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Move a paused run's state to host memory; later calls bring it back."""
-        return self._engine.offload(_str(run_id, "run id"), self._who()).summary().to_json()
+        since = _since(since)
+        return self._engine.offload(_str(run_id, "run id"), self._who()).brief(since)
 
     @_reply
     def exposed_watched(self, run_id: Any) -> list[dict[str, Any]]:
@@ -287,14 +295,17 @@ class DjinnService(DebugCalls, rpyc.Service):
         return self._send(hits[index].tensor, bulk)
 
     @_reply
-    def exposed_edit(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None) -> dict[str, Any]:
+    def exposed_edit(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None,
+                     since: Any = None) -> dict[str, Any]:
         owner = self._who()
         edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
-        return self._engine.edit(_str(run_id, "run id"), edit, owner).summary().to_json()
+        since = _since(since)
+        return self._engine.edit(_str(run_id, "run id"), edit, owner).brief(since)
 
     @_reply
-    def exposed_reset_edit(self, run_id: Any) -> dict[str, Any]:
-        return self._engine.reset_edit(_str(run_id, "run id"), self._who()).summary().to_json()
+    def exposed_reset_edit(self, run_id: Any, since: Any = None) -> dict[str, Any]:
+        since = _since(since)
+        return self._engine.reset_edit(_str(run_id, "run id"), self._who()).brief(since)
 
     @_reply
     def exposed_activation(self, run_id: Any, original: Any = False, bulk: Any = False) -> Any:
@@ -352,7 +363,15 @@ class DjinnService(DebugCalls, rpyc.Service):
             return self._send(run.logits[step], bulk)
 
     @_reply
-    def exposed_status(self, run_id: Any) -> dict[str, Any]:
+    def exposed_status(self, run_id: Any, since: Any = None) -> dict[str, Any]:
+        """Where the run is now, as a ``RunBrief`` (``since``: token ids the client holds)."""
+        since = _since(since)
+        return self._engine.get(_str(run_id, "run id"), self._who()).brief(since)
+
+    @_reply
+    def exposed_summary(self, run_id: Any) -> dict[str, Any]:
+        """Everything about the run (a ``RunSummary``): tokens, prompt, breakpoints, the paused
+        activation's statistics, the top-k, bytes held, timings."""
         return self._engine.get(_str(run_id, "run id"), self._who()).summary().to_json()
 
     @_reply
@@ -361,7 +380,7 @@ class DjinnService(DebugCalls, rpyc.Service):
         owner = self._who()
         mine = self._engine.all_runs() if self._admin else self._engine.runs(owner)
         runs = sorted(mine, key=lambda r: int(r.id[1:].split("-")[0]))
-        return [r.summary(detail=False).row().to_json() for r in runs]
+        return [r.row() for r in runs]
 
     @_reply
     def exposed_close(self, run_id: Any) -> dict[str, Any]:

@@ -76,12 +76,21 @@ def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) ->
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+# Made once: json.dumps/loads with any option build a new encoder/decoder per call (~2 us each).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def dumps(value: Any) -> str:
     """Compact JSON; NaN and infinities (an fp16 logit overflow, say) become ``null``."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(value)
     except ValueError:
-        return json.dumps(_finite(value), separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(_finite(value))
 
 
 def _finite(value: Any) -> Any:
@@ -101,10 +110,9 @@ def loads(text: Any, what: str = "arguments") -> Any:
     if len(text) > 1 << 24:
         raise BadRequestError(f"{what} are over 16 MiB of JSON")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value, end = _DECODER.raw_decode(text)  # decode() would also skip whitespace around it, by regex
     except (ValueError, RecursionError) as e:
         raise BadRequestError(f"{what} are not valid JSON: {e}") from None
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
+    if end != len(text):
+        raise BadRequestError(f"{what} are not valid JSON: extra data at character {end}")
+    return value
