@@ -4,7 +4,8 @@
 
 1. From one checkpoint (layer ``--layer``, prompt pass, ``--seq`` tokens), to the next token:
    one ``fork``, sixteen ``fork`` calls one after another, and one ``fork_many`` of sixteen,
-   interleaved round by round. Goal: fork_many(16) <= 3x one fork.
+   interleaved round by round. Goal: fork_many(16) <= 3x one fork. Beside them, the floor: the
+   later blocks' matrix products alone for one and for sixteen forks (``gemm_floor_ms``).
 2. A causal-tracing grid (every layer x ``--positions`` positions of a prompt pair differing at
    a few positions) three ways, in the same process and run: ``djinn_nb.causal_trace`` through
    the client; plain PyTorch forward hooks on this process's copy of the same random model, one
@@ -28,6 +29,95 @@ from djinn_nb.core.pause import Trace
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, stats, sync
 from .server_process import djinn_server
+
+def gemm_floor_ms(model: torch.nn.Module, after_layer: int, tokens: int, rows: int, repeats: int = 20) -> float:
+    """The time of the matrix products alone that finishing a prompt pass from ``after_layer`` takes
+    for ``rows`` forks of ``tokens`` tokens: every linear map of the later blocks on (rows x tokens)
+    inputs, then the head on ``rows`` last positions — on a GPU replayed as one CUDA graph (no launch
+    cost). No exact implementation of the same math in this dtype can be faster than this."""
+    anatomy = find_anatomy(model)
+    weights = []
+    for block in anatomy.blocks[after_layer + 1:]:
+        for m in block.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, torch.nn.Linear):
+                weights.append(w.t())
+            elif type(m).__name__ == "Conv1D" and w is not None:  # GPT-2's (in, out) linear maps
+                weights.append(w)
+    head = anatomy.lm_head.weight.t()
+    device = head.device
+    xs = {w.shape[0]: torch.randn(rows * tokens, w.shape[0], device=device, dtype=w.dtype) for w in weights}
+    last = torch.randn(rows, head.shape[0], device=device, dtype=head.dtype)
+
+    def products() -> None:
+        for w in weights:
+            torch.mm(xs[w.shape[0]], w)
+        torch.mm(last, head)
+
+    run = products
+    with torch.inference_mode():
+        if device.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                products()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                products()
+            run = graph.replay
+        times = []
+        for i in range(repeats + 3):
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return stats(times).median_ms
+
+
+def trace_section(args: argparse.Namespace, client: Any, model: torch.nn.Module, vocab: int,
+                  n_layers: int) -> dict[str, Any]:
+    """The causal-tracing grid three ways, timed round by round; the grids' differences from the hooks'."""
+    clean = _prompt(vocab, args.positions, 1)
+    corrupt = list(clean)
+    for i in (1, 2, 3):
+        corrupt[i] = (clean[i] + 1) % vocab
+    layers, positions = list(range(n_layers)), list(range(args.positions))
+    with torch.inference_mode():
+        answer = int(model(torch.tensor([clean], device=model.device)).logits[0, -1].argmax())
+    frames, times = {}, {"djinn_causal_trace": [], "torch_hooks_full_forward_per_cell": [],
+                          "nnsight_trace_per_cell": []}
+    nnsight_ok = True
+    for _ in range(args.trace_repeats + 1):  # the first round warms up
+        for name in list(times):
+            if name == "nnsight_trace_per_cell" and not nnsight_ok:
+                continue
+            sync()
+            t0 = time.perf_counter()
+            if name == "djinn_causal_trace":
+                grid = djinn_nb.causal_trace(client, clean, corrupt, answer=answer, progress=False).to_numpy().tolist()
+            elif name == "torch_hooks_full_forward_per_cell":
+                grid = hook_grid(model, clean, corrupt, answer, layers, positions)
+            else:
+                grid = nnsight_grid(model, clean, corrupt, answer, layers, positions)
+                nnsight_ok = grid is not None
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            frames[name] = grid
+    trace_ms = {k: stats(v[1:]).as_dict() for k, v in times.items() if len(v) > 1}
+    ref = torch.tensor(frames["torch_hooks_full_forward_per_cell"])
+    diffs = {k: float((torch.tensor(v) - ref).abs().max()) for k, v in frames.items() if v is not None}
+    djinn_ms = trace_ms["djinn_causal_trace"]["median_ms"]
+    return {
+        "trace": {"layers": len(layers), "positions": len(positions), "cells": len(layers) * len(positions),
+                  "answer": answer, "ms": trace_ms, "max_abs_diff_vs_hooks": diffs,
+                  "nnsight": "ran" if nnsight_ok else "not importable here"},
+        "hooks_over_djinn": ratio(trace_ms["torch_hooks_full_forward_per_cell"]["median_ms"], djinn_ms),
+        "nnsight_over_djinn": ratio(trace_ms.get("nnsight_trace_per_cell", {}).get("median_ms"), djinn_ms),
+    }
+
 
 def _prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -122,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", type=int, default=16)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--trace-repeats", type=int, default=3)
+    p.add_argument("--no-trace", action="store_true", help="only the forks (and the floor), no causal-tracing grid")
     p.add_argument("--out", default="experiments/out/bench_patching")
     args = p.parse_args(argv)
     with djinn_server(args.model, args.device, args.dtype) as address:
@@ -157,38 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_ = res[f"{args.forks}_forks_one_by_one"][0]
         many = res[f"fork_many_{args.forks}"][0]
 
-        # 2. the causal-tracing grid, three ways
-        clean = _prompt(vocab, args.positions, 1)
-        corrupt = list(clean)
-        for i in (1, 2, 3):
-            corrupt[i] = (clean[i] + 1) % vocab
-        layers, positions = list(range(n_layers)), list(range(args.positions))
         model = load_model(args.model, device=args.device, dtype=args.dtype).model
-        with torch.inference_mode():
-            answer = int(model(torch.tensor([clean], device=model.device)).logits[0, -1].argmax())
-        frames, times = {}, {"djinn_causal_trace": [], "torch_hooks_full_forward_per_cell": [],
-                              "nnsight_trace_per_cell": []}
-        nnsight_ok = True
-        for _ in range(args.trace_repeats + 1):  # the first round warms up
-            for name in list(times):
-                if name == "nnsight_trace_per_cell" and not nnsight_ok:
-                    continue
-                sync()
-                t0 = time.perf_counter()
-                if name == "djinn_causal_trace":
-                    grid = djinn_nb.causal_trace(client, clean, corrupt, answer=answer, progress=False).to_numpy().tolist()
-                elif name == "torch_hooks_full_forward_per_cell":
-                    grid = hook_grid(model, clean, corrupt, answer, layers, positions)
-                else:
-                    grid = nnsight_grid(model, clean, corrupt, answer, layers, positions)
-                    nnsight_ok = grid is not None
-                sync()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-                frames[name] = grid
-        trace_ms = {k: stats(v[1:]).as_dict() for k, v in times.items() if len(v) > 1}
-        ref = torch.tensor(frames["torch_hooks_full_forward_per_cell"])
-        diffs = {k: float((torch.tensor(v) - ref).abs().max()) for k, v in frames.items() if v is not None}
-        djinn_ms = trace_ms["djinn_causal_trace"]["median_ms"]
+        floor_one = gemm_floor_ms(model, args.layer, args.seq, 1)
+        floor_many = gemm_floor_ms(model, args.layer, args.seq, args.forks)
         out = {
             "benchmark": "batched forks and causal tracing through the client to a djinn-server subprocess",
             "model": args.model, "dtype": args.dtype, "layer": args.layer, "seq_len": args.seq,
@@ -197,20 +259,23 @@ def main(argv: list[str] | None = None) -> int:
             "fork_many_over_one_fork": ratio(many.median_ms, one.median_ms),
             "one_by_one_over_one_fork": ratio(seq_.median_ms, one.median_ms),
             "fork_many_tokens_equal_single_forks": tokens_equal,
-            "trace": {"layers": len(layers), "positions": len(positions), "cells": len(layers) * len(positions),
-                      "answer": answer, "ms": trace_ms, "max_abs_diff_vs_hooks": diffs,
-                      "nnsight": "ran" if nnsight_ok else "not importable here"},
-            "hooks_over_djinn": ratio(trace_ms["torch_hooks_full_forward_per_cell"]["median_ms"], djinn_ms),
-            "nnsight_over_djinn": ratio(trace_ms.get("nnsight_trace_per_cell", {}).get("median_ms"), djinn_ms),
+            "gemm_floor_ms": {"one": floor_one, f"many_{args.forks}": floor_many,
+                              "what": "the later blocks' matrix products alone (one CUDA graph on a GPU)"},
+            "gemm_floor_many_over_one_fork": ratio(floor_many, one.median_ms),
         }
+        if not args.no_trace:
+            out.update(trace_section(args, client, model, vocab, n_layers))
         client.close()
     name = f"bench_patching_{args.model.replace(':', '_')}_L{args.layer}_s{args.seq}.json"
     write_json(Path(args.out) / name, out)
     print(f"{args.model}: one fork {one.median_ms:.2f} ms, {args.forks} one by one {seq_.median_ms:.2f} ms "
           f"({out['one_by_one_over_one_fork']:.1f}x), fork_many({args.forks}) {many.median_ms:.2f} ms "
-          f"({out['fork_many_over_one_fork']:.2f}x); tokens equal: {all(tokens_equal)}")
-    print(f"trace {len(layers)}x{len(positions)}: " + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in trace_ms.items())
-          + f"; hooks/djinn {out['hooks_over_djinn']:.1f}x; max |diff| {diffs}")
+          f"({out['fork_many_over_one_fork']:.2f}x); tokens equal: {all(tokens_equal)}; the {args.forks} forks' "
+          f"matrix products alone {floor_many:.2f} ms ({out['gemm_floor_many_over_one_fork']:.2f}x one fork)")
+    if "trace" in out:
+        t = out["trace"]
+        print(f"trace {t['layers']}x{t['positions']}: " + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in t["ms"].items())
+              + f"; hooks/djinn {out['hooks_over_djinn']:.1f}x; max |diff| {t['max_abs_diff_vs_hooks']}")
     return 0
 
 

@@ -1,0 +1,101 @@
+"""Pausing at every step through the client (issue 14, goal: <= 5 % of a step).
+
+    python -m experiments.bench_client_pause --model random:gpt2 --device cuda:0 [--out DIR]
+
+A ``djinn-server`` in another process; the client generates ``--new-tokens`` tokens from a
+``--seq``-token prompt two ways, interleaved round by round: plain (``generate``, no breakpoint:
+one call) and paused at the middle layer at every step, each pause resumed by the client with
+``run.resume()`` (one round trip per step). Per round: the extra time per step,
+``(paused - plain) / steps``, and its share of a plain step, ``plain / steps``. Reported: the
+median and 25th-75th percentiles over rounds; the tokens of both must be equal.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import djinn_nb
+
+from .exp3_whitebox.exp3lib.env import environment, write_json
+from .server_process import djinn_server
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:gpt2")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--out", default="experiments/out/bench_client_pause")
+    args = p.parse_args(argv)
+    with djinn_server(args.model, args.device, args.dtype) as address:
+        client = djinn_nb.connect(address)
+        layer = client.info["num_layers"] // 2
+        prompt = torch.randint(0, client.info["vocab_size"], (args.seq,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+        steps = args.new_tokens
+
+        def plain() -> list[int]:
+            run = client.generate(prompt, max_new_tokens=steps)
+            tokens = run.token_ids
+            run.close()
+            return tokens
+
+        def paused() -> list[int]:
+            run = client.generate(prompt, max_new_tokens=steps, breakpoints=[(layer, "all")])
+            pauses = 0
+            while run.paused:
+                run.resume()
+                pauses += 1
+            if pauses != steps:
+                raise RuntimeError(f"expected {steps} pauses, got {pauses}")
+            tokens = run.token_ids
+            run.close()
+            return tokens
+
+        for _ in range(2):  # warm-up (graphs, allocator)
+            plain(), paused()
+        shares, extras, plain_ms, paused_ms = [], [], [], []
+        same = True
+        for r in range(args.rounds):
+            t = {}
+            out = {}
+            for name, fn in (("plain", plain), ("paused", paused)) if r % 2 == 0 else (("paused", paused), ("plain", plain)):
+                t0 = time.perf_counter()
+                out[name] = fn()
+                t[name] = (time.perf_counter() - t0) * 1e3
+            same &= out["plain"] == out["paused"]
+            extra = (t["paused"] - t["plain"]) / steps
+            extras.append(extra)
+            shares.append(extra / (t["plain"] / steps))
+            plain_ms.append(t["plain"])
+            paused_ms.append(t["paused"])
+            print(f"round {r + 1}/{args.rounds}: plain {t['plain']:.1f} ms, paused every step {t['paused']:.1f} ms, "
+                  f"+{extra * 1e3:.0f} us/step ({100 * shares[-1]:+.1f} %)", flush=True)
+        client.close()
+    q = statistics.quantiles(shares, n=4)
+    result = {
+        "benchmark": "a pause at every step, resumed through the client, vs plain generate through the client",
+        "model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq, "new_tokens": steps,
+        "rounds": args.rounds, "environment": environment(args.device), "tokens_equal": same,
+        "plain_ms_median": statistics.median(plain_ms), "paused_ms_median": statistics.median(paused_ms),
+        "extra_us_per_step_median": statistics.median(extras) * 1e3,
+        "extra_share_of_step_median": statistics.median(shares), "extra_share_p25": q[0], "extra_share_p75": q[2],
+        "goal_share": 0.05,
+    }
+    name = f"bench_client_pause_{args.model.replace(':', '_')}.json"
+    write_json(Path(args.out) / name, result)
+    print(f"{args.model}: pausing at every step through the client costs {result['extra_us_per_step_median']:.0f} us "
+          f"per step, {100 * result['extra_share_of_step_median']:.1f} % of a plain step "
+          f"(p25..p75 {100 * q[0]:.1f}..{100 * q[2]:.1f} %; goal <= 5 %); tokens equal: {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
