@@ -173,6 +173,11 @@ def test_fork_many_with_mixed_lengths_breakpoints_and_patches(setup):
     assert many[2].resume().token_ids == single[2].resume().token_ids
     assert many[4].paused and many[4].site == "mlp_out"
     assert many[4].run_to_end().token_ids == generate(model, CORRUPT, N)
+    # the short fork's rows are read only now, after the batch went on without it for four steps
+    assert many[0].bytes_held == single[0].bytes_held
+    back, back_single = many[0].rewind(step=1), single[0].rewind(step=1)
+    torch.testing.assert_close(back.activation(), back_single.activation(), rtol=1e-5, atol=1e-5)
+    assert back.run_to_end().token_ids == back_single.run_to_end().token_ids == many[0].token_ids
 
 
 def test_fork_many_validates_everything_before_starting_any(setup):

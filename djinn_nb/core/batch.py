@@ -55,12 +55,17 @@ class ForkBatch:
         active = list(self.members)
         while True:
             keep = []
+            snapshot = None  # this step's cache as it is now, for the forks that end here (made once)
             for i, (run, done) in enumerate(zip(active, self.stepper.take_tokens(active, logits))):
                 if not logits_finite(run):  # never a token from NaN: this fork fails, the others go on
                     run.state, run.cache = RunState.FAILED, None
                     run.error = f"non-finite logits at step {run.step - 1}: the edit made later layers overflow"
                 elif done:
-                    run.cache = kvcache.row_of(cache, i, len(active)) if self.stepper.keep_finished else None
+                    if self.stepper.keep_finished:
+                        snapshot = snapshot or kvcache.fork_cache(cache)
+                        run.keep_row(snapshot, i, len(active))
+                    else:
+                        run.cache = None
                 elif self._needs_own_step(run):
                     run.cache = kvcache.row_of(cache, i, len(active))
                     self.left.append(run)

@@ -131,6 +131,14 @@ class Run:
     host_pack: offload.HostPack | None = None
     lock: VersionedLock = field(default_factory=VersionedLock, repr=False)
     _bytes: tuple[tuple, int] | None = field(default=None, repr=False)  # (what it was counted at, bytes)
+    _row = None  # not a field: (batch cache, row, rows) until ``cache`` is first read (see keep_row)
+
+    def keep_row(self, batch_cache: Any, row: int, rows: int) -> None:
+        """Take row ``row`` of a cache batched ``rows`` wide as this run's KV cache, lazily: the
+        views are made when ``cache`` is first read (a batch's forks mostly end unread or closed).
+        ``batch_cache`` must be a snapshot the batch no longer changes (``kvcache.fork_cache``)."""
+        self._kv = None
+        self._row = (batch_cache, row, rows)
 
     @property
     def paused(self) -> bool:
@@ -157,7 +165,7 @@ class Run:
         bytes (a batched fork's rows of a shared KV cache, a rewound run's cropped one), views of one
         storage at most that storage's size, and the same view seen twice once. Counted again only
         after the run changed (its lock's version, and what it holds, as a cheap second check)."""
-        at = (self.lock.version, self.state, self.step, id(self.cache), id(self.checkpoint), id(self.host_pack),
+        at = (self.lock.version, self.state, self.step, id(self._kv), id(self._row), id(self.checkpoint), id(self.host_pack),
               len(self.watch_log), len(self.logits), id(self.last_logits))
         if self._bytes is not None and self._bytes[0] == at:
             return self._bytes[1]
@@ -240,6 +248,21 @@ class Run:
             idle_s=round(time.monotonic() - self.last_used, 3),
             v=version,
         )
+
+
+def _get_cache(run: Run) -> Any:
+    row = run._row
+    if row is not None:
+        run._kv, run._row = kvcache.row_of(*row), None
+    return run._kv
+
+
+def _set_cache(run: Run, value: Any) -> None:
+    run._kv, run._row = value, None
+
+
+# After the dataclass is made, so that its __init__'s ``self.cache = cache`` goes through the setter.
+Run.cache = property(_get_cache, _set_cache, doc="The run's KV cache (a batched fork's row made on first read).")
 
 
 class RunRegistry:

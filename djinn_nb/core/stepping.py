@@ -410,8 +410,9 @@ class Stepper:
                 kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
             choices.append(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator).reshape(()))
-        greedy = torch.argmax(logits, dim=-1)
-        choice = torch.stack([greedy[i] if c is None else c for i, c in enumerate(choices)])
+        choice = torch.argmax(logits, dim=-1)
+        if any(c is not None for c in choices):
+            choice = torch.stack([choice[i] if c is None else c for i, c in enumerate(choices)])
         # float64 holds every token id exactly; one transfer instead of a sync per value
         rows = torch.cat([choice[:, None].double(), idx.double(), vals.double(), entropy[:, None].double()], 1).tolist()
         for i, (run, row) in enumerate(zip(runs, rows)):
