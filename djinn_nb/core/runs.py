@@ -21,7 +21,7 @@ from . import graphs, kvcache, offload
 from .specs import Breakpoint, Point, Sampling
 
 
-@dataclass
+@dataclass(eq=False)
 class Checkpoint:
     """Where a run paused: ``site`` of block ``layer`` at ``step``, and how to go on from there.
 
@@ -92,7 +92,7 @@ class VersionedLock:
         self._lock.release()
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: `in`/`==` compare identity, never fields (tensors, a batch's rows)
 class Run:
     """One generation's server-side state. Use it through :class:`Engine`."""
 
