@@ -11,6 +11,10 @@ loopback with TCP_NODELAY on both ends:
   locked-down config) — what rpyc costs on the path djinn_nb uses.
 - ``runs``: ``client.runs()`` with two runs on the server.
 - ``refresh``: ``run.refresh()`` of a paused run (the ``status`` call).
+- ``rpyc_echo_after_resume`` / ``_fork``: the bare echo, its server busy-waiting as long as the
+  engine's median resume / fork took (measured in the warm-up) before answering; reported less
+  that wait: what a round trip costs when the client has been waiting that long (it may have to
+  wake up), the floor for resume and fork (``ratio_to_waiting_echo``).
 - ``resume`` / ``fork``: ``run.resume()`` (no tensors, no edit) of a run paused at every
   step, and ``run.fork(scale=0.9, breakpoints=[], max_new_tokens=step+1)``. These do
   engine work (a step of a tiny random model), so the server process times each
@@ -42,12 +46,17 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 
 ECHO_SERVER = r"""
-import socket, sys, rpyc
+import socket, sys, time, rpyc
 from rpyc.utils.server import ThreadedServer
 class Echo(rpyc.Service):
     def on_connect(self, conn):
         conn._channel.stream.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     def exposed_echo(self, s):
+        return s
+    def exposed_echo_after(self, s, seconds):  # a server that works as long as the engine did, then answers
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
         return s
 srv = ThreadedServer(Echo, hostname="127.0.0.1", port=0)
 srv._listen()
@@ -195,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         closes.clear()
         djinn_proc.stdin.write("spent\n")
         djinn_proc.stdin.flush()
-        _read_spent()
+        warm = _read_spent()
+        # the floor for a call that waits on the engine: an echo whose server busy-waits as long
+        bare_echo_after = bare.root.echo_after
+        waits = {name: statistics.median(warm[name]) for name in engine_timed}
+        for name in engine_timed:
+            variants[f"rpyc_echo_after_{name}"] = lambda d=waits[name]: bare_echo_after(arg, d)
 
         rng = random.Random(0)
         per_round: dict[str, list[float]] = {k: [] for k in variants}
@@ -226,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         raise RuntimeError(f"{name}: {len(ts)} calls but {len(spent)} engine timings")
                     engine_med[name].append(statistics.median(spent))
                     ts = [a - b for a, b in zip(ts, spent)]
+                if name.startswith("rpyc_echo_after_"):
+                    ts = [t - waits[name.removeprefix("rpyc_echo_after_")] for t in ts]
                 if name == "fork":
                     for f in closes:
                         f.close()
@@ -258,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
              "ratio_p25": q[0], "ratio_p75": q[2]}
         if name in engine_med:
             v["engine_us_median_subtracted"] = statistics.median(engine_med[name]) * 1e6
+            waited = per_round[f"rpyc_echo_after_{name}"]
+            w = sorted(m / e for m, e in zip(meds, waited))
+            qw = statistics.quantiles(w, n=4) if len(w) > 1 else [w[0]] * 3
+            # against an echo whose server works as long (the client then wakes from the same wait)
+            v.update(ratio_to_waiting_echo=statistics.median(w), waiting_ratio_p25=qw[0], waiting_ratio_p75=qw[2],
+                     waiting_echo_us_less_wait=statistics.median(waited) * 1e6)
         if service.get(name):
             # inside the exposed call but outside the engine: the service's own work (JSON, checks, summary)
             v["service_us_median_without_engine"] = statistics.median(service[name]) * 1e6
@@ -266,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'call':16s} {'us':>8s} {'x echo':>7s} {'p25..p75':>13s}")
     for name, v in result["variants"].items():
         extra = f"   (engine {v['engine_us_median_subtracted']:.0f} us subtracted)" if "engine_us_median_subtracted" in v else ""
+        if "ratio_to_waiting_echo" in v:
+            extra += (f"   vs an echo whose server waits as long: {v['ratio_to_waiting_echo']:.2f}x "
+                      f"({v['waiting_echo_us_less_wait']:.0f} us)")
         if "service_us_median_without_engine" in v:
             extra += f"   service's own work {v['service_us_median_without_engine']:.0f} us"
         print(f"{name:16s} {v['us_median']:8.1f} {v['ratio_to_rpyc_echo']:7.2f} "
