@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -104,6 +105,29 @@ def test_what_the_pause_made_goes_to_the_oldest_generation_and_its_cycles_are_st
     assert freed == []  # reference counting alone cannot free a cycle...
     gc.collect()
     assert freed == ["cycle"]  # ...and the next full collection does: nothing is exempted
+
+
+def test_a_long_pause_ends_with_a_full_collection_that_frees_its_cycles_at_once(monkeypatch):
+    import gc
+    import weakref
+
+    from djinn_nb.core import gcpause
+
+    class Node:
+        pass
+
+    monkeypatch.setattr(gcpause, "LONG_PAUSE_S", 0.05)
+    freed = []
+    with gcpause.paused_gc():
+        cycle = Node()
+        cycle.me = cycle
+        weakref.finalize(cycle, freed.append, "cycle")
+        del cycle
+        deadline = time.process_time() + 0.2
+        while time.process_time() < deadline:  # CPU time, as a conversion or a large load spends it
+            pass
+        assert freed == []
+    assert freed == ["cycle"] and gc.isenabled()
 
 
 def test_a_program_that_froze_objects_keeps_them_frozen():

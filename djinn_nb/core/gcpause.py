@@ -18,19 +18,31 @@ full collection, which CPython runs when enough new objects have survived since 
 last one; that one pass over the heap is the cost left (0.4-0.6 s measured after the
 embedded default's load, against 0.25-0.3 s for a full pass without the pause). Where
 the program has frozen objects itself (``gc.get_freeze_count() > 0``), unfreezing would
-thaw them too, so the collector is only turned back on. No torch import here:
-``djinn_nb`` uses this before torch loads.
+thaw them too, so the collector is only turned back on.
+
+Cycles made during a pause keep what they hold until that full collection: ~110 MB after
+the embedded model's GGUF conversion, tensors on a GPU perhaps after a large model's
+load. So a pause that took more CPU time than :data:`LONG_PAUSE_S` (a conversion, a large
+model) ends with one full collection instead, which frees them at once and costs little
+beside such a load; the warm start of the embedded default (~3 s) promotes. No torch
+import here: ``djinn_nb`` uses this before torch loads.
 """
 from __future__ import annotations
 
 import gc
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 _lock = threading.Lock()
 _depth = 0  # pauses in progress, all threads
 _enabled_before = False  # whether the collector was on when the outermost pause began
+_began = 0.0  # the process's CPU time when the outermost pause began
+
+#: a pause in which the process used more CPU seconds than this ends with a full collection, not a
+#: promotion (CPU rather than wall time: a warm start on a busy machine takes 5-10 s of wall time)
+LONG_PAUSE_S = 10.0
 
 
 @contextmanager
@@ -38,11 +50,13 @@ def paused_gc() -> Iterator[None]:
     """Turn the cyclic collector off for the ``with`` block; nested and concurrent pauses
     share one pause, and the collector comes back on when the last ends if it was on when
     the first began (a collector the caller had disabled stays disabled), with what was
-    made meanwhile in its oldest generation."""
-    global _depth, _enabled_before
+    made meanwhile in its oldest generation, or collected after a pause longer than
+    :data:`LONG_PAUSE_S`."""
+    global _depth, _enabled_before, _began
     with _lock:
         if _depth == 0:
             _enabled_before = gc.isenabled()
+            _began = time.process_time()
             gc.disable()
         _depth += 1
     try:
@@ -51,7 +65,9 @@ def paused_gc() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0 and _enabled_before:
-                if gc.get_freeze_count() == 0:
+                if time.process_time() - _began > LONG_PAUSE_S:
+                    gc.collect()
+                elif gc.get_freeze_count() == 0:
                     gc.freeze()
                     gc.unfreeze()
                 gc.enable()
