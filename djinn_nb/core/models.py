@@ -240,7 +240,10 @@ def load_tokenizer(path: str) -> Any:
     config's tokenizer class with an empty vocabulary (every text encodes to nothing);
     that counts as none.
     """
-    fast = _saved_tokenizers_backend(path)
+    try:
+        fast = _saved_tokenizers_backend(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        fast = None  # AutoTokenizer then says the same or does better
     if fast is not None:
         return fast
     from transformers import AutoTokenizer
