@@ -31,7 +31,10 @@ def __getattr__(name: str) -> Any:
     on a machine without rpyc, say) then needs neither rpyc nor the client. ``causal_trace``
     and ``plot_causal_trace`` live in the notebook layer (pandas, matplotlib)."""
     if name in ("connect", "Client", "Run"):
-        from .client import Client, Run, connect
+        from .core.gcpause import paused_gc
+
+        with paused_gc():  # the client imports torch: a second of imports, see core/gcpause.py
+            from .client import Client, Run, connect
 
         return {"connect": connect, "Client": Client, "Run": Run}[name]
     if name in ("causal_trace", "plot_causal_trace"):

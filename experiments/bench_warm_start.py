@@ -7,7 +7,8 @@ cached under ``~/.cache/djinn_nb`` or ``$DJINN_CACHE``; run once cold first if i
 not): it times ``import djinn_nb`` (torch comes with it), then ``djinn_nb.connect()``
 (transformers' imports, loading the safetensors and tokenizer, the exactness probe,
 the embedded server and the client's hello), then one 3-token ``generate`` to show it
-is ready. Reported: the median over processes of each, wall and CPU seconds, and the
+is ready. Reported: the median over processes of each, wall and CPU seconds, the
+cyclic GC's time (paused during connect, see ``djinn_nb/core/gcpause.py``), and the
 load average around them (this machine is shared: compare medians, and CPU seconds
 when the load is high). One more process times the phases inside ``connect()`` one by one.
 Writes ``warm_start.json`` with the machine, versions and commit.
@@ -25,24 +26,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, os, resource, sys, time
+import gc, json, os, resource, sys, time
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+gc_s, gc_n, gc_t = [0.0], [0], [0.0]
+def on_gc(phase, info):
+    if phase == "start":
+        gc_t[0] = time.perf_counter()
+    else:
+        gc_s[0] += time.perf_counter() - gc_t[0]
+        gc_n[0] += 1
+gc.callbacks.append(on_gc)
 t0, c0 = time.perf_counter(), cpu()
 import djinn_nb
 t1, c1 = time.perf_counter(), cpu()
 client = djinn_nb.connect()
 t2, c2 = time.perf_counter(), cpu()
+connect_gc = (gc_s[0], gc_n[0])
 run = client.generate("The capital of France is", max_new_tokens=3)
 t3, c3 = time.perf_counter(), cpu()
 print("RESULT " + json.dumps({"import_s": t1 - t0, "connect_s": t2 - t1, "generate_s": t3 - t2,
-    "import_cpu_s": c1 - c0, "connect_cpu_s": c2 - c1, "text": run.text}), flush=True)
+    "import_cpu_s": c1 - c0, "connect_cpu_s": c2 - c1, "generate_cpu_s": c3 - c2,
+    "connect_gc_s": connect_gc[0], "connect_gc_collections": connect_gc[1],
+    "generate_gc_s": gc_s[0] - connect_gc[0], "text": run.text}), flush=True)
 os._exit(0)
 """
 
 PHASES = r"""
 import json, os, sys, time
+from djinn_nb.core.gcpause import paused_gc
+paused = paused_gc()  # as connect() does: the collector is off from before torch's import to the server's start
+paused.__enter__()
 T = time.perf_counter
 out = {}
 t = T(); import torch; out["import torch"] = T() - t
@@ -59,7 +74,9 @@ t = T(); e = Engine(m, tok, "embedded", check_exact=False); out["engine without 
 t = T(); e = Engine(m, tok, "embedded"); out["engine with the exactness probe"] = T() - t
 from djinn_nb.serving.server import DjinnServer
 from djinn_nb.client.connection import Client
-t = T(); s = DjinnServer(e, "127.0.0.1", 0).start(); c = Client("127.0.0.1", s.port); out["server start + client hello"] = T() - t
+t = T(); s = DjinnServer(e, "127.0.0.1", 0).start(); out["server start"] = T() - t
+t = T(); paused.__exit__(None, None, None); out["end the GC pause"] = T() - t
+t = T(); c = Client("127.0.0.1", s.port); out["client hello"] = T() - t
 print("RESULT " + json.dumps(out), flush=True)
 os._exit(0)
 """
@@ -86,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         s = _child(CHILD)
         samples.append(s)
         print(f"  process {i + 1}/{args.n}: import {s['import_s']:.2f} s, connect {s['connect_s']:.2f} s "
-              f"(cpu {s['connect_cpu_s']:.2f} s), generate {s['generate_s']:.2f} s -> {s['text']!r}", flush=True)
+              f"(cpu {s['connect_cpu_s']:.2f} s, GC {s['connect_gc_s']:.2f} s in {s['connect_gc_collections']} collections), "
+              f"generate {s['generate_s']:.2f} s -> {s['text']!r}", flush=True)
     phases = _child(PHASES)
     load_after = os.getloadavg()
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0] if k != "text"}
@@ -106,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment("cpu"),
     }
     print(f"median of {args.n}: import djinn_nb {med['import_s']:.2f} s; connect() {med['connect_s']:.2f} s "
-          f"(cpu {med['connect_cpu_s']:.2f} s; goal <= 3 s); first generate {med['generate_s']:.2f} s")
+          f"(cpu {med['connect_cpu_s']:.2f} s, of it GC {med['connect_gc_s']:.2f} s; goal <= 3 s); "
+          f"first generate {med['generate_s']:.2f} s (cpu {med['generate_cpu_s']:.2f} s)")
     for k, v in phases.items():
         print(f"  {k:40s} {v:.3f} s")
     print(f"load average before {load_before}, after {load_after}")

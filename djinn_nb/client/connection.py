@@ -260,13 +260,13 @@ def connect(
         if not port.isdigit():
             raise BadRequestError(f"address must be 'host:port', got {address!r}")
         return Client(host, int(port), token, tls=tls, tls_ca=tls_ca)
-    from ..serving.server import DjinnServer, build_engine
+    from ..serving.embedded import start_embedded_server
 
     device = device or "cpu"
     key = (model or "embedded", device, dtype)
     with _embedded_lock:
         server = _embedded.get(key)
         if server is None:
-            server = DjinnServer(build_engine(model, device, dtype), "127.0.0.1", 0).start()
+            server = start_embedded_server(model, device, dtype)
             _embedded[key] = server
     return Client("127.0.0.1", server.port, None)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import BadRequestError
+from .gcpause import paused_gc
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
@@ -145,6 +146,7 @@ def embedded_dir() -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize the GGUF to fp32 and save it with its tokenizer at ``target`` (atomically)."""
+    import gc
     import sys
 
     from tqdm.auto import tqdm
@@ -181,6 +183,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             tok.save_pretrained(tmp)
             bar.update(1)
             bar.set_postfix_str("done")
+        del model, tok
+        gc.collect()  # the dequantization leaves ~110 MB in cycles; free it before the load that follows
         if not target.exists():
             os.replace(tmp, target)
     finally:
@@ -200,10 +204,16 @@ def load_model(
     ``None`` or ``"embedded"``: the embedded SmolLM2; ``"random:<shape>"``: a random
     model (``RANDOM_SHAPES``); anything else: a hub id or local directory for
     ``AutoModelForCausalLM.from_pretrained`` (``device_map="auto"`` splits it over GPUs).
+    The cyclic garbage collector is paused meanwhile (:mod:`.gcpause`).
     """
+    with paused_gc():
+        return _load_model(source or EMBEDDED, device, dtype, seed, device_map)
+
+
+def _load_model(source: str, device: str, dtype: str | torch.dtype | None, seed: int,
+                device_map: str | None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
-    source = source or EMBEDDED
     if source.startswith("random:"):
         shape = source.split(":", 1)[1]
         dt = resolve_dtype(dtype, device)
@@ -230,6 +240,12 @@ def load_tokenizer(path: str) -> Any:
     config's tokenizer class with an empty vocabulary (every text encodes to nothing);
     that counts as none.
     """
+    try:
+        fast = _saved_tokenizers_backend(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        fast = None  # AutoTokenizer then says the same or does better
+    if fast is not None:
+        return fast
     from transformers import AutoTokenizer
 
     try:
@@ -237,3 +253,41 @@ def load_tokenizer(path: str) -> Any:
     except (OSError, ValueError, TypeError, KeyError):
         return None
     return tok if getattr(tok, "vocab_size", 1) else None
+
+
+#: tokenizer_config.json keys that pick the class rather than configure it
+_LOADING_KEYS = ("tokenizer_class",)
+#: files that send ``AutoTokenizer`` down paths this shortcut does not take
+_OTHER_TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
+                          "vocab.txt", "merges.txt")
+
+
+def _saved_tokenizers_backend(path: str) -> Any | None:
+    """A plain ``TokenizersBackend`` saved by transformers 5 (the embedded conversion's), built
+    straight from its files; ``None`` for anything else, which ``AutoTokenizer`` then loads.
+
+    ``AutoTokenizer`` builds the same tokenizer (the tests compare the Rust tokenizers'
+    serializations) but first parses the 3.5 MB ``tokenizer.json`` in Python for its added
+    tokens, which the Rust parse reads anyway: 40-90 ms of a warm start.
+    """
+    d = Path(path)
+    if not (d / "tokenizer.json").is_file() or not (d / "tokenizer_config.json").is_file():
+        return None
+    if any((d / f).exists() for f in _OTHER_TOKENIZER_FILES):
+        return None
+    import json
+
+    try:
+        config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(config, dict) or config.get("tokenizer_class") != "TokenizersBackend"
+            or config.get("backend", "tokenizers") != "tokenizers"
+            or any(k in config for k in ("added_tokens_decoder", "auto_map", "chat_template"))):
+        return None
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    kwargs = {k: v for k, v in config.items() if k not in _LOADING_KEYS}
+    if (d / "chat_template.jinja").is_file():
+        kwargs["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    return TokenizersBackend(tokenizer_file=str(d / "tokenizer.json"), name_or_path=str(path), **kwargs)
