@@ -116,7 +116,7 @@ class Stepper:
             if stop is None or w <= stop:
                 by_layer.setdefault(w.layer, []).append(w.site)
         if stop is not None and not by_layer:
-            return self._forward_standing(ids, cache, stop)
+            raise self._forward_standing(ids, cache, stop)
         with contextlib.ExitStack() as stack:
             for layer, sites in by_layer.items():
                 if stop is None or layer != stop.layer:
@@ -132,18 +132,20 @@ class Stepper:
             raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0)
         raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
 
-    def _forward_standing(self, ids: torch.Tensor, cache: Any, stop: Point) -> torch.Tensor:
-        """``forward`` to ``stop`` with nothing to watch, on traces that stay hooked between steps."""
+    def _forward_standing(self, ids: torch.Tensor, cache: Any, stop: Point) -> Paused:
+        """``forward`` to ``stop`` with nothing to watch, on traces that stay hooked between steps;
+        the pause is returned, not raised (the step loop's hot path)."""
         traces = self._standing.pop(stop, None)
         if traces is None:
             with contextlib.ExitStack() as stack:
                 inputs, stopper, saved = self._site_traces(stack, stop.layer, stop.site, (), None, True)
                 stack.pop_all()  # they stay hooked
-            traces = (inputs, stopper, saved, list({id(t): t for t in (inputs, *saved.values(), stopper)}.values()))
+            every = list({id(t): t for t in (inputs, *saved.values(), stopper)}.values())
+            traces = (inputs, stopper, saved, every, self.parts[stop.layer].needs(stop.site))
             while len(self._standing) >= STANDING:
                 self.release_traces(next(iter(self._standing)))
         self._standing[stop] = traces  # most recently used last
-        inputs, stopper, saved, every = traces
+        inputs, stopper, saved, every, needs = traces
         for t in every:
             t.active = True
         try:
@@ -152,7 +154,11 @@ class Stepper:
         except StopForward as e:
             if e.trace is not stopper:
                 raise
-            raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0) from None
+            kept = {"resid_pre": inputs.value}
+            for site in needs:
+                kept[site] = saved[site].value if site != "resid_pre" else inputs.value
+            value = stopper.value if stop.site != "z" else self.parts[stop.layer].as_site("z", stopper.value)
+            return Paused(stop.layer, stop.site, value, inputs.args, inputs.kwargs, kept, time.perf_counter() - t0)
         finally:
             for t in every:
                 t.active = False
@@ -190,7 +196,9 @@ class Stepper:
             if site != "resid_post":
                 h = self._finish(layer, site, h, saved, args, kwargs, None, (), None)
             for block in self._blocks[layer + 1:]:
-                h = output_hidden(block(h, *args, **kwargs))
+                h = block(h, *args, **kwargs)
+                if type(h) is not torch.Tensor:  # output_hidden inline: no call per block
+                    h = output_hidden(h)
             return run_tail(self.anatomy, h)
         for i in range(layer, len(blocks)):
             inner_stop = first.site if first is not None and first.layer == i and first.site != "resid_post" else None
@@ -292,15 +300,11 @@ class Stepper:
                 else:
                     ids = run.prompt_ids if step == 0 else run.token_ids[-1:]
                     x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                    if stops and not watches:  # an armed step: its traces stand, its pause returns
+                        return self._pause(run, step, self._forward_standing(x, run.cache, min(stops)))
                     logits = self.forward(x, run.cache, min(stops, default=None), watches, record)
             except Paused as p:
-                run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
-                run.timings["checkpoint"] = p.capture_s
-                run.state = RunState.PAUSED
-                run.last_point = (p.layer, p.site)
-                if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
-                    run.target = None
-                return
+                return self._pause(run, step, p)
             used, start = start, None
             ended = self.take_tokens([run], logits)[0]
             if not logits_finite(run):  # never a token from NaN: the engine undoes this call
@@ -318,6 +322,15 @@ class Stepper:
                 if not self.keep_finished:
                     run.cache = None  # frees the device memory; tokens and logits stay
                 return
+
+    @staticmethod
+    def _pause(run: Run, step: int, p: Paused) -> None:
+        run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
+        run.timings["checkpoint"] = p.capture_s
+        run.state = RunState.PAUSED
+        run.last_point = (p.layer, p.site)
+        if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
+            run.target = None
 
     @staticmethod
     def _recorder(run: Run, step: int, user_watches: list[Point], test: StepTest | None) -> OnWatch:
