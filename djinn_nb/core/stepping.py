@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ExecutionError
 from ..schema import RunState
-from . import graphs, kvcache
+from . import entry, graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
@@ -65,8 +65,13 @@ class Stepper:
         self.between_steps: Callable[[Run], None] = lambda run: None
         #: finished runs keep their KV cache (for ``rewind``) until closed
         self.keep_finished = False
-        #: a stop point's traces (inputs, stopper, saved, all), hooked and idle between steps
-        self._standing: dict[Point, tuple[Trace, Trace, dict[str, Trace], list[Trace]]] = {}
+        #: a stop point's traces (inputs, stopper, saved, all, sites kept), hooked and idle between steps
+        self._standing: dict[Point, tuple[Trace, Trace, dict[str, Trace], list[Trace], tuple[str, ...]]] = {}
+        #: what an armed step's forward enters: the whole model, or its base model once the probe
+        #: found that the same computation (entry.py), and the keywords it takes besides the ids
+        self._entry: nn.Module = model
+        self._entry_kw: dict[str, Any] = self._model_kwargs(None)
+        self._entry_checked = False
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -148,9 +153,11 @@ class Stepper:
         inputs, stopper, saved, every, needs = traces
         for t in every:
             t.active = True
+        kw = dict(self._entry_kw)
+        kw[self.anatomy.cache_arg] = cache
         try:
             t0 = time.perf_counter()
-            self.model(input_ids=ids, **self._model_kwargs(cache))
+            self._entry(input_ids=ids, **kw)
         except StopForward as e:
             if e.trace is not stopper:
                 raise
@@ -238,6 +245,8 @@ class Stepper:
         """The exactness probe's split forward: pause at each of ``points`` (in forward order) and
         continue by hand from it, as a run with these breakpoints in one step would; the logits."""
         stops = [Point.at(layer, site) for layer, site in points]
+        if not self._entry_checked:
+            self._check_entry(ids, cache, stops[0])
         try:
             try:
                 self.forward(ids, cache, stops[0])
@@ -259,6 +268,28 @@ class Stepper:
             raise AssertionError("unreachable")
         finally:
             self.release_traces()
+
+    def _check_entry(self, ids: torch.Tensor, cache: Any, stop: Point) -> None:
+        """Enter armed steps at the base model if, on copies of ``cache``, it pauses at ``stop`` with
+        the same block arguments and values as the whole model (see entry.py)."""
+        self._entry_checked = True
+        base = entry.base_entry(self.model, self.anatomy.cache_arg)
+        if base is None:
+            return
+        caches = [kvcache.fork_cache(cache), kvcache.fork_cache(cache)]
+        pauses = []
+        try:
+            for module, kw, c in ((self.model, self._entry_kw, caches[0]), (base, {"use_cache": True}, caches[1])):
+                self._entry, self._entry_kw = module, kw
+                pauses.append(self._forward_standing(ids, c, stop))
+        except Exception:  # noqa: BLE001 - any difference keeps the whole model as the entry
+            return
+        finally:
+            self._entry, self._entry_kw = self.model, self._model_kwargs(None)
+            self.release_traces()
+        a, b = pauses
+        if entry.same_call((a.value, a.saved, a.args, a.kwargs), (b.value, b.saved, b.args, b.kwargs), *caches):
+            self._entry, self._entry_kw = base, {"use_cache": True}
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
