@@ -152,8 +152,9 @@ def test_armed_steps_enter_the_base_model_only_where_it_computes_the_same(engine
     own = model.forward
 
     def shifted(input_ids=None, past_key_values=None, logits_to_keep=0, **kw):  # what its base model does not
-        return own(input_ids=(input_ids + 1) % model.config.vocab_size, past_key_values=past_key_values,
-                   logits_to_keep=logits_to_keep, **kw)
+        if past_key_values is not None:
+            kw["past_key_values"] = past_key_values
+        return own(input_ids=(input_ids + 1) % model.config.vocab_size, logits_to_keep=logits_to_keep, **kw)
 
     model.forward = shifted
     engine2 = Engine(model, None, "shifted")

@@ -71,7 +71,7 @@ class Stepper:
         #: found that the same computation (entry.py), and the keywords it takes besides the ids
         self._entry: nn.Module = model
         self._entry_kw: dict[str, Any] = self._model_kwargs(None)
-        self._entry_checked = False
+        self._entry_checks, self._base_ok = 0, None
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -243,16 +243,22 @@ class Stepper:
 
     def probe(self, ids: torch.Tensor, cache: Any, points: Sequence[tuple[int, str]]) -> torch.Tensor:
         """The exactness probe's split forward: pause at each of ``points`` (in forward order) and
-        continue by hand from it, as a run with these breakpoints in one step would; the logits."""
+        continue by hand from it, as a run with these breakpoints in one step would; the logits.
+
+        The probe's forwards enter the whole model; its first two (a prompt pass and a decoding
+        step) also decide where armed steps enter later (:meth:`_check_entry`)."""
         stops = [Point.at(layer, site) for layer, site in points]
-        if not self._entry_checked:
-            self._check_entry(ids, cache, stops[0])
+        chosen = self._entry, self._entry_kw
+        self._entry, self._entry_kw = self.model, self._model_kwargs(None)
+        trial = kvcache.fork_cache(cache) if self._entry_checks < 2 else None
         try:
             try:
                 self.forward(ids, cache, stops[0])
                 raise ExecutionError(f"probe did not pause at {points[0]}")
             except Paused as p:
                 paused = p
+            if trial is not None:
+                chosen = self._check_entry(ids, trial, cache, paused)
             for expected in [*stops[1:], None]:
                 try:
                     logits = self.continue_from(paused.layer, paused.site, paused.value, paused.args, paused.kwargs,
@@ -267,29 +273,27 @@ class Stepper:
                 return logits
             raise AssertionError("unreachable")
         finally:
+            self._entry, self._entry_kw = chosen
             self.release_traces()
 
-    def _check_entry(self, ids: torch.Tensor, cache: Any, stop: Point) -> None:
-        """Enter armed steps at the base model if, on copies of ``cache``, it pauses at ``stop`` with
-        the same block arguments and values as the whole model (see entry.py)."""
-        self._entry_checked = True
-        base = entry.base_entry(self.model, self.anatomy.cache_arg)
-        if base is None:
-            return
-        caches = [kvcache.fork_cache(cache), kvcache.fork_cache(cache)]
-        pauses = []
-        try:
-            for module, kw, c in ((self.model, self._entry_kw, caches[0]), (base, {"use_cache": True}, caches[1])):
-                self._entry, self._entry_kw = module, kw
-                pauses.append(self._forward_standing(ids, c, stop))
-        except Exception:  # noqa: BLE001 - any difference keeps the whole model as the entry
-            return
-        finally:
-            self._entry, self._entry_kw = self.model, self._model_kwargs(None)
-            self.release_traces()
-        a, b = pauses
-        if entry.same_call((a.value, a.saved, a.args, a.kwargs), (b.value, b.saved, b.args, b.kwargs), *caches):
+    def _check_entry(self, ids: torch.Tensor, trial: Any, cache: Any, full: Paused) -> tuple[nn.Module, dict]:
+        """Where armed steps enter: the base model if, run on ``trial`` (a copy of ``cache`` as it was),
+        it pauses where the whole model's forward paused (``full``) with the same block arguments and
+        values, here and at every earlier check (see entry.py); else the whole model."""
+        self._entry_checks += 1
+        base = entry.base_entry(self.model, self.anatomy.cache_arg) if self._base_ok is not False else None
+        self._base_ok = False
+        if base is not None:
             self._entry, self._entry_kw = base, {"use_cache": True}
+            try:
+                b = self._forward_standing(ids, trial, Point.at(full.layer, full.site))
+                self._base_ok = entry.same_call((full.value, full.saved, full.args, full.kwargs),
+                                                (b.value, b.saved, b.args, b.kwargs), cache, trial)
+            except Exception:  # noqa: BLE001 - any difference keeps the whole model as the entry
+                pass
+            finally:
+                self._entry, self._entry_kw = self.model, self._model_kwargs(None)
+        return (base, {"use_cache": True}) if self._base_ok else (self.model, self._model_kwargs(None))
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
