@@ -5,7 +5,9 @@ model's own forward under :class:`~djinn_nb.core.pause.Trace` hooks that stop it
 at the first breakpoint's site (``Paused``, which the engine turns into a
 checkpoint); a stop with nothing watched keeps its traces hooked, idle, from one
 step to the next (released when the run ends), since adding and removing hooks
-at every step was much of an armed step's host cost. Continuing from a checkpoint finishes that block by hand
+at every step was much of an armed step's host cost, enters the base model where
+the probe found that the same computation (``entry.py``: fewer frames to unwind),
+and hands its pause back as a value. Continuing from a checkpoint finishes that block by hand
 (:func:`~djinn_nb.core.sites.finish_block`), calls the later blocks with the
 arguments the model gave the paused one, then the final norm and head — the
 split the load-time probe (:meth:`Stepper.probe`) checks bit for bit against the
