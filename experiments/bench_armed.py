@@ -13,19 +13,21 @@ rounds of each variant's time / plain's time in the same round, with the
 on even steps only, its even steps' median time over its odd steps' (adjacent
 steps of one generation) — for the pausing breakpoint and for the conditional one.
 Rounds stop early after ``--max-seconds`` (at least ``--min-rounds``).
+
+Before/after on one machine: ``--package djinn_nb_base`` measures another commit's
+package (``git archive <commit> djinn_nb | tar -x -C /tmp/base`` renamed to
+``djinn_nb_base``, with ``PYTHONPATH=.:/tmp/base``), so both can run in one session.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-from djinn_nb.core.engine import Engine
-from djinn_nb.core.models import load_model
 
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import sync
@@ -41,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--min-rounds", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=130.0, help="stop adding rounds after this long")
+    p.add_argument("--package", default="djinn_nb",
+                   help="the package to measure, e.g. djinn_nb_base: another commit's djinn_nb, renamed")
     p.add_argument("--out", default="experiments/out/bench_armed")
     args = p.parse_args(argv)
+    Engine = importlib.import_module(f"{args.package}.core.engine").Engine
+    load_model = importlib.import_module(f"{args.package}.core.models").load_model
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     engine = Engine(loaded.model, loaded.tokenizer, args.model)
     layer = engine.num_layers // 2
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             if i >= 3:
                 times[name].append(dt * 1e3)
     rounds = len(times["plain"])
-    out = {"model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq,
+    out = {"model": args.model, "dtype": args.dtype, "package": args.package, "layer": layer, "seq_len": args.seq,
            "new_tokens": args.new_tokens, "rounds": rounds, "environment": environment(args.device),
            "same_tokens_all_variants": len({tuple(t) for t in tokens.values()}) == 1,
            "plain_ms_median": statistics.median(times["plain"]), "variants": {}}
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "ratio_p25": q[0], "ratio_p75": q[2],
                                  "overhead_pct": (statistics.median(ratios) - 1) * 100}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    tag = args.model.replace(':', '_') + (f"_{args.dtype}" if args.dtype else "")
+    tag = args.model.replace(':', '_') + (f"_{args.dtype}" if args.dtype else "") + \
+        (f"_{args.package}" if args.package != "djinn_nb" else "")
     write_json(Path(args.out) / f"bench_armed_{tag}.json", out)
     print(f"{args.model}: plain {out['plain_ms_median']:.1f} ms for {args.new_tokens} tokens, {rounds} rounds; "
           f"same tokens: {out['same_tokens_all_variants']}")

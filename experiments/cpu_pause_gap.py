@@ -6,8 +6,8 @@ Timestamps at the hand-offs of a breakpoint paused and resumed at every step:
 the stop raised in the model's forward (a Trace hook), and the next block
 starting by hand after ``resume``; the median of that gap over every pause is
 the host work between the two (the issue's "+85-100 us per pause" on the H100
-host). Also the setup of an armed step (the stepper's forward entered until
-block 0 starts) against a plain step's. Versions alternate generation by
+host). Also the setup of an armed step (from the step loop's hand-over between
+two steps until block 0 starts) against a plain step's. Versions alternate generation by
 generation; medians over all pauses are robust to the machine's noise.
 """
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+from djinn_nb.core.models import build_random
+
+from .cpu_pause_cost import build
 from .exp3_whitebox.exp3lib.env import environment, write_json
 
 
@@ -36,20 +39,13 @@ def instrument(pkg: str, log: list):
         return seen(self, v)
 
     pause.Trace._seen = _seen
-    forward = stepping.Stepper.forward
-
-    def _forward(self, *a, **k):
-        log.append(("forward", pc()))
-        return forward(self, *a, **k)
-
-    stepping.Stepper.forward = _forward
-    return eng.Engine, importlib.import_module(f"{pkg}.core.models").build_random
+    return eng.Engine
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True)
-    p.add_argument("--model", default="gpt2-tiny")
+    p.add_argument("--base", default="djinn_nb_base", help="the package to compare with")
+    p.add_argument("--model", default="gpt2-tiny", help="a random shape, or shape:layers (e.g. llama-tiny:32)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--out", default="experiments/out/cpu_pause_gap")
@@ -58,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     pc = time.perf_counter
     n, prompt = args.new_tokens, list(range(1, 17))
     engines, logs = {}, {}
-    for tag, pkg in (("before", "djinn_nb_base"), ("after", "djinn_nb")):
+    for tag, pkg in (("before", args.base), ("after", "djinn_nb")):
         logs[tag] = []
-        Engine, build_random = instrument(pkg, logs[tag])
-        e = Engine(build_random(args.model, seed=0), None, args.model)
+        Engine = instrument(pkg, logs[tag])
+        shape, _, layers = args.model.partition(":")
+        model = build(shape, int(layers)) if layers else build_random(shape, seed=0)
+        e = Engine(model, None, args.model)
+        between = e.stepper.between_steps  # a step's setup: from here to block 0
+        e.stepper.between_steps = lambda run, _f=between, _l=logs[tag]: (_l.append(("forward", pc())), _f(run))[1]
         layer = e.num_layers // 2
         log = logs[tag]
         b0, bn = e.anatomy.blocks[0], e.anatomy.blocks[layer + 1]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{tag:6s}: raise -> next block by hand {v['pause_to_hand_run_us']:.1f} us ({v['pauses']} pauses); "
               f"forward -> block 0: armed {v['armed_step_setup_us']:.1f} us, plain {v['plain_step_setup_us']:.1f} us")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / f"cpu_pause_gap_{args.model}.json", out)
+    write_json(Path(args.out) / f"cpu_pause_gap_{args.model.replace(':', '_')}.json", out)
     return 0
 
 

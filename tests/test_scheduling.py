@@ -13,7 +13,7 @@ import torch
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import build_random
 from djinn_nb.core.reference import generate as hf_generate
-from djinn_nb.core.scheduler import FairScheduler
+from djinn_nb.core.scheduler import CacheMark, FairScheduler
 from djinn_nb.core.specs import Edit
 from djinn_nb.errors import NonFiniteError
 from djinn_nb.serving import wire
@@ -132,3 +132,42 @@ def test_a_fork_with_non_finite_logits_fails_and_its_parent_is_untouched(tiny):
     assert [r.state.value for r in failed] == ["failed"] and failed[0].token_ids == []
     assert "not finite" in failed[0].error
     assert engine.resume(parent.id).token_ids == hf_generate(model, PROMPT, 6)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "resid_post"])
+def test_a_pause_marks_its_cache_in_constant_time_and_the_mark_is_every_layers_length(tiny, site):
+    """Past the first step a paused run's cache mark is the list of layers and two lengths (no
+    per-layer copy); they are each layer's own length, and a failed call crops back to them."""
+    engine, _ = tiny
+    run = engine.generate(PROMPT, 6, [(3, 2, site)])
+    first = engine.generate(PROMPT, 6, [(3, 0, site)])  # a first pass: later layers unset
+    try:
+        assert CacheMark(first.cache, first.checkpoint).state is not None
+        mark = CacheMark(run.cache, run.checkpoint)
+        assert mark.state is None and mark.split == 3 + (site != "resid_pre")
+        done, rest = mark.lengths
+        assert [layer.get_seq_length() for layer in run.cache.layers] == \
+            [done if i < mark.split else rest for i in range(engine.num_layers)]
+        assert done == len(PROMPT) + 2 and rest == done - 1
+    finally:
+        engine.close(run.id)
+        engine.close(first.id)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "z", "resid_post"])
+def test_non_finite_logits_at_a_later_step_put_the_cache_back_value_for_value(tiny, site):
+    engine, model = tiny
+    clean = engine.generate(PROMPT, 6, [(3, 2, site)], record_logits=True)
+    want = [l.clone() for l in engine.resume(clean.id).logits]
+    run = engine.generate(PROMPT, 6, [(3, 2, site)], record_logits=True)
+    layers = list(run.cache.layers)
+    kv = [(layer.keys.clone(), layer.values.clone()) for layer in layers]
+    before = (run.state, run.step, run.checkpoint, list(run.token_ids), len(run.logits), run.bytes_held())
+    with pytest.raises(NonFiniteError, match="step 2 are not finite.*still paused at layer 3 step 2"):
+        engine.resume(run.id, Edit(scale=1e30))  # overflows in the layers after the pause
+    assert (run.state, run.step, run.checkpoint, list(run.token_ids), len(run.logits), run.bytes_held()) == before
+    assert list(run.cache.layers) == layers
+    assert all(torch.equal(layer.keys, k) and torch.equal(layer.values, v) for layer, (k, v) in zip(layers, kv))
+    done = engine.resume(run.id)
+    assert done.token_ids == hf_generate(model, PROMPT, 6)
+    assert all(torch.equal(a, b) for a, b in zip(done.logits, want))

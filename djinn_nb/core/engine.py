@@ -35,6 +35,10 @@ from .stepping import Stepper
 
 log = logging.getLogger("djinn_nb.core.engine")
 
+#: ``torch.inference_mode``'s own guard, entered without its Python wrapper (entered at every
+#: call and pause; the wrapper's frames were a measurable part of a pause's host cost)
+_inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
+
 __all__ = ["Engine", "ForkSpec"]
 
 
@@ -221,12 +225,14 @@ class Engine(Forking, Navigation):
 
     def resume(self, run_id: str, edit: Edit | None = None, owner: str = "") -> Run:
         """Continue a paused run (with an optional edit) to its next breakpoint or end."""
-        patch = self._patch_source(edit, owner)
+        patch = self._patch_source(edit, owner) if edit is not None else None
         run = self.get(run_id, owner)
         with run.lock:
             self._require_paused(run)
-            self.residency.restore(run)
-            start = self._edited(run.checkpoint, edit, patch)  # validates before anything changes
+            if run.host_pack is not None:
+                self.residency.restore(run)
+            # validates before anything changes
+            start = self._edited(run.checkpoint, edit, patch) if edit is not None else run.checkpoint.pending
             self._advance(run, start)
         return run
 
@@ -382,7 +388,7 @@ class Engine(Forking, Navigation):
     # ----- execution --------------------------------------------------------------
     def _advance(self, run: Run, start: torch.Tensor | None) -> None:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
-        with self._device_lock.turn(run.owner), torch.inference_mode():
+        with self._device_lock.turn(run.owner), _inference_mode(True):
             t0 = time.perf_counter()
             snap = Snapshot.of(run)
             run.state = RunState.RUNNING  # listing and the residency budget leave it alone

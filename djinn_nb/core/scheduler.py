@@ -91,10 +91,26 @@ def logits_finite(run: Any) -> bool:
     return bool(run.topk) and math.isfinite(run.topk[-1][0][1])
 
 
-@dataclass
 class _Ticket:
-    owner: str
-    granted: bool = False
+    __slots__ = ("owner", "granted")
+
+    def __init__(self, owner: str):
+        self.owner, self.granted = owner, False
+
+
+class _Turn:
+    """``with sched.turn(owner):`` (a class, not a generator: entered at every call and pause)."""
+
+    __slots__ = ("sched", "owner")
+
+    def __init__(self, sched: "FairScheduler", owner: str):
+        self.sched, self.owner = sched, owner
+
+    def __enter__(self) -> None:
+        self.sched.acquire(self.owner)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.sched.release()
 
 
 @dataclass
@@ -105,14 +121,17 @@ class FairScheduler:
     restore, views), which queues under the calling request's owner.
     """
 
-    _cv: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()))
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # entered directly: cheaper than the condition
     _holder: _Ticket | None = None
     _waiting: dict[str, deque] = field(default_factory=dict)  # owner -> FIFO of tickets
     _order: deque = field(default_factory=deque)  # owners with waiters, in round-robin order
     handoffs: int = 0
 
+    def __post_init__(self) -> None:
+        self._cv = threading.Condition(self._lock)
+
     def acquire(self, owner: str = "") -> _Ticket:
-        with self._cv:
+        with self._lock:
             t = _Ticket(owner)
             if self._holder is None and not self._order:
                 t.granted, self._holder = True, t
@@ -123,9 +142,10 @@ class FairScheduler:
             return t
 
     def release(self) -> None:
-        with self._cv:
+        with self._lock:
             self._holder = None
-            self._grant_next()
+            if self._order:
+                self._grant_next()
 
     def _enqueue(self, t: _Ticket) -> None:
         q = self._waiting.get(t.owner)
@@ -152,13 +172,8 @@ class FairScheduler:
         with self._cv:
             return sum(len(q) for q in self._waiting.values())
 
-    @contextlib.contextmanager
-    def turn(self, owner: str) -> Iterator[None]:
-        self.acquire(owner)
-        try:
-            yield
-        finally:
-            self.release()
+    def turn(self, owner: str) -> _Turn:
+        return _Turn(self, owner)
 
     def __enter__(self) -> "FairScheduler":
         call = _current()
@@ -179,7 +194,7 @@ class FairScheduler:
                     f"run {run.id} stopped at step {run.step}: the call ran past the server's max_call_seconds "
                     f"({call.max_seconds:g} s) and its run was closed; use breakpoints or fewer max_new_tokens",
                     quota="max_call_seconds"))
-        with self._cv:
+        with self._lock:
             if not self._order:
                 return
             me = _Ticket(run.owner)
@@ -191,33 +206,91 @@ class FairScheduler:
 
 
 # ----- the NaN guard ---------------------------------------------------------------------
+class CacheMark:
+    """A paused run's KV cache as it was, to put back exactly after a failed call.
+
+    A paused run's dynamic cache has a simple shape: the blocks before the pause (and the
+    paused block, past ``resid_pre``) hold this step's positions, the blocks after it one
+    fewer, and HF's dynamic layers only ever rebind new tensors. So the mark is the list of
+    layer objects and two lengths (checked at the ends of both ranges), and a roll-back
+    crops each layer back to its length: no walk over the layers and no reference to the
+    old tensors while the call runs (at every pause of an armed run, copying each layer's
+    state was the pause's largest host cost, growing with depth). Anything else (a step's
+    first pass, sliding-window or in-place layers, lengths not as expected) keeps a copy of
+    each layer's attributes instead (``state``).
+    """
+
+    __slots__ = ("layers", "split", "lengths", "state")
+
+    def __init__(self, cache: Any, checkpoint: Any):
+        self.layers = layers = list(cache.layers)  # the layer objects (a CUDA-graph replay replaces some)
+        self.split, self.lengths, self.state = 0, (0, 0), None
+        n = len(layers)
+        if checkpoint is not None and n and set(map(type, layers)) == _DYNAMIC:
+            split = min(checkpoint.layer + (checkpoint.site != "resid_pre"), n)  # blocks holding this step
+            done = {layers[0].get_seq_length(), layers[split - 1].get_seq_length()} if split > 0 else set()
+            rest = {layers[split].get_seq_length(), layers[-1].get_seq_length()} if split < n else set()
+            if len(done) <= 1 and len(rest) <= 1 and 0 not in done | rest:  # 0: a first pass, layers unset
+                self.split = split
+                self.lengths = (min(done, default=0), min(rest, default=0))
+                return
+        self.state = [
+            (dict(vars(layer)), None) if type(layer) in kvcache.APPEND_ONLY else (None, layer.get_seq_length())
+            for layer in layers
+        ]
+
+    def restore(self, cache: Any) -> None:
+        cache.layers[:] = self.layers
+        if self.state is None:
+            done, rest = self.lengths
+            for i, layer in enumerate(self.layers):
+                excess = layer.get_seq_length() - (done if i < self.split else rest)
+                if excess > 0:
+                    layer.crop(-excess)
+            return
+        for layer, (attrs, length) in zip(self.layers, self.state):
+            if attrs is not None:  # append-only: never written in place, so the same tensors
+                vars(layer).clear()
+                vars(layer).update(attrs)
+            elif layer.get_seq_length() > length:
+                layer.crop(length - layer.get_seq_length())
+
+
+_DYNAMIC = {kvcache.DynamicLayer}
+
+
 @dataclass
 class Snapshot:
-    """What a call may change in a paused run, taken before it runs (cheap: lengths and references)."""
+    """What a call may change in a run, taken before it runs (cheap: lengths and references).
+
+    Only a paused run is ever put back (a new run that fails is closed), so only a paused
+    run's cache is marked.
+    """
 
     state: Any
     step: int
     checkpoint: Any
-    cache_layers: list[Any]  # the layer objects (a CUDA-graph replay replaces some)
-    cache_state: list[dict[str, Any]]  # each layer's attributes: append-only layers never write in place
-    cache_lengths: list[int]
-    lengths: dict[str, int]
+    cache: CacheMark | None
+    lengths: tuple[int, ...]  # of the run's lists, in _LISTS order
     last_logits: Any
     generator_state: Any
     navigation: tuple = ()  # target, forced stops, the last tested step, the last pause
 
     @classmethod
     def of(cls, run: Any) -> "Snapshot":
-        layers = list(run.cache.layers) if run.cache is not None else []
+        paused = run.state == RunState.PAUSED
         return cls(
-            run.state, run.step, run.checkpoint, layers, [dict(vars(layer)) for layer in layers],
-            [layer.get_seq_length() for layer in layers],
-            {k: len(getattr(run, k)) for k in ("token_ids", "topk", "logits", "token_times", "watch_log",
-                                               "entropies", "gen_states")},
+            run.state, run.step, run.checkpoint,
+            CacheMark(run.cache, run.checkpoint) if paused and run.cache is not None else None,
+            (len(run.token_ids), len(run.topk), len(run.logits), len(run.token_times), len(run.watch_log),
+             len(run.entropies), len(run.gen_states)),
             run.last_logits,
-            run.generator.get_state() if run.generator is not None else None,
-            (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point),
+            run.generator.get_state() if run.generator is not None and paused else None,
+            (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point) if paused else (),
         )
+
+
+_LISTS = ("token_ids", "topk", "logits", "token_times", "watch_log", "entropies", "gen_states")
 
 
 def first_non_finite_block(cache: Any, new_positions: int) -> int | None:
@@ -246,17 +319,11 @@ def non_finite_error(run: Any, exc: NonFiniteLogits, num_layers: int) -> str:
 
 
 def roll_back(run: Any, snap: Snapshot) -> None:
-    """Put a run back exactly as ``snap`` found it: the same cache tensors (or, for a layer type that
-    writes in place, cropped to its length then), tokens and logs cut."""
-    if run.cache is not None:
-        run.cache.layers[:] = snap.cache_layers
-        for layer, state, length in zip(snap.cache_layers, snap.cache_state, snap.cache_lengths):
-            if type(layer) in kvcache._APPEND_ONLY:
-                vars(layer).clear()
-                vars(layer).update(state)
-            elif layer.get_seq_length() > length:
-                layer.crop(length - layer.get_seq_length())
-    for k, n in snap.lengths.items():
+    """Put a paused run back exactly as ``snap`` found it: its cache's layers cropped back to their
+    lengths then (see :class:`CacheMark`), tokens and logs cut."""
+    if run.cache is not None and snap.cache is not None:
+        snap.cache.restore(run.cache)
+    for k, n in zip(_LISTS, snap.lengths):
         del getattr(run, k)[n:]
     run.step, run.checkpoint, run.last_logits, run.state = snap.step, snap.checkpoint, snap.last_logits, snap.state
     if snap.navigation:

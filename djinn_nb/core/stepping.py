@@ -5,7 +5,9 @@ model's own forward under :class:`~djinn_nb.core.pause.Trace` hooks that stop it
 at the first breakpoint's site (``Paused``, which the engine turns into a
 checkpoint); a stop with nothing watched keeps its traces hooked, idle, from one
 step to the next (released when the run ends), since adding and removing hooks
-at every step was much of an armed step's host cost. Continuing from a checkpoint finishes that block by hand
+at every step was much of an armed step's host cost, enters the base model where
+the probe found that the same computation (``entry.py``: fewer frames to unwind),
+and hands its pause back as a value. Continuing from a checkpoint finishes that block by hand
 (:func:`~djinn_nb.core.sites.finish_block`), calls the later blocks with the
 arguments the model gave the paused one, then the final norm and head — the
 split the load-time probe (:meth:`Stepper.probe`) checks bit for bit against the
@@ -23,7 +25,7 @@ from torch import nn
 
 from ..errors import ExecutionError
 from ..schema import RunState
-from . import graphs, kvcache
+from . import entry, graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
@@ -65,8 +67,13 @@ class Stepper:
         self.between_steps: Callable[[Run], None] = lambda run: None
         #: finished runs keep their KV cache (for ``rewind``) until closed
         self.keep_finished = False
-        #: a stop point's traces (inputs, stopper, saved, all), hooked and idle between steps
-        self._standing: dict[Point, tuple[Trace, Trace, dict[str, Trace], list[Trace]]] = {}
+        #: a stop point's traces (inputs, stopper, saved, all, sites kept), hooked and idle between steps
+        self._standing: dict[Point, tuple[Trace, Trace, dict[str, Trace], list[Trace], tuple[str, ...]]] = {}
+        #: what an armed step's forward enters: the whole model, or its base model once the probe
+        #: found that the same computation (entry.py), and the keywords it takes besides the ids
+        self._entry: nn.Module = model
+        self._entry_kw: dict[str, Any] = self._model_kwargs(None)
+        self._entry_checks, self._base_ok = 0, None
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -116,7 +123,7 @@ class Stepper:
             if stop is None or w <= stop:
                 by_layer.setdefault(w.layer, []).append(w.site)
         if stop is not None and not by_layer:
-            return self._forward_standing(ids, cache, stop)
+            raise self._forward_standing(ids, cache, stop)
         with contextlib.ExitStack() as stack:
             for layer, sites in by_layer.items():
                 if stop is None or layer != stop.layer:
@@ -132,27 +139,35 @@ class Stepper:
             raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0)
         raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
 
-    def _forward_standing(self, ids: torch.Tensor, cache: Any, stop: Point) -> torch.Tensor:
-        """``forward`` to ``stop`` with nothing to watch, on traces that stay hooked between steps."""
+    def _forward_standing(self, ids: torch.Tensor, cache: Any, stop: Point) -> Paused:
+        """``forward`` to ``stop`` with nothing to watch, on traces that stay hooked between steps;
+        the pause is returned, not raised (the step loop's hot path)."""
         traces = self._standing.pop(stop, None)
         if traces is None:
             with contextlib.ExitStack() as stack:
                 inputs, stopper, saved = self._site_traces(stack, stop.layer, stop.site, (), None, True)
                 stack.pop_all()  # they stay hooked
-            traces = (inputs, stopper, saved, list({id(t): t for t in (inputs, *saved.values(), stopper)}.values()))
+            every = list({id(t): t for t in (inputs, *saved.values(), stopper)}.values())
+            traces = (inputs, stopper, saved, every, self.parts[stop.layer].needs(stop.site))
             while len(self._standing) >= STANDING:
                 self.release_traces(next(iter(self._standing)))
         self._standing[stop] = traces  # most recently used last
-        inputs, stopper, saved, every = traces
+        inputs, stopper, saved, every, needs = traces
         for t in every:
             t.active = True
+        kw = dict(self._entry_kw)
+        kw[self.anatomy.cache_arg] = cache
         try:
             t0 = time.perf_counter()
-            self.model(input_ids=ids, **self._model_kwargs(cache))
+            self._entry(input_ids=ids, **kw)
         except StopForward as e:
             if e.trace is not stopper:
                 raise
-            raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0) from None
+            kept = {"resid_pre": inputs.value}
+            for site in needs:
+                kept[site] = saved[site].value if site != "resid_pre" else inputs.value
+            value = stopper.value if stop.site != "z" else self.parts[stop.layer].as_site("z", stopper.value)
+            return Paused(stop.layer, stop.site, value, inputs.args, inputs.kwargs, kept, time.perf_counter() - t0)
         finally:
             for t in every:
                 t.active = False
@@ -190,7 +205,9 @@ class Stepper:
             if site != "resid_post":
                 h = self._finish(layer, site, h, saved, args, kwargs, None, (), None)
             for block in self._blocks[layer + 1:]:
-                h = output_hidden(block(h, *args, **kwargs))
+                h = block(h, *args, **kwargs)
+                if type(h) is not torch.Tensor:  # output_hidden inline: no call per block
+                    h = output_hidden(h)
             return run_tail(self.anatomy, h)
         for i in range(layer, len(blocks)):
             inner_stop = first.site if first is not None and first.layer == i and first.site != "resid_post" else None
@@ -228,14 +245,22 @@ class Stepper:
 
     def probe(self, ids: torch.Tensor, cache: Any, points: Sequence[tuple[int, str]]) -> torch.Tensor:
         """The exactness probe's split forward: pause at each of ``points`` (in forward order) and
-        continue by hand from it, as a run with these breakpoints in one step would; the logits."""
+        continue by hand from it, as a run with these breakpoints in one step would; the logits.
+
+        The probe's forwards enter the whole model; its first two (a prompt pass and a decoding
+        step) also decide where armed steps enter later (:meth:`_check_entry`)."""
         stops = [Point.at(layer, site) for layer, site in points]
+        chosen = self._entry, self._entry_kw
+        self._entry, self._entry_kw = self.model, self._model_kwargs(None)
+        trial = kvcache.fork_cache(cache) if self._entry_checks < 2 else None
         try:
             try:
                 self.forward(ids, cache, stops[0])
                 raise ExecutionError(f"probe did not pause at {points[0]}")
             except Paused as p:
                 paused = p
+            if trial is not None:
+                chosen = self._check_entry(ids, trial, cache, paused)
             for expected in [*stops[1:], None]:
                 try:
                     logits = self.continue_from(paused.layer, paused.site, paused.value, paused.args, paused.kwargs,
@@ -250,7 +275,27 @@ class Stepper:
                 return logits
             raise AssertionError("unreachable")
         finally:
+            self._entry, self._entry_kw = chosen
             self.release_traces()
+
+    def _check_entry(self, ids: torch.Tensor, trial: Any, cache: Any, full: Paused) -> tuple[nn.Module, dict]:
+        """Where armed steps enter: the base model if, run on ``trial`` (a copy of ``cache`` as it was),
+        it pauses where the whole model's forward paused (``full``) with the same block arguments and
+        values, here and at every earlier check (see entry.py); else the whole model."""
+        self._entry_checks += 1
+        base = entry.base_entry(self.model, self.anatomy.cache_arg) if self._base_ok is not False else None
+        self._base_ok = False
+        if base is not None:
+            self._entry, self._entry_kw = base, {"use_cache": True}
+            try:
+                b = self._forward_standing(ids, trial, Point.at(full.layer, full.site))
+                self._base_ok = entry.same_call((full.value, full.saved, full.args, full.kwargs),
+                                                (b.value, b.saved, b.args, b.kwargs), cache, trial)
+            except Exception:  # noqa: BLE001 - any difference keeps the whole model as the entry
+                pass
+            finally:
+                self._entry, self._entry_kw = self.model, self._model_kwargs(None)
+        return (base, {"use_cache": True}) if self._base_ok else (self.model, self._model_kwargs(None))
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
@@ -292,15 +337,11 @@ class Stepper:
                 else:
                     ids = run.prompt_ids if step == 0 else run.token_ids[-1:]
                     x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                    if stops and not watches:  # an armed step: its traces stand, its pause returns
+                        return self._pause(run, step, self._forward_standing(x, run.cache, min(stops)))
                     logits = self.forward(x, run.cache, min(stops, default=None), watches, record)
             except Paused as p:
-                run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
-                run.timings["checkpoint"] = p.capture_s
-                run.state = RunState.PAUSED
-                run.last_point = (p.layer, p.site)
-                if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
-                    run.target = None
-                return
+                return self._pause(run, step, p)
             used, start = start, None
             ended = self.take_tokens([run], logits)[0]
             if not logits_finite(run):  # never a token from NaN: the engine undoes this call
@@ -318,6 +359,15 @@ class Stepper:
                 if not self.keep_finished:
                     run.cache = None  # frees the device memory; tokens and logits stay
                 return
+
+    @staticmethod
+    def _pause(run: Run, step: int, p: Paused) -> None:
+        run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
+        run.timings["checkpoint"] = p.capture_s
+        run.state = RunState.PAUSED
+        run.last_point = (p.layer, p.site)
+        if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
+            run.target = None
 
     @staticmethod
     def _recorder(run: Run, step: int, user_watches: list[Point], test: StepTest | None) -> OnWatch:
