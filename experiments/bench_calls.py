@@ -9,6 +9,8 @@ loopback with TCP_NODELAY on both ends:
   ``exposed_echo(s)`` returns its argument: the floor the goal is stated against.
 - ``rpyc_echo_fast``: the same echo over djinn_nb's transport (``FastChannel``, the
   locked-down config) — what rpyc costs on the path djinn_nb uses.
+- ``rpyc_echo_fast_spin`` (when the client spins, see ``connect(spin_us=)``): that echo with the
+  client's spin: what the transport the client uses costs.
 - ``runs``: ``client.runs()`` with two runs on the server.
 - ``refresh``: ``run.refresh()`` of a paused run (the ``status`` call).
 - ``rpyc_echo_after_resume`` / ``_fork``: the bare echo, its server busy-waiting as long as the
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--out", default=None)
     p.add_argument("--label", default="", help="a note stored with the result (e.g. before/after)")
+    p.add_argument("--spin-us", type=int, default=None, help="the client's spin_us (default: connect()'s default)")
     args = p.parse_args(argv)
 
     echo_proc, echo_port = _spawn(ECHO_SERVER)
@@ -159,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         fast = open_connection("127.0.0.1", echo_port)  # djinn_nb's transport and locked-down config
         fast_echo = fast.root.echo
 
-        client = djinn_nb.connect(f"127.0.0.1:{djinn_port}")
+        client = djinn_nb.connect(f"127.0.0.1:{djinn_port}", spin_us=args.spin_us)
+        client_spin_s = client._conn._channel.stream.spin_s  # waits on replies without sleeping this long
+        fast_spin = open_connection("127.0.0.1", echo_port, spin_s=client_spin_s)  # the transport as the client has it
+        fast_spin_echo = fast_spin.root.echo
         prompt = [1, 2, 3, 4, 5, 6]
         paused = client.generate(prompt, max_new_tokens=2, breakpoints=[6])
         client.generate(prompt, max_new_tokens=2)  # a finished run, so that runs() lists more than one
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         variants: dict[str, Callable[[], Any]] = {
             "rpyc_echo": lambda: bare_echo(arg),
             "rpyc_echo_fast": lambda: fast_echo(arg),
+            **({"rpyc_echo_fast_spin": lambda: fast_spin_echo(arg)} if client_spin_s else {}),
             "runs": client.runs,
             "refresh": paused.refresh,
             "resume": resume,
@@ -266,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rpyc echo in the same round; median and p25..p75 over rounds",
         "goal_ratio": 1.15, "rounds": args.rounds, "calls_per_round": args.calls, "label": args.label,
         "load_avg": os.getloadavg(), "variants": {},
+        "client_spin_s": client_spin_s,
     }
     for name, meds in per_round.items():
         ratios = sorted(m / e for m, e in zip(meds, per_round["rpyc_echo"]))

@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--spin-us", type=int, default=None, help="the client's spin_us (default: connect()'s default)")
     p.add_argument("--out", default="experiments/out/bench_client_pause")
     args = p.parse_args(argv)
     with djinn_server(args.model, args.device, args.dtype) as address:
-        client = djinn_nb.connect(address)
+        client = djinn_nb.connect(address, spin_us=args.spin_us)
+        spin_s = client._conn._channel.stream.spin_s
         layer = client.info["num_layers"] // 2
         prompt = torch.randint(0, client.info["vocab_size"], (args.seq,),
                                generator=torch.Generator().manual_seed(0)).tolist()
@@ -84,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "a pause at every step, resumed through the client, vs plain generate through the client",
         "model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq, "new_tokens": steps,
         "rounds": args.rounds, "environment": environment(args.device), "tokens_equal": same,
+        "client_spin_s": spin_s,
         "plain_ms_median": statistics.median(plain_ms), "paused_ms_median": statistics.median(paused_ms),
         "extra_us_per_step_median": statistics.median(extras) * 1e3,
         "extra_share_of_step_median": statistics.median(shares), "extra_share_p25": q[0], "extra_share_p75": q[2],
         "goal_share": 0.05,
     }
-    name = f"bench_client_pause_{args.model.replace(':', '_')}.json"
+    name = f"bench_client_pause_{args.model.replace(':', '_')}_spin{round(spin_s * 1e6)}us.json"
     write_json(Path(args.out) / name, result)
     print(f"{args.model}: pausing at every step through the client costs {result['extra_us_per_step_median']:.0f} us "
           f"per step, {100 * result['extra_share_of_step_median']:.1f} % of a plain step "

@@ -173,3 +173,27 @@ def test_listing_rows_match_the_engine_and_bad_rows_are_refused(served, client):
                 {k: v for k, v in good.items() if k != "parent"}):
         with pytest.raises(BadRequestError):
             RunRow.checked(bad)
+
+
+def test_a_spinning_client_gets_the_same_answers_and_bad_spins_are_refused(served):
+    """A client that waits on replies without sleeping sees exactly what a sleeping one sees."""
+    spinning = djinn_nb.connect(f"127.0.0.1:{served.port}", spin_us=5000)
+    sleeping = djinn_nb.connect(f"127.0.0.1:{served.port}", spin_us=0)
+    try:
+        assert spinning._conn._channel.stream.spin_s == 0.005 and sleeping._conn._channel.stream.spin_s == 0
+        a = spinning.generate(PROMPT, max_new_tokens=NEW_TOKENS, breakpoints=[(3, "all")])
+        while a.paused:
+            a.resume()
+        assert a.token_ids == served.reference
+        assert sleeping.generate(PROMPT, max_new_tokens=NEW_TOKENS).token_ids == served.reference
+        spinning._conn._channel.stream.spin_s = 1e-5  # a reply that comes after the spin ends still arrives
+        slow = spinning._remote("generate")
+        assert reply(slow(wire.dumps({"prompt": PROMPT, "max_new_tokens": NEW_TOKENS})))["ok"]
+    finally:
+        spinning.close()
+        sleeping.close()
+    for bad in (-1, 1.5, True, 10**7):
+        with pytest.raises(BadRequestError, match="spin_us"):
+            djinn_nb.connect(f"127.0.0.1:{served.port}", spin_us=bad)
+    with pytest.raises(BadRequestError, match="another process"):
+        djinn_nb.connect(model="random:gpt2-tiny", spin_us=100)
