@@ -7,7 +7,9 @@ A ``djinn-server`` in another process; the client generates ``--new-tokens`` tok
 one call) and paused at the middle layer at every step, each pause resumed by the client with
 ``run.resume()`` (one round trip per step). Per round: the extra time per step,
 ``(paused - plain) / steps``, and its share of a plain step, ``plain / steps``. Reported: the
-median and 25th-75th percentiles over rounds; the tokens of both must be equal.
+median and 25th-75th percentiles over rounds; the tokens of both must be equal. And, least
+exposed to drift, adjacent steps: one run paused on even steps only, each paused step's duration
+(from the server's token times, ``run.history()``) over the unpaused steps' beside it.
 """
 from __future__ import annotations
 
@@ -61,8 +63,24 @@ def main(argv: list[str] | None = None) -> int:
             run.close()
             return tokens
 
+        def alternate() -> float:
+            """One run paused on even steps only, resumed by the client: its paused steps' median
+            duration over its unpaused steps' (adjacent steps of one generation, from the server's
+            own token times), the least exposed to drift."""
+            bps = [(layer, s) for s in range(2, steps, 2)]
+            run = client.generate(prompt, max_new_tokens=steps, breakpoints=bps)
+            while run.paused:
+                run.resume()
+            times = [h["time_s"] for h in run.history()]
+            run.close()
+            gaps = {k: times[k] - times[k - 1] for k in range(2, steps)}
+            paused_steps = [g for k, g in gaps.items() if k % 2 == 0]
+            plain_steps = [g for k, g in gaps.items() if k % 2 == 1]
+            return statistics.median(paused_steps) / statistics.median(plain_steps) - 1
+
         for _ in range(2):  # warm-up (graphs, allocator)
-            plain(), paused()
+            plain(), paused(), alternate()
+        alternates = []
         shares, extras, plain_ms, paused_ms = [], [], [], []
         same = True
         for r in range(args.rounds):
@@ -73,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[name] = fn()
                 t[name] = (time.perf_counter() - t0) * 1e3
             same &= out["plain"] == out["paused"]
+            alternates.append(alternate())
             extra = (t["paused"] - t["plain"]) / steps
             extras.append(extra)
             shares.append(extra / (t["plain"] / steps))
@@ -82,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"+{extra * 1e3:.0f} us/step ({100 * shares[-1]:+.1f} %)", flush=True)
         client.close()
     q = statistics.quantiles(shares, n=4)
+    qa = statistics.quantiles(alternates, n=4)
     result = {
         "benchmark": "a pause at every step, resumed through the client, vs plain generate through the client",
         "model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq, "new_tokens": steps,
@@ -91,12 +111,17 @@ def main(argv: list[str] | None = None) -> int:
         "extra_us_per_step_median": statistics.median(extras) * 1e3,
         "extra_share_of_step_median": statistics.median(shares), "extra_share_p25": q[0], "extra_share_p75": q[2],
         "goal_share": 0.05,
+        "alternate_steps": {"paused_over_plain_step_minus_1_median": statistics.median(alternates),
+                            "p25": qa[0], "p75": qa[2], "per_round": alternates,
+                            "what": "one run paused on even steps only, resumed by the client; its paused steps' "
+                                    "median duration over its unpaused steps', from the server's token times"},
     }
     name = f"bench_client_pause_{args.model.replace(':', '_')}_spin{round(spin_s * 1e6)}us.json"
     write_json(Path(args.out) / name, result)
     print(f"{args.model}: pausing at every step through the client costs {result['extra_us_per_step_median']:.0f} us "
           f"per step, {100 * result['extra_share_of_step_median']:.1f} % of a plain step "
-          f"(p25..p75 {100 * q[0]:.1f}..{100 * q[2]:.1f} %; goal <= 5 %); tokens equal: {same}")
+          f"(p25..p75 {100 * q[0]:.1f}..{100 * q[2]:.1f} %; goal <= 5 %); tokens equal: {same}; adjacent steps: "
+          f"{100 * statistics.median(alternates):+.1f} % (p25..p75 {100 * qa[0]:.1f}..{100 * qa[2]:.1f} %)")
     return 0
 
 

@@ -2,6 +2,8 @@
 plain HF ``generate(output_logits=True)`` and fresh unconditional breakpoints (CPU, fp32)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -192,6 +194,22 @@ def test_history_matches_the_reference_tokens_topk_and_entropy(setup):
         assert [p for _, p in h["topk"]] == pytest.approx(ref.values.exp().tolist(), abs=1e-6)
         assert h["entropy"] == pytest.approx(-(row.exp() * row).sum().item(), abs=1e-4)
         assert "token" not in h  # this model has no tokenizer
+
+
+def test_history_times_each_token_and_a_fork_times_only_its_own(setup):
+    client = setup[0]
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[(1, 2)])
+    t0 = time.perf_counter()
+    time.sleep(0.3)  # the client holds the run paused in step 2: that step's interval includes it
+    fork = run.fork(breakpoints=[])
+    run.run_to_end()
+    waited = time.perf_counter() - t0
+    times = [h["time_s"] for h in run.history()]
+    assert times[0] == 0.0 and all(b > a for a, b in zip(times, times[1:]))
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps[1] >= 0.3 and gaps[1] <= waited + 0.01 and max(gaps[:1] + gaps[2:]) < 0.3
+    own = [h["time_s"] for h in fork.history()]
+    assert own[:2] == [None, None] and own[2] == 0.0 and len(own) == N
 
 
 def test_finished_runs_keep_their_cache_and_it_counts(setup):

@@ -374,7 +374,8 @@ class Run:
     def history(self) -> list[dict[str, Any]]:
         """One dict per generated token: ``step``, ``token_id``, ``token`` (text, with a tokenizer),
         ``topk`` (``[(id, prob), ...]``, the chosen token first under greedy), ``entropy`` (nats),
-        and with a tokenizer ``topk_tokens`` (the alternatives' texts)."""
+        ``time_s`` (when it was picked, in seconds after this run's first timed token; None for the
+        tokens a fork or rewind took over from its source), and with a tokenizer ``topk_tokens``."""
         records = self._client._call("history", self.id)
         texts: dict[int, str] = {}
         if self._client.info.get("has_tokenizer") and records:
@@ -387,6 +388,7 @@ class Run:
                 rec["token"] = texts[r["token_id"]]
             rec["topk"] = [(int(t), float(p)) for t, p in r["topk"]]
             rec["entropy"] = float(r["entropy"])
+            rec["time_s"] = None if r.get("time_s") is None else float(r["time_s"])
             if texts:
                 rec["topk_tokens"] = [texts[t] for t, _ in rec["topk"]]
             out.append(rec)

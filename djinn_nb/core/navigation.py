@@ -83,13 +83,18 @@ class Navigation:
         return run
 
     def history(self: "Engine", run_id: str, owner: str = "") -> list[dict[str, Any]]:
-        """One record per generated token: step, token_id, topk [(id, prob)], entropy (nats)."""
+        """One record per generated token: step, token_id, topk [(id, prob)], entropy (nats), and
+        time_s: when it was picked, in seconds after this run's first timed token (None for the
+        tokens a fork or rewind took over from its source, which this run did not time)."""
         import math
 
         run = self.get(run_id, owner)
         with run.lock:
+            times = run.token_times
+            untimed = len(run.token_ids) - len(times)
             return [
-                {"step": i, "token_id": t, "topk": [(int(j), math.exp(lp)) for j, lp in top], "entropy": h}
+                {"step": i, "token_id": t, "topk": [(int(j), math.exp(lp)) for j, lp in top], "entropy": h,
+                 "time_s": None if i < untimed else round(times[i - untimed] - times[0], 7)}
                 for i, (t, top, h) in enumerate(zip(run.token_ids, run.topk, run.entropies))
             ]
 
