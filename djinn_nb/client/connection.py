@@ -256,7 +256,7 @@ def connect(
     ``connect()`` uses the embedded default model. ``tls=True`` (system CAs) or
     ``tls_ca=FILE`` reach a server started with ``--tls-cert``; its certificate and
     hostname are verified. ``spin_us``: how long to wait on a reply without sleeping, which
-    saves the 0.2-0.5 ms a thread takes to wake (default: 10000 on machines of 4 cores or more,
+    saves a thread's wake-up on quick replies (default: 1000 on machines of 4 cores or more,
     else 0; an embedded server's client never spins, as it shares the GIL with its server).
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")

