@@ -165,8 +165,8 @@ class Run:
         bytes (a batched fork's rows of a shared KV cache, a rewound run's cropped one), views of one
         storage at most that storage's size, and the same view seen twice once. Counted again only
         after the run changed (its lock's version, and what it holds, as a cheap second check)."""
-        at = (self.lock.version, self.state, self.step, id(self._kv), id(self._row), id(self.checkpoint), id(self.host_pack),
-              len(self.watch_log), len(self.logits), id(self.last_logits))
+        at = (self.lock.version, self.state, self.step, id(self._kv), id(self._row), id(self.checkpoint),
+              id(self.host_pack), len(self.watch_log), len(self.logits), id(self.last_logits))
         if self._bytes is not None and self._bytes[0] == at:
             return self._bytes[1]
         held = self._count_bytes()
