@@ -23,13 +23,12 @@ Nothing here knows about rpyc: the serving layer describes a call with
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -51,18 +50,24 @@ class _Call:
 _local = threading.local()
 
 
-@contextlib.contextmanager
-def call_scope(owner: str, alive: Callable[[], bool] = lambda: True,
-               max_seconds: float | None = None) -> Iterator[None]:
+class call_scope:  # noqa: N801 - used as a function: ``with call_scope(owner, alive, seconds):``
     """Describe the calling thread's request: its owner, whether its client is still there,
-    and how long it may run; the scheduler consults it between steps."""
-    prev = getattr(_local, "call", None)
-    deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    _local.call = _Call(owner, alive, deadline, max_seconds)
-    try:
-        yield
-    finally:
-        _local.call = prev
+    and how long it may run; the scheduler consults it between steps. (A class, not a
+    generator: it wraps every call that steps, and a generator-based context costs ~2 µs more.)"""
+
+    __slots__ = ("_call", "_prev")
+
+    def __init__(self, owner: str, alive: Callable[[], bool] = lambda: True, max_seconds: float | None = None):
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self._call = _Call(owner, alive, deadline, max_seconds)
+        self._prev: _Call | None = None
+
+    def __enter__(self) -> None:
+        self._prev = getattr(_local, "call", None)
+        _local.call = self._call
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.call = self._prev
 
 
 def _current() -> _Call | None:
