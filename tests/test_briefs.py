@@ -197,3 +197,43 @@ def test_a_spinning_client_gets_the_same_answers_and_bad_spins_are_refused(serve
             djinn_nb.connect(f"127.0.0.1:{served.port}", spin_us=bad)
     with pytest.raises(BadRequestError, match="another process"):
         djinn_nb.connect(model="random:gpt2-tiny", spin_us=100)
+
+
+def test_call_activity_is_quiet_only_with_no_call_running_for_a_while():
+    import threading
+    import time as _time
+
+    from djinn_nb.serving.service import CallActivity
+
+    activity = CallActivity()
+    assert not activity.quiet_for(0.05)  # just made: counts as a call that just ended
+    _time.sleep(0.06)
+    assert activity.quiet_for(0.05)
+    inside, release = threading.Event(), threading.Event()
+
+    def call() -> None:
+        with activity:
+            inside.set()
+            release.wait(5)
+
+    t = threading.Thread(target=call)
+    t.start()
+    inside.wait(5)
+    _time.sleep(0.06)
+    assert not activity.quiet_for(0.05)  # a long call running is never quiet
+    release.set()
+    t.join()
+    assert not activity.quiet_for(0.05)
+    _time.sleep(0.06)
+    assert activity.quiet_for(0.05)
+
+
+def test_every_exposed_call_counts_as_activity(served):
+    conn = raw_connection(served.port)
+    activity = served.server.state.activity
+    _time = __import__("time")
+    _time.sleep(0.06)
+    assert activity.quiet_for(0.05)
+    reply(conn.root.runs())
+    assert not activity.quiet_for(0.05)
+    conn.close()

@@ -44,7 +44,8 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
                                           "float, bool, None, or a tuple of those), not a remote object")
             if not least <= len(args) <= len(params):  # what signature.bind checked, at a tenth of the cost
                 raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}")
-            result = fn(self, *args)
+            with self._state.activity:
+                result = fn(self, *args)
         except DjinnError as e:
             return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})
         except Exception as e:  # noqa: BLE001 - a bug must not leak a traceback or kill the connection

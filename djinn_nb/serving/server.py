@@ -65,6 +65,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+#: Seconds without a call before freed heap memory is handed back: a trim running beside a call
+#: holds the heap's locks that the call's allocations need.
+TRIM_QUIET_S = 0.5
+
+
 def malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
     try:
@@ -243,7 +248,7 @@ class DjinnServer:
                 for run_id in self.state.engine.expire(self.lease_seconds):
                     log.info("lease expired: closed run %s", run_id)
                     self.state.freed.set()
-            if self.state.freed.is_set():
+            if self.state.freed.is_set() and self.state.activity.quiet_for(TRIM_QUIET_S):
                 self.state.freed.clear()
                 malloc_trim()
 

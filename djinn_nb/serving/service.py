@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import time
 from typing import Any, Callable
 
 import rpyc
@@ -30,6 +31,31 @@ from .transport import FastChannel
 from .users import Authenticator, User
 
 log = logging.getLogger("djinn_nb.serving.service")
+
+
+class CallActivity:
+    """How many exposed calls are running and when the last one ended: the reaper hands freed
+    memory back to the OS (``malloc_trim``, which holds the heap's locks for milliseconds) only
+    once the server has been quiet a while, never under a call."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._last = time.monotonic()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._running += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._running -= 1
+            self._last = time.monotonic()
+
+    def quiet_for(self, seconds: float) -> bool:
+        """No call running, and none ended in the last ``seconds``."""
+        with self._lock:
+            return self._running == 0 and time.monotonic() - self._last >= seconds
 
 
 class ServerState:
@@ -52,6 +78,7 @@ class ServerState:
         self.limits = limits
         self.inflight: Any = None
         self.freed = threading.Event()  # set when runs were closed: the reaper trims the heap
+        self.activity = CallActivity()
         self.on_hello: Callable[[Any], None] = lambda conn: None
 
     def after_change(self, run: Run) -> None:
