@@ -289,7 +289,7 @@ class Run:
         """
         if (activation is None and scale is None and add is None and not original and heads is None
                 and patch_from is None and positions is None):
-            return self._update(self._client._call("resume", self.id, len(self._s.token_ids)))
+            return self._update(self._client._call("resume", self.id, self._since()))
         req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions)
         return self._update(self._client._call("resume", self.id, self._since(), wire.dumps(req.to_json()), act,
                                                add_b))
@@ -415,7 +415,7 @@ class Run:
 
     def refresh(self) -> "Run":
         """Ask the server where the run is now (another handle or client may have moved it)."""
-        return self._update(self._client._call("status", self.id, len(self._s.token_ids)))
+        return self._update(self._client._call("status", self.id, self._since()))
 
     def run_to_end(self) -> "Run":
         """Resume unmodified until the run is done (a convenience for scripts)."""
