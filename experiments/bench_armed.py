@@ -11,7 +11,10 @@ each step runs unpaused and is tested on the server). Reported: the median over
 rounds of each variant's time / plain's time in the same round, with the
 25th-75th percentile of those ratios. And, least exposed to drift: one run armed
 on even steps only, its even steps' median time over its odd steps' (adjacent
-steps of one generation) — for the pausing breakpoint and for the conditional one.
+steps of one generation) — for the pausing breakpoint and for the conditional one — and
+the same even/odd ratio of the plain runs (a parity calibrator: an unarmed run's even steps
+need not take exactly what its odd ones do), with each armed ratio also given over the
+plain runs' ratio of the same round.
 Rounds stop early after ``--max-seconds`` (at least ``--min-rounds``).
 
 Before/after on one machine: ``--package djinn_nb_base`` measures another commit's
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"plain": plain, "armed": armed, "watch": watch, "noop_hook": hook, "alternate": alternate,
                 "conditional": conditional, "cond_alternate": cond_alternate}
-    step_pairs: dict[str, list[float]] = {"alternate": [], "cond_alternate": []}
+    # "plain": the same even/odd split of an unarmed run, the parity calibrator (an even step
+    # need not cost what an odd one does even unarmed; the armed figures are also given over it)
+    step_pairs: dict[str, list[float]] = {"alternate": [], "cond_alternate": [], "plain": []}
     times: dict[str, list[float]] = {k: [] for k in variants}
     tokens: dict[str, list[int]] = {}
     rng = random.Random(0)
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
            "same_tokens_all_variants": len({tuple(t) for t in tokens.values()}) == 1,
            "plain_ms_median": statistics.median(times["plain"]), "variants": {}}
     whats = {"alternate": "within one run, breakpoint paused+resumed on even steps; median even-step time over median odd-step time",
-             "cond_alternate": "within one run, a never-firing conditional breakpoint on even steps; median even-step time over median odd-step time"}
+             "cond_alternate": "within one run, a never-firing conditional breakpoint on even steps; median even-step time over median odd-step time",
+             "plain": "an unarmed run's median even-step time over its median odd-step time (parity calibrator: ideally 1)"}
     for name, pairs in step_pairs.items():
         q = statistics.quantiles(pairs, n=4)
         out[f"{name}_steps"] = {
@@ -135,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             "per_round": pairs,
             "what": whats[name],
         }
+        if name != "plain":  # over the same round's unarmed parity: drift and any even/odd bias cancel
+            over = [a / b for a, b in zip(pairs, step_pairs["plain"])]
+            qo = statistics.quantiles(over, n=4)
+            out[f"{name}_steps"].update(over_plain_parity_median=statistics.median(over),
+                                        over_plain_parity_pct=(statistics.median(over) - 1) * 100,
+                                        over_plain_parity_p25=qo[0], over_plain_parity_p75=qo[2])
     for name in ("armed", "watch", "noop_hook", "conditional"):
         ratios = sorted(a / b for a, b in zip(times[name], times["plain"]))
         q = statistics.quantiles(ratios, n=4)
@@ -151,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:11s} {v['overhead_pct']:+.2f}%  (paired ratio p25..p75 {v['ratio_p25']:.3f}..{v['ratio_p75']:.3f})")
     for name in step_pairs:
         a = out[f"{name}_steps"]
+        over = (f"; over the unarmed run's parity {a['over_plain_parity_pct']:+.2f}% "
+                f"(p25..p75 {a['over_plain_parity_p25']:.3f}..{a['over_plain_parity_p75']:.3f})") if name != "plain" else ""
         print(f"  {name} steps (even vs odd steps of one run): {a['overhead_pct']:+.2f}%"
-              f"  (per-round p25..p75 {a['per_round_p25']:.3f}..{a['per_round_p75']:.3f})")
+              f"  (per-round p25..p75 {a['per_round_p25']:.3f}..{a['per_round_p75']:.3f}){over}")
     return 0
 
 

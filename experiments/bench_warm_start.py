@@ -12,6 +12,12 @@ cyclic GC's time (paused during connect, see ``djinn_nb/core/gcpause.py``), and 
 load average around them (this machine is shared: compare medians, and CPU seconds
 when the load is high). One more process times the phases inside ``connect()`` one by one.
 Writes ``warm_start.json`` with the machine, versions and commit.
+
+djinn_nb's modules are byte-compiled first, as ``make install`` (``compileall``) and any
+``pip install`` do: this machine sets ``PYTHONDONTWRITEBYTECODE=1``, so an editable checkout
+would otherwise compile its ~40 modules from source at every start (~0.1 s), which no
+installed copy does. ``--compare-uncompiled`` also times, in alternation with the samples,
+processes importing a copy of the package without ``.pyc`` files: what that costs.
 """
 from __future__ import annotations
 
@@ -19,8 +25,11 @@ import argparse
 import json
 import os
 import statistics
+import compileall
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,8 +91,10 @@ os._exit(0)
 """
 
 
-def _child(code: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+def _child(code: str, first: Path | None = None) -> dict:
+    """Run ``code`` in a fresh process (``first``: a folder put before the repository on its path)."""
+    path = [str(first)] if first else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*path, str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -95,16 +106,29 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=7, help="fresh processes")
     p.add_argument("--out", default=None)
+    p.add_argument("--compare-uncompiled", action="store_true",
+                   help="also time a copy of djinn_nb without .pyc files, alternating with the samples")
     args = p.parse_args(argv)
+    compileall.compile_dir(ROOT / "djinn_nb", quiet=1)  # what make install does
+    bare = None
+    if args.compare_uncompiled:
+        bare = Path(tempfile.mkdtemp(prefix="djinn-uncompiled-"))
+        shutil.copytree(ROOT / "djinn_nb", bare / "djinn_nb", ignore=shutil.ignore_patterns("__pycache__"))
     _child(CHILD)  # converts on a cold cache; warms the page cache either way
     load_before = os.getloadavg()
-    samples = []
+    samples, uncompiled = [], []
     for i in range(args.n):
         s = _child(CHILD)
         samples.append(s)
         print(f"  process {i + 1}/{args.n}: import {s['import_s']:.2f} s, connect {s['connect_s']:.2f} s "
               f"(cpu {s['connect_cpu_s']:.2f} s, GC {s['connect_gc_s']:.2f} s in {s['connect_gc_collections']} collections), "
               f"generate {s['generate_s']:.2f} s -> {s['text']!r}", flush=True)
+        if bare is not None:
+            u = _child(CHILD, first=bare)
+            uncompiled.append(u)
+            print(f"  uncompiled copy: connect {u['connect_s']:.2f} s (cpu {u['connect_cpu_s']:.2f} s)", flush=True)
+    if bare is not None:
+        shutil.rmtree(bare, ignore_errors=True)
     phases = _child(PHASES)
     load_after = os.getloadavg()
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0] if k != "text"}
@@ -121,11 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_before": load_before,
         "load_avg_after": load_after,
         "processes": args.n,
+        "byte_compiled": "djinn_nb compiled with compileall first, as make install does",
+        **({"uncompiled_copy": {
+            "what": "the same, importing a copy of djinn_nb without .pyc (PYTHONDONTWRITEBYTECODE=1 here), "
+                    "each process right after a sample",
+            "connect_s_all": [u["connect_s"] for u in uncompiled],
+            "median_connect_s": statistics.median(u["connect_s"] for u in uncompiled),
+            "median_connect_cpu_s": statistics.median(u["connect_cpu_s"] for u in uncompiled),
+            "median_saved_by_compiling_s": statistics.median(u["connect_s"] - s["connect_s"]
+                                                             for s, u in zip(samples, uncompiled)),
+        }} if uncompiled else {}),
         "environment": environment("cpu"),
     }
     print(f"median of {args.n}: import djinn_nb {med['import_s']:.2f} s; connect() {med['connect_s']:.2f} s "
           f"(cpu {med['connect_cpu_s']:.2f} s, of it GC {med['connect_gc_s']:.2f} s; goal <= 3 s); "
           f"first generate {med['generate_s']:.2f} s (cpu {med['generate_cpu_s']:.2f} s)")
+    if uncompiled:
+        print(f"uncompiled copy: connect() {out['uncompiled_copy']['median_connect_s']:.2f} s median; compiling saved "
+              f"{out['uncompiled_copy']['median_saved_by_compiling_s']:.3f} s (median of the pairs)")
     for k, v in phases.items():
         print(f"  {k:40s} {v:.3f} s")
     print(f"load average before {load_before}, after {load_after}")
