@@ -221,6 +221,23 @@ def test_edit_that_overflows_is_refused_and_changes_nothing(env):
     assert run.resume().token_ids == plain
 
 
+def test_an_int_scale_past_int64_is_applied_as_the_number_it_is(saved_models):
+    """JSON carries any integer: one too large for torch's int64 scalar is a float like any other
+    (applied, or refused as an overflow), never an internal error."""
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.core.specs import Edit
+
+    engine = Engine(hf_model(saved_models["gpt2-tiny"]))
+    run = engine.generate(PROMPT, N, breakpoints=[4])
+    before = engine.activation(run.id).clone()
+    engine.edit(run.id, Edit(scale=2**70))
+    assert torch.equal(engine.activation(run.id), before * float(2**70))
+    for big in (10**39, -(10**39)):  # past float32's range once applied
+        with pytest.raises(ActivationError, match="non-finite in float32 .overflow.; nothing was changed"):
+            engine.fork(run.id, Edit(scale=big), [])
+    assert [r.id for r in engine.all_runs()] == [run.id]
+
+
 def test_reset_of_an_offloaded_edited_run(env):
     client, plain = env
     run = paused(client)

@@ -138,7 +138,7 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
         return h
     part = h[..., heads, :] if heads else h
     if edit.scale is not None:
-        part = part * edit.scale
+        part = part * float(edit.scale)  # an int past int64 (JSON allows any) would overflow torch's scalar
     if v is not None:
         part = part + v
     if heads:
