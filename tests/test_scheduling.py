@@ -14,7 +14,7 @@ from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import build_random
 from djinn_nb.core.reference import generate as hf_generate
 from djinn_nb.core.scheduler import CacheMark, FairScheduler
-from djinn_nb.core.specs import Edit
+from djinn_nb.core.specs import Edit, Sampling
 from djinn_nb.errors import NonFiniteError
 from djinn_nb.serving import wire
 from djinn_nb.serving.protocol import PROTOCOL
@@ -171,3 +171,24 @@ def test_non_finite_logits_at_a_later_step_put_the_cache_back_value_for_value(ti
     done = engine.resume(run.id)
     assert done.token_ids == hf_generate(model, PROMPT, 6)
     assert all(torch.equal(a, b) for a, b in zip(done.logits, want))
+
+
+def test_a_sampled_run_with_non_finite_logits_also_stays_paused_and_resumes_its_own_samples(tiny):
+    """Sampling drew from the NaN probabilities before the guard saw them (a raw torch error that
+    failed the run; on CUDA a device assert): now the guard acts, and the generator is put back."""
+    engine, _ = tiny
+    want = engine.resume(engine.generate(PROMPT, 6, [(3, 0)], Sampling(1.0, 0, 3)).id).token_ids
+    run = engine.generate(PROMPT, 6, [(3, 0)], Sampling(1.0, 0, 3))
+    with pytest.raises(NonFiniteError, match=r"layer 3 .*still paused at layer 3 step 0"):
+        engine.resume(run.id, Edit(scale=1e20))
+    assert (run.state.value, run.step, run.checkpoint.layer, run.token_ids) == ("paused", 0, 3, [])
+    assert engine.resume(run.id).token_ids == want
+
+
+@pytest.mark.parametrize("temperature, top_k", [(5e-324, 0), (1e-320, 0), (1e-45, 5)])
+def test_a_temperature_so_small_that_the_scores_overflow_samples_the_argmax(tiny, temperature, top_k):
+    """logit / temperature is +-inf there (softmax NaN, multinomial raised): the limit is greedy."""
+    engine, model = tiny
+    run = engine.generate(PROMPT, 6, [], Sampling(temperature, top_k, 1))
+    assert (run.state.value, run.error) == ("done", None)
+    assert run.token_ids == hf_generate(model, PROMPT, 6)

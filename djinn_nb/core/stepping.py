@@ -455,11 +455,21 @@ class Stepper:
                 choices.append(None)
                 continue
             run.gen_states.append(run.generator.get_state())  # what rewinding to this step restores
-            scores = logits[i].float() / s.temperature
+            row = logits[i].float()
+            scores = row / s.temperature
+            # a temperature so small that logit/temperature overflows (5e-324 is finite and > 0),
+            # to +inf or every score to -inf: the same ranking from the logits less their max (no
+            # device read; with a finite top score the plain quotient stays: seeded samples unchanged)
+            # (a temperature under float32's least subnormal, 2**-149, would divide by zero there)
+            shifted = (row - row.amax()) / max(s.temperature, 2.0**-149)
+            scores = torch.where(torch.isfinite(scores.amax()), scores, shifted)
             if s.top_k:
                 kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]
                 scores = scores.masked_fill(scores < kth, float("-inf"))
-            choices.append(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=run.generator).reshape(()))
+            # NaN logits (an edit's overflow) give NaN probabilities: their token is refused just
+            # after (logits_finite), so multinomial must not raise first (on CUDA: a device assert)
+            probs = torch.softmax(scores, dim=-1).nan_to_num(nan=1.0)
+            choices.append(torch.multinomial(probs, 1, generator=run.generator).reshape(()))
         choice = torch.argmax(logits, dim=-1)
         if any(c is not None for c in choices):
             choice = torch.stack([choice[i] if c is None else c for i, c in enumerate(choices)])
