@@ -460,8 +460,9 @@ class Stepper:
             # a temperature so small that logit/temperature overflows (5e-324 is finite and > 0),
             # to +inf or every score to -inf: the same ranking from the logits less their max (no
             # device read; with a finite top score the plain quotient stays: seeded samples unchanged)
-            # (a temperature under float32's least subnormal, 2**-149, would divide by zero there)
-            shifted = (row - row.amax()) / max(s.temperature, 2.0**-149)
+            # (at least float32's least normal number: CUDA divides by a scalar as a multiplication by
+            # its reciprocal, which overflows for anything smaller and would make the top score NaN)
+            shifted = (row - row.amax()) / max(s.temperature, 2.0**-126)
             scores = torch.where(torch.isfinite(scores.amax()), scores, shifted)
             if s.top_k:
                 kth = torch.topk(scores, min(s.top_k, scores.shape[-1])).values[-1]

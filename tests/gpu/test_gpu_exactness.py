@@ -79,3 +79,21 @@ def test_decode_step_forks_equal_the_hook_on_that_call(engine, prompt):
         assert child.token_ids == want, child.continued_by
         engine.close(child.id)
     engine.close(parent.id)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-39, 1e-30])
+def test_a_vanishing_temperature_samples_the_greedy_tokens(engine, prompt, temperature):
+    """CUDA divides by a scalar as a multiplication by its reciprocal, which overflows for a
+    temperature under float32's least normal number: such a run must still sample the argmax,
+    paused at every step or not, never a uniform draw from NaN probabilities."""
+    from djinn_nb.core.specs import Sampling
+
+    greedy = engine.generate(prompt, NEW)
+    sampled = engine.generate(prompt, NEW, sampling=Sampling(temperature, 0, 3))
+    paused = engine.generate(prompt, NEW, breakpoints=[(engine.num_layers // 2, "all")],
+                             sampling=Sampling(temperature, 0, 3))
+    while paused.paused:
+        engine.resume(paused.id)
+    assert sampled.token_ids == paused.token_ids == greedy.token_ids
+    for r in (greedy, sampled, paused):
+        engine.close(r.id)
