@@ -141,7 +141,12 @@ def test_a_program_that_froze_objects_keeps_them_frozen():
         frozen = gc.get_freeze_count()
         with paused_gc():
             made = [[] for _ in range(100)]
-        assert gc.get_freeze_count() == frozen and gc.isenabled() and len(made) == 100
+        # other threads (earlier tests' servers) may free frozen objects meanwhile, so the count may
+        # fall a little; unfreezing would make it 0, and nothing made in the pause may be frozen
+        # (gc.get_objects() lists every tracked object outside the permanent generation)
+        assert gc.isenabled() and 0 < gc.get_freeze_count() <= frozen
+        outside = {id(o) for o in gc.get_objects()}
+        assert all(id(m) in outside for m in made)
     finally:
         gc.unfreeze()
 
