@@ -32,17 +32,14 @@ from pathlib import Path
 
 import torch
 
+from .exp3_whitebox.exp3lib.cli import add_generation_args
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    add_generation_args(p)
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--min-rounds", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=130.0, help="stop adding rounds after this long")

@@ -22,17 +22,14 @@ import torch
 
 import djinn_nb
 
+from .exp3_whitebox.exp3lib.cli import add_generation_args
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .server_process import djinn_server
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    add_generation_args(p)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--spin-us", type=int, default=None, help="the client's spin_us (default: connect()'s default)")
     p.add_argument("--out", default="experiments/out/bench_client_pause")

@@ -32,17 +32,14 @@ import torch
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 
+from .exp3_whitebox.exp3lib.cli import add_generation_args
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    add_generation_args(p)
     p.add_argument("--steps", default="", help="decoding steps to rewind to, comma-separated (default: N/2 and N-1)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--min-rounds", type=int, default=8)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .exp3_whitebox.exp3lib.cli import add_generation_args
 from .exp3_whitebox.exp3lib.env import environment, write_json
 from .exp3_whitebox.exp3lib.timing import sync
 
@@ -35,11 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from djinn_nb.core.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    add_generation_args(p)
     p.add_argument("--rounds", type=int, default=20, help="timed rounds (one plain and one armed generation each)")
     p.add_argument("--profiled", type=int, default=10, help="generations of each kind under the profiler")
     p.add_argument("--top", type=int, default=30)
