@@ -14,7 +14,14 @@ Grammar::
     atom   := "(" expr ")" | TERM CMP value | TERM ["not"] "in" "[" value ("," value)* "]"
     TERM   := top1_prob | entropy | token | norm | step
     CMP    := < | <= | > | >= | == | !=
-    value  := number | "quoted text" (token only: a text of one token)
+    value  := number | "quoted text" (token only, with == != in: a text of one token)
+
+A token's text is resolved to its id where the breakpoint is set, with the
+model's own tokenizer (:func:`resolve_texts`): the tree then holds
+``{"text": " Paris", "id": 7042}``, and the server compares ids. A text that is
+not exactly one token, or a model without a tokenizer, is an error there, never
+a condition that silently never holds. Texts are not ordered: ``token < " a"``
+is an error when it is parsed.
 
 Trees: ``{"and": [t, ...]}``, ``{"or": [...]}``, ``{"not": t}``,
 ``{"term": "entropy", "op": ">", "value": 2.5}``,
@@ -40,6 +47,7 @@ COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
     ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
 }
+TEXT_COMPARISONS = ("==", "!=", "in")  # a token's text is equal or not; it has no order
 MAX_SOURCE = 1000
 MAX_NODES = 200
 MAX_DEPTH = 32
@@ -155,7 +163,11 @@ class _Parser:
         op = self.take("op")
         if op is None or op[1] not in COMPARISONS:
             raise self.fail("expected one of < <= > >= == != or in")
-        return {"term": term, "op": op[1], "value": self.value(term)}
+        value = self.value(term)
+        if isinstance(value, dict) and op[1] not in TEXT_COMPARISONS:
+            self.i -= 1
+            raise self.fail(f"a token's text compares only with == != or in (texts have no order), not {op[1]}")
+        return {"term": term, "op": op[1], "value": value}
 
     def value(self, term: str) -> Any:
         tok = self.take("num") or self.take("str")
@@ -165,8 +177,12 @@ class _Parser:
             if term != "token":
                 raise self.fail(f"{term} compares with numbers, not text")
             return {"text": _unquote(tok[1])}
+        if re.fullmatch(r"-?\d+", tok[1]):
+            return int(tok[1])
         number = float(tok[1])
-        return int(number) if number.is_integer() and re.fullmatch(r"-?\d+", tok[1]) else number
+        if not math.isfinite(number):
+            raise self.fail(f"{tok[1]} is not a finite number")
+        return number
 
 
 def parse(source: str) -> dict[str, Any]:
@@ -207,15 +223,69 @@ def check_tree(tree: Any) -> dict[str, Any]:
             if not isinstance(values, list) or not values or len(values) > 64:
                 raise BreakpointError("'in' takes a list of 1 to 64 values")
             for v in values:
-                text = isinstance(v, dict) and set(v) == {"text"} and isinstance(v["text"], str) and len(v["text"]) <= 200
-                number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                if not (number or (text and term == "token")):
+                text = _is_text(v)
+                if not (_finite(v) or (text and term == "token")):
                     raise BreakpointError(f"{term} compares with {'a token id or text' if term == 'token' else 'numbers'}, got {v!r}"[:300])
+                if text and op not in TEXT_COMPARISONS:
+                    raise BreakpointError(f"a token's text compares only with == != or in (texts have no order), not {op}")
         else:
             raise BreakpointError(f"not a condition node: keys {sorted(map(str, keys))}"[:300])
 
     walk(tree, 0)
     return tree
+
+
+def _finite(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past float's range (10**400)
+        return False
+
+
+def _is_text(v: Any) -> bool:
+    """``{"text": str}`` as parsed, or ``{"text": str, "id": int}`` once resolved."""
+    if not isinstance(v, dict) or not isinstance(v.get("text"), str) or len(v["text"]) > 200:
+        return False
+    if set(v) == {"text"}:
+        return True
+    return set(v) == {"text", "id"} and isinstance(v["id"], int) and not isinstance(v["id"], bool) and 0 <= v["id"] < 1 << 31
+
+
+def has_texts(tree: Mapping[str, Any]) -> bool:
+    """Whether any value of the tree is a token's text not yet resolved to its id."""
+    found = []
+    map_values(tree, lambda term, v: found.append(isinstance(v, dict) and "id" not in v))
+    return any(found)
+
+
+def resolve_texts(tree: Mapping[str, Any], token_ids: Callable[[str], list[int]]) -> dict[str, Any]:
+    """The tree with each token text given its id: ``token_ids(text)`` must be one token.
+
+    ``token_ids`` is the model's tokenizer without special tokens; a text of several
+    tokens (or none) raises ``BreakpointError`` naming the text and its tokens.
+    """
+    def resolve(term: str, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        ids = list(token_ids(v["text"]))
+        if len(ids) != 1:
+            raise BreakpointError(
+                f"token {v['text']!r} is {len(ids)} tokens {ids} for this model's tokenizer: a condition "
+                f"compares one token; use one of their texts or ids"[:400]
+            )
+        return {"text": v["text"], "id": int(ids[0])}
+
+    return map_values(tree, resolve)
+
+
+def _operand(v: Any) -> Any:
+    if isinstance(v, dict):
+        if "id" not in v:
+            raise BreakpointError(f"token text {v.get('text')!r} was not resolved to a token id")
+        return v["id"]
+    return v
 
 
 def terms_of(tree: Mapping[str, Any]) -> set[str]:
@@ -252,8 +322,8 @@ def evaluate(tree: Mapping[str, Any], values: Mapping[str, float | int]) -> bool
         return not evaluate(tree["not"], values)
     x = values[tree["term"]]
     if tree["op"] == "in":
-        return x in tree["values"]
-    return COMPARISONS[tree["op"]](x, tree["value"])
+        return x in [_operand(v) for v in tree["values"]]
+    return COMPARISONS[tree["op"]](x, _operand(tree["value"]))
 
 
 def to_text(tree: Mapping[str, Any]) -> str:
@@ -272,4 +342,5 @@ def to_text(tree: Mapping[str, Any]) -> str:
     return f"{tree['term']} {tree['op']} {value(tree['value'])}"
 
 
-__all__ = ["TERMS", "parse", "check_tree", "terms_of", "map_values", "evaluate", "to_text"]
+__all__ = ["TERMS", "TEXT_COMPARISONS", "parse", "check_tree", "terms_of", "map_values", "has_texts",
+           "resolve_texts", "evaluate", "to_text"]

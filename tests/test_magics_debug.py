@@ -91,6 +91,16 @@ def test_next_layer_next_step_rewind_and_history(shell, client):
         magic(shell, f"djinn_rewind step=9 run={run.id}")
 
 
+def test_rewind_magic_with_a_layer_on_a_run_that_never_paused(shell, client):
+    run = magic(shell, f"djinn_run max_new_tokens={N} {PROMPT}")
+    assert not run.paused
+    with capture_output():
+        back = magic(shell, f"djinn_rewind step=4 layer=6 run={run.id}")
+    assert (back.layer, back.step, back.site, back.paused) == (6, 4, "resid_post", True)
+    fresh = client.generate(PROMPT, max_new_tokens=N, breakpoints=[(6, 4)])
+    assert torch.equal(back.activation(), fresh.activation())
+
+
 def test_history_view_orders_colours_by_entropy():
     records = [{"step": 0, "token_id": 1, "token": "a", "topk": [(1, 0.9), (2, 0.1)], "entropy": 0.0},
                {"step": 1, "token_id": 2, "token": "<b>", "topk": [(2, 0.4), (1, 0.3)], "entropy": 2.0}]

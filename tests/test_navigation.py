@@ -157,6 +157,18 @@ def test_rewind_refusals(setup):
     run.close()
 
 
+@pytest.mark.parametrize("paused", [False, True])
+def test_rewind_with_a_layer_alone_goes_to_its_output_even_on_a_run_that_never_paused(setup, paused):
+    client, _, tokens, _ = setup
+    run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[(LAYER, 5, "mlp_out")] if paused else None)
+    back = run.rewind(4, layer=LAYER + 1)
+    assert (back.layer, back.step, back.site, back.paused) == (LAYER + 1, 4, "resid_post", True)
+    assert torch.equal(back.activation(), fresh_pause(client, LAYER + 1, 4))
+    assert back.run_to_end().token_ids == tokens
+    for r in (run, back):
+        r.close()
+
+
 def test_next_layer_and_next_step_land_where_a_fresh_breakpoint_would(setup):
     client, _, tokens, _ = setup
     last = client.info["num_layers"] - 1

@@ -136,6 +136,11 @@ class Engine(Forking, Navigation):
                 raise BadRequestError(f"token id {t!r} is not an integer in 0..{(vocab or 0) - 1}")
         return ids
 
+    def _token_ids(self, text: str) -> list[int]:
+        """A text's token ids with no special tokens added (what a condition's token text means)."""
+        assert self.tokenizer is not None
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
             raise NoTokenizerError(f"{self.name} has no tokenizer to decode with")
@@ -372,7 +377,8 @@ class Engine(Forking, Navigation):
 
     def _breakpoints(self, specs: Iterable[Any] | None, max_new_tokens: int) -> tuple[Breakpoint, ...]:
         """Parse breakpoints (or watches) and check each site exists, exactly, in its block."""
-        bps = parse_breakpoints(specs, self.num_layers, max_new_tokens)
+        bps = parse_breakpoints(specs, self.num_layers, max_new_tokens,
+                                token_ids=self._token_ids if self.tokenizer is not None else None)
         for b in bps:
             why = self.parts[b.layer].missing(b.site) or self.inexact_sites.get(b.site)
             if why:

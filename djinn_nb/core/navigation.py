@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadRequestError, BreakpointError, RunStateError
 from ..schema import RunState
 from .runs import Run
+from .sites import DEFAULT_SITE
 from .specs import Point
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,7 +60,9 @@ class Navigation:
                owner: str = "") -> Run:
         """A new run paused at (``layer``, ``site``) of ``step`` of this run, which is left as it is.
 
-        Defaults: the run's current (or, finished, its last) pause's layer and site.
+        Defaults: with neither ``layer`` nor ``site``, the run's current (or, finished, its
+        last) pause's; with ``layer`` alone, ``site`` is ``resid_post`` (the block's output,
+        as a breakpoint's default).
         """
         src = self.get(run_id, owner)
         with src.lock:
@@ -68,10 +71,12 @@ class Navigation:
             reached = src.step + 1 if src.paused else src.step  # steps executed, or under way
             if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < reached:
                 raise BreakpointError(f"run {src.id} has reached steps 0..{reached - 1}, not {step!r}"[:200])
-            if layer is None or site is None:
+            if layer is not None and site is None:
+                site = DEFAULT_SITE
+            elif layer is None:
                 if src.last_point is None:
                     raise BreakpointError(f"run {src.id} has never paused: pass layer= (and site=) to rewind")
-                layer = src.last_point[0] if layer is None else layer
+                layer = src.last_point[0]
                 site = src.last_point[1] if site is None else site
             bp = self._breakpoints([(layer, step, site)], src.max_new_tokens)[0]
             self.residency.restore(src)

@@ -11,12 +11,12 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
-from ..conditions import check_tree as check_condition, parse as parse_condition
-from ..errors import BadRequestError, BreakpointError
+from ..conditions import check_tree as check_condition, has_texts, parse as parse_condition, resolve_texts
+from ..errors import BadRequestError, BreakpointError, NoTokenizerError
 from .sites import DEFAULT_SITE, ORDER, SITES, check_site
 
 ALL_STEPS = "all"
@@ -133,9 +133,14 @@ def parse_breakpoint(spec: Any) -> Breakpoint:
 
 
 def parse_breakpoints(
-    specs: Iterable[Any] | None, num_layers: int, max_new_tokens: int
+    specs: Iterable[Any] | None, num_layers: int, max_new_tokens: int,
+    token_ids: Callable[[str], list[int]] | None = None,
 ) -> tuple[Breakpoint, ...]:
-    """Parse and range-check breakpoints; duplicates collapse."""
+    """Parse and range-check breakpoints; duplicates collapse.
+
+    ``token_ids`` (the model's tokenizer, text → ids) resolves a condition's token
+    texts to their ids here, when the breakpoint is set; without it a text is an error.
+    """
     if specs is None:
         return ()
     if isinstance(specs, (int, str, dict, Breakpoint)):
@@ -145,6 +150,10 @@ def parse_breakpoints(
     out = set()
     for spec in specs:
         bp = parse_breakpoint(spec)
+        if bp.when is not None and has_texts(bp.condition):
+            if token_ids is None:
+                raise NoTokenizerError("this model has no tokenizer: compare token with token ids, not texts")
+            bp = Breakpoint(bp.layer, bp.step, bp.site, condition_json(resolve_texts(bp.condition, token_ids)))
         if not 0 <= bp.layer < num_layers:
             raise BreakpointError(
                 f"breakpoint layer {bp.layer} is out of range: this model has layers 0..{num_layers - 1}"
