@@ -82,10 +82,67 @@ def test_lease_expiry_frees_an_abandoned_run(model):
         assert engine.all_runs() == []
         assert inner.state == "closed" and inner.cache is None and inner.checkpoint is None
         assert inner.bytes_held() == 0
-        with pytest.raises(UnknownRunError):
+        with pytest.raises(UnknownRunError, match=r"expired after 0\.3 s idle and was closed; --lease-seconds sets this"):
             djinn_nb.connect(srv.address).attach(run.id)
+        with pytest.raises(UnknownRunError, match=r"no run .*closed, expired, or another client's"):
+            engine.get(run.id, owner="someone else")  # only its owner learns it existed
     finally:
         srv.close()
+
+
+def test_an_embedded_servers_runs_never_expire_unless_asked(saved_models):
+    from djinn_nb.client import connection
+
+    path = saved_models["gpt2-tiny"]
+    client = djinn_nb.connect(model=path, dtype="float32")
+    server = connection._embedded[(path, "cpu", "float32")]
+    assert server.lease_seconds is None
+    try:
+        djinn_nb.connect(model=path, dtype="float32", lease_seconds=0.3)
+        assert server.lease_seconds == 0.3
+        run2 = client.generate(PROMPT, max_new_tokens=N, breakpoints=[7])
+        time.sleep(1.5)
+        with pytest.raises(UnknownRunError, match=r"expired after 0\.3 s idle.*connect\(lease_seconds=\.\.\.\) sets this"):
+            run2.resume()
+    finally:
+        djinn_nb.connect(model=path, dtype="float32", lease_seconds=None)
+    assert server.lease_seconds is None
+
+
+def test_a_paused_run_outlives_many_reaper_sweeps_without_a_lease(model):
+    engine = Engine(model)
+    srv = DjinnServer(engine, "127.0.0.1", 0, lease_seconds=None).start()
+    try:
+        client = djinn_nb.connect(srv.address)
+        run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[7])
+        engine.get(run.id).last_used -= 10 * 24 * 3600  # idle for ten days, as far as a lease could tell
+        time.sleep(1.0)  # four sweeps
+        assert run.paused and run.resume().token_ids == generate(model, PROMPT, N)
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("lease", [0, -1, float("inf"), float("nan"), "600", True])
+def test_a_lease_is_none_or_a_positive_number(model, lease):
+    from djinn_nb.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match="lease_seconds must be None"):
+        DjinnServer(Engine(model), "127.0.0.1", 0, lease_seconds=lease)
+
+
+def test_a_running_servers_lease_is_its_own(server):
+    from djinn_nb.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match=r"lease_seconds=\.\.\., not both.*djinn-server --lease-seconds"):
+        djinn_nb.connect(server.address, lease_seconds=5)
+
+
+def test_the_command_line_takes_none_for_a_lease():
+    from djinn_nb.serving.cli import _lease
+
+    assert _lease("none") is None and _lease("120") == 120.0
+    with pytest.raises(Exception, match="or 'none'"):
+        _lease("-5")
 
 
 def test_touching_a_run_renews_its_lease(model):

@@ -215,6 +215,7 @@ class Client:
         return f"<djinn Client {i['model']} ({i['num_layers']} layers, {i['device']}, {i['dtype']}) at {self.address}>"
 
 
+_UNSET: Any = object()  # connect(lease_seconds=...) not given
 _embedded: dict[tuple, DjinnServer] = {}
 _embedded_lock = threading.Lock()
 _open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -245,6 +246,7 @@ def connect(
     tls: bool = False,
     tls_ca: str | None = None,
     spin_us: int | None = None,
+    lease_seconds: Any = _UNSET,
 ) -> Client:
     """Connect to a djinn server.
 
@@ -255,16 +257,21 @@ def connect(
     device defaults to ``"cpu"``.
     ``connect()`` uses the embedded default model. ``tls=True`` (system CAs) or
     ``tls_ca=FILE`` reach a server started with ``--tls-cert``; its certificate and
-    hostname are verified. ``spin_us``: how long to wait on a reply without sleeping, which
+    hostname are verified. ``lease_seconds`` (embedded server only): close runs
+    untouched this long; the default, ``None``, never expires a run of this kernel's
+    (a running ``djinn-server`` sets its own with ``--lease-seconds``). ``spin_us``: how long to wait on a reply without sleeping, which
     saves a thread's wake-up on quick replies (default: 1000 on machines of 4 cores or more,
     else 0; an embedded server's client never spins, as it shares the GIL with its server).
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")
     if address is not None:
         given = [k for k, v in (("model", model), ("device", device), ("dtype", dtype)) if v is not None]
+        if lease_seconds is not _UNSET:
+            given.append("lease_seconds")
         if given:
             raise BadRequestError(
-                f"pass either an address or {'/'.join(given)}=..., not both: a running server has chosen them"
+                f"pass either an address or {'/'.join(given)}=..., not both: the server at {address} has chosen "
+                f"them{' (djinn-server --lease-seconds)' if lease_seconds is not _UNSET else ''}"
             )
         host, _, port = address.rpartition(":")
         if not host:
@@ -276,12 +283,17 @@ def connect(
         raise BadRequestError("spin_us is for a server in another process: an embedded server's client "
                               "would take the GIL from the server it waits on")
     from ..serving.embedded import start_embedded_server
+    from ..serving.server import check_lease
 
+    lease = None if lease_seconds is _UNSET else lease_seconds
+    check_lease(lease)
     device = device or "cpu"
     key = (model or "embedded", device, dtype)
     with _embedded_lock:
         server = _embedded.get(key)
         if server is None:
-            server = start_embedded_server(model, device, dtype)
+            server = start_embedded_server(model, device, dtype, lease_seconds=lease)
             _embedded[key] = server
+        elif lease_seconds is not _UNSET:
+            server.lease_seconds = None if lease is None else float(lease)
     return Client("127.0.0.1", server.port, None, spin_us=0)

@@ -361,9 +361,12 @@ class Engine(Forking, Navigation):
         """Offload least-recently-used paused runs until resident paused state fits ``max_bytes``."""
         return self.residency.enforce_budget(max_bytes, keep)
 
-    def expire(self, lease_seconds: float) -> list[str]:
-        """Close every run nobody has touched for ``lease_seconds``; returns their ids."""
-        return self.residency.expire(lease_seconds)
+    def expire(self, lease_seconds: float, hint: str = "") -> list[str]:
+        """Close every run nobody has touched for ``lease_seconds``; returns their ids.
+
+        ``hint`` (what sets the lease) is told to an owner who asks for one of them later.
+        """
+        return self.residency.expire(lease_seconds, hint)
 
     # ----- validation -------------------------------------------------------------
     def _check_positions(self, prompt_len: int, max_new_tokens: int) -> None:

@@ -93,14 +93,19 @@ class Residency:
             resident -= held
         return moved
 
-    def expire(self, lease_seconds: float) -> list[str]:
-        """Close every run nobody has touched for ``lease_seconds``; returns their ids."""
+    def expire(self, lease_seconds: float, hint: str = "") -> list[str]:
+        """Close every run nobody has touched for ``lease_seconds``; returns their ids.
+
+        Each is remembered as expired, so its owner is told so; ``hint`` says what sets the lease.
+        """
         now = time.monotonic()
         gone = []
         for run in self._registry.all():
             if now - run.last_used > lease_seconds and run.lock.acquire(blocking=False):
                 try:
                     self._drop(run)
+                    self._registry.expired(run, f"expired after {lease_seconds:g} s idle and was closed"
+                                                + (f"; {hint}" if hint else ""))
                     gone.append(run.id)
                 finally:
                     run.lock.release()

@@ -5,6 +5,7 @@ them and walks their tensors (for ``bytes_held``, offload and restore).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import secrets
@@ -266,12 +267,27 @@ Run.cache = property(_get_cache, _set_cache, doc="The run's KV cache (a batched 
 
 
 class RunRegistry:
-    """The runs of one engine, by id, each filed under its owner."""
+    """The runs of one engine, by id, each filed under its owner.
+
+    It also remembers the ids of the last ``EXPIRED_MEMORY`` runs closed by a lease, so
+    that their owner is told the run *expired* (and what sets the lease) rather than
+    that it is unknown.
+    """
+
+    EXPIRED_MEMORY = 4096
 
     def __init__(self) -> None:
         self._runs: dict[str, Run] = {}
+        self._expired: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+
+    def expired(self, run: Run, why: str) -> None:
+        """Remember that ``run`` was closed by its lease, with ``why`` to tell its owner."""
+        with self._lock:
+            self._expired[run.id] = (run.owner, why)
+            while len(self._expired) > self.EXPIRED_MEMORY:
+                self._expired.popitem(last=False)
 
     def new_id(self) -> str:
         """``r<n>-<random>``: ordered for people, unguessable for other clients."""
@@ -289,7 +305,10 @@ class RunRegistry:
         with self._lock:
             run = self._runs.get(run_id)
         if run is None or run.owner != owner:
-            raise UnknownRunError(f"no run {run_id!r} (closed, expired, or another client's)")
+            gone = self._expired.get(run_id) if run is None and isinstance(run_id, str) else None
+            if gone is not None and gone[0] == owner:
+                raise UnknownRunError(f"run {run_id!r} {gone[1]}")
+            raise UnknownRunError(f"no run {run_id!r} (closed, expired, or another client's)"[:300])
         run.last_used = time.monotonic()
         return run
 

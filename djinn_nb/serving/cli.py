@@ -36,6 +36,15 @@ def add_user_main(argv: list[str]) -> int:
     return 0
 
 
+def _lease(text: str) -> float | None:
+    if text.strip().lower() in ("none", "never"):
+        return None
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a number of seconds > 0, or 'none', not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["add-user"]:
@@ -53,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", default=None, help="PEM certificate: both channels under TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--max-payload-bytes", type=int, default=wire.DEFAULT_MAX_PAYLOAD)
-    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS,
-                   help="close runs untouched this long (default 600)")
+    p.add_argument("--lease-seconds", type=_lease, default=DEFAULT_LEASE_SECONDS,
+                   help=f"close runs untouched this long (default {DEFAULT_LEASE_SECONDS:g}; 'none': never)")
     p.add_argument("--max-paused-bytes", type=int, default=None,
                    help="offload least-recently-used paused runs to host memory above this many device bytes")
     p.add_argument("--max-held-bytes", type=int, default=None,

@@ -14,9 +14,18 @@ if TYPE_CHECKING:
     from .server import DjinnServer
 
 
-def start_embedded_server(model: str | None, device: str, dtype: str | None) -> "DjinnServer":
-    """Load ``model`` (the exactness probe runs) and serve it on 127.0.0.1, any free port."""
+LEASE_HINT = "connect(lease_seconds=...) sets this"
+
+
+def start_embedded_server(model: str | None, device: str, dtype: str | None,
+                          lease_seconds: float | None = None) -> "DjinnServer":
+    """Load ``model`` (the exactness probe runs) and serve it on 127.0.0.1, any free port.
+
+    Its runs are this kernel's own, so by default none ever expires: a run paused before
+    lunch is there after it (``lease_seconds`` sets a lease).
+    """
     with paused_gc():
         from .server import DjinnServer, build_engine
 
-        return DjinnServer(build_engine(model, device, dtype), "127.0.0.1", 0).start()
+        return DjinnServer(build_engine(model, device, dtype), "127.0.0.1", 0, lease_seconds=lease_seconds,
+                           lease_hint=LEASE_HINT).start()

@@ -173,12 +173,24 @@ def _close(sock: socket.socket) -> None:
         pass
 
 
+def check_lease(lease_seconds: float | None) -> None:
+    """``None`` (never expire) or a positive, finite number of seconds."""
+    if lease_seconds is None:
+        return
+    if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float)) \
+            or not 0 < lease_seconds < float("inf"):
+        raise BadRequestError(f"lease_seconds must be None (never expire) or a positive number, got {lease_seconds!r}"[:200])
+
+
 class DjinnServer:
     """Serve an engine over rpyc; ``start()`` runs it in a background thread.
 
     Runs untouched for ``lease_seconds`` are closed by a reaper thread (their device
     memory is freed), so a notebook that dies leaks nothing for long, while one
     that restarts within the lease can ``attach`` to its paused runs again.
+    ``lease_seconds=None``: runs are never expired (an embedded server's default: its
+    runs are its own kernel's). An expired run's owner is told so, with ``lease_hint``
+    (what sets the lease where this server was started).
     ``users`` (see users.py) or ``token`` authenticate; ``tls_cert``/``tls_key`` put
     both channels under TLS.
     """
@@ -190,12 +202,13 @@ class DjinnServer:
         port: int = DEFAULT_PORT,
         token: str | None = None,
         max_payload: int = wire.DEFAULT_MAX_PAYLOAD,
-        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        lease_seconds: float | None = DEFAULT_LEASE_SECONDS,
         max_paused_bytes: int | None = None,
         users: dict[str, User] | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
         limits: Limits | None = None,
+        lease_hint: str = "--lease-seconds sets this",
     ):
         if users and token:
             raise BadRequestError("pass either a token or a users file, not both")
@@ -205,8 +218,7 @@ class DjinnServer:
                 f"refusing to bind {host} without a token: pass --token or set DJINN_TOKEN, or --users FILE "
                 "(clients then connect with token=...)"
             )
-        if not lease_seconds > 0:
-            raise BadRequestError(f"lease_seconds must be positive, got {lease_seconds!r}")
+        check_lease(lease_seconds)
         if (tls_cert is None) != (tls_key is None):
             raise BadRequestError("TLS needs both --tls-cert and --tls-key")
         self.limits = limits or Limits()
@@ -214,7 +226,8 @@ class DjinnServer:
         self.state = ServerState(engine, Authenticator(users, self.limits.auth_failures), max_payload,
                                  max_paused_bytes, limits=self.limits)
         self.state.inflight = InflightBudget(self.limits.inflight_bytes, self.limits.inflight_wait_s)
-        self.lease_seconds = float(lease_seconds)
+        self.lease_seconds = None if lease_seconds is None else float(lease_seconds)
+        self.lease_hint = lease_hint
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="djinn-lease-reaper", daemon=True)
         self._server = _Listener(
@@ -237,15 +250,15 @@ class DjinnServer:
         return f"{self.host}:{self.port}"
 
     def _reap(self) -> None:
-        interval = min(0.25, self.lease_seconds / 4)
         last_expiry = time.monotonic()
-        while not self._stop.wait(interval):
+        while not self._stop.wait(min(0.25, (self.lease_seconds or 1.0) / 4)):
             self._server.sweep()
             if self.state.bulk is not None:
                 self.state.bulk.sweep()
-            if time.monotonic() - last_expiry >= min(5.0, self.lease_seconds / 4):
+            lease = self.lease_seconds  # may be changed while serving (connect(lease_seconds=...))
+            if lease is not None and time.monotonic() - last_expiry >= min(5.0, lease / 4):
                 last_expiry = time.monotonic()
-                for run_id in self.state.engine.expire(self.lease_seconds):
+                for run_id in self.state.engine.expire(lease, self.lease_hint):
                     log.info("lease expired: closed run %s", run_id)
                     self.state.freed.set()
             if self.state.freed.is_set() and self.state.activity.quiet_for(TRIM_QUIET_S):
