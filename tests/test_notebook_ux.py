@@ -58,7 +58,7 @@ def _magic(shell, line: str):
 def test_make_lab_installs_jupyterlab_registers_a_kernel_and_opens_notebook_01():
     out = subprocess.run(["make", "-n", "-B", "lab", "PYTHON=python3"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    assert re.search(r'pip install -q -e "\.\[notebook,lab\]"', out)
+    assert re.search(r'pip install -q -c constraints\.txt -e "\.\[notebook,lab\]"', out)
     assert "ipykernel install --sys-prefix --name djinn_nb" in out
     assert re.search(r"jupyter lab --ip=127\.0\.0\.1 .*--ServerApp\.root_dir=.*notebooks/01_quickstart\.ipynb", out, re.S)
     assert re.search(r"echo \"JupyterLab with notebook 01: http://127\.0\.0\.1:8888/lab/tree/notebooks/01_quickstart\.ipynb\?token=", out)
@@ -68,6 +68,24 @@ def test_make_lab_installs_jupyterlab_registers_a_kernel_and_opens_notebook_01()
     readme = (REPO / "README.md").read_text()
     quick = readme.split("## Quick start")[1].split("\n## ")[0]
     assert all(f"make {t}" in quick for t in ("demo", "test", "lab"))
+
+
+def test_install_pins_the_tested_versions_and_says_how_to_try_newer_ones():
+    out = subprocess.run(["make", "-n", "-B", "install", "PYTHON=python3"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert re.search(r'pip install -q -c constraints\.txt -e "\.\[notebook,dev\]"', out)
+    pins = {name.lower().replace("_", "-"): version
+            for name, version in (line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                                  if line and not line.startswith("#"))}
+    for name in ("transformers", "tokenizers", "rpyc", "jupyterlab", "playwright", "pytest", "huggingface-hub"):
+        assert name in pins, name
+    assert "torch" not in pins  # installed apart, by scripts/install-torch
+    import importlib.metadata
+
+    for name in ("transformers", "tokenizers", "rpyc"):  # the tests run with what is pinned
+        assert importlib.metadata.version(name) == pins[name], name
+    readme = (REPO / "README.md").read_text()
+    assert "constraints.txt" in readme and "CONSTRAINTS=/dev/null" in readme
 
 
 # ----- item 2: CPU-only torch on any Linux -------------------------------------------------

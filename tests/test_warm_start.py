@@ -1,11 +1,14 @@
 """Start-up: the engine without the client's dependencies, and the embedded model's one-time conversion."""
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,12 +206,33 @@ def _same_tokenizer(a, b, tmp_path: Path) -> None:
     assert a.apply_chat_template(msgs, tokenize=False) == b.apply_chat_template(msgs, tokenize=False)
     a.save_pretrained(tmp_path / "a")
     b.save_pretrained(tmp_path / "b")
-    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for f in files:
+        if f == "tokenizer_config.json":  # what the tokenizer is, not how this copy was loaded
+            assert _config(tmp_path / "a" / f) == _config(tmp_path / "b" / f)
+        else:
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
-def test_the_embedded_tokenizer_is_built_from_its_files_and_equals_autotokenizers(tmp_path, embedded):
+# How a tokenizer was loaded, which transformers releases save with it (5.24 adds local_files_only
+# where HF_HUB_OFFLINE is set): not part of what it is.
+LOADING_KEYS = {"local_files_only", "cache_dir", "force_download", "proxies", "token", "revision",
+                "subfolder", "trust_remote_code", "_commit_hash", "name_or_path"}
+
+
+def _config(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in LOADING_KEYS}
+
+
+@pytest.mark.parametrize("offline", [False, True], ids=["online", "HF_HUB_OFFLINE"])
+def test_the_embedded_tokenizer_is_built_from_its_files_and_equals_autotokenizers(tmp_path, embedded, monkeypatch,
+                                                                                 offline):
     from transformers import AutoTokenizer
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)  # read once, at import, from the env
 
     from djinn_nb.core.models import _saved_tokenizers_backend, embedded_dir, load_tokenizer
 

@@ -283,7 +283,7 @@ def connect(
         raise BadRequestError("spin_us is for a server in another process: an embedded server's client "
                               "would take the GIL from the server it waits on")
     from ..serving.embedded import start_embedded_server
-    from ..serving.server import check_lease
+    from ..serving.lease import check_lease
 
     lease = None if lease_seconds is _UNSET else lease_seconds
     check_lease(lease)

@@ -13,7 +13,8 @@ import sys
 from ..errors import DjinnError
 from . import wire
 from .protocol import DEFAULT_PORT
-from .server import DEFAULT_LEASE_SECONDS, DjinnServer, Limits, build_engine, is_loopback
+from .lease import DEFAULT_LEASE_SECONDS
+from .server import DjinnServer, Limits, build_engine, is_loopback
 
 
 def add_user_main(argv: list[str]) -> int:

@@ -28,12 +28,12 @@ from rpyc.utils.server import ThreadedServer
 from ..core.engine import Engine
 from ..errors import AuthenticationError, BadRequestError
 from . import sidechannel, tls, wire
+from .lease import DEFAULT_LEASE_SECONDS, check_lease
 from .protocol import DEFAULT_PORT
 from .service import DjinnService, ServerState
 from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, SpareDescriptor, tune_socket
 from .users import Authenticator, User, single_user
 
-DEFAULT_LEASE_SECONDS = 600.0
 #: Largest frame a connection may send before ``hello`` succeeds.
 UNAUTHENTICATED_FRAME = 64 << 10
 log = logging.getLogger("djinn_nb.serving.server")
@@ -171,15 +171,6 @@ def _close(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
-
-
-def check_lease(lease_seconds: float | None) -> None:
-    """``None`` (never expire) or a positive, finite number of seconds."""
-    if lease_seconds is None:
-        return
-    if isinstance(lease_seconds, bool) or not isinstance(lease_seconds, (int, float)) \
-            or not 0 < lease_seconds < float("inf"):
-        raise BadRequestError(f"lease_seconds must be None (never expire) or a positive number, got {lease_seconds!r}"[:200])
 
 
 class DjinnServer:
