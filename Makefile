@@ -32,9 +32,11 @@ demo: install
 	$(PY) -m experiments.exp3_whitebox.run_exp3 --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir $(DEMO_OUT)
 
 # The notebooks' sources are notebooks/0*.py (jupytext percent format); this writes the .ipynb
-# files from them, keeping cell ids (tests/test_notebooks.py fails while the two differ).
+# files from them, keeping cell ids, and strips any outputs (tests/test_notebooks.py fails while
+# the two differ or a notebook holds outputs; `make lab` saves them without outputs).
 notebooks: install
 	$(VENV)/bin/jupytext --update --to ipynb notebooks/0*_*.py
+	$(PY) scripts/strip_notebook_outputs.py notebooks/0*_*.ipynb
 
 # The browser test (tests/browser/) runs when chromium is installed (apt-get install chromium);
 # otherwise pytest's summary lists it as skipped, with the reason.
@@ -52,7 +54,7 @@ $(LAB_STAMP): $(STAMP)
 lab: $(LAB_STAMP)
 	@token=$$($(PY) -c 'import secrets; print(secrets.token_hex(16))'); \
 	echo "JupyterLab with notebook 01: http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks/01_quickstart.ipynb?token=$$token"; \
-	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 --ServerApp.root_dir="$(CURDIR)" \
+	$(VENV)/bin/jupyter lab --config=scripts/lab_config.py --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 --ServerApp.root_dir="$(CURDIR)" \
 	    --IdentityProvider.token=$$token $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/01_quickstart.ipynb
 
 server: install

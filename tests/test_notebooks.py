@@ -52,9 +52,69 @@ def test_notebook_is_generated_from_its_source(name):
     source = NOTEBOOKS / name.replace(".ipynb", ".py")
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert _cells(nb) == _cells(jupytext.read(source)), f"{name} is out of date: run `make notebooks`"
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} has outputs"
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        f"{name} holds outputs (saved by a Jupyter not started with `make lab`?): `make notebooks` strips "
+        f"them, or `git checkout notebooks/{name}`")
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and all(f"{k} =" in tagged[0].source for k in PARAMS)
+
+
+def _strip_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("strip_notebook_outputs", REPO / "scripts" / "strip_notebook_outputs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _with_outputs(name: str):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.outputs = [nbformat.v4.new_output("stream", text=f"out {i}\n")]
+        cell.execution_count = i + 1
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    return nb
+
+
+def test_outputs_saved_into_a_tracked_notebook_are_stripped_by_make_notebooks(tmp_path):
+    """JupyterLab autosaved outputs into notebooks/*.ipynb, after which this suite failed for all six
+    and `make notebooks` (jupytext --update keeps outputs) did not repair it."""
+    import shutil
+    import subprocess
+    import sys
+
+    name = "01_quickstart.ipynb"
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    nbformat.write(_with_outputs(name), work / name)
+    shutil.copy(NOTEBOOKS / name.replace(".ipynb", ".py"), work)
+    out = subprocess.run(["make", "-n", "-B", "notebooks", "PYTHON=python3"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert "strip_notebook_outputs.py notebooks/0*_*.ipynb" in out
+    subprocess.run([sys.executable, str(REPO / "scripts" / "strip_notebook_outputs.py"), str(work / name)], check=True)
+    stripped = nbformat.read(work / name, as_version=4)
+    assert all(c.outputs == [] and c.execution_count is None for c in stripped.cells if c.cell_type == "code")
+    assert "widgets" not in stripped.metadata
+    assert _cells(stripped) == _cells(nbformat.read(NOTEBOOKS / name, as_version=4))
+    assert (work / name).read_bytes() == (NOTEBOOKS / name).read_bytes()  # byte for byte what is tracked
+
+
+def test_make_lab_saves_the_tracked_notebooks_without_outputs():
+    mod = _strip_module()
+    for path, stripped in (("notebooks/01_quickstart.ipynb", True), ("notebooks/06_control_flow.ipynb", True),
+                           ("notebooks/my_experiment.ipynb", False), ("elsewhere/01_quickstart.ipynb", False)):
+        nb = _with_outputs("01_quickstart.ipynb")
+        mod.pre_save_hook({"type": "notebook", "content": nb}, path=path, contents_manager=None)
+        has = any(c.outputs for c in nb.cells if c.cell_type == "code")
+        assert has != stripped, path
+    config = (REPO / "scripts" / "lab_config.py").read_text()
+    assert "c.FileContentsManager.pre_save_hook = pre_save_hook" in config
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "-B", "lab", "PYTHON=python3"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert "jupyter lab --config=scripts/lab_config.py" in out
 
 
 def test_notebook_sources_are_python_and_leave_sys_path_alone():
