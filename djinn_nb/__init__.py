@@ -16,8 +16,12 @@ Layers, lowest first (a test keeps each from importing a higher one):
 """
 from typing import TYPE_CHECKING, Any
 
-from .errors import DjinnError
-from .version import __version__
+from .core.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch: see core/threads.py
+
+from .errors import DjinnError  # noqa: E402
+from .version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from .client import Client, Run, connect

@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+import djinn_nb  # noqa: F401 - before torch: idle OpenMP threads wait passively (djinn_nb/core/threads.py)
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -40,6 +40,9 @@ def test_client_html_shows_model_layers_and_runs(client):
     assert "random:llama-tiny" in page and "breakpoint layers 0..11" in page
     assert "no: prompts are token-id lists" in page
     assert re.search(r"\d+ holding [\d.]+ (B|KiB|MiB)", page)
+    import torch
+
+    assert re.search(rf"CPU threads</th><td[^>]*>{torch.get_num_threads()} \(idle ones wait: ", page)
     run.close()
 
 

@@ -31,6 +31,7 @@ from .scheduler import CallStopped, FairScheduler, NonFiniteLogits, Snapshot, on
 from .runs import Run, RunRegistry, WatchHit
 from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
+from .threads import describe as describe_threads
 from .stepping import Stepper
 
 log = logging.getLogger("djinn_nb.core.engine")
@@ -116,6 +117,7 @@ class Engine(Forking, Navigation):
             "parameters": self._parameters,
             "max_positions": self.max_positions,
             "generation_config_ignored": list(self.ignored_generation_config),
+            **describe_threads(),
         }
 
     # ----- tokens -----------------------------------------------------------------

@@ -134,6 +134,9 @@ def client_html(info: dict[str, Any], address: str, runs: Sequence[dict[str, Any
         ("tokenizer", _e("yes" if i.get("has_tokenizer", True) else "no: prompts are token-id lists")),
         ("server", _e(f"{address} (djinn_nb {i.get('server_version', '?')})")),
     ]
+    if i.get("threads") is not None:  # the server's CPU kernels (see djinn_nb/core/threads.py)
+        rows.append(("CPU threads", _e(f"{i['threads']} (idle ones wait: {i.get('omp_wait_policy', '?')}; "
+                                        "DJINN_THREADS / OMP_WAIT_POLICY set them)")))
     if runs is None:
         rows.append(("runs", _e("unavailable (connection lost?)")))
     else:

@@ -287,6 +287,8 @@ def build_engine(
 ) -> Engine:
     """Load a model and wrap it in an engine (the exactness probe runs here)."""
     from ..core.models import load_model
+    from ..core.threads import apply_thread_setting
 
+    apply_thread_setting()
     loaded = load_model(model, device=device, dtype=dtype, device_map=device_map, seed=seed)
     return Engine(loaded.model, loaded.tokenizer, loaded.name, cuda_graphs=cuda_graphs)
