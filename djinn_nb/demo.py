@@ -9,10 +9,7 @@ import argparse
 import time
 
 from .client import connect
-
-
-def _diff(a: list[int], b: list[int]) -> int:
-    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+from .notebook.compare import tokens_changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     for factor in (0.9, 0.5, 1.5):
         fork = run.fork(scale=factor)
         ms = fork.timings_ms.get("execute", float("nan"))
-        print(f"  x{factor:<4} -> {fork.text!r}  ({_diff(fork.token_ids, plain.token_ids)} of "
-              f"{len(plain.token_ids)} tokens differ; server time {ms:.1f} ms)")
+        changed, aligned = tokens_changed(plain.token_ids, fork.token_ids)
+        print(f"  x{factor:<4} -> {fork.text!r}  ({changed} of {aligned} tokens changed, aligned as the slider "
+              f"does; server time {ms:.1f} ms)")
         fork.close()
 
     run.resume()

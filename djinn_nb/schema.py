@@ -157,15 +157,17 @@ class RunSummary(_Message):
     activation: dict[str, Any] | None = None
     idle_s: float = 0.0
     v: int = -1  # the run's version when this was read (see RunBrief)
+    #: at a conditional pause: ``{"step", "conditions": [{"layer", "site", "when", "values"}]}``
+    held: dict[str, Any] | None = None
 
     _types = {
         "id": (str,), "step": (int,), "layer": (int,), "site": (str,), "token_ids": (list,),
         "prompt_ids": (list,), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
         "watched": (int,), "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "error": (str,),
         "timings_ms": (dict,), "continued_by": (str,), "topk": (list,), "activation": (dict,),
-        "idle_s": (int, float), "v": (int,),
+        "idle_s": (int, float), "v": (int,), "held": (dict,),
     }
-    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation"})
+    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation", "held"})
 
     def __post_init__(self) -> None:
         self.state = _state(type(self), self.state)
@@ -200,9 +202,10 @@ class RunBrief:
     offloaded: bool
     error: str | None
     v: int
+    timings_ms: dict[str, float]  # the server's parts of the call that answered (read even once closed)
 
     _FIELDS = ("id", "state", "step", "layer", "site", "keep", "tokens", "max_new_tokens", "parent", "offloaded",
-               "error", "v")
+               "error", "v", "timings_ms")
 
     @classmethod
     def from_json(cls, obj: Any) -> "RunBrief":
@@ -222,8 +225,12 @@ class RunBrief:
                 raise _fail(cls, f"{name} must be {kind.__name__} or null")
         if type(tokens) is not list or (tokens and not all(type(t) is int for t in tokens)):
             raise _fail(cls, "tokens must be a list of ints")
+        timings = obj["timings_ms"]
+        if type(timings) is not dict or len(timings) > 16 or not all(
+                type(k) is str and type(t) in (int, float) for k, t in timings.items()):
+            raise _fail(cls, "timings_ms must be an object of at most 16 numbers")
         return cls(run_id, _STATES.get(state) or _state(cls, state), step, layer, site, keep, tokens, limit, parent,
-                   offloaded, error, v)
+                   offloaded, error, v, timings)
 
 
 _BRIEF_KEYS = frozenset(RunBrief._FIELDS)

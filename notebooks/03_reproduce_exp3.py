@@ -93,20 +93,21 @@ plots.show(plots.plot_token_accuracy(trials))
 # %% [markdown]
 # ## Latency breakdown
 #
-# Per breakpoint layer, medians in milliseconds: **checkpoint** (from the block's output existing
-# until the run is paused), **restore** (copying the checkpoint and cache for a fork), **remaining
-# layers** (the server executing the blocks after the breakpoint and the head), **transport** (client
-# round trip minus the server's time). For reference, *remaining layers alone* is the same work done
-# directly in plain PyTorch.
+# Per breakpoint layer, in milliseconds: **checkpoint** (median; from the block's output existing
+# until the run is paused), then a fork through the client as means, which add up to its
+# **total**: **restore** (copying the checkpoint and cache), **remaining layers** (the server
+# executing the blocks after the breakpoint and the head) and **transport** (the rest of the round
+# trip). For reference, *remaining layers alone* (median) is the same work done directly in plain
+# PyTorch.
 
 # %%
 lat = pd.DataFrame([{
     "label": f"layer {b['layer']}",
     "checkpoint_ms": b["checkpoint_ms"]["median_ms"],
-    "restore_ms": b["fork_client_server_parts_ms"]["fork_copy_ms"],
-    "remaining_ms": b["fork_client_server_parts_ms"]["execute_ms"],
-    "transport_ms": b["transport_ms"],
-    "fork_client_ms": b["fork_client_ms"]["median_ms"],
+    "restore_ms": b["fork_client_parts_mean_ms"]["fork_copy_ms"],
+    "remaining_ms": b["fork_client_parts_mean_ms"]["execute_ms"],
+    "transport_ms": b["fork_client_parts_mean_ms"]["transport_ms"],
+    "fork_client_ms": b["fork_client_parts_mean_ms"]["total_ms"],
     "remaining_layers_alone_ms": b["remaining_layers_alone_ms"]["median_ms"],
 } for b in djinn["latency_breakdown"]])
 display(lat.set_index("label").round(3))

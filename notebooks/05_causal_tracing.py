@@ -68,14 +68,15 @@ for prompt in (clean, corrupted):
 # ## 2. The grid
 #
 # The answer is the clean run's greedy next token. Each cell is p(answer) when that position's
-# clean state is restored at that layer; `clean_prob` (everything restored) and `corrupt_prob`
-# (nothing restored) bound it.
+# clean state is restored at that layer; `clean_prob` (the clean run's own probability) and
+# `corrupt_prob` (nothing restored) are marked on the colour bar. They are references, not
+# bounds: a cell may exceed the clean run's probability.
 
 # %%
 t0 = time.perf_counter()
 trace = djinn_nb.causal_trace(client, clean, corrupted, site=site)
 seconds = time.perf_counter() - t0
-answer = client.decode([trace.attrs["answer"]]) if client.info["has_tokenizer"] else trace.attrs["answer"]
+answer = trace.attrs["answer_text"] if trace.attrs["answer_text"] is not None else trace.attrs["answer"]
 cells = trace.shape[0] * trace.shape[1]
 print(f"answer {answer!r}: clean p = {trace.attrs['clean_prob']:.4f}, corrupted p = {trace.attrs['corrupt_prob']:.6f}")
 print(f"{cells} cells ({trace.shape[0]} layers x {trace.shape[1]} positions) in {seconds:.1f} s on {client.info['device']}, "

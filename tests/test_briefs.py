@@ -125,13 +125,34 @@ def test_a_bad_since_is_refused_and_changes_nothing(served):
     (lambda b: {**b, "extra": 1}, "fields"),
     (lambda b: {k: v for k, v in b.items() if k != "v"}, "fields"),
     (lambda b: {**b, "layer": "3"}, "layer"),
+    (lambda b: {**b, "timings_ms": [1.0]}, "timings_ms"),
+    (lambda b: {**b, "timings_ms": {"execute": "1"}}, "timings_ms"),
+    (lambda b: {**b, "timings_ms": {str(i): 1.0 for i in range(17)}}, "timings_ms"),
 ])
 def test_a_malformed_brief_is_refused(change, message):
     good = {"id": "r1-ab", "state": "paused", "step": 2, "layer": 3, "site": "resid_post", "keep": 1,
-            "tokens": [4, 5], "max_new_tokens": 6, "parent": None, "offloaded": False, "error": None, "v": 7}
+            "tokens": [4, 5], "max_new_tokens": 6, "parent": None, "offloaded": False, "error": None, "v": 7,
+            "timings_ms": {"execute": 1.5}}
     assert RunBrief.from_json(good).tokens == [4, 5]
     with pytest.raises(BadRequestError, match=message):
         RunBrief.from_json(change(good))
+
+
+def test_a_forks_server_timings_come_with_its_reply_and_outlive_it(served, client):
+    """The latency breakdown read a fork's timings after closing it, and reported it all as transport."""
+    run = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, breakpoints=[(3, 1)])
+    calls = []
+    real = client._call
+    client._call = lambda *a: calls.append(a[0]) or real(*a)
+    try:
+        fork = run.fork(breakpoints=[])
+        fork.close()
+        parts = fork.timings_ms
+    finally:
+        del client._call
+    assert calls == ["fork", "close"]  # no summary call to read them
+    assert parts["fork_copy"] > 0 and parts["execute"] > 0
+    run.close()
 
 
 def test_a_brief_that_keeps_more_than_the_client_has_is_a_protocol_error(served, client):

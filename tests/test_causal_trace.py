@@ -97,13 +97,56 @@ def test_bad_input_is_refused_and_leaves_no_runs(setup):
     assert ids(client) == before
 
 
+@pytest.mark.parametrize("site", ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
+def test_clean_and_corrupted_probabilities_are_the_runs_own_at_every_site(setup, site):
+    """clean_prob was computed by restoring every position of the first traced layer: the clean run
+    only at residual sites (on the embedded model's Eiffel Tower example 0.6838 at mlp_out and 0.0000
+    at attn_out against the true 0.7015)."""
+    client, model = setup
+    before = ids(client)
+    frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=9, layers=[1, 2], positions=[3], site=site,
+                                  progress=False)
+    assert frame.attrs["clean_prob"] == pytest.approx(next_token_probs(model, CLEAN)[9].item(), rel=1e-5)
+    assert frame.attrs["corrupt_prob"] == pytest.approx(next_token_probs(model, CORRUPT)[9].item(), rel=1e-5)
+    assert frame.attrs["answer_text"] is None  # these models have no tokenizer
+    assert ids(client) == before
+
+
+def _rendered(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    return fig.canvas.get_renderer()
+
+
 def test_the_plot_marks_both_probabilities(setup):
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     client, _ = setup
+    open_before = plt.get_fignums()
     frame = djinn_nb.causal_trace(client, CLEAN, CORRUPT, layers=[0, 1], positions=[2, 3], progress=False)
     fig = djinn_nb.plot_causal_trace(frame)
-    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert any(t.startswith("clean ") for t in texts) and any(t.startswith("corrupt ") for t in texts)
+    assert isinstance(fig, Figure) and plt.get_fignums() == open_before  # shown once as a cell's last line
+    legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert legend == [f"clean run: {frame.attrs['clean_prob']:.4f}", f"corrupted run: {frame.attrs['corrupt_prob']:.4f}"]
+    assert f"#{frame.attrs['answer']}" in fig.axes[0].get_title()
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["2", "3"]
-    plt.close(fig)
+    renderer = _rendered(fig)
+    ticks = [t.get_window_extent(renderer) for t in fig.axes[1].get_yticklabels() if t.get_text()]
+    marks = [t.get_window_extent(renderer) for leg in fig.legends for t in leg.get_texts()]
+    assert ticks and not any(a.overlaps(b) for a in ticks for b in marks)  # no label overprints a tick
+    assert all(0 <= b.x0 and b.x1 <= fig.bbox.width and 0 <= b.y0 for b in marks)  # inside the figure
+
+
+def test_the_plot_names_the_answer_by_text_and_id():
+    import pandas as pd
+
+    from djinn_nb.notebook.tracing import plot_causal_trace
+
+    frame = pd.DataFrame([[0.1, 0.6]], index=pd.Index([0], name="layer"), columns=["0: The", "1:  Eiffel"])
+    frame.attrs.update(clean_prob=0.7015, corrupt_prob=0.0001, answer=7042, answer_text=" Paris", site="mlp_out")
+    fig = plot_causal_trace(frame)
+    assert fig.axes[0].get_title() == "p(' Paris' #7042) with the clean state restored"
+    assert fig.axes[1].get_ylabel() == "p(' Paris' #7042)"
+    assert "restored at mlp_out" in fig.axes[0].get_xlabel()

@@ -86,6 +86,18 @@ def test_results_record_environment_and_baselines(exp3_run):
     assert _load(out, "pytorch_eager_results.json")["run"] is True
 
 
+def test_the_latency_breakdown_has_server_parts_that_add_up_to_the_total(exp3_run):
+    """All of a fork's time was reported as transport (server parts 0.0): the forks' timings were
+    read after they were closed."""
+    out, _ = exp3_run
+    for b in _load(out, "djinn_breakpoint_results.json")["latency_breakdown"]:
+        parts = b["fork_client_parts_mean_ms"]
+        assert parts["fork_copy_ms"] > 0 and parts["execute_ms"] > 0 and parts["transport_ms"] > 0
+        assert parts["fork_copy_ms"] + parts["execute_ms"] + parts["transport_ms"] == pytest.approx(parts["total_ms"])
+        assert b["fork_client_server_parts_ms"]["execute_ms"] > 0
+        assert b["transport_ms"] < b["fork_client_ms"]["median_ms"]
+
+
 def test_metrics():
     assert token_accuracy([1, 2, 3], [1, 2, 3]) == 1.0
     assert token_accuracy([1, 2], [1, 2, 3]) == pytest.approx(2 / 3)

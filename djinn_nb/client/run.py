@@ -109,6 +109,17 @@ def _tokens(brief: RunBrief, base: list[int]) -> list[int]:
     return base[:brief.keep] + brief.tokens if brief.keep else list(brief.tokens)
 
 
+class LensRows(list):
+    """``run.lens()``: per position, ``[(token_id, probability), ...]``; its repr rounds the probabilities."""
+
+    def __repr__(self) -> str:
+        rows = ",\n ".join("[" + ", ".join(f"({i}, {p:.4g})" for i, p in row) + "]" for row in self)
+        return f"[{rows}]"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
 class Run:
     """A generation on the server: paused at a breakpoint, done, failed or closed."""
 
@@ -125,7 +136,7 @@ class Run:
         run = cls(client, RunSummary(id=b.id, state=b.state, step=b.step, layer=b.layer, site=b.site,
                                      token_ids=_tokens(b, src.token_ids), prompt_ids=list(src.prompt_ids),
                                      max_new_tokens=b.max_new_tokens, parent=b.parent, offloaded=b.offloaded,
-                                     error=b.error, v=-1))
+                                     error=b.error, v=-1, timings_ms=b.timings_ms))
         run._v = b.v
         return run
 
@@ -136,7 +147,7 @@ class Run:
             raise ProtocolError(f"the server answered about run {b.id} for run {s.id}")
         s.token_ids = _tokens(b, s.token_ids)
         s.state, s.step, s.layer, s.site, s.max_new_tokens = b.state, b.step, b.layer, b.site, b.max_new_tokens
-        s.parent, s.offloaded, s.error = b.parent, b.offloaded, b.error
+        s.parent, s.offloaded, s.error, s.timings_ms = b.parent, b.offloaded, b.error, b.timings_ms
         self._v = b.v
         return self
 
@@ -219,7 +230,10 @@ class Run:
 
     @property
     def topk(self) -> list[tuple[int, float]] | None:
-        """(token id, log-probability) of the most likely next tokens after the last finished step."""
+        """The distribution the last generated token was chosen from: ``(token id, log-probability)``
+        of its most likely tokens, most likely first (natural log: ``math.exp`` gives the
+        probability). At a pause in step k that is step k-1's output (step k's is not computed
+        yet); ``None`` before the first token. ``run.history()`` has it for every step."""
         topk = self._details().topk
         return [(int(i), float(p)) for i, p in topk] if topk else None
 
@@ -238,7 +252,9 @@ class Run:
 
     @property
     def timings_ms(self) -> dict[str, float]:
-        return dict(self._details().timings_ms)
+        """The server's parts of the last call that moved this run (e.g. ``fork_copy``, ``execute``),
+        in ms: they come with every reply, so they stay readable after the run is closed."""
+        return dict(self._s.timings_ms)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -256,12 +272,13 @@ class Run:
         """Next-token logits (vocab,) of the last finished step, or of ``step`` if recorded."""
         return self._client._tensor_out("logits", self.id, step)
 
-    def lens(self, k: int = 5) -> list[list[tuple[int, float]]]:
+    def lens(self, k: int = 5) -> "LensRows":
         """The logit lens at a residual-stream pause (resid_pre, resid_mid, resid_post): for each
         position, the top-``k`` ``(token_id, probability)`` of ``softmax(head(final_norm(activation)))``,
-        computed on the server (edits applied)."""
+        computed on the server (edits applied). A list of lists; shown with 4 significant digits,
+        the values themselves are exact."""
         reply = self._client._call("lens", self.id, k)
-        return [[(int(i), float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply["ids"], reply["probs"])]
+        return LensRows([(int(i), float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply["ids"], reply["probs"]))
 
     def attention(self) -> torch.Tensor:
         """Block ``layer``'s attention probabilities at the paused step, (batch, heads, queries, keys):

@@ -95,8 +95,15 @@ class StepTest:
             "step": step,
         }
         norms = {p: float(v) for p, v in self.norms.items()}  # one read per point, only where asked
-        return sorted({b.point for b in self.breakpoints
-                       if evaluate(b.condition, {**values, "norm": norms.get(b.point, math.nan)})})
+        held, points = [], set()
+        for b in self.breakpoints:
+            these = {**values, "norm": norms.get(b.point, math.nan)}
+            if evaluate(b.condition, these):
+                points.add(b.point)
+                held.append({"layer": b.layer, "site": b.site, "when": b.condition,
+                             "values": {t: these[t] for t in sorted(terms_of(b.condition))}})
+        run.held = {"step": step, "conditions": held} if held else None  # what the run card shows at the pause
+        return sorted(points)
 
     def undo(self, run: Run) -> tuple[Checkpoint | None, torch.Tensor | None]:
         """Put the run back as it was before the step; returns what the step started from."""

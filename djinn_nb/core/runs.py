@@ -121,6 +121,8 @@ class Run:
     target: tuple[int, Point] | None = None
     forced: set[Point] = field(default_factory=set)  # conditional breakpoints that held at ``forced_step``
     forced_step: int = -1
+    #: at a conditional pause, the conditions that held and the values they read (see conditional.py)
+    held: dict[str, Any] | None = None
     checked_step: int = -1  # the last step whose conditions were tested
     last_point: tuple[int, str] | None = None  # (layer, site) of the last pause
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -201,7 +203,13 @@ class Run:
         return {"id": self.id, "state": self.state.value, "step": cp.step if cp else self.step,
                 "layer": cp.layer if cp else None, "site": cp.site if cp else None, "keep": keep,
                 "tokens": tokens[keep:], "max_new_tokens": self.max_new_tokens, "parent": self.parent,
-                "offloaded": self.host_pack is not None, "error": self.error, "v": self.lock.version}
+                "offloaded": self.host_pack is not None, "error": self.error, "v": self.lock.version,
+                "timings_ms": self.timings_ms()}
+
+    def timings_ms(self) -> dict[str, float]:
+        """The server's parts of the last call on this run, in milliseconds (what ``brief`` and
+        the summary carry)."""
+        return {k: round(v * 1e3, 4) for k, v in self.timings.items()}
 
     def row(self) -> dict[str, Any]:
         """This run's line in a listing (a ``RunRow``), without its tokens."""
@@ -242,7 +250,8 @@ class Run:
             offloaded=self.offloaded,
             parent=self.parent,
             error=self.error,
-            timings_ms={k: round(v * 1e3, 4) for k, v in self.timings.items()},
+            held=self.held,
+            timings_ms=self.timings_ms(),
             continued_by=self.continued_by,
             topk=[list(x) for x in self.topk[-1]] if detail and self.topk else None,
             activation=activation,

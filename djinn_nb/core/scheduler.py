@@ -291,7 +291,7 @@ class Snapshot:
              len(run.entropies), len(run.gen_states)),
             run.last_logits,
             run.generator.get_state() if run.generator is not None and paused else None,
-            (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point) if paused else (),
+            (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point, run.held) if paused else (),
         )
 
 
@@ -332,7 +332,7 @@ def roll_back(run: Any, snap: Snapshot) -> None:
         del getattr(run, k)[n:]
     run.step, run.checkpoint, run.last_logits, run.state = snap.step, snap.checkpoint, snap.last_logits, snap.state
     if snap.navigation:
-        run.target, run.forced, run.forced_step, run.checked_step, run.last_point = snap.navigation
+        run.target, run.forced, run.forced_step, run.checked_step, run.last_point, run.held = snap.navigation
     if snap.generator_state is not None:
         run.generator.set_state(snap.generator_state)
 

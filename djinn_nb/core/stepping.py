@@ -363,8 +363,10 @@ class Stepper:
     @staticmethod
     def _pause(run: Run, step: int, p: Paused) -> None:
         run.checkpoint = Checkpoint(p.layer, step, p.value, p.value, p.args, p.kwargs, p.site, p.saved)
-        run.timings["checkpoint"] = p.capture_s
+        run.timings["forward_to_pause"] = p.capture_s  # the forward up to the pause, not a checkpoint's cost
         run.state = RunState.PAUSED
+        if not (run.forced_step == step and Point.at(p.layer, p.site) in run.forced):
+            run.held = None  # not a conditional pause: no condition to show
         run.last_point = (p.layer, p.site)
         if run.target is not None and run.target == (step, Point.at(p.layer, p.site)):
             run.target = None

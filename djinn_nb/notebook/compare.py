@@ -3,7 +3,12 @@
 A steered continuation often says the same thing one token later, or drops a
 token: comparing position by position would then mark everything after it as
 changed. Here the two token-id lists are aligned (``difflib``'s longest matching
-blocks), and each token is shown as kept, replaced, inserted or deleted. Every
+blocks), and each token is shown as kept, replaced, inserted or deleted.
+
+**Tokens changed** has one definition, :func:`tokens_changed`, used by the slider,
+``%djinn_resume``'s comparison and ``make demo``: over the alignment, a replaced pair
+counts once and an inserted or deleted token once each, out of the aligned length.
+(``metrics.token_change_rate`` is the study's *positional* rate, kept for exp3.) Every
 piece of text is escaped; tables are left-aligned explicitly (JupyterLab's
 rendered-HTML style right-aligns table cells).
 """
@@ -14,7 +19,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["Op", "align", "changed_count", "compare_html", "changed_positions", "Comparison",
+__all__ = ["Op", "align", "changed_count", "tokens_changed", "compare_html", "changed_positions", "Comparison",
            "INSERT_STYLE", "DELETE_STYLE"]
 
 # the steered side's new tokens (replaced or inserted) carry INSERT_STYLE, the baseline's lost ones DELETE_STYLE
@@ -48,6 +53,11 @@ def changed_count(ops: Sequence[Op]) -> tuple[int, int]:
         total += n
         changed += 0 if op.kind == "equal" else n
     return changed, total
+
+
+def tokens_changed(baseline: Sequence[int], other: Sequence[int]) -> tuple[int, int]:
+    """(tokens changed, aligned length) of ``other`` against ``baseline``: the one definition."""
+    return changed_count(align(baseline, other))
 
 
 def changed_positions(baseline: Sequence[int], other: Sequence[int]) -> list[bool]:

@@ -10,6 +10,7 @@ import html
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from ..conditions import to_text
 from ..errors import DjinnError
 from ..schema import RunState, RunSummary
 from .compare import Comparison, changed_positions, compare_html
@@ -90,6 +91,52 @@ def decode_text(client: Decoder, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
 
 
+#: The server's parts of a call, as the run card names them (in this order).
+TIMING_NAMES = {"forward_to_pause": "forward to the pause", "fork_copy": "fork copy", "execute": "execute",
+                "offload": "offload", "restore": "restore"}
+
+
+def timings_text(timings_ms: dict[str, float]) -> str:
+    """``forward to the pause 2703.12 ms, …``: each part named for what it measures."""
+    order = [k for k in TIMING_NAMES if k in timings_ms] + [k for k in timings_ms if k not in TIMING_NAMES]
+    return ", ".join(f"{TIMING_NAMES.get(k, k)} {timings_ms[k]:.2f} ms" for k in order)
+
+
+def breakpoint_text(b: dict[str, Any]) -> str:
+    """``layer 2 step all resid_post when entropy > 2.5`` (a condition as a tree or as text)."""
+    when = b.get("when")
+    if isinstance(when, dict):
+        when = to_text(when)
+    return (f"layer {b['layer']} step {b.get('step', 0)} {b.get('site', 'resid_post')}"
+            + (f" when {when}" if when else ""))
+
+
+def _value_text(term: str, value: Any) -> str:
+    if isinstance(value, float):
+        return f"{term} {value:.4g}"
+    return f"{term} {value}"
+
+
+def held_text(held: dict[str, Any]) -> str:
+    """``step 3: entropy > 2.5 held (entropy 2.912, step 3)``, one line per condition that held."""
+    return "\n".join(
+        f"step {held['step']}: {to_text(c['when'])} held at layer {c['layer']} {c['site']} "
+        f"({', '.join(_value_text(t, v) for t, v in c['values'].items())})"
+        for c in held.get("conditions", []))
+
+
+class BreakpointList(list):
+    """``%djinn_break``'s breakpoints: a list of dicts that reads as a sentence."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no breakpoints (add one: %djinn_break layer=6 [step=0|all] [site=...] [when=\"...\"])"
+        return "breakpoints: " + "; ".join(breakpoint_text(b) for b in self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
 def run_html(s: RunSummary, decoder: Decoder | None = None) -> str:
     """Where the run is, its tokens so far, the paused activation's shape/dtype and the bytes it holds."""
     if s.state == RunState.PAUSED:
@@ -109,13 +156,14 @@ def run_html(s: RunSummary, decoder: Decoder | None = None) -> str:
         edited = " (edited)" if act.get("edited") else ""
         rows.append(("activation", _e(f"shape {tuple(act['shape'])}, {act['dtype']}{edited}, norm {act['norm']:.4g}")))
     rows.append(("bytes held", _e(format_bytes(s.bytes_held))))
+    if s.state == RunState.PAUSED and s.held:
+        rows.append(("condition held", f"<pre style='margin:0;white-space:pre-wrap'>{_e(held_text(s.held))}</pre>"))
     if s.breakpoints:
-        rows.append(("breakpoints", _e(", ".join(f"{b['layer']}:{b['step']}:{b.get('site', 'resid_post')}"
-                                                 for b in s.breakpoints))))
+        rows.append(("breakpoints", _e("; ".join(breakpoint_text(b) for b in s.breakpoints))))
     if s.parent:
         rows.append(("forked from", _e(s.parent)))
     if s.timings_ms:
-        rows.append(("timings", _e(", ".join(f"{k} {v:.2f} ms" for k, v in s.timings_ms.items()))))
+        rows.append(("server time of the last call", _e(timings_text(s.timings_ms))))
     if s.error:
         rows.append(("error", _e(s.error)))
     return _table(rows, f"djinn run {s.id}")

@@ -11,7 +11,19 @@ from __future__ import annotations
 import html
 from typing import Any, Sequence
 
-__all__ = ["TokenHistory"]
+__all__ = ["TokenHistory", "visible"]
+
+#: Characters that would render as nothing (or as a bare line break) in the history, as symbols.
+VISIBLE = {"\n": "⏎", "\r": "␍", "\t": "⇥"}
+CARD_LINE_PX = 16  # one line of the hover card (11 px text, line-height 1.4, rounded up)
+
+
+def visible(text: str) -> str:
+    """A token's text with newlines, carriage returns and tabs as symbols (``⏎``, ``␍``, ``⇥``)
+    and the empty text as ``∅``, so that every token has a width to hover."""
+    if text == "":
+        return "∅"
+    return "".join(VISIBLE.get(ch, ch) for ch in text)
 
 _CSS = """
 <style>
@@ -65,15 +77,21 @@ class TokenHistory:
                 for i, (_, p) in enumerate(r["topk"])
             )
             card = f"step {r['step']}  ·  entropy {r['entropy']:.2f} nats\n{alts}\n%djinn_rewind step={r['step']}"
+            text = self._text(r["token_id"], r)
             spans.append(
                 f"<span class='tok' style='background:{_colour(r['entropy'], top)}' data-step='{r['step']}'>"
-                f"{html.escape(self._text(r['token_id'], r))}<span class='card'>{card}</span></span>"
+                f"{html.escape(visible(text))}<span class='card'>{card}</span></span>"
+                + ("<br>" if "\n" in text else "")  # the symbol shows the newline; the break keeps the layout
             )
         prompt = f"<span style='color:#777'>{html.escape(self.prompt)}</span>" if self.prompt else ""
         legend = (f"<div class='legend'>colour: entropy of the distribution each token was chosen from "
                   f"(white 0 → orange {top:.2f} nats, this run's highest); hover a token for its step and "
                   f"top-{len(self.records[0]['topk'])} alternatives</div>")
-        return f"{_CSS}<div class='djinn-hist'>{prompt}{''.join(spans)}{legend}</div>"
+        # room below the text for the card of a token on the last line: an output area clips what
+        # overflows it (the card has the header, k alternatives and the %djinn_rewind line)
+        room = (len(self.records[0]["topk"]) + 3) * CARD_LINE_PX + 16
+        return (f"{_CSS}<div class='djinn-hist' style='padding-bottom:{room}px'>{prompt}{''.join(spans)}"
+                f"{legend}</div>")
 
     def __repr__(self) -> str:
         lines = [f"{'step':>4}  {'token':<18} {'entropy':>7}  top-k"]

@@ -19,7 +19,7 @@ from . import magic_args as A
 from . import messages as M
 from ..conditions import parse as parse_condition
 from ..client import Client, Run, connect
-from .display import RESIDUAL_SITES, Activation, Attention, Comparison, LensGrid, RunsTable, decode_text, token_strings
+from .display import RESIDUAL_SITES, Activation, Attention, BreakpointList, Comparison, LensGrid, RunsTable, decode_text, token_strings
 from ..errors import DjinnError
 from .usage import one_line, usage_errors
 
@@ -178,7 +178,7 @@ class DjinnMagics(Magics):
 
     @line_magic
     @_usage_errors
-    def djinn_break(self, line: str = "") -> list[dict[str, Any]] | None:
+    def djinn_break(self, line: str = "") -> BreakpointList | None:
         """Add a breakpoint for the next runs, list them, or clear them.
 
         %djinn_break layer=6 [step=0|all] [site=resid_post] [when="top1_prob < 0.3"]
@@ -189,7 +189,7 @@ class DjinnMagics(Magics):
                                             when=: only at steps whose output meets the condition
                                             (top1_prob, entropy, token, norm, step; < <= > >= == != in
                                             and or not), tested on the server
-        %djinn_break                        returns the list of breakpoints
+        %djinn_break                        returns the breakpoints (a list of dicts, shown as a sentence)
         %djinn_break clear                  removes them all
         """
         p = A.parse(line, dict(layer=A.integer, step=A.step_value, site=A.text, when=A.text), "djinn_break",
@@ -205,7 +205,7 @@ class DjinnMagics(Magics):
         if "layer" not in p.options:
             if p.options:
                 raise UsageError("a breakpoint needs a layer: write %djinn_break layer=6 step=...")
-            return list(self.breakpoints)
+            return BreakpointList(self.breakpoints)
         bp = {"layer": self._check_layer(p.options["layer"]), "step": p.options.get("step", 0),
               "site": self._check_site(p.options.get("site", "resid_post"))}
         if "when" in p.options:
@@ -213,8 +213,7 @@ class DjinnMagics(Magics):
             bp["when"] = p.options["when"]
         if bp not in self.breakpoints:
             self.breakpoints.append(bp)
-        print("breakpoints: " + ", ".join(f"layer {b['layer']} step {b['step']} {b['site']}"
-                                          + (f" when {b['when']}" if "when" in b else "") for b in self.breakpoints))
+        print(repr(BreakpointList(self.breakpoints)))
         return None
 
     @line_cell_magic

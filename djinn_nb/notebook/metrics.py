@@ -28,7 +28,11 @@ SWEEP_COLUMNS = [
 
 
 def token_change_rate(baseline: Sequence[int], other: Sequence[int]) -> float:
-    """Fraction of positions whose token differs; positions only one sequence has count as changed."""
+    """Fraction of positions whose token differs; positions only one sequence has count as changed.
+
+    Positional, as the exp3 study defines it: a token inserted early shifts every later one.
+    The product's "tokens changed" (slider, demo) aligns first: ``compare.tokens_changed``.
+    """
     n = max(len(baseline), len(other))
     if n == 0:
         return 0.0

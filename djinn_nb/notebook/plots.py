@@ -299,7 +299,10 @@ def plot_attention(
     cell_h = min(max(1.2 if n_q == 1 else 2.4, 0.22 * n_q + 1.2), 6.0)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(cell_w * cols + 0.8, cell_h * rows + 0.6), layout="constrained")
+    width = cell_w * cols + 0.8
+    if title:  # a single head's figure is narrow: make room for the whole title (11 pt: ~0.085 in a character)
+        width = max(width, 0.085 * len(title) + 0.6)
+    fig = Figure(figsize=(width, cell_h * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     im = None
     for ax, h in zip(axes, heads):
@@ -315,7 +318,7 @@ def plot_attention(
     axes[(rows - 1) * cols].set_xlabel("key")
     fig.colorbar(im, ax=list(axes[: len(heads)]), label="attention", shrink=0.8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=11)
     return fig
 
 

@@ -68,12 +68,15 @@ def causal_trace(
     into the corrupted run's prompt pass: a DataFrame with layers as index and positions as
     columns (labelled ``"3:  Tower"`` when the server has a tokenizer).
 
-    ``clean_prob`` (every position restored) and ``corrupt_prob`` (none) are computed in the
-    same batch as the first layer's cells, so a cell whose restored input equals the clean
-    (or corrupted) one shows exactly the same number.
+    ``clean_prob`` is the clean run's own probability of ``answer`` (its prompt pass, nothing
+    patched), at every site: restoring every position of one site is the clean run only at the
+    residual sites, not at ``attn_out``/``mlp_out``. ``corrupt_prob`` (nothing restored) is
+    computed in the same batch as the first layer's cells, so a cell whose restored input
+    equals the corrupted one shows exactly the same number.
 
     ``answer``: a token id or a text of one token; default the clean run's greedy next token.
-    ``.attrs``: ``clean_prob``, ``corrupt_prob``, ``answer`` (id), ``site``, ``positions``, ``tokens``.
+    ``.attrs``: ``clean_prob``, ``corrupt_prob``, ``answer`` (id), ``answer_text`` (with a
+    tokenizer, else None), ``site``, ``positions``, ``tokens``.
     Both prompts must have the same number of tokens.
     """
     import pandas as pd
@@ -103,24 +106,24 @@ def causal_trace(
     try:
         clean_chain = _chain(client, clean_ids, layers, site, opened)
         corrupt_chain = _chain(client, corrupt_ids, layers, site, opened)
+        clean_end = clean_chain[-1].fork(breakpoints=[])  # the clean run itself, to its next token
+        opened.append(clean_end)
         if answer is None:
-            end = clean_chain[-1].fork(breakpoints=[])
-            opened.append(end)
-            answer = end.token_ids[-1]
+            answer = clean_end.token_ids[-1]
+        clean_prob = client.token_probs([clean_end], answer)[0]
         rows: list[list[float]] = []
         bar = _progress(progress, len(layers))
         for src, dst in zip(clean_chain, corrupt_chain):
             cells = [{"patch_from": src, "positions": [p], "breakpoints": [], "max_new_tokens": 1} for p in positions]
-            if not rows:  # the references ride in the first batch, so equal inputs give equal bits
-                cells += [{"patch_from": src, "breakpoints": [], "max_new_tokens": 1},
-                          {"breakpoints": [], "max_new_tokens": 1}]
+            if not rows:  # the corrupted reference rides in the first batch, so equal inputs give equal bits
+                cells.append({"breakpoints": [], "max_new_tokens": 1})
             forks = dst.fork_many(cells)
             try:
                 probs = client.token_probs(forks, answer)
             finally:
                 _close(forks)
             if not rows:
-                *probs, clean_prob, corrupt_prob = probs
+                *probs, corrupt_prob = probs
             rows.append(probs)
             if bar is not None:
                 bar.update(1)
@@ -130,8 +133,9 @@ def causal_trace(
         _close(opened)
     frame = pd.DataFrame(rows, index=pd.Index(layers, name="layer"),
                          columns=pd.Index(_labels(client, clean_ids, positions), name="position"))
-    frame.attrs.update(clean_prob=clean_prob, corrupt_prob=corrupt_prob, answer=int(answer), site=site,
-                       positions=positions, tokens=[clean_ids[p] for p in positions])
+    answer_text = client.decode([int(answer)]) if client.info.get("has_tokenizer") else None
+    frame.attrs.update(clean_prob=clean_prob, corrupt_prob=corrupt_prob, answer=int(answer), answer_text=answer_text,
+                       site=site, positions=positions, tokens=[clean_ids[p] for p in positions])
     return frame
 
 
@@ -153,13 +157,27 @@ def _close(runs: Sequence["Run"]) -> None:
             pass
 
 
+def answer_label(attrs: dict[str, Any]) -> str:
+    """``' Paris' #7042`` (or ``#7042`` without a tokenizer): the answer token by text and id."""
+    answer, text = attrs.get("answer"), attrs.get("answer_text")
+    if answer is None:
+        return "answer"
+    return f"{text!r} #{answer}" if text is not None else f"#{answer}"
+
+
 def plot_causal_trace(frame: "pd.DataFrame", title: str | None = None) -> "Figure":
     """The grid as a heatmap (positions × layers, token labels), with the clean and corrupted
-    probabilities marked on the colour bar."""
-    import matplotlib.pyplot as plt
+    runs' probabilities marked on the colour bar and named in a legend below.
+
+    A plain ``matplotlib.figure.Figure``, not a pyplot one: as a cell's last line it is shown
+    once (pyplot would also draw it when the cell ends).
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     data = frame.to_numpy().T
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * data.shape[1], 0.9 + 0.32 * data.shape[0]))
+    fig = Figure(figsize=(max(5.0, 1.6 + 0.45 * data.shape[1]), 1.6 + 0.32 * data.shape[0]))
+    ax = fig.subplots()
     lo = min(float(data.min()), frame.attrs.get("corrupt_prob", data.min()))
     hi = max(float(data.max()), frame.attrs.get("clean_prob", data.max()))
     image = ax.imshow(data, aspect="auto", cmap="Purples", vmin=lo, vmax=hi, interpolation="nearest")
@@ -167,14 +185,17 @@ def plot_causal_trace(frame: "pd.DataFrame", title: str | None = None) -> "Figur
     ax.set_yticks(range(data.shape[0]), [str(c) for c in frame.columns])
     ax.set_xlabel(f"layer (restored at {frame.attrs.get('site', 'resid_post')})")
     ax.set_ylabel("restored position")
+    label = answer_label(frame.attrs)
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label("p(answer)")
-    for key, style in (("clean_prob", "-"), ("corrupt_prob", "--")):
+    bar.set_label(f"p({label})")
+    handles = []
+    for key, style, name in (("clean_prob", "-", "clean run"), ("corrupt_prob", "--", "corrupted run")):
         if key in frame.attrs:
             value = frame.attrs[key]
             bar.ax.axhline(value, color="black", linestyle=style, linewidth=1.5)
-            bar.ax.text(1.6, value, f"{key.split('_')[0]} {value:.3f}", transform=bar.ax.get_yaxis_transform(),
-                        va="center", fontsize=8)
-    ax.set_title(title or "causal trace: p(answer) with the clean state restored")
-    fig.tight_layout()
+            handles.append(Line2D([], [], color="black", linestyle=style, label=f"{name}: {value:.4f}"))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    ax.set_title(title or f"p({label}) with the clean state restored", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
     return fig

@@ -21,6 +21,20 @@ from .session import Session
 from .timing import Case, Stats, measure, measure_interleaved, ratio, stats, sync
 
 
+def _parts_mean(round_trips_ms: list[float], children: list[Any]) -> dict[str, float | None]:
+    """Mean server parts of the client's forks and the rest of each round trip (transport)."""
+    n = min(len(round_trips_ms), len(children))
+    if n == 0:
+        return {"fork_copy_ms": None, "execute_ms": None, "transport_ms": None, "total_ms": None}
+    copy = [c.timings_ms.get("fork_copy", 0.0) for c in children[:n]]
+    execute = [c.timings_ms.get("execute", 0.0) for c in children[:n]]
+    total = list(round_trips_ms[:n])
+    transport = [t - a - b for t, a, b in zip(total, copy, execute)]
+    mean = lambda xs: sum(xs) / n  # noqa: E731
+    return {"fork_copy_ms": mean(copy), "execute_ms": mean(execute), "transport_ms": mean(transport),
+            "total_ms": mean(total)}
+
+
 def _median(values: Sequence[float]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -117,6 +131,8 @@ def latency_breakdown(session: Session, prompt: list[int], layer: int, timing: T
             "execute_ms": _median([c.timings_ms.get("execute", 0.0) for c in c_children]),
         },
         "transport_ms": _median([rtt - s for rtt, s in zip(fc.samples_ms, c_server)]),
+        # the same samples as means, which add up: fork_copy + execute + transport = total
+        "fork_client_parts_mean_ms": _parts_mean(fc.samples_ms, c_children),
         "resume_client_ms": rc.as_dict(),
         "fork_logits_equal_remaining_layers_logits": bool(exact),
         "ratios": {
