@@ -63,6 +63,7 @@ out = Path(output_dir) if output_dir else repo / "experiments" / "out" / f"nb_ex
 argv = ["--config", str(exp3 / "configs" / config), "--output-dir", str(out)]
 argv += ["--device", device] + (["--model", model] if model else [])
 argv += ["--skip-pytorch"] * bool(skip_pytorch) + ["--skip-vllm"] * bool(skip_vllm)
+argv += ["--quiet"]  # progress goes to exp3.log in the output folder, not to this notebook's stderr
 print("run_exp3", " ".join(argv))
 
 # %% [markdown]

@@ -227,10 +227,45 @@ def _load_model(source: str, device: str, dtype: str | torch.dtype | None, seed:
     kwargs: dict[str, Any] = {"dtype": dt}
     if device_map:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not Path(path).exists() and _hub_unreachable():
+        kwargs["local_files_only"] = True  # a copy in the hub's cache still loads; nothing is retried
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except OSError:
+            raise BadRequestError(
+                f"no model hub is reachable ({_hub_host()[0]}) and {path!r} is neither a local directory nor in "
+                "the hub's cache: pass a local path (a save_pretrained directory), 'random:<shape>', or no "
+                "model for the embedded default"
+            ) from None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not device_map:
         model = model.to(device)
     return LoadedModel(model.eval(), load_tokenizer(path), name)
+
+
+HUB_PROBE_SECONDS = 3.0
+
+
+def _hub_host() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _hub_unreachable() -> bool:
+    """Whether the model hub cannot be reached (offline mode, or no connection within
+    ``HUB_PROBE_SECONDS``): transformers would otherwise retry for ~20 s before failing."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    import socket
+
+    try:
+        socket.create_connection(_hub_host(), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return True
+    return False
 
 
 def load_tokenizer(path: str) -> Any:

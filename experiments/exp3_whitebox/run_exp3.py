@@ -4,6 +4,9 @@ latency breakdown, token accuracy, concurrent demo, baselines and a comparative 
     python -m experiments.exp3_whitebox.run_exp3 \\
         --config experiments/exp3_whitebox/configs/cpu_default.yaml --output-dir /tmp/exp3
 
+or by path, as the study wrote it: ``python experiments/exp3_whitebox/run_exp3.py --config ...``
+(it then runs itself as the module above, from the repository root).
+
 Writes exp3.log, djinn_breakpoint_results.json, pytorch_eager_results.json,
 vllm_results.json and comparative_results.json to the output directory, and
 prints the comparative table. ``main(argv)`` is importable (notebooks call it);
@@ -14,13 +17,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from .baselines.pytorch_eager_baseline import RESULT_FILE as EAGER_FILE
+if __name__ == "__main__" and not __package__:  # run by path: run as the module, which the imports below need
+    _repo = str(Path(__file__).resolve().parents[2])
+    _env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (_repo, os.environ.get("PYTHONPATH")) if p)}
+    os.execve(sys.executable, [sys.executable, "-m", "experiments.exp3_whitebox.run_exp3", *sys.argv[1:]], _env)
+
+from .baselines.pytorch_eager_baseline import RESULT_FILE as EAGER_FILE  # noqa: E402 - after the by-path re-run
 from .baselines.pytorch_eager_baseline import not_run, run_eager_baseline
 from .baselines.vllm_breakpoint_test import RESULT_FILE as VLLM_FILE
 from .baselines.vllm_breakpoint_test import run_vllm_test
@@ -151,12 +160,14 @@ def _run_phases(
 
 
 def run_experiment(
-    cfg: Exp3Config, output_dir: str | Path, skip_pytorch: bool = False, skip_vllm: bool = False
+    cfg: Exp3Config, output_dir: str | Path, skip_pytorch: bool = False, skip_vllm: bool = False,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Run every phase and write the five result files; returns {file stem: result dict}."""
+    """Run every phase and write the five result files; returns {file stem: result dict}.
+    ``quiet``: only warnings and errors on stderr (the log file has everything)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / LOG_FILE)
+    setup_logging(out / LOG_FILE, console=not quiet)
     env = environment(cfg.device)
     log.info("exp3: %s (%s) on %s [%s]; config %s", cfg.model_name, cfg.model_source, cfg.device, env["device_name"], cfg.path)
     errors: dict[str, str] = {}
@@ -215,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="override model.source: hub id, directory, embedded, random:<shape>")
     p.add_argument("--dtype", default=None, help="override model.dtype (float32, bfloat16, float16)")
     p.add_argument("--device-map", default=None, help="'auto': split the model over the visible GPUs (accelerate)")
+    p.add_argument("--quiet", action="store_true",
+                   help="only warnings and errors on stderr; the progress log is in OUTPUT_DIR/exp3.log")
     return p
 
 
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not output_dir:
         print("run_exp3: give --output-dir (the config names none)", file=sys.stderr)
         return 2
-    results = run_experiment(cfg, output_dir, args.skip_pytorch, args.skip_vllm)
+    results = run_experiment(cfg, output_dir, args.skip_pytorch, args.skip_vllm, quiet=args.quiet)
     comp = results["comparative"]
     print(comp["table_text"])
     return 0 if comp["token_accuracy_all_100pct"] and not comp["errors"] else 1

@@ -86,8 +86,9 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def setup_logging(log_file: str | Path, name: str = "exp3") -> logging.Logger:
-    """A logger writing to ``log_file`` (everything) and stderr (info and up)."""
+def setup_logging(log_file: str | Path, name: str = "exp3", console: bool = True) -> logging.Logger:
+    """A logger writing to ``log_file`` (everything) and stderr (info and up; with
+    ``console=False`` only warnings and errors, as a notebook wants)."""
     log = logging.getLogger(name)
     log.setLevel(logging.DEBUG)
     for h in list(log.handlers):
@@ -97,7 +98,7 @@ def setup_logging(log_file: str | Path, name: str = "exp3") -> logging.Logger:
     fh = logging.FileHandler(log_file, mode="w", encoding="utf-8")
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     sh = logging.StreamHandler(sys.stderr)
-    sh.setLevel(logging.INFO)
+    sh.setLevel(logging.INFO if console else logging.WARNING)
     sh.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(fh)
     log.addHandler(sh)
