@@ -8,6 +8,8 @@ anywhere else.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import DjinnError
@@ -55,10 +57,25 @@ def as_frame(data: Any, required: Iterable[str] = ()) -> "pd.DataFrame":
     return df
 
 
-def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.4) -> tuple["Figure", Any]:
+@functools.lru_cache(maxsize=None)
+def figure_class() -> type:
+    """``matplotlib.figure.Figure`` that shows itself once as a PNG when it is a cell's last line.
+
+    The figures here are never pyplot's (pyplot would draw them again when the cell ends, and
+    keep them open); a plain Figure has no image repr unless pyplot's inline backend was
+    loaded, so this one brings its own.
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    class NotebookFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            return to_png(self)
+
+    return NotebookFigure
+
+
+def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.4) -> tuple["Figure", Any]:
+    fig = figure_class()(figsize=(width * ncols, height), layout="constrained")
     axes = fig.subplots(1, ncols)
     return fig, axes
 

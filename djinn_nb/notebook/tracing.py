@@ -169,14 +169,15 @@ def plot_causal_trace(frame: "pd.DataFrame", title: str | None = None) -> "Figur
     """The grid as a heatmap (positions × layers, token labels), with the clean and corrupted
     runs' probabilities marked on the colour bar and named in a legend below.
 
-    A plain ``matplotlib.figure.Figure``, not a pyplot one: as a cell's last line it is shown
-    once (pyplot would also draw it when the cell ends).
+    A ``matplotlib.figure.Figure`` that is not pyplot's: as a cell's last line it is shown once
+    (a pyplot figure was drawn twice: as the value, and again when the cell ended).
     """
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
+    from .plots import figure_class
+
     data = frame.to_numpy().T
-    fig = Figure(figsize=(max(5.0, 1.6 + 0.45 * data.shape[1]), 1.6 + 0.32 * data.shape[0]))
+    fig = figure_class()(figsize=(max(5.0, 1.6 + 0.45 * data.shape[1]), 1.6 + 0.32 * data.shape[0]))
     ax = fig.subplots()
     lo = min(float(data.min()), frame.attrs.get("corrupt_prob", data.min()))
     hi = max(float(data.max()), frame.attrs.get("clean_prob", data.max()))

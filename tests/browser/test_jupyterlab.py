@@ -32,8 +32,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = os.environ.get("DJINN_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-RUN_ALL_TIMEOUT_S = 900  # one notebook, run all, on a 2-core CPU (02's sweep is the long one)
-FORK_TIMEOUT_S = 120
+# Limits are ratios of a yardstick measured beside them, under the same load: one 12-token generate
+# of the default model through the client (0.6-0.8 s on an idle 2-core machine; several seconds with
+# two busy processes beside it, where a fixed 120 s limit failed).
+RUN_ALL_LIMIT = 40  # notebook 01's Run All, in yardsticks (measured: ~13 s, ~16 yardsticks, idle)
+RUN_ALL_TIMEOUT = 1000  # how long to wait for any notebook's Run All (02's sweep is the long one)
+FORK_TIMEOUT = 150  # one slider move
 # notebook 01's parameters, which the expected texts below are computed with
 PROMPT, LAYER, MAX_NEW_TOKENS = "The capital of France is", 10, 12
 
@@ -123,6 +127,21 @@ def expected_client():
     c.close()
 
 
+@pytest.fixture(scope="module")
+def yardstick(expected_client) -> float:
+    """Seconds of one 12-token generate of the default model, now (the median of three)."""
+    expected_client.generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS).close()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        expected_client.generate(PROMPT, max_new_tokens=MAX_NEW_TOKENS).close()
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times)[1]
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "yardstick_seconds.txt").write_text(f"{seconds:.3f}\n")
+    return seconds
+
+
 def _open(browser, lab, name: str):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -140,7 +159,7 @@ def _open(browser, lab, name: str):
 _NB = "window.jupyterapp.shell.currentWidget"
 
 
-def _run_all(page) -> None:
+def _run_all(page, yardstick: float) -> None:
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
     # done when every code cell has an execution count and the kernel is idle
     page.wait_for_function(
@@ -151,7 +170,7 @@ def _run_all(page) -> None:
                 if (c.type === 'code' && !c.executionCount) return false;
             }}
             return nb.sessionContext.session.kernel.status === 'idle';
-        }}""", timeout=RUN_ALL_TIMEOUT_S * 1000, polling=1000)
+        }}""", timeout=max(600, RUN_ALL_TIMEOUT * yardstick) * 1000, polling=1000)
 
 
 def _errors(page) -> list[str]:
@@ -200,7 +219,7 @@ def _slider_state(page) -> dict:
     }}""")
 
 
-def _settled(page, scale: float) -> dict:
+def _settled(page, scale: float, yardstick: float) -> dict:
     """Wait until the slider shows the fork of ``scale`` (not busy, its status says so)."""
     want = f"showing scale {scale:.3g}"
     page.wait_for_function(
@@ -210,7 +229,7 @@ def _settled(page, scale: float) -> dict:
             const box = sliders[sliders.length - 1].closest('.widget-vbox');
             const status = box.querySelector('.djinn-status');
             return !box.querySelector('.djinn-busy') && status && status.textContent.endsWith({want!r});
-        }}""", timeout=FORK_TIMEOUT_S * 1000, polling=250)
+        }}""", timeout=max(60, FORK_TIMEOUT * yardstick) * 1000, polling=250)
     return _slider_state(page)
 
 
@@ -223,20 +242,22 @@ def _fork_text(client, scale: float) -> str:
         run.close()
 
 
-def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expected_client):
+def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expected_client, yardstick):
     page = _open(browser, lab, "01_quickstart.ipynb")
     try:
         _check_not_modified_on_open(page, "01_quickstart.ipynb")
         t0 = time.monotonic()
-        _run_all(page)
+        _run_all(page, yardstick)
         seconds = time.monotonic() - t0
-        (ARTIFACTS / "01_run_all_seconds.txt").write_text(f"{seconds:.1f}\n")
-        print(f"notebook 01, Run All in JupyterLab: {seconds:.1f} s")
-        # done-when: a reader sees pause, inspect, steering and resume within two minutes of opening
-        assert seconds < 120, f"Run All of notebook 01 took {seconds:.0f} s"
+        (ARTIFACTS / "01_run_all_seconds.txt").write_text(f"{seconds:.1f} s = {seconds / yardstick:.1f} yardsticks\n")
+        print(f"notebook 01, Run All in JupyterLab: {seconds:.1f} s ({seconds / yardstick:.1f} x {yardstick:.2f} s)")
+        # a reader sees pause, inspect, steering and resume in about a minute on an idle 2-core machine
+        assert seconds < RUN_ALL_LIMIT * yardstick, (
+            f"Run All of notebook 01 took {seconds:.0f} s = {seconds / yardstick:.0f} x a 12-token generate "
+            f"({yardstick:.2f} s now); the limit is {RUN_ALL_LIMIT}x")
         page.screenshot(path=str(ARTIFACTS / "01_after_run_all.png"), full_page=True)
         assert _errors(page) == []
-        state = _settled(page, 0.9)  # the last cell moved the slider to 0.9 from code
+        state = _settled(page, 0.9, yardstick)  # the last cell moved the slider to 0.9 from code
         assert state["readout"] == "0.90" and not state["disabled"]
         assert state["text"] == _fork_text(expected_client, 0.9)
         assert state["titles"] and all(t.startswith("top: ") or "top: " in t for t in state["titles"])
@@ -249,7 +270,7 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         page.mouse.move(box["x"] - 25, box["y"] + box["height"] / 2, steps=8)
         page.mouse.up()
         dragged = float(_slider_state(page)["readout"])
-        state = _settled(page, dragged)
+        state = _settled(page, dragged, yardstick)
         assert dragged < 0.9 and state["label"] == f"scale {dragged:.3g}"
         assert state["text"] == _fork_text(expected_client, dragged), f"slider at {dragged}"
         page.screenshot(path=str(ARTIFACTS / "01_slider_dragged.png"), full_page=True)
@@ -262,7 +283,7 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         page.wait_for_function(
             f"() => [...document.getElementById({_NB}.id).querySelectorAll('.widget-slider .widget-readout')]"
             ".pop().textContent.trim() === '1.50'", timeout=10_000)
-        state = _settled(page, 1.5)
+        state = _settled(page, 1.5, yardstick)
         assert state["label"] == "scale 1.5" and state["text"] == _fork_text(expected_client, 1.5)
         page.screenshot(path=str(ARTIFACTS / "01_slider_typed.png"), full_page=True)
 
@@ -282,12 +303,75 @@ def test_quickstart_runs_and_the_slider_shows_the_forks_text(browser, lab, expec
         page.close()
 
 
-def test_steering_notebook_runs_without_errors(browser, lab):
+def test_steering_notebook_runs_without_errors(browser, lab, yardstick):
     page = _open(browser, lab, "02_steering.ipynb")
     try:
         _check_not_modified_on_open(page, "02_steering.ipynb")
-        _run_all(page)
+        _run_all(page, yardstick)
         page.screenshot(path=str(ARTIFACTS / "02_after_run_all.png"), full_page=True)
         assert _errors(page) == []
+    finally:
+        page.close()
+
+
+_VIEWS = '''import pandas as pd
+import djinn_nb
+from djinn_nb.notebook.history import TokenHistory
+
+words = [" The", " capital", "\\n", " of", " France", " is", " Paris", ".", "\\n", " It", " is", " big"]
+records = [{"step": i, "token_id": 100 + i, "token": w, "entropy": 0.1 * (i % 5),
+            "topk": [(100 + i, 0.5), (7, 0.2), (8, 0.15), (9, 0.1), (10, 0.05)],
+            "topk_tokens": [w, " a", " b", " c", " d"]} for i, w in enumerate(words)]
+TokenHistory(records, prompt="Hello")
+'''
+_TRACE = '''frame = pd.DataFrame([[0.1, 0.6, 0.2], [0.3, 0.2, 0.1]], index=pd.Index([0, 1], name="layer"),
+                     columns=["0: The", "1:  Eiffel", "2:  Tower"])
+frame.attrs.update(clean_prob=0.7015, corrupt_prob=0.0001, answer=7042, answer_text=" Paris", site="mlp_out")
+djinn_nb.plot_causal_trace(frame)
+'''
+
+
+def test_the_token_history_card_and_the_causal_trace_plot_as_a_reader_sees_them(browser, lab, yardstick):
+    """The hover card of a token on the last line was clipped by the output area (3 of 5 alternatives,
+    never the %djinn_rewind line); newline tokens had no width; plot_causal_trace as a cell's last line
+    drew the figure twice."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(_VIEWS), nbformat.v4.new_code_cell(_TRACE)]
+    nb.metadata = json.loads((REPO / "notebooks" / "01_quickstart.ipynb").read_text())["metadata"]  # its kernel
+    nbformat.write(nb, lab["work"] / "views.ipynb")
+    page = _open(browser, lab, "views.ipynb")
+    try:
+        _run_all(page, yardstick)
+        assert _errors(page) == []
+        root = f"document.getElementById({_NB}.id)"
+        widths = page.evaluate(f"() => [...{root}.querySelectorAll('.djinn-hist .tok')].map("
+                               "t => [t.firstChild.textContent, t.getBoundingClientRect().width])")
+        assert len(widths) == 12 and all(w > 0 for _, w in widths), widths
+        assert [t for t, _ in widths].count("⏎") == 2
+        last = page.locator(".djinn-hist .tok").last
+        last.scroll_into_view_if_needed()
+        last.hover()
+        card = page.evaluate(f"""() => {{
+            const toks = {root}.querySelectorAll('.djinn-hist .tok');
+            const card = toks[toks.length - 1].querySelector('.card');
+            const area = card.closest('.jp-OutputArea-output');
+            const c = card.getBoundingClientRect(), a = area.getBoundingClientRect();
+            // what a reader sees at the card's last line: the card itself, unless something clips it
+            const seen = document.elementFromPoint(c.left + 8, c.bottom - 6);
+            return {{shown: getComputedStyle(card).display, text: card.textContent, cardBottom: c.bottom,
+                     areaBottom: a.bottom, topmost: !!seen && card.contains(seen)}};
+        }}""")
+        page.screenshot(path=str(ARTIFACTS / "history_hover_card.png"), full_page=True)
+        assert card["shown"] == "block" and "%djinn_rewind step=11" in card["text"]
+        assert card["cardBottom"] <= card["areaBottom"] + 1, card  # inside the output area, not clipped
+        assert card["topmost"], card
+        images = page.evaluate(f"""() => {{
+            const cells = {_NB}.content.model.cells; const c = cells.get(1).toJSON();
+            return (c.outputs || []).filter(o => o.data && o.data['image/png']).length;
+        }}""")
+        assert images == 1  # drawn once
+        page.locator(".jp-OutputArea-output img").last.screenshot(path=str(ARTIFACTS / "causal_trace_plot.png"))
     finally:
         page.close()
