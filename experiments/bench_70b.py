@@ -170,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     from djinn_nb.core.specs import Edit
 
     from .exp3_whitebox.exp3lib import eager
-    from .exp3_whitebox.exp3lib.env import environment, write_json
+    from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
     from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_70b_{a.shape}_{gpus}gpu.json"
     result: dict[str, Any] = {"benchmark": "70B-shape model split over GPUs, in-process engine",
-                              "args": vars(a), "gpus": gpus, "environment": environment("cuda:0" if gpus else "cpu"),
+                              "args": vars(a), "gpus": gpus, "environment": environment("cuda:0" if gpus else "cpu", model_dtype(a.dtype, "cuda:0" if gpus else "cpu", "random")),
                               "parts_not_run": []}
 
     def save() -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .exp3_whitebox.exp3lib.timing import sync
 
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(dt * 1e3)
     rounds = len(times["plain"])
     out = {"model": args.model, "dtype": args.dtype, "package": args.package, "layer": layer, "seq_len": args.seq,
-           "new_tokens": args.new_tokens, "rounds": rounds, "environment": environment(args.device),
+           "new_tokens": args.new_tokens, "rounds": rounds, "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model)),
            "same_tokens_all_variants": len({tuple(t) for t in tokens.values()}) == 1,
            "plain_ms_median": statistics.median(times["plain"]), "variants": {}}
     whats = {"alternate": "within one run, breakpoint paused+resumed on even steps; median even-step time over median odd-step time",

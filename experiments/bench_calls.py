@@ -130,7 +130,7 @@ def _times(fn: Callable[[], Any], n: int) -> list[float]:
 def versions() -> dict[str, Any]:
     from .exp3_whitebox.exp3lib.env import environment
 
-    env = environment("cpu")
+    env = environment("cpu", None)  # small calls: no tensors of a model are timed
     try:
         with open("/proc/cpuinfo") as f:
             env["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)

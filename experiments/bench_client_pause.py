@@ -23,7 +23,7 @@ import torch
 import djinn_nb
 
 from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .server_process import djinn_server
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "a pause at every step, resumed through the client, vs plain generate through the client",
         "model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq, "new_tokens": steps,
-        "rounds": args.rounds, "environment": environment(args.device), "tokens_equal": same,
+        "rounds": args.rounds, "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model)), "tokens_equal": same,
         "client_spin_s": spin_s,
         "plain_ms_median": statistics.median(plain_ms), "paused_ms_median": statistics.median(paused_ms),
         "extra_us_per_step_median": statistics.median(extras) * 1e3,

@@ -23,7 +23,7 @@ from djinn_nb.core.architecture import find_anatomy
 from djinn_nb.core.models import load_model
 
 from .exp3_whitebox.exp3lib import eager
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio
 from .server_process import djinn_server
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "benchmark": "fork through the client to a djinn-server subprocess",
             "model": args.model, "layer": args.layer, "seq_len": args.seq,
-            "environment": environment(args.device),
+            "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model)),
             "first_forks_continued_by": paths,
             "forks_agree": same,
             "remaining_layers_alone_ms": tail.as_dict(),

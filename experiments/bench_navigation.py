@@ -33,7 +33,7 @@ from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 
 from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .exp3_whitebox.exp3lib.timing import sync
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.stepper.between_steps = scheduler
     rounds = len(times[jobs[0]])
     out = {"model": args.model, "dtype": args.dtype, "layer": layer, "seq_len": args.seq, "new_tokens": n,
-           "rounds": rounds, "environment": environment(args.device),
+           "rounds": rounds, "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model)),
            "full_decoding_step_ms_median": statistics.median(full) * 1e3, "steps": {}}
     print(f"{args.model}: layer {layer}, {rounds} rounds; full decoding step {out['full_decoding_step_ms_median']:.2f} ms")
     for k in steps:

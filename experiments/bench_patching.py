@@ -26,7 +26,7 @@ from djinn_nb.core.architecture import find_anatomy
 from djinn_nb.core.models import load_model
 from djinn_nb.core.pause import Trace
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, stats, sync
 from .server_process import djinn_server
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "benchmark": "batched forks and causal tracing through the client to a djinn-server subprocess",
             "model": args.model, "dtype": args.dtype, "layer": args.layer, "seq_len": args.seq,
-            "environment": environment(args.device),
+            "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model)),
             "fork_ms": {k: v[0].as_dict() for k, v in res.items()},
             "fork_many_over_one_fork": ratio(many.median_ms, one.median_ms),
             "one_by_one_over_one_fork": ratio(seq_.median_ms, one.median_ms),

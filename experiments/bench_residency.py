@@ -24,7 +24,7 @@ import torch
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, sync
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "residency",
         "model": args.model,
-        "environment": environment(args.device),
+        "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model)),
         "restore": [restore_vs_raw(engine, s, layer, args.repeats) for s in args.seq_lens],
         "run_b": run_b_latency(engine, Engine(loaded.model, loaded.tokenizer, loaded.name), args.paused, 128, layer, 16,
                                max(5, args.repeats // 3)),

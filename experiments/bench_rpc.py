@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in res.items():
         print(f"{k:30s} {v:.3f} ms")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_rpc.json").write_text(json.dumps(res, indent=1))
+        from .exp3_whitebox.exp3lib.env import environment, write_json
+
+        write_json(Path(args.out) / "bench_rpc.json", {**res, "environment": environment("cpu", None)})
     return 0
 
 

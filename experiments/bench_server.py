@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"versions": versions(), "predictions": PREDICTIONS, "args": vars(args)}
+    from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+
+    result: dict[str, Any] = {"versions": versions(), "predictions": PREDICTIONS, "args": vars(args),
+                              "environment": environment(args.device, model_dtype(None, args.device, args.model))}
     if not args.skip_wire:
         print("wire throughput:", flush=True)
         result["wire"] = bench_wire({k: SIZES[k] for k in args.sizes.split(",")}, args.repeats)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bytes per step:", flush=True)
         result["step_bytes"] = bench_step_bytes(args.model, args.device, args.seq, args.new_tokens, args.layer)
         print(json.dumps({k: v for k, v in result["step_bytes"].items() if k != "calls"}), flush=True)
-    (out / "bench_server.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "bench_server.json", result)
     (out / "bench_server.md").write_text(markdown(result))
     print(f"wrote {out}/bench_server.json and bench_server.md")
     return 0

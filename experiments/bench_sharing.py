@@ -28,7 +28,7 @@ from djinn_nb.serving import wire
 from djinn_nb.serving.protocol import PROTOCOL
 from djinn_nb.serving.transport import open_connection
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 
@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     gen, lab = _lab(args.model, args.device)
-    out: dict = {"environment": environment(args.device), "model": args.model or "gpt2-4x512 (tests)"}
+    out: dict = {"environment": environment(args.device, model_dtype(None, args.device, args.model or "random")), "model": args.model or "gpt2-4x512 (tests)"}
     try:
         alice, bob, root = lab.connect("alice"), lab.connect("bob"), lab.connect("root")
         parked = bob.generate(PROMPT, max_new_tokens=2, breakpoints=[2])

@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> None:
                 "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
                 "transformers": __import__("transformers").__version__},
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_sites_{a.model.replace(':', '_').replace('/', '_')}.json").write_text(json.dumps(result, indent=2))
+    from .exp3_whitebox.exp3lib.env import environment, write_json
+
+    result["environment"] = environment(a.device, str(engine.dtype))
+    write_json(Path(a.out) / f"bench_sites_{a.model.replace(':', '_').replace('/', '_')}.json", result)
     print(json.dumps(result, indent=2))
 
 

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "median_saved_by_compiling_s": statistics.median(u["connect_s"] - s["connect_s"]
                                                              for s, u in zip(samples, uncompiled)),
         }} if uncompiled else {}),
-        "environment": environment("cpu"),
+        "environment": environment("cpu", "float32"),  # the embedded default
     }
     print(f"median of {args.n}: import djinn_nb {med['import_s']:.2f} s; connect() {med['connect_s']:.2f} s "
           f"(cpu {med['connect_cpu_s']:.2f} s, of it GC {med['connect_gc_s']:.2f} s; goal <= 3 s); "

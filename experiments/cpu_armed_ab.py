@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cpu[(tag, name)].append(dt / n * 1e6)
     out = {"model": args.model, "prompt_tokens": args.prompt, "new_tokens": n, "rounds": args.rounds,
-           "clock": "thread CPU time, us per generated token", "environment": environment("cpu"),
+           "clock": "thread CPU time, us per generated token", "environment": environment("cpu", "float32"),
            "same_tokens_all": len(set(tokens.values())) == 1, "versions": {}}
     for tag in versions:
         plain = cpu[(tag, "plain")]

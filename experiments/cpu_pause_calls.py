@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {pkg: {spec: count(pkg, spec, args.new_tokens, prompt) for spec in args.models.split(",")}
                for pkg in packages}
     out = {"what": "profile events per decoding step (median), armed at the middle layer every step vs plain",
-           "new_tokens": args.new_tokens, "environment": environment("cpu"), "results": results}
+           "new_tokens": args.new_tokens, "environment": environment("cpu", "float32"), "results": results}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out) / "cpu_pause_calls.json", out)
     for pkg, per in results.items():

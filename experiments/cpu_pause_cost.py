@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"what": "per decoding step, us (wall; cpu: thread CPU time): armed (pause+resume at every step) minus plain, medians per round",
            "prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "rounds": args.rounds,
            "load_average_1min": load, "seconds": round(time.perf_counter() - t0, 1),
-           "environment": environment("cpu"), "base": args.base, "models": results}
+           "environment": environment("cpu", "float32"), "base": args.base, "models": results}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_json(Path(args.out) / f"cpu_pause_cost{args.tag}.json", out)
     print(f"load {load[0]:.2f} -> {load[1]:.2f}; {args.rounds} rounds x {args.new_tokens} tokens")

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                         gap[tag].append((t - last.pop("raise")) * 1e6)
                     if label in ("forward", "raise"):
                         last[label] = t
-    out = {"model": args.model, "new_tokens": n, "rounds": args.rounds, "environment": environment("cpu"),
+    out = {"model": args.model, "new_tokens": n, "rounds": args.rounds, "environment": environment("cpu", "float32"),
            "clock": "perf_counter, us; medians over every pause", "versions": {}}
     for tag in engines:
         out["versions"][tag] = {

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "us_over_plain_median": {w: statistics.median(a - b for a, b in zip(per_round[w], per_round["plain"]))
                                  for w in ways[1:]},
         "greenlet": greenlet.__version__,
-        "environment": environment("cpu"),
+        "environment": environment("cpu", "float32"),
     }
     print(f"same tokens: {out['same_tokens']}")
     for w in ways:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "gpu_exactness.json", {
-        "environment": environment("cuda:0"), "models": args.models, "results": rec.results, "all_ok": ok,
+        "environment": environment("cuda:0", "float32 and bfloat16 (each result names its own)"), "models": args.models, "results": rec.results, "all_ok": ok,
     })
     print(json.dumps({"all_ok": ok, "written": str(out / "gpu_exactness.json")}))
     return 0 if ok else 1

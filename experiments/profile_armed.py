@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 from .exp3_whitebox.exp3lib.timing import sync
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / f"profile_armed_{tag}.json", {
         "model": args.model, "dtype": args.dtype, "layer": layer, "new_tokens": n, "rounds": args.rounds,
         "us_per_step_median": step, "extra_us_per_pause_median": extra, "rows": rows,
-        "environment": environment(args.device)})
+        "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model))})
     return 0
 
 

@@ -91,7 +91,7 @@ def test_results_record_environment_and_baselines(exp3_run):
     out, _ = exp3_run
     for name in FILES[1:]:
         env = _load(out, name)["environment"]
-        for key in ("torch", "transformers", "python", "djinn_nb", "device_name", "timestamp_utc"):
+        for key in ("torch", "transformers", "python", "djinn_nb", "device_name", "timestamp_utc", "dtype", "git_commit"):
             assert env[key], (name, key)
     vllm = _load(out, "vllm_results.json")
     assert vllm["run"] in (True, False) and (vllm["run"] or vllm["reason"])

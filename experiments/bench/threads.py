@@ -91,14 +91,15 @@ def main() -> None:
         finally:
             for b in busy:
                 b.kill()
+    from experiments.exp3_whitebox.exp3lib.env import write_json
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(out, {
         "what": "seconds of one 12-token greedy generate of the embedded SmolLM2-135M (fp32, CPU) through "
                 "connect()'s embedded server, per thread configuration and machine load",
         "model": "embedded SmolLM2-135M-Instruct", "dtype": "float32", "repeats": args.repeats,
-        "environment": environment("cpu"), "results": results,
-    }, indent=1) + "\n")
+        "environment": environment("cpu", "float32"), "results": results,
+    })
     print(f"wrote {out}")
 
 

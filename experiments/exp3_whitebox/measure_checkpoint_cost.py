@@ -24,7 +24,7 @@ import torch
 
 from .exp3lib import costs
 from .exp3lib.config import load_config
-from .exp3lib.env import environment, setup_logging, write_json
+from .exp3lib.env import environment, model_dtype, setup_logging, write_json
 from .exp3lib.session import open_session, prompt_ids, vocab_size
 
 RESULT_FILE = "checkpoint_cost_results.json"
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, device=args.device, model_source=args.model, dtype=args.dtype, device_map=args.device_map)
     out = Path(args.output_dir)
     setup_logging(out / "checkpoint_cost.log")
-    env = environment(cfg.device)
+    env = environment(cfg.device, model_dtype(cfg.dtype, cfg.device, cfg.model_source))
     errors: dict[str, str] = {}
     session = open_session(cfg)
     result: dict[str, Any] = {"config": cfg.as_dict(), "environment": env, "errors": errors}

@@ -35,7 +35,7 @@ from .baselines.vllm_breakpoint_test import RESULT_FILE as VLLM_FILE
 from .baselines.vllm_breakpoint_test import run_vllm_test
 from .exp3lib import costs, eager, phases, report
 from .exp3lib.config import Exp3Config, load_config
-from .exp3lib.env import environment, setup_logging, write_json
+from .exp3lib.env import environment, model_dtype, setup_logging, write_json
 from .exp3lib.session import Session, open_session, prompt_ids, vocab_size
 
 DJINN_FILE = "djinn_breakpoint_results.json"
@@ -168,7 +168,7 @@ def run_experiment(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / LOG_FILE, console=not quiet)
-    env = environment(cfg.device)
+    env = environment(cfg.device, model_dtype(cfg.dtype, cfg.device, cfg.model_source))
     log.info("exp3: %s (%s) on %s [%s]; config %s", cfg.model_name, cfg.model_source, cfg.device, env["device_name"], cfg.path)
     errors: dict[str, str] = {}
     djinn: dict[str, Any] = {"setup": None}

@@ -108,7 +108,7 @@ def pack(work: Path, out: Path, parts: dict[str, dict[str, Any]], suite_log: lis
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "exp3_gpu_results.tar.gz", "w:gz") as tar:
         tar.add(work, arcname="exp3_gpu_results")
-    combined = {"environment": environment("cuda:0"), "parts": collect(work, parts)}
+    combined = {"environment": environment("cuda:0", "per part (each part records its own)"), "parts": collect(work, parts)}
     path = write_json(out / "exp3_gpu_combined.json", combined)
     if path.stat().st_size > MAX_FILE_BYTES:  # drop raw samples rather than lose the file
         text = json.dumps(combined)

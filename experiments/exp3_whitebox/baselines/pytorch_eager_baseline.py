@@ -23,7 +23,7 @@ from djinn_nb.core.pause import Trace
 
 from ..exp3lib import eager
 from ..exp3lib.config import Exp3Config, load_config
-from ..exp3lib.env import environment, write_json
+from ..exp3lib.env import environment, model_dtype, write_json
 from ..exp3lib.metrics import steering_effect, token_accuracy
 from ..exp3lib.timing import measure, ratio, stats, sync
 
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = prompt_ids(cfg, tokenizer, vocab_size(model))
     layers = cfg.resolve_layers(anatomy.num_layers)
     result = run_eager_baseline(model, anatomy, prompt, cfg, layers, cfg.resolve_steering_layer(layers, anatomy.num_layers))
-    result.update(model=name, config=cfg.as_dict(), environment=environment(cfg.device))
+    result.update(model=name, config=cfg.as_dict(), environment=environment(cfg.device, model_dtype(cfg.dtype, cfg.device, cfg.model_source)))
     path = write_json(Path(args.output_dir) / RESULT_FILE, result)
     print(f"wrote {path}")
     return 0

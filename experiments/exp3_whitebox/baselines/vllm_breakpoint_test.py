@@ -23,7 +23,7 @@ from typing import Any
 
 
 from ..exp3lib.config import Exp3Config, load_config
-from ..exp3lib.env import environment, write_json
+from ..exp3lib.env import environment, model_dtype, write_json
 
 RESULT_FILE = "vllm_results.json"
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_vllm_test(cfg, prompt, model)
     else:
         result = run_vllm_test(cfg, prompt)
-    result.update(config=cfg.as_dict(), environment=environment(cfg.device))
+    result.update(config=cfg.as_dict(), environment=environment(cfg.device, model_dtype(cfg.dtype, cfg.device, cfg.model_source)))
     print(f"wrote {write_json(Path(args.output_dir) / RESULT_FILE, result)}")
     return 0
 

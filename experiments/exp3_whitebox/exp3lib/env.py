@@ -44,10 +44,22 @@ def device_name(device: str | torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def environment(device: str | torch.device) -> dict[str, Any]:
-    """Versions and hardware of this run; every result file embeds it."""
+def model_dtype(dtype: str | torch.dtype | None, device: str | torch.device, model: str | None = None) -> str:
+    """The dtype a model loaded with ``dtype`` on ``device`` has (``None``/``auto``: float32 on a CPU,
+    bfloat16 on a GPU; the embedded default: float32 unless a dtype is given), as ``load_model``."""
+    from djinn_nb.core.models import EMBEDDED, resolve_dtype
+
+    if dtype is None and model in (None, EMBEDDED):
+        dtype = "float32"
+    return str(resolve_dtype(dtype, str(device))).replace("torch.", "")
+
+
+def environment(device: str | torch.device, dtype: str | torch.dtype | None) -> dict[str, Any]:
+    """Versions and hardware of this run, and the dtype of what was measured (``None``: no
+    model tensors, e.g. a wire benchmark); every result file embeds it (``write_json`` checks)."""
     cuda = torch.cuda.is_available()
     return {
+        "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -79,7 +91,19 @@ def _clean(obj: Any) -> Any:
     return str(obj)
 
 
+RECORDED = ("device_name", "git_commit", "dtype")
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
+    """Write a result: it must carry ``environment()`` (device name, commit and dtype) at its top."""
+    env = obj.get("environment") if isinstance(obj, dict) else None
+    missing = [k for k in RECORDED if not isinstance(env, dict) or k not in env]
+    if missing:
+        raise ValueError(f"{path}: a result records environment(device, dtype); missing {missing}")
+    return _write_json(path, obj)
+
+
+def _write_json(path: str | Path, obj: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_clean(obj), indent=2) + "\n", encoding="utf-8")

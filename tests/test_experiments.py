@@ -1,0 +1,56 @@
+"""Every result a benchmark writes says what it was measured with: device name, commit and dtype
+(a README figure was labelled fp32 that had been measured in bf16, and bench_fork recorded no dtype)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from experiments.exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _calls(name: str):
+    for path in sorted(EXPERIMENTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == name:
+                yield path, node
+
+
+def test_every_environment_names_the_dtype_it_measured():
+    calls = list(_calls("environment"))
+    assert len(calls) >= 20
+    for path, node in calls:
+        assert len(node.args) + len(node.keywords) == 2, f"{path.name}:{node.lineno} passes no dtype"
+
+
+def test_results_are_written_only_through_write_json():
+    for path in sorted(EXPERIMENTS.rglob("*.py")):
+        if path.name == "env.py":  # write_json itself
+            continue
+        text = path.read_text()
+        assert "write_text(json.dumps" not in text and "json.dump(" not in text, path.name
+
+
+def test_a_result_without_device_commit_or_dtype_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"missing \['device_name', 'git_commit', 'dtype'\]"):
+        write_json(tmp_path / "x.json", {"median_ms": 1.0})
+    env = environment("cpu", "float32")
+    assert env["dtype"] == "float32" and env["device_name"].startswith("CPU") and "git_commit" in env
+    write_json(tmp_path / "ok.json", {"median_ms": 1.0, "environment": env})
+    del env["dtype"]
+    with pytest.raises(ValueError, match=r"missing \['dtype'\]"):
+        write_json(tmp_path / "y.json", {"environment": env})
+
+
+@pytest.mark.parametrize("dtype, device, model, want", [
+    (None, "cuda:0", "random:gpt2", "bfloat16"),  # what the mislabelled figure ran in
+    (None, "cpu", "random:gpt2", "float32"),
+    ("float32", "cuda:0", "random:gpt2", "float32"),
+    (None, "cuda:0", None, "float32"),  # the embedded default loads in fp32 anywhere
+    ("auto", "cuda:0", "embedded", "bfloat16"),
+])
+def test_the_dtype_recorded_is_the_one_the_model_loads_in(dtype, device, model, want):
+    assert model_dtype(dtype, device, model) == want
