@@ -26,14 +26,23 @@ def _version(module: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The commit that ran: ``$DJINN_COMMIT`` where the tree is a copy whose git HEAD is not it
+    (the device machine's), else ``git rev-parse``; a tree with uncommitted changes says so."""
+    if os.environ.get("DJINN_COMMIT"):
+        return os.environ["DJINN_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=5, check=False,
         )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    return (commit + ("+uncommitted changes" if dirty else "")) or None
 
 
 def device_name(device: str | torch.device) -> str:
