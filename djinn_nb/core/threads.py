@@ -5,10 +5,13 @@ Why: torch's CPU kernels run on an OpenMP pool whose idle threads busy-wait
 kernel; on a busy one — a 2-core laptop or CI runner with two other processes —
 the spinning threads take the cores the working ones need, and a 12-token
 generate of the embedded model was measured 8–25× slower. Waiting passively
-(``OMP_WAIT_POLICY=PASSIVE``) costs ~0.3 s of that generate when the machine is
-idle and saves seconds when it is not (``experiments/results/cpu-2core/threads.json``),
+(``OMP_WAIT_POLICY=PASSIVE``) cost 0.05 s of that generate on an idle 2-core
+machine (0.61 → 0.66 s) and saved 0.6–0.9 s of ~2 s with two busy processes beside
+it, where spinning runs took up to 7 s (``experiments/results/cpu-2core/threads.json``),
 so it is the default: set when ``djinn_nb`` is imported, if torch is not loaded
-yet (libgomp reads it once, when it loads) and the user has not chosen.
+yet (libgomp reads it once, when it loads) and the user has not chosen. One thread
+was faster still for that small generate but slower on a long prompt pass, so the
+thread count stays torch's.
 
 Overrides: ``OMP_WAIT_POLICY=ACTIVE`` in the environment (a dedicated machine);
 ``DJINN_THREADS=N`` (torch's intra-op threads for the engine; default torch's own,
