@@ -11,7 +11,7 @@ STAMP := $(VENV)/.djinn-installed
 LAB_STAMP := $(VENV)/.djinn-lab-installed
 LAB_PORT ?= 8888
 
-.PHONY: install demo test lab server notebooks clean
+.PHONY: install demo test lab server notebooks docs clean
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ lab: $(LAB_STAMP)
 	echo "JupyterLab with notebook 01: http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks/01_quickstart.ipynb?token=$$token"; \
 	$(VENV)/bin/jupyter lab --config=scripts/lab_config.py --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 --ServerApp.root_dir="$(CURDIR)" \
 	    --IdentityProvider.token=$$token $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/01_quickstart.ipynb
+
+# The docs site (docs/, mkdocs.yml) at http://127.0.0.1:8000; make test builds it with warnings as errors.
+docs: install
+	$(VENV)/bin/mkdocs serve
 
 server: install
 	$(VENV)/bin/djinn-server --port 5556
