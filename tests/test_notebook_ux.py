@@ -60,7 +60,7 @@ def test_make_lab_installs_jupyterlab_registers_a_kernel_and_opens_notebook_01()
                          text=True, check=True).stdout
     assert re.search(r'pip install -q -c constraints\.txt -e "\.\[notebook,lab\]"', out)
     assert "ipykernel install --sys-prefix --name djinn_nb" in out
-    assert re.search(r"jupyter lab --ip=127\.0\.0\.1 .*--ServerApp\.root_dir=.*notebooks/01_quickstart\.ipynb", out, re.S)
+    assert re.search(r"jupyter lab --config=scripts/lab_config\.py --ip=127\.0\.0\.1 .*--ServerApp\.root_dir=.*notebooks/01_quickstart\.ipynb", out, re.S)
     assert re.search(r"echo \"JupyterLab with notebook 01: http://127\.0\.0\.1:8888/lab/tree/notebooks/01_quickstart\.ipynb\?token=", out)
     cfg = (REPO / "setup.cfg").read_text()
     lab = cfg.split("lab =")[1].split("dev =")[0]
