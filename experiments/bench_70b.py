@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         # 2. pause/resume at a layer on each device
         rows = []
         deadline = time.perf_counter() + a.part_seconds
-        for dev, (first, last, count) in facts["layers_per_device"].items():
+        for dev, (first, last, _count) in facts["layers_per_device"].items():
             if time.perf_counter() > deadline:
                 result["parts_not_run"].append(f"pause_resume on {dev}: time box reached")
                 continue

@@ -10,7 +10,6 @@ processes (the floor), and djinn_nb's ``status`` call to an embedded server
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import statistics
 import subprocess

@@ -28,7 +28,6 @@ from .exp3_whitebox.exp3lib.env import environment, write_json
 
 def instrument(pkg: str, log: list):
     eng = importlib.import_module(f"{pkg}.core.engine")
-    stepping = importlib.import_module(f"{pkg}.core.stepping")
     pause = importlib.import_module(f"{pkg}.core.pause")
     pc = time.perf_counter
     seen = pause.Trace._seen

@@ -171,7 +171,7 @@ def test_runs_lists_reattaches_and_closes(shell, client):
     assert row["bytes_held"] > 0
     act = magic(shell, f"djinn_inspect run={run.id} plot=false")  # re-attached by id
     assert act.run_id == run.id
-    assert magic(shell, "djinn_runs close=all") == [] 
+    assert magic(shell, "djinn_runs close=all") == []
     assert client.runs() == []
 
 

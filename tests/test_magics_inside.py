@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 
 import pytest
-import torch
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 

@@ -6,7 +6,6 @@ Fails on any cell error, and checks that the executed notebooks hold their plots
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 
 import pytest

@@ -102,7 +102,7 @@ REACHES = {
     "method code": lambda root: root.hello.__code__,
     "bound self": lambda root: root.hello.__self__,
     "class dict": lambda root: root.__dict__["_state"],
-    "getattr of a mangled name": lambda root: getattr(root, "_DjinnService__state"),
+    "getattr of a mangled name": lambda root: getattr(root, "_DjinnService__state"),  # noqa: B009 - the attack's own spelling
     "setattr": lambda root: setattr(root, "exposed_hello", None),
     "delattr": lambda root: delattr(root, "exposed_status"),
 }

@@ -111,7 +111,7 @@ class Forking:
             together = [(c, s) for c, s, a in zip(children, starts, alone) if not a]
             batch = ForkBatch(self.stepper, parent, [c for c, _ in together], [s for _, s in together]) \
                 if len(together) > 1 else None
-            for child, start, own in zip(children, starts, alone):
+            for child, own in zip(children, alone):
                 if own or batch is None:
                     self._give_state(child, parent)
         for child in children:

@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             entry: dict[str, Any] = {"seq_len": len(prompt), "breakdown": [], "cuda_graph_probe": []}
             for layer in layers:
                 b = _try(f"breakdown seq {len(prompt)} layer {layer}", errors,
-                         lambda: costs.latency_breakdown(session, prompt, layer, cfg.timing))
+                         lambda prompt=prompt, layer=layer: costs.latency_breakdown(session, prompt, layer, cfg.timing))
                 if b:
                     entry["breakdown"].append(b)
                     log.info(_line(len(prompt), b))
             entry["armed_overhead"] = _try(f"armed overhead seq {len(prompt)}", errors,
-                                           lambda: costs.armed_overhead(session, prompt, steer, cfg.max_new_tokens, cfg.timing))
+                                           lambda prompt=prompt: costs.armed_overhead(session, prompt, steer, cfg.max_new_tokens, cfg.timing))
             a = entry["armed_overhead"]
             if a:
                 log.info("seq %d: armed at layer %d every step, auto-resumed: engine %+.2f%%, client %+.2f%%; tokens/s plain "
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             if torch.cuda.is_available() and not args.no_cuda_graph and not cfg.device_map:
                 for layer in layers:
                     g = _try(f"cuda graph seq {len(prompt)} layer {layer}", errors,
-                             lambda: costs.tail_cuda_graph(session, prompt, layer, cfg.timing))
+                             lambda prompt=prompt, layer=layer: costs.tail_cuda_graph(session, prompt, layer, cfg.timing))
                     if g:
                         entry["cuda_graph_probe"].append(g)
                         log.info("   layer %d: remaining layers as a CUDA graph %.3f ms vs eager %.3f ms (no cache write; "
