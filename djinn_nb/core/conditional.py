@@ -26,6 +26,7 @@ from ..conditions import evaluate, terms_of
 from ..schema import RunState
 from . import kvcache
 from .runs import Checkpoint, Run
+from .trajectory import Mark
 from .specs import Breakpoint, Point
 
 
@@ -58,8 +59,7 @@ class StepTest:
     breakpoints: list[Breakpoint]
     norm_points: list[Point]
     cache: Any
-    watch_len: int
-    last_logits: torch.Tensor | None
+    before: Mark  # the run's records before the step
     generator_state: torch.Tensor | None
     checkpoint: Checkpoint | None
     start: torch.Tensor | None
@@ -78,8 +78,7 @@ class StepTest:
             return None
         norm_points = sorted({b.point for b in bps if "norm" in terms_of(b.condition)})
         gen = run.generator.get_state() if run.generator is not None else None
-        return cls(bps, norm_points, CacheSnapshot(run.cache), len(run.watch_log), run.last_logits, gen,
-                   cp, start)
+        return cls(bps, norm_points, CacheSnapshot(run.cache), run.trajectory.mark(), gen, cp, start)
 
     def record(self, point: Point, value: torch.Tensor) -> None:
         if point in self.norm_points:
@@ -107,19 +106,10 @@ class StepTest:
 
     def undo(self, run: Run) -> tuple[Checkpoint | None, torch.Tensor | None]:
         """Put the run back as it was before the step; returns what the step started from."""
-        run.token_ids.pop()
-        run.topk.pop()
-        run.entropies.pop()
-        run.token_times.pop()
-        if run.gen_states:
-            run.gen_states.pop()
-        if run.record_logits:
-            run.logits.pop()
-        run.last_logits = self.last_logits
+        run.trajectory.undo(self.before)
         run.step -= 1
         run.state = RunState.RUNNING
         self.cache.restore(run.cache)
-        del run.watch_log[self.watch_len:]
         if self.generator_state is not None:
             run.generator.set_state(self.generator_state)
         return self.checkpoint, self.start

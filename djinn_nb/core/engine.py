@@ -28,7 +28,8 @@ from .forking import Forking, ForkSpec
 from .navigation import Navigation
 from .residency import Residency
 from .scheduler import CallStopped, FairScheduler, NonFiniteLogits, Snapshot, on_non_finite
-from .runs import Run, RunRegistry, WatchHit
+from .runs import Run, RunRegistry
+from .trajectory import WatchHit
 from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
 from .threads import describe as describe_threads
@@ -179,9 +180,7 @@ class Engine(Forking, Navigation):
     def _free(run: Run, state: RunState) -> None:
         run.cache = None
         run.checkpoint = None
-        run.logits = []
-        run.watch_log = []
-        run.last_logits = None
+        run.trajectory.drop_tensors()
         run.host_pack = None
         run.state = state
 

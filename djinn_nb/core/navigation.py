@@ -144,19 +144,13 @@ class Navigation:
             max_new_tokens=src.max_new_tokens,
             breakpoints=src.breakpoints,
             watches=src.watches,
-            watch_log=[h for h in src.watch_log if h.step < step],
+            trajectory=src.trajectory.cropped(step),
             sampling=src.sampling,
             generator=gen,
             cache=cache,
             record_logits=src.record_logits,
-            token_ids=src.token_ids[:step],
             step=step,
             parent=src.id,
-            topk=src.topk[:step],
-            entropies=src.entropies[:step],
-            gen_states=src.gen_states[:step],
-            logits=src.logits[:step],
-            last_logits=src.logits[step - 1] if 0 < step <= len(src.logits) else None,
         )
 
 

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 
@@ -20,6 +20,7 @@ from ..errors import UnknownRunError
 from ..schema import RunState, RunSummary
 from . import graphs, kvcache, offload
 from .specs import Breakpoint, Point, Sampling
+from .trajectory import Trajectory, WatchHit
 
 
 @dataclass(eq=False)
@@ -52,15 +53,6 @@ class Checkpoint:
     def where(self) -> str:
         where = f"layer {self.layer} step {self.step}"
         return where if self.site == "resid_post" else f"{where} site {self.site}"
-
-
-class WatchHit(NamedTuple):
-    """A watch's record: the value at ``site`` of block ``layer`` at ``step``."""
-
-    layer: int
-    step: int
-    site: str
-    tensor: torch.Tensor
 
 
 class VersionedLock:
@@ -107,16 +99,14 @@ class Run:
     cache: Any
     record_logits: bool = False
     watches: tuple[Breakpoint, ...] = ()
-    watch_log: list[WatchHit] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
+    #: the per-step records (tokens, top-k, entropies, times, sampler states, logits, watch hits):
+    #: their one owner; the properties below read them
+    trajectory: Trajectory = field(default_factory=Trajectory)
     step: int = 0
     state: RunState = RunState.RUNNING
     checkpoint: Checkpoint | None = None
     error: str | None = None
     parent: str | None = None
-    topk: list[list[tuple[int, float]]] = field(default_factory=list)
-    entropies: list[float] = field(default_factory=list)  # nats, of each step's next-token distribution
-    gen_states: list[torch.Tensor] = field(default_factory=list)  # sampling: the generator before each step
     #: a one-shot stop (step, point) that overrides the breakpoints until reached (next_*, rewind)
     target: tuple[int, Point] | None = None
     forced: set[Point] = field(default_factory=set)  # conditional breakpoints that held at ``forced_step``
@@ -125,10 +115,7 @@ class Run:
     held: dict[str, Any] | None = None
     checked_step: int = -1  # the last step whose conditions were tested
     last_point: tuple[int, str] | None = None  # (layer, site) of the last pause
-    logits: list[torch.Tensor] = field(default_factory=list)
-    last_logits: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    token_times: list[float] = field(default_factory=list)  # perf_counter() as each token was picked
     continued_by: str | None = None  # how a fork ran the layers after its checkpoint
     last_used: float = field(default_factory=time.monotonic)
     host_pack: offload.HostPack | None = None
@@ -142,6 +129,39 @@ class Run:
         ``batch_cache`` must be a snapshot the batch no longer changes (``kvcache.fork_cache``)."""
         self._kv = None
         self._row = (batch_cache, row, rows)
+
+    # the trajectory's records, read-only here: they change only through its methods
+    @property
+    def token_ids(self) -> list[int]:
+        return self.trajectory.token_ids
+
+    @property
+    def topk(self) -> list[list[tuple[int, float]]]:
+        return self.trajectory.topk
+
+    @property
+    def entropies(self) -> list[float]:
+        return self.trajectory.entropies
+
+    @property
+    def token_times(self) -> list[float]:
+        return self.trajectory.token_times
+
+    @property
+    def gen_states(self) -> list[torch.Tensor]:
+        return self.trajectory.gen_states
+
+    @property
+    def logits(self) -> list[torch.Tensor]:
+        return self.trajectory.logits
+
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        return self.trajectory.last_logits
+
+    @property
+    def watch_log(self) -> list[WatchHit]:
+        return self.trajectory.watch_log
 
     @property
     def paused(self) -> bool:
@@ -400,7 +420,7 @@ def map_run_tensors(
         cp.saved = {k: fn(cp.saved[k]) for k in sorted(cp.saved)}
         cp.args = _map_tensors(cp.args, fn, keep=cache)
         cp.kwargs = _map_tensors(cp.kwargs, fn, keep=cache)
-    run.watch_log = [hit._replace(tensor=fn(hit.tensor)) for hit in run.watch_log]
+    run.trajectory.map_watch_tensors(fn)
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], keep: Any) -> Any:

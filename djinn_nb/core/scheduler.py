@@ -35,6 +35,7 @@ import torch
 from ..errors import NonFiniteError, QuotaError
 from ..schema import RunState
 from . import kvcache
+from .trajectory import Mark
 
 __all__ = ["FairScheduler", "CallStopped", "NonFiniteLogits", "call_scope", "Snapshot"]
 
@@ -276,8 +277,7 @@ class Snapshot:
     step: int
     checkpoint: Any
     cache: CacheMark | None
-    lengths: tuple[int, ...]  # of the run's lists, in _LISTS order
-    last_logits: Any
+    trajectory: Mark  # the run's per-step records
     generator_state: Any
     navigation: tuple = ()  # target, forced stops, the last tested step, the last pause
 
@@ -287,15 +287,10 @@ class Snapshot:
         return cls(
             run.state, run.step, run.checkpoint,
             CacheMark(run.cache, run.checkpoint) if paused and run.cache is not None else None,
-            (len(run.token_ids), len(run.topk), len(run.logits), len(run.token_times), len(run.watch_log),
-             len(run.entropies), len(run.gen_states)),
-            run.last_logits,
+            run.trajectory.mark(),
             run.generator.get_state() if run.generator is not None and paused else None,
             (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point, run.held) if paused else (),
         )
-
-
-_LISTS = ("token_ids", "topk", "logits", "token_times", "watch_log", "entropies", "gen_states")
 
 
 def first_non_finite_block(cache: Any, new_positions: int) -> int | None:
@@ -328,9 +323,8 @@ def roll_back(run: Any, snap: Snapshot) -> None:
     lengths then (see :class:`CacheMark`), tokens and logs cut."""
     if run.cache is not None and snap.cache is not None:
         snap.cache.restore(run.cache)
-    for k, n in zip(_LISTS, snap.lengths):
-        del getattr(run, k)[n:]
-    run.step, run.checkpoint, run.last_logits, run.state = snap.step, snap.checkpoint, snap.last_logits, snap.state
+    run.trajectory.undo(snap.trajectory)
+    run.step, run.checkpoint, run.state = snap.step, snap.checkpoint, snap.state
     if snap.navigation:
         run.target, run.forced, run.forced_step, run.checked_step, run.last_point, run.held = snap.navigation
     if snap.generator_state is not None:

@@ -29,7 +29,8 @@ from . import entry, graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
-from .runs import Checkpoint, Run, WatchHit
+from .runs import Checkpoint, Run
+from .trajectory import Mark, WatchHit
 from .scheduler import NonFiniteLogits, logits_finite
 from .sites import BlockParts, finish_block
 from .specs import Point
@@ -343,9 +344,10 @@ class Stepper:
             except Paused as p:
                 return self._pause(run, step, p)
             used, start = start, None
+            before = run.trajectory.mark()
             ended = self.take_tokens([run], logits)[0]
             if not logits_finite(run):  # never a token from NaN: the engine undoes this call
-                self._untake(run)
+                self._untake(run, before)
                 raise NonFiniteLogits(step, cp, used)
             if test is not None:
                 held = test.held(run, step)
@@ -376,7 +378,7 @@ class Stepper:
         def record(layer: int, site: str, value: torch.Tensor) -> None:
             point = Point.at(layer, site)
             if point in user_watches:
-                run.watch_log.append(WatchHit(layer, step, site, value))
+                run.trajectory.record_watch(WatchHit(layer, step, site, value))
             if test is not None:
                 test.record(point, value)
         return record
@@ -418,8 +420,7 @@ class Stepper:
         now = time.perf_counter()
         ended = []
         for run, token in zip(runs, self.pick_many(runs, logits)):
-            run.token_times.append(now)
-            run.token_ids.append(token)
+            run.trajectory.record_token(token, now)
             run.step += 1
             end = run.step >= run.max_new_tokens or token in self.eos_ids
             if end:
@@ -428,14 +429,9 @@ class Stepper:
         return ended
 
     @staticmethod
-    def _untake(run: Run) -> None:
+    def _untake(run: Run, before: Mark) -> None:
         """Take back the token :meth:`take_tokens` just appended (and what it recorded with it)."""
-        for name in ("token_ids", "topk", "entropies", "token_times"):
-            getattr(run, name).pop()
-        if run.sampling.temperature > 0:
-            run.gen_states.pop()
-        if run.record_logits:
-            run.logits.pop()
+        run.trajectory.undo(before)
         run.step -= 1
         run.state = RunState.RUNNING
 
@@ -456,7 +452,7 @@ class Stepper:
             if s.temperature == 0:
                 choices.append(None)
                 continue
-            run.gen_states.append(run.generator.get_state())  # what rewinding to this step restores
+            run.trajectory.record_generator(run.generator.get_state())  # what rewinding to this step restores
             row = logits[i].float()
             scores = row / s.temperature
             # a temperature so small that logit/temperature overflows (5e-324 is finite and > 0),
@@ -479,11 +475,8 @@ class Stepper:
         # float64 holds every token id exactly; one transfer instead of a sync per value
         rows = torch.cat([choice[:, None].double(), idx.double(), vals.double(), entropy[:, None].double()], 1).tolist()
         for i, (run, row) in enumerate(zip(runs, rows)):
-            run.last_logits = logits[i]
-            if run.record_logits:
-                run.logits.append(logits[i])
-            run.topk.append([(int(t), v) for t, v in zip(row[1 : 1 + k], row[1 + k : 1 + 2 * k])])
-            run.entropies.append(row[-1])
+            run.trajectory.record_distribution(logits[i], [(int(t), v) for t, v in zip(row[1 : 1 + k], row[1 + k : 1 + 2 * k])],
+                                               row[-1], run.record_logits)
         return [int(row[0]) for row in rows]
 
 
