@@ -75,3 +75,30 @@ def test_map_cache_tensors_replaces_every_tensor_in_a_fixed_order(model):
     again: list[tuple[int, ...]] = []
     map_cache_tensors(cache, lambda t: again.append(tuple(t.shape)) or t)
     assert again == seen  # the order is stable: offload and restore rely on it
+
+
+def test_a_cache_mark_puts_back_append_only_and_in_place_layers_exactly():
+    """One way back for the NaN guard and the conditional replay (kvcache.CacheMark): append-only
+    layers keep their tensors (nothing copied), a layer that writes in place is kept as a deep copy."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import DynamicLayer
+
+    from djinn_nb.core.kvcache import CacheMark
+
+    class InPlace:
+        def __init__(self):
+            self.keys = torch.zeros(1, 1, 3, 2)
+
+    grown = DynamicLayer()
+    grown.keys, grown.values, grown.is_initialized = torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), True
+    odd = InPlace()
+    cache = SimpleNamespace(layers=[grown, odd])
+    kept_keys = grown.keys
+    mark = CacheMark(cache)
+    grown.keys = torch.cat([grown.keys, torch.full((1, 1, 1, 2), 5.0)], -2)  # an update rebinds
+    odd.keys[0, 0, 0, 0] = 9.0  # an in-place write
+    cache.layers.append(InPlace())  # and a layer the failed call added
+    mark.restore(cache)
+    assert len(cache.layers) == 2 and cache.layers[0] is grown and grown.keys is kept_keys
+    assert float(cache.layers[1].keys.abs().sum()) == 0.0

@@ -5,17 +5,16 @@ in it: its terms (``top1_prob``, ``entropy``, ``token``) are about the step's
 output. So the step runs unpaused (with a watch where ``norm`` is needed), the
 condition is evaluated on numbers already read back with the token, and only
 if it holds is the step undone — the token, its top-k and entropy, the
-generator's state, the watch hits, and the KV cache (each layer's attributes
-put back as they were: the snapshot is a shallow copy of each layer's
-``__dict__``, sharing every tensor, since HF's dynamic layers never write in
-place; layers that do are deep-copied) — and run again with the breakpoints that held as ordinary
+generator's state, the watch hits (``trajectory.Mark``), and the KV cache
+(``kvcache.CacheMark``: each layer's attributes put back as they were, sharing
+every tensor, since HF's dynamic layers never write in place; layers that do are
+deep-copied) — and run again with the breakpoints that held as ordinary
 stops. The replay computes exactly what the first run computed, so the pause
 shows what an unconditional breakpoint at that step would. A step whose
 conditions were tested is not tested again when it is resumed.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,35 +29,13 @@ from .trajectory import Mark
 from .specs import Breakpoint, Point
 
 
-class CacheSnapshot:
-    """A KV cache's layers as they were, to put back exactly: each append-only layer's
-    attributes (the same tensors: nothing is copied), other layers deep-copied."""
-
-    def __init__(self, cache: Any):
-        self.layers = list(cache.layers)
-        self.state = [dict(vars(layer)) if type(layer) in kvcache.APPEND_ONLY else copy.deepcopy(layer)
-                      for layer in self.layers]
-
-    def restore(self, cache: Any) -> None:
-        layers = []
-        for layer, state in zip(self.layers, self.state):
-            if isinstance(state, dict):
-                attrs = vars(layer)
-                attrs.clear()
-                attrs.update(state)
-                layers.append(layer)
-            else:
-                layers.append(state)
-        cache.layers = layers
-
-
 @dataclass
 class StepTest:
     """The conditional breakpoints of one step, and what undoing the step needs."""
 
     breakpoints: list[Breakpoint]
     norm_points: list[Point]
-    cache: Any
+    cache: kvcache.CacheMark
     before: Mark  # the run's records before the step
     generator_state: torch.Tensor | None
     checkpoint: Checkpoint | None
@@ -78,7 +55,7 @@ class StepTest:
             return None
         norm_points = sorted({b.point for b in bps if "norm" in terms_of(b.condition)})
         gen = run.generator.get_state() if run.generator is not None else None
-        return cls(bps, norm_points, CacheSnapshot(run.cache), run.trajectory.mark(), gen, cp, start)
+        return cls(bps, norm_points, kvcache.CacheMark(run.cache), run.trajectory.mark(), gen, cp, start)
 
     def record(self, point: Point, value: torch.Tensor) -> None:
         if point in self.norm_points:

@@ -4,7 +4,8 @@ A fork must not disturb the run it came from. HF's dynamic cache layers never
 write into their tensors: each update concatenates into a new tensor. So a fork
 can share every tensor with its parent and only needs its own layer objects,
 an O(layers) copy with no device traffic. Layer types that update in place
-(static caches) get real clones.
+(static caches) get real clones. :class:`CacheMark` puts a cache back exactly as it
+was, the one way back for the NaN guard and the conditional breakpoints alike.
 """
 from __future__ import annotations
 
@@ -87,3 +88,53 @@ def map_cache_tensors(
             setattr(layer, name, moved)
         if device is not None and isinstance(getattr(layer, "device", None), torch.device):
             layer.device = moved.device if moved is not None else device  # split models: each layer's own GPU
+
+
+class CacheMark:
+    """A KV cache as it was, to put back exactly: after a failed call (the NaN guard, with the
+    run's checkpoint) and after a step whose conditions held (the conditional replay, without).
+
+    A paused run's dynamic cache has a simple shape: the blocks before the pause (and the
+    paused block, past ``resid_pre``) hold this step's positions, the blocks after it one
+    fewer, and HF's dynamic layers only ever rebind new tensors. So the mark is the list of
+    layer objects and two lengths (checked at the ends of both ranges), and a roll-back
+    crops each layer back to its length: no walk over the layers and no reference to the
+    old tensors while the call runs (at every pause of an armed run, copying each layer's
+    state was the pause's largest host cost, growing with depth). Anything else (a step's
+    first pass, no checkpoint, lengths not as expected) keeps each append-only layer's
+    attributes (the same tensors: nothing is copied) and a deep copy of any other layer
+    (``state``).
+    """
+
+    __slots__ = ("layers", "split", "lengths", "state")
+
+    def __init__(self, cache: Any, checkpoint: Any = None):
+        self.layers = layers = list(cache.layers)  # the layer objects (a CUDA-graph replay replaces some)
+        self.split, self.lengths, self.state = 0, (0, 0), None
+        n = len(layers)
+        if checkpoint is not None and n and set(map(type, layers)) == {DynamicLayer}:
+            split = min(checkpoint.layer + (checkpoint.site != "resid_pre"), n)  # blocks holding this step
+            done = {layers[0].get_seq_length(), layers[split - 1].get_seq_length()} if split > 0 else set()
+            rest = {layers[split].get_seq_length(), layers[-1].get_seq_length()} if split < n else set()
+            if len(done) <= 1 and len(rest) <= 1 and 0 not in done | rest:  # 0: a first pass, layers unset
+                self.split = split
+                self.lengths = (min(done, default=0), min(rest, default=0))
+                return
+        self.state = [(dict(vars(layer)), None) if type(layer) in _APPEND_ONLY else (None, copy.deepcopy(layer))
+                      for layer in layers]
+
+    def restore(self, cache: Any) -> None:
+        cache.layers[:] = self.layers
+        if self.state is None:
+            done, rest = self.lengths
+            for i, layer in enumerate(self.layers):
+                excess = layer.get_seq_length() - (done if i < self.split else rest)
+                if excess > 0:
+                    layer.crop(-excess)
+            return
+        for i, (layer, (attrs, kept)) in enumerate(zip(self.layers, self.state)):
+            if attrs is not None:  # append-only: never written in place, so the same tensors
+                vars(layer).clear()
+                vars(layer).update(attrs)
+            else:
+                cache.layers[i] = kept

@@ -212,57 +212,6 @@ class FairScheduler:
 
 
 # ----- the NaN guard ---------------------------------------------------------------------
-class CacheMark:
-    """A paused run's KV cache as it was, to put back exactly after a failed call.
-
-    A paused run's dynamic cache has a simple shape: the blocks before the pause (and the
-    paused block, past ``resid_pre``) hold this step's positions, the blocks after it one
-    fewer, and HF's dynamic layers only ever rebind new tensors. So the mark is the list of
-    layer objects and two lengths (checked at the ends of both ranges), and a roll-back
-    crops each layer back to its length: no walk over the layers and no reference to the
-    old tensors while the call runs (at every pause of an armed run, copying each layer's
-    state was the pause's largest host cost, growing with depth). Anything else (a step's
-    first pass, sliding-window or in-place layers, lengths not as expected) keeps a copy of
-    each layer's attributes instead (``state``).
-    """
-
-    __slots__ = ("layers", "split", "lengths", "state")
-
-    def __init__(self, cache: Any, checkpoint: Any):
-        self.layers = layers = list(cache.layers)  # the layer objects (a CUDA-graph replay replaces some)
-        self.split, self.lengths, self.state = 0, (0, 0), None
-        n = len(layers)
-        if checkpoint is not None and n and set(map(type, layers)) == _DYNAMIC:
-            split = min(checkpoint.layer + (checkpoint.site != "resid_pre"), n)  # blocks holding this step
-            done = {layers[0].get_seq_length(), layers[split - 1].get_seq_length()} if split > 0 else set()
-            rest = {layers[split].get_seq_length(), layers[-1].get_seq_length()} if split < n else set()
-            if len(done) <= 1 and len(rest) <= 1 and 0 not in done | rest:  # 0: a first pass, layers unset
-                self.split = split
-                self.lengths = (min(done, default=0), min(rest, default=0))
-                return
-        self.state = [
-            (dict(vars(layer)), None) if type(layer) in kvcache.APPEND_ONLY else (None, layer.get_seq_length())
-            for layer in layers
-        ]
-
-    def restore(self, cache: Any) -> None:
-        cache.layers[:] = self.layers
-        if self.state is None:
-            done, rest = self.lengths
-            for i, layer in enumerate(self.layers):
-                excess = layer.get_seq_length() - (done if i < self.split else rest)
-                if excess > 0:
-                    layer.crop(-excess)
-            return
-        for layer, (attrs, length) in zip(self.layers, self.state):
-            if attrs is not None:  # append-only: never written in place, so the same tensors
-                vars(layer).clear()
-                vars(layer).update(attrs)
-            elif layer.get_seq_length() > length:
-                layer.crop(length - layer.get_seq_length())
-
-
-_DYNAMIC = {kvcache.DynamicLayer}
 
 
 @dataclass
@@ -276,7 +225,7 @@ class Snapshot:
     state: Any
     step: int
     checkpoint: Any
-    cache: CacheMark | None
+    cache: kvcache.CacheMark | None
     trajectory: Mark  # the run's per-step records
     generator_state: Any
     navigation: tuple = ()  # target, forced stops, the last tested step, the last pause
@@ -286,7 +235,7 @@ class Snapshot:
         paused = run.state == RunState.PAUSED
         return cls(
             run.state, run.step, run.checkpoint,
-            CacheMark(run.cache, run.checkpoint) if paused and run.cache is not None else None,
+            kvcache.CacheMark(run.cache, run.checkpoint) if paused and run.cache is not None else None,
             run.trajectory.mark(),
             run.generator.get_state() if run.generator is not None and paused else None,
             (run.target, set(run.forced), run.forced_step, run.checked_step, run.last_point, run.held) if paused else (),
@@ -320,7 +269,7 @@ def non_finite_error(run: Any, exc: NonFiniteLogits, num_layers: int) -> str:
 
 def roll_back(run: Any, snap: Snapshot) -> None:
     """Put a paused run back exactly as ``snap`` found it: its cache's layers cropped back to their
-    lengths then (see :class:`CacheMark`), tokens and logs cut."""
+    lengths then (see :class:`kvcache.CacheMark`), tokens and logs cut."""
     if run.cache is not None and snap.cache is not None:
         snap.cache.restore(run.cache)
     run.trajectory.undo(snap.trajectory)
