@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import rpyc
 
     import djinn_nb
-    from djinn_nb.serving.transport import open_connection
+    from djinn_nb.wire.transport import open_connection
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)

@@ -24,9 +24,9 @@ import rpyc
 
 import djinn_nb
 from djinn_nb.errors import DjinnError
-from djinn_nb.serving import wire
-from djinn_nb.serving.protocol import PROTOCOL
-from djinn_nb.serving.transport import open_connection
+from djinn_nb import wire
+from djinn_nb.wire.protocol import PROTOCOL
+from djinn_nb.wire.transport import open_connection
 
 from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 

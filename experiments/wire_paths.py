@@ -18,10 +18,11 @@ import rpyc
 import torch
 from rpyc.utils.factory import connect_channel
 
-from djinn_nb.serving import sidechannel, wire
+from djinn_nb import wire
+from djinn_nb.wire import sidechannel
 from djinn_nb.client import Client, Run
 from djinn_nb.serving.server import DjinnServer
-from djinn_nb.serving.transport import RPYC_CONFIG, FastChannel, FastSocketStream, open_connection, tune_socket
+from djinn_nb.wire.transport import RPYC_CONFIG, FastChannel, FastSocketStream, open_connection, tune_socket
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> list[float]:

@@ -6,12 +6,12 @@ from typing import Any
 
 import rpyc
 
-from djinn_nb.serving import wire
+from djinn_nb import wire
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import build_random
-from djinn_nb.serving.protocol import PROTOCOL
+from djinn_nb.wire.protocol import PROTOCOL
 from djinn_nb.serving.server import DjinnServer
-from djinn_nb.serving.transport import open_connection
+from djinn_nb.wire.transport import open_connection
 from djinn_nb.core.reference import generate
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]

@@ -21,10 +21,11 @@ import torch
 import djinn_nb
 from djinn_nb.client.connection import Client
 from djinn_nb.errors import BadRequestError, DjinnError, QuotaError
-from djinn_nb.serving import sidechannel, wire
-from djinn_nb.serving.protocol import PROTOCOL
+from djinn_nb import wire
+from djinn_nb.wire import sidechannel
+from djinn_nb.wire.protocol import PROTOCOL
 from djinn_nb.serving.service import DjinnService
-from djinn_nb.serving.transport import RPYC_CONFIG, open_connection
+from djinn_nb.wire.transport import RPYC_CONFIG, open_connection
 from server_proc import start
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]

@@ -10,7 +10,7 @@ import torch
 import djinn_nb
 from djinn_nb.errors import BadRequestError, ProtocolError
 from djinn_nb.schema import RunBrief
-from djinn_nb.serving import wire
+from djinn_nb import wire
 
 from serving import NEW_TOKENS, PROMPT, raw_connection, reply, serve
 

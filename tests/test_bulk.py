@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import djinn_nb
-from djinn_nb.serving import sidechannel
+from djinn_nb.wire import sidechannel
 from djinn_nb.core.engine import Engine
 from djinn_nb.serving.server import DjinnServer
 from djinn_nb.core.reference import generate, hf_model
@@ -47,9 +47,9 @@ def test_upload_ticket_is_single_use_and_owned(served, monkeypatch):
     run = client.generate(PROMPT, max_new_tokens=N, breakpoints=[5])
     h = run.activation()
     slot = client._remote("expect")
-    ticket = djinn_nb.client.connection._call(slot, djinn_nb.serving.wire.dumps({"dtype": "float32", "shape": list(h.shape)}))
+    ticket = djinn_nb.client.connection._call(slot, djinn_nb.wire.dumps({"dtype": "float32", "shape": list(h.shape)}))
     sidechannel.push(client.host, ticket, h)
-    edit = djinn_nb.serving.wire.dumps({"activation": {"ticket": ticket["ticket"]}})
+    edit = djinn_nb.wire.dumps({"activation": {"ticket": ticket["ticket"]}})
     djinn_nb.client.connection._call(client._remote("edit"), run.id, edit, None, None)
     with pytest.raises(djinn_nb.errors.BadRequestError, match="unknown or expired upload ticket"):
         djinn_nb.client.connection._call(client._remote("edit"), run.id, edit, None, None)

@@ -1,6 +1,7 @@
 """The package's layers, as the README describes them, checked on its source.
 
-core (no rpyc) → serving (no IPython) → client → notebook (only the client API);
+core (no rpyc) → serving (no IPython) → client → notebook (only the client API), and wire (what
+both ends of the wire share: no model, no IPython) below serving and client;
 ``errors``, ``schema``, ``conditions`` and ``version`` are shared vocabulary. Every import counts,
 lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (never
 executed) are left out of the cycle check.
@@ -14,14 +15,16 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "djinn_nb"
 SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.version", "djinn_nb.conditions"}
-ALLOWED = {  # layer → layers it may import
+ALLOWED = {  # layer → layers it may import: client → wire ← serving → core
     "core": {"core"},
-    "serving": {"core", "serving"},
-    "client": {"serving", "client"},
+    "wire": {"wire"},
+    "serving": {"core", "serving", "wire"},
+    "client": {"serving", "client", "wire"},
     "notebook": {"client", "notebook"},
 }
 FORBIDDEN_THIRD_PARTY = {
     "core": {"rpyc", "IPython", "ipywidgets", "matplotlib", "pandas"},
+    "wire": {"transformers", "IPython", "ipywidgets", "matplotlib", "pandas"},
     "serving": {"IPython", "ipywidgets", "matplotlib", "pandas"},
     "client": {"IPython", "ipywidgets", "matplotlib", "pandas"},
 }
@@ -68,10 +71,16 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            found.append((mod, runtime))
-            for a in node.names:  # `from . import wire` imports the module djinn_nb.serving.wire
-                if (PKG.parent / (mod + "." + a.name).replace(".", "/")).with_suffix(".py").exists():
-                    found.append((mod + "." + a.name, runtime))
+            # `from ..wire import sidechannel` imports the module djinn_nb.wire.sidechannel, and
+            # `from .. import wire` the package djinn_nb.wire, not djinn_nb's own names
+            submodules = []
+            for a in node.names:
+                path = PKG.parent / (mod + "." + a.name).replace(".", "/")
+                if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
+                    submodules.append(mod + "." + a.name)
+            if len(submodules) < len(node.names):
+                found.append((mod, runtime))
+            found.extend((m, runtime) for m in submodules)
         visit(node, runtime)
 
     visit(tree, True)

@@ -13,12 +13,13 @@ import torch
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import build_random
 from djinn_nb.core.reference import generate as hf_generate
-from djinn_nb.core.scheduler import CacheMark, FairScheduler
+from djinn_nb.core.kvcache import CacheMark
+from djinn_nb.core.scheduler import FairScheduler
 from djinn_nb.core.specs import Edit, Sampling
 from djinn_nb.errors import NonFiniteError
-from djinn_nb.serving import wire
-from djinn_nb.serving.protocol import PROTOCOL
-from djinn_nb.serving.transport import open_connection
+from djinn_nb import wire
+from djinn_nb.wire.protocol import PROTOCOL
+from djinn_nb.wire.transport import open_connection
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 

@@ -14,8 +14,8 @@ from rpyc.core import consts
 
 import djinn_nb
 from djinn_nb.schema import RunSummary
-from djinn_nb.serving.protocol import PROTOCOL
-from djinn_nb.serving import wire
+from djinn_nb.wire.protocol import PROTOCOL
+from djinn_nb import wire
 from djinn_nb.errors import AuthenticationError, UnknownRunError
 from djinn_nb.serving.server import DjinnServer
 from serving import NEW_TOKENS, PROMPT, raw_connection, reply, serve, where

@@ -10,7 +10,7 @@ import torch
 
 import djinn_nb
 from djinn_nb.errors import DjinnError, TransportError
-from djinn_nb.serving import sidechannel
+from djinn_nb.wire import sidechannel
 from server_proc import make_cert
 
 PROMPT = [(7 * i) % 500 for i in range(600)]
@@ -60,7 +60,7 @@ def test_side_channel_refuses_a_plain_peer(lab):
     alice = lab.connect("alice")
     try:
         run = alice.generate(PROMPT[:8], max_new_tokens=2, breakpoints=[1])
-        port = alice._call("expect", djinn_nb.serving.wire.dumps({"dtype": "float32", "shape": [4]}))["port"]
+        port = alice._call("expect", djinn_nb.wire.dumps({"dtype": "float32", "shape": [4]}))["port"]
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"\x00" * 32)
             try:

@@ -11,10 +11,11 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from djinn_nb.serving import sidechannel, wire
+from djinn_nb import wire
+from djinn_nb.wire import sidechannel
 from djinn_nb.errors import ERROR_CLASSES, BadRequestError, DjinnError
 from djinn_nb.serving.service import DjinnService
-from djinn_nb.serving.transport import FastChannel, FastSocketStream
+from djinn_nb.wire.transport import FastChannel, FastSocketStream
 from serving import NEW_TOKENS, PROMPT, raw_connection, reply, serve, where
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -312,7 +313,7 @@ def test_scale_edit_within_the_cap_still_works(capped):
 def test_side_channel_owners_cannot_evict_each_other():
     """Over a share or a full table a new slot is refused; nobody's pending transfer is ever dropped."""
     from djinn_nb.errors import QuotaError
-    from djinn_nb.serving.sidechannel import BulkServer
+    from djinn_nb.wire.sidechannel import BulkServer
 
     bulk = BulkServer(per_owner=2, max_slots=4)
     try:

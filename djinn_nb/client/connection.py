@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from ..serving import sidechannel, wire
+from .. import wire
+from ..wire import sidechannel
 from ..errors import BadRequestError, DjinnError, ProtocolError, error_from_wire
 from ..schema import GenerateRequest, RunRow, RunSummary
-from ..serving.protocol import DEFAULT_PORT, PROTOCOL
-from ..serving.tls import client_context
-from ..serving.transport import default_spin_s, open_connection
+from ..wire.protocol import DEFAULT_PORT, PROTOCOL
+from ..wire.tls import client_context
+from ..wire.transport import default_spin_s, open_connection
 from .run import Run, plain_breakpoints
 
 if TYPE_CHECKING:

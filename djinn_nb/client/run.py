@@ -18,7 +18,7 @@ import torch
 from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
 from ..schema import EditRequest, ForkRequest, RunBrief, RunState, RunSummary
-from ..serving import wire
+from .. import wire
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import Client

@@ -1,9 +1,11 @@
 """Serving: the core behind rpyc, to clients in other processes or on other machines. No IPython.
 
-- ``protocol``: constants both ends agree on; ``schema`` (top level): the typed messages that cross.
-- ``wire``: JSON and ``(dtype, shape, bytes)`` tensors, validated on arrival.
-- ``transport``: rpyc's channel without compression, TCP_NODELAY, bounded frames.
-- ``sidechannel``: a ticketed bulk socket for tensors of 1 MiB or more.
-- ``service``: the ``exposed_`` calls, one connection each; ``server``: the listener, leases, the budget.
+- ``service``: the ``exposed_`` calls, one connection each; ``debug_calls``: the debugger's;
+  ``replies``: how every call checks its arguments and answers.
+- ``server``: the listener, leases, the budget; ``lease``: what a lease may be; ``users``: tokens
+  and quotas; ``embedded``: the in-process server ``connect()`` starts.
 - ``cli``: ``djinn-server`` (also ``python -m djinn_nb.serving``).
+
+What crosses the wire (the codec, the protocol's constants, the transport, the side channel,
+TLS) is ``djinn_nb.wire``, which the client imports too; the typed messages are ``djinn_nb.schema``.
 """

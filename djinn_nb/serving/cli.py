@@ -11,8 +11,8 @@ import os
 import sys
 
 from ..errors import DjinnError
-from . import wire
-from .protocol import DEFAULT_PORT
+from .. import wire
+from ..wire.protocol import DEFAULT_PORT
 from .lease import DEFAULT_LEASE_SECONDS
 from .server import DjinnServer, Limits, build_engine, is_loopback
 

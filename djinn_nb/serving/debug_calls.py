@@ -13,7 +13,7 @@ from ..core.forking import ForkSpec
 from ..core.runs import Run
 from ..errors import BadRequestError, QuotaError
 from ..schema import ForkRequest
-from . import wire
+from .. import wire
 from .replies import _reply, _since, _str
 
 __all__ = ["DebugCalls"]

@@ -14,7 +14,7 @@ import logging
 from typing import Any, Callable
 
 from ..errors import BadRequestError, DjinnError
-from . import wire
+from .. import wire
 
 log = logging.getLogger("djinn_nb.serving.service")
 

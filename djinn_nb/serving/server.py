@@ -27,11 +27,12 @@ from rpyc.utils.server import ThreadedServer
 
 from ..core.engine import Engine
 from ..errors import AuthenticationError, BadRequestError
-from . import sidechannel, tls, wire
+from .. import wire
+from ..wire import sidechannel, tls
 from .lease import DEFAULT_LEASE_SECONDS, check_lease
-from .protocol import DEFAULT_PORT
+from ..wire.protocol import DEFAULT_PORT
 from .service import DjinnService, ServerState
-from .transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, SpareDescriptor, tune_socket
+from ..wire.transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, SpareDescriptor, tune_socket
 from .users import Authenticator, User, single_user
 
 #: Largest frame a connection may send before ``hello`` succeeds.

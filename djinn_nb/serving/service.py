@@ -23,11 +23,12 @@ from ..core.specs import Edit, Sampling
 from ..errors import AuthenticationError, BadRequestError, ProtocolError, QuotaError
 from ..schema import EditRequest, ForkRequest, GenerateRequest
 from ..version import __version__
-from . import sidechannel, wire
+from .. import wire
+from ..wire import sidechannel
 from .debug_calls import DebugCalls
-from .protocol import PROTOCOL
+from ..wire.protocol import PROTOCOL
 from .replies import _reply, _since, _str
-from .transport import FastChannel
+from ..wire.transport import FastChannel
 from .users import Authenticator, User
 
 log = logging.getLogger("djinn_nb.serving.service")

@@ -11,7 +11,7 @@ benchmarks can report what really crossed the socket.
 
 This path still copies a payload several times inside rpyc's brine and
 protocol (about four copies each way); tensors of megabytes and up move at
-link speed through :mod:`djinn_nb.serving.sidechannel` instead.
+link speed through :mod:`djinn_nb.wire.sidechannel` instead.
 """
 from __future__ import annotations
 

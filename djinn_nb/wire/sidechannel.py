@@ -12,7 +12,7 @@ inside an authenticated rpyc reply (so only the caller who passed ``hello`` and
 owns the run learns it). A peer of the bulk port sends the ticket first; an
 unknown ticket gets the connection closed with nothing sent. Tickets are single
 use and expire after ``ttl`` seconds; the header (dtype, shape) is validated
-with :func:`djinn_nb.serving.wire.check_header` and its cap exactly as inline payloads.
+with :func:`djinn_nb.wire.check_header` and its cap exactly as inline payloads.
 No pickle, no code: only raw bytes whose length the header fixes.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from ..errors import BadRequestError, DjinnError, QuotaError
-from . import tls, wire
+from . import codec as wire
+from . import tls
 from .transport import SpareDescriptor, tune_socket
 
 TICKET_BYTES = 32
