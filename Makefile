@@ -11,7 +11,7 @@ STAMP := $(VENV)/.djinn-installed
 LAB_STAMP := $(VENV)/.djinn-lab-installed
 LAB_PORT ?= 8888
 
-.PHONY: install demo test lab server notebooks docs clean
+.PHONY: install demo test lab server notebooks docs results-index clean
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ lab: $(LAB_STAMP)
 # The docs site (docs/, mkdocs.yml) at http://127.0.0.1:8000; make test builds it with warnings as errors.
 docs: install
 	$(VENV)/bin/mkdocs serve
+
+# experiments/results/INDEX.md: each figure the README and docs/results.md link to, with the machine,
+# dtype and commit its file records; fails if a README result links to no file (a test checks it too)
+results-index:
+	$(PYTHON) scripts/results_index.py
 
 server: install
 	$(VENV)/bin/djinn-server --port 5556

@@ -54,3 +54,12 @@ def test_a_result_without_device_commit_or_dtype_is_refused(tmp_path):
 ])
 def test_the_dtype_recorded_is_the_one_the_model_loads_in(dtype, device, model, want):
     assert model_dtype(dtype, device, model) == want
+
+
+def test_the_results_index_is_current_and_every_readme_result_has_its_file():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, str(EXPERIMENTS.parent / "scripts" / "results_index.py"), "--check"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr

@@ -161,15 +161,19 @@ _NB = "window.jupyterapp.shell.currentWidget"
 
 def _run_all(page, yardstick: float) -> None:
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
-    # done when every code cell has an execution count and the kernel is idle
+    # done when every code cell has an execution count and the kernel is idle, or a cell failed
+    # (Run All stops there: the cells after it never run, so waiting for them would only time out)
     page.wait_for_function(
         f"""() => {{
             const nb = {_NB}; const cells = nb.content.model.cells;
+            let pending = false;
             for (let i = 0; i < cells.length; i++) {{
                 const c = cells.get(i);
-                if (c.type === 'code' && !c.executionCount) return false;
+                if (c.type !== 'code') continue;
+                if ((c.toJSON().outputs || []).some(o => o.output_type === 'error')) return true;
+                if (!c.executionCount) pending = true;
             }}
-            return nb.sessionContext.session.kernel.status === 'idle';
+            return !pending && nb.sessionContext.session.kernel.status === 'idle';
         }}""", timeout=max(600, RUN_ALL_TIMEOUT * yardstick) * 1000, polling=1000)
 
 
