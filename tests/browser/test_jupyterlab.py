@@ -146,7 +146,10 @@ def _open(browser, lab, name: str):
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)
-    page.goto(f"{lab['base']}/lab/tree/{name}?token={lab['token']}")
+    # a workspace of its own, reset: Lab would otherwise reopen the earlier tests' notebooks beside
+    # this one (their kernels starting too), and which of them is current would depend on timing
+    workspace = name.replace(".ipynb", "").replace("_", "-")
+    page.goto(f"{lab['base']}/lab/workspaces/{workspace}/tree/{name}?reset&token={lab['token']}")
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext"
                            " && window.jupyterapp.shell.currentWidget.sessionContext.session"
