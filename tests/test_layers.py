@@ -154,3 +154,15 @@ def test_the_checker_sees_a_violation():
         fake.unlink()
     assert ("djinn_nb.client", True) in imports
     assert _layer("djinn_nb.client") not in ALLOWED["core"]
+
+
+def test_no_collaborator_is_a_mixin_of_the_engine():
+    """Forks and the navigator are given the engine as a RunHost (core/host.py), not `self: "Engine"`."""
+    mixins = [m for m, p in MODULES.items() if 'self: "Engine"' in p.read_text()]
+    assert mixins == []
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.core.host import RunHost
+
+    wanted = [name for name in vars(RunHost) if not name.startswith("_")] + list(RunHost.__annotations__)
+    missing = [name for name in wanted if not hasattr(Engine, name) and name not in ("device", "residency", "stepper")]
+    assert missing == []

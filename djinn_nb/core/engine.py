@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NoReturn, Sequence
 
 import torch
 from torch import nn
@@ -24,11 +24,11 @@ from ..errors import BadRequestError, BreakpointError, ExecutionError, NoTokeniz
 from ..schema import RunState
 from . import views
 from .architecture import Anatomy, check_split_is_exact, find_anatomy
-from .forking import Forking, ForkSpec
-from .navigation import Navigation
+from .forking import Forks, ForkSpec
+from .navigation import Navigator
 from .residency import Residency
 from .scheduler import CallStopped, FairScheduler, NonFiniteLogits, Snapshot, on_non_finite
-from .runs import Run, RunRegistry
+from .runs import Checkpoint, Run, RunRegistry
 from .trajectory import WatchHit
 from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
@@ -44,8 +44,12 @@ _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
 __all__ = ["Engine", "ForkSpec"]
 
 
-class Engine(Forking, Navigation):
-    """A loaded causal LM plus its runs. Thread-safe; see the module docstring."""
+class Engine:
+    """A loaded causal LM plus its runs. Thread-safe; see the module docstring.
+
+    Forks and the debugger's navigation are collaborators (``self.forks``, ``self.navigator``)
+    given this engine as a :class:`~djinn_nb.core.host.RunHost`; their calls are re-exported here.
+    """
 
     def __init__(
         self,
@@ -60,7 +64,7 @@ class Engine(Forking, Navigation):
         self.name = name
         self.anatomy: Anatomy = find_anatomy(model)
         self.parts = [block_parts(model, self.anatomy.blocks, i) for i in range(self.anatomy.num_layers)]
-        self.device = self.anatomy.lm_head.weight.device
+        self.device: torch.device = next(self.anatomy.lm_head.parameters()).device
         self.dtype = self.anatomy.lm_head.weight.dtype
         self._device_lock = FairScheduler()  # a turn handed on between steps (scheduler.py)
         self._registry = RunRegistry()
@@ -79,6 +83,11 @@ class Engine(Forking, Navigation):
         self.stepper = Stepper(model, self.anatomy, self.parts, self.eos_ids, self.cuda_graphs)
         self.stepper.keep_finished = True  # finished runs keep their KV cache for rewind (navigation.py)
         self.stepper.between_steps = self._device_lock.between_steps
+        self.forks = Forks(self)
+        self.fork, self.fork_many = self.forks.fork, self.forks.fork_many
+        self.navigator = Navigator(self)
+        nav = self.navigator
+        self.next_layer, self.next_step, self.rewind, self.history = nav.next_layer, nav.next_step, nav.rewind, nav.history
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
         self.ignored_generation_config = _ignored_generation_settings(model)
@@ -203,9 +212,9 @@ class Engine(Forking, Navigation):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise BadRequestError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         ids = self.encode(prompt)
-        self._check_positions(len(ids), max_new_tokens)
-        bps = self._breakpoints(breakpoints, max_new_tokens)
-        watch = self._breakpoints(watches, max_new_tokens)
+        self.check_positions(len(ids), max_new_tokens)
+        bps = self.breakpoints(breakpoints, max_new_tokens)
+        watch = self.breakpoints(watches, max_new_tokens)
         sampling = sampling or Sampling()
         gen = None
         if sampling.temperature > 0:
@@ -226,37 +235,37 @@ class Engine(Forking, Navigation):
         )
         self._registry.add(run)
         with run.lock:
-            self._advance(run, None)
+            self.advance(run, None)
         return run
 
     def resume(self, run_id: str, edit: Edit | None = None, owner: str = "") -> Run:
         """Continue a paused run (with an optional edit) to its next breakpoint or end."""
-        patch = self._patch_source(edit, owner) if edit is not None else None
+        patch = self.forks.patch_source(edit, owner) if edit is not None else None
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             if run.host_pack is not None:
                 self.residency.restore(run)
             # validates before anything changes
-            start = self._edited(run.checkpoint, edit, patch) if edit is not None else run.checkpoint.pending
-            self._advance(run, start)
+            start = self.forks.edited(run.checkpoint, edit, patch) if edit is not None else run.checkpoint.pending
+            self.advance(run, start)
         return run
 
     def edit(self, run_id: str, edit: Edit, owner: str = "") -> Run:
         """Change the paused activation in place; later resume/fork continue from it."""
-        patch = self._patch_source(edit, owner)
+        patch = self.forks.patch_source(edit, owner)
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             self.residency.restore(run)
-            run.checkpoint.pending = self._edited(run.checkpoint, edit, patch)
+            run.checkpoint.pending = self.forks.edited(run.checkpoint, edit, patch)
         return run
 
     def reset_edit(self, run_id: str, owner: str = "") -> Run:
         """Drop edits: the pending activation is the block's own output again."""
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             self.residency.restore(run)  # the packed layout counts the edited activation
             run.checkpoint.pending = run.checkpoint.hidden
         return run
@@ -265,7 +274,7 @@ class Engine(Forking, Navigation):
         """The paused activation (edits applied unless ``original``), on the device."""
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             cp = run.checkpoint
             return cp.hidden if original else cp.pending
 
@@ -282,7 +291,7 @@ class Engine(Forking, Navigation):
         k = self._check_k(k)
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             views.check_lens_site(run.checkpoint)
             self.residency.restore(run)
             with self._device_lock, torch.inference_mode():
@@ -294,10 +303,10 @@ class Engine(Forking, Navigation):
         ids and probabilities, each (layers, positions, k). Nothing is kept afterwards."""
         k = self._check_k(k)
         ids = self.encode(prompt)
-        self._check_positions(len(ids), 1)
+        self.check_positions(len(ids), 1)
         if site not in ("resid_pre", "resid_mid", "resid_post"):
             raise BreakpointError(f"the lens grid reads the residual stream (resid_pre, resid_mid, resid_post), not {site!r}")
-        watches = self._breakpoints([(layer, 0, site) for layer in range(self.num_layers)], 1)
+        watches = self.breakpoints([(layer, 0, site) for layer in range(self.num_layers)], 1)
         from transformers import DynamicCache
 
         seen: list[torch.Tensor] = []
@@ -312,7 +321,7 @@ class Engine(Forking, Navigation):
         """Block N's attention probabilities at the paused step, (batch, heads, queries, keys), fp32."""
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             self.residency.restore(run)
             cp = run.checkpoint
             with self._device_lock, torch.inference_mode():
@@ -351,7 +360,7 @@ class Engine(Forking, Navigation):
         """
         run = self.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
+            self.paused(run)
             self.residency.offload(run)
         return run
 
@@ -370,7 +379,7 @@ class Engine(Forking, Navigation):
         return self.residency.expire(lease_seconds, hint)
 
     # ----- validation -------------------------------------------------------------
-    def _check_positions(self, prompt_len: int, max_new_tokens: int) -> None:
+    def check_positions(self, prompt_len: int, max_new_tokens: int) -> None:
         # Past the limit, learned position embeddings index out of range: on a GPU that is a
         # device-side assert, which would take the whole server down, not just this run.
         if self.max_positions and prompt_len + max_new_tokens > self.max_positions:
@@ -379,24 +388,45 @@ class Engine(Forking, Navigation):
                 f"{self.max_positions} positions"
             )
 
-    def _breakpoints(self, specs: Iterable[Any] | None, max_new_tokens: int) -> tuple[Breakpoint, ...]:
+    def breakpoints(self, specs: Iterable[Any] | None, max_new_tokens: int) -> tuple[Breakpoint, ...]:
         """Parse breakpoints (or watches) and check each site exists, exactly, in its block."""
         bps = parse_breakpoints(specs, self.num_layers, max_new_tokens,
                                 token_ids=self._token_ids if self.tokenizer is not None else None)
         for b in bps:
-            why = self.parts[b.layer].missing(b.site) or self.inexact_sites.get(b.site)
-            if why:
-                raise BreakpointError(why)
+            self.check_site(b.layer, b.site)
         return bps
 
     @staticmethod
-    def _require_paused(run: Run) -> None:
-        if run.state != RunState.PAUSED or run.checkpoint is None:
+    def paused(run: Run) -> Checkpoint:
+        """The run's checkpoint; a ``RunStateError`` unless it is paused."""
+        cp = run.checkpoint
+        if run.state != RunState.PAUSED or cp is None:
             detail = f": {run.error}" if run.error else ""
             raise RunStateError(f"run {run.id} is {run.state}, not paused{detail}")
+        return cp
+
+    def check_site(self, layer: int, site: str) -> None:
+        why = self.parts[layer].missing(site) or self.inexact_sites.get(site)
+        if why:
+            raise BreakpointError(why)
+
+    # ----- for the collaborators (host.RunHost) -------------------------------------
+    def new_run_id(self) -> str:
+        return self._registry.new_id()
+
+    def adopt(self, run: Run) -> None:
+        self._registry.add(run)
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def device_turn(self) -> FairScheduler:
+        return self._device_lock
 
     # ----- execution --------------------------------------------------------------
-    def _advance(self, run: Run, start: torch.Tensor | None) -> None:
+    def advance(self, run: Run, start: torch.Tensor | None) -> None:
         """Execute ``run`` until it pauses or ends. ``start``: continue its checkpoint from this."""
         with self._device_lock.turn(run.owner), _inference_mode(True):
             t0 = time.perf_counter()
@@ -410,15 +440,15 @@ class Engine(Forking, Navigation):
             except NonFiniteLogits as e:
                 on_non_finite(self, run, snap, e)
             except torch.OutOfMemoryError as e:
-                self._fail(run, f"out of device memory: {e}")
+                self.fail(run, f"out of device memory: {e}")
             except Exception as e:  # noqa: BLE001 - the cache may be half-written: the run cannot go on
-                self._fail(run, f"{type(e).__name__}: {e}")
+                self.fail(run, f"{type(e).__name__}: {e}")
             finally:
                 # Host time: a finished step has synchronized (the token was read); a pause has
                 # not, on purpose: the client's next look at the activation will wait for it.
                 run.timings["execute"] = time.perf_counter() - t0
 
-    def _fail(self, run: Run, message: str) -> None:
+    def fail(self, run: Run, message: str) -> NoReturn:
         self._free(run, RunState.FAILED)
         run.error = message
         if self.device.type == "cuda":

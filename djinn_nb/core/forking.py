@@ -9,16 +9,15 @@ without it leaving the server; the source is read under its own lock, released
 before the target's is taken, so two runs patching from each other cannot
 deadlock.
 
-This is a mixin of :class:`~djinn_nb.core.engine.Engine` (it uses the engine's
-registry, residency, validation and ``_advance``), kept apart so that each file
-has one job.
+:class:`Forks` is given the engine as a :class:`~djinn_nb.core.host.RunHost` (runs by id,
+the checks every call makes, the one way to run a run) and uses nothing else of it.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -27,11 +26,9 @@ from ..schema import RunState
 from . import kvcache
 from .batch import ForkBatch
 from .edits import PatchSource, apply_edit
+from .host import RunHost
 from .runs import Checkpoint, Run
 from .specs import Edit, Point
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
 
 #: the most forks one ``fork_many`` call starts
 MAX_FORKS = 256
@@ -46,11 +43,14 @@ class ForkSpec:
     max_new_tokens: int | None = None
 
 
-class Forking:
-    """``fork``, ``fork_many`` and ``patch_from`` resolution, for :class:`Engine`."""
+class Forks:
+    """``fork``, ``fork_many`` and ``patch_from`` resolution, over the runs of a :class:`RunHost`."""
+
+    def __init__(self, host: RunHost):
+        self._host = host
 
     def fork(
-        self: "Engine",
+        self,
         run_id: str,
         edit: Edit | None = None,
         breakpoints: Iterable[Any] | None = None,
@@ -64,7 +64,7 @@ class Forking:
         """
         return self.fork_many(run_id, [ForkSpec(edit, breakpoints, max_new_tokens)], owner)[0]
 
-    def fork_many(self: "Engine", run_id: str, forks: Sequence[ForkSpec], owner: str = "") -> list[Run]:
+    def fork_many(self, run_id: str, forks: Sequence[ForkSpec], owner: str = "") -> list[Run]:
         """One new run per ``ForkSpec``, all from this run's checkpoint; the original stays paused.
 
         Every fork is checked before any starts. Forks with nothing to stop or record
@@ -76,25 +76,26 @@ class Forking:
             raise BadRequestError("fork_many takes a non-empty list of forks")
         if len(forks) > MAX_FORKS:
             raise BadRequestError(f"fork_many starts at most {MAX_FORKS} forks at once, got {len(forks)}")
-        patches = [self._patch_source(f.edit, owner) for f in forks]
-        parent = self.get(run_id, owner)
+        host = self._host
+        patches = [self.patch_source(f.edit, owner) for f in forks]
+        parent = host.get(run_id, owner)
         with parent.lock:
-            self._require_paused(parent)
-            self.residency.restore(parent)
-            cp = parent.checkpoint
+            host.paused(parent)
+            host.residency.restore(parent)
+            cp = host.paused(parent)  # restored: the checkpoint's tensors are back on the device
             planned = []
             for spec, patch in zip(forks, patches):
-                start = self._edited(cp, spec.edit, patch, check_finite=len(forks) == 1)
+                start = self.edited(cp, spec.edit, patch, check_finite=len(forks) == 1)
                 limit = parent.max_new_tokens if spec.max_new_tokens is None else spec.max_new_tokens
                 if isinstance(limit, bool) or not isinstance(limit, int) or limit <= cp.step:
                     raise BadRequestError(
                         f"max_new_tokens for a fork paused at step {cp.step} must be an integer > {cp.step}, got {limit!r}"
                     )
-                self._check_positions(len(parent.prompt_ids), limit)
+                host.check_positions(len(parent.prompt_ids), limit)
                 bps = (
                     tuple(b for b in parent.breakpoints if b.step is None or b.step < limit)
                     if spec.breakpoints is None
-                    else self._breakpoints(spec.breakpoints, limit)
+                    else host.breakpoints(spec.breakpoints, limit)
                 )
                 planned.append((start, limit, bps))
             if len(forks) > 1:  # every start's finiteness in one device read
@@ -109,29 +110,29 @@ class Forking:
             here = Point.at(cp.layer, cp.site)
             alone = [self._needs_own_step(c, cp.step, here) for c in children]
             together = [(c, s) for c, s, a in zip(children, starts, alone) if not a]
-            batch = ForkBatch(self.stepper, parent, [c for c, _ in together], [s for _, s in together]) \
+            batch = ForkBatch(host.stepper, parent, [c for c, _ in together], [s for _, s in together]) \
                 if len(together) > 1 else None
             for child, own in zip(children, alone):
                 if own or batch is None:
-                    self._give_state(child, parent)
+                    self._give_state(child, parent, cp)
         for child in children:
-            self._registry.add(child)
+            host.adopt(child)
         if batch is not None:
             self._advance_batch(batch)
         for child, start in zip(children, starts):
             if batch is None or child not in batch.members:
                 with child.lock:
-                    self._advance(child, start)
+                    host.advance(child, start)
         return children
 
     # ----- helpers ----------------------------------------------------------------
-    def _child(self: "Engine", parent: Run, limit: int, bps: tuple, owner: str) -> Run:
+    def _child(self, parent: Run, limit: int, bps: tuple, owner: str) -> Run:
         gen = None
         if parent.generator is not None:
-            gen = torch.Generator(device=self.device)
+            gen = torch.Generator(device=self._host.device)
             gen.set_state(parent.generator.get_state())
         return Run(
-            id=self._registry.new_id(),
+            id=self._host.new_run_id(),
             owner=owner,
             prompt_ids=list(parent.prompt_ids),
             max_new_tokens=limit,
@@ -148,10 +149,10 @@ class Forking:
         )
 
     @staticmethod
-    def _give_state(child: Run, parent: Run) -> None:
-        """A fork's own KV cache (sharing the parent's tensors) and a checkpoint pointing at it."""
+    def _give_state(child: Run, parent: Run, cp: Checkpoint) -> None:
+        """A fork's own KV cache (sharing the parent's tensors) and a checkpoint pointing at it
+        (``cp``: the parent's)."""
         t0 = time.perf_counter()
-        cp = parent.checkpoint
         cache = kvcache.fork_cache(parent.cache)
         child_cp = Checkpoint(
             cp.layer, cp.step, cp.hidden, cp.pending,
@@ -168,31 +169,31 @@ class Forking:
         later = [b for b in (*run.breakpoints, *run.watches) if b.covers(step) and b.point > here]
         return bool(later)
 
-    def _patch_source(self: "Engine", edit: Edit | None, owner: str) -> PatchSource | None:
+    def patch_source(self, edit: Edit | None, owner: str) -> PatchSource | None:
         """Resolve ``edit.patch_from`` to the source run's activation (read under its lock only)."""
         if edit is None or edit.patch_from is None:
             return None
         if type(edit.patch_from) is not str or not edit.patch_from:
             raise BadRequestError("patch_from must be a run id")
-        src = self.get(edit.patch_from, owner)
+        src = self._host.get(edit.patch_from, owner)
         with src.lock:
-            self._require_paused(src)
-            self.residency.restore(src)
-            cp = src.checkpoint
+            self._host.paused(src)
+            self._host.residency.restore(src)
+            cp = self._host.paused(src)
             return PatchSource(src.id, cp.where, cp.pending)
 
     @staticmethod
-    def _edited(cp: Checkpoint, edit: Edit | None, patch: PatchSource | None = None,
+    def edited(cp: Checkpoint, edit: Edit | None, patch: PatchSource | None = None,
                 check_finite: bool = True) -> torch.Tensor:
         """The activation to continue from: the pending one with ``edit`` applied (validated)."""
         return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where, patch, check_finite)
 
-    def _advance_batch(self: "Engine", batch: ForkBatch) -> None:
+    def _advance_batch(self, batch: ForkBatch) -> None:
         """Run a batch of forks under the device lock; each member's lock held throughout."""
         with contextlib.ExitStack() as stack:
             for run in batch.members:
                 stack.enter_context(run.lock)
-            with self._device_lock, torch.inference_mode():
+            with self._host.device_turn(), torch.inference_mode():
                 t0 = time.perf_counter()
                 try:
                     batch.run()
@@ -200,13 +201,13 @@ class Forking:
                     failed = [r for r in batch.members if r.state == RunState.RUNNING]
                     for run in failed[1:]:
                         with contextlib.suppress(ExecutionError):
-                            self._fail(run, f"{type(e).__name__}: {e}")
+                            self._host.fail(run, f"{type(e).__name__}: {e}")
                     if failed:
-                        self._fail(failed[0], f"{type(e).__name__}: {e}")
+                        self._host.fail(failed[0], f"{type(e).__name__}: {e}")
                     raise
                 finally:
                     for run in batch.members:
                         run.timings["execute"] = time.perf_counter() - t0
         for run in batch.left:  # forks that need a step of their own from here
             with run.lock:
-                self._advance(run, None)
+                self._host.advance(run, None)

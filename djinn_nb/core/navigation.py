@@ -10,53 +10,55 @@ computed again — exactly what a fresh breakpoint there would compute. That is
 why finished runs keep their KV cache until closed or expired (counted in
 ``bytes_held`` and by the paused-bytes budget).
 
-This is a mixin of :class:`~djinn_nb.core.engine.Engine`, kept apart so each file has one job.
+:class:`Navigator` is given the engine as a :class:`~djinn_nb.core.host.RunHost` and uses
+nothing else of it.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import BadRequestError, BreakpointError, RunStateError
 from ..schema import RunState
+from .host import RunHost
 from .runs import Run
 from .sites import DEFAULT_SITE
 from .specs import Point
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Engine
 
+class Navigator:
+    """``next_layer``, ``next_step``, ``rewind`` and ``history``, over the runs of a :class:`RunHost`."""
 
-class Navigation:
-    """``next_layer``, ``next_step``, ``rewind`` and ``history``, for :class:`Engine`."""
+    def __init__(self, host: RunHost):
+        self._host = host
 
-    def next_layer(self: "Engine", run_id: str, owner: str = "") -> Run:
+    def next_layer(self, run_id: str, owner: str = "") -> Run:
         """Pause at the next block's output (``resid_post`` of layer + 1) in the same step."""
-        run = self.get(run_id, owner)
+        host = self._host
+        run = host.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
-            cp = run.checkpoint
-            if cp.layer + 1 >= self.num_layers:
+            cp = host.paused(run)
+            if cp.layer + 1 >= host.num_layers:
                 raise BreakpointError(
                     f"run {run.id} is paused at the last layer ({cp.layer}): use next_step() or resume()"
                 )
-            self._check_site(cp.layer + 1, "resid_post")
-            self.residency.restore(run)
+            host.check_site(cp.layer + 1, "resid_post")
+            host.residency.restore(run)
             run.target = (cp.step, Point.at(cp.layer + 1, "resid_post"))
-            self._advance(run, None)
+            host.advance(run, None)
         return run
 
-    def next_step(self: "Engine", run_id: str, owner: str = "") -> Run:
+    def next_step(self, run_id: str, owner: str = "") -> Run:
         """Pause at the same layer and site one step later (or run to the end if there is none)."""
-        run = self.get(run_id, owner)
+        host = self._host
+        run = host.get(run_id, owner)
         with run.lock:
-            self._require_paused(run)
-            cp = run.checkpoint
-            self.residency.restore(run)
+            cp = host.paused(run)
+            host.residency.restore(run)
             run.target = (cp.step + 1, Point.at(cp.layer, cp.site))
-            self._advance(run, None)
+            host.advance(run, None)
         return run
 
-    def rewind(self: "Engine", run_id: str, step: int, layer: int | None = None, site: str | None = None,
+    def rewind(self, run_id: str, step: int, layer: int | None = None, site: str | None = None,
                owner: str = "") -> Run:
         """A new run paused at (``layer``, ``site``) of ``step`` of this run, which is left as it is.
 
@@ -64,7 +66,8 @@ class Navigation:
         last) pause's; with ``layer`` alone, ``site`` is ``resid_post`` (the block's output,
         as a breakpoint's default).
         """
-        src = self.get(run_id, owner)
+        host = self._host
+        src = host.get(run_id, owner)
         with src.lock:
             if src.state not in (RunState.PAUSED, RunState.DONE) or src.cache is None:
                 raise RunStateError(f"run {src.id} is {src.state}: only a paused or finished run can be rewound")
@@ -78,22 +81,22 @@ class Navigation:
                     raise BreakpointError(f"run {src.id} has never paused: pass layer= (and site=) to rewind")
                 layer = src.last_point[0]
                 site = src.last_point[1] if site is None else site
-            bp = self._breakpoints([(layer, step, site)], src.max_new_tokens)[0]
-            self.residency.restore(src)
+            bp = host.breakpoints([(layer, step, site)], src.max_new_tokens)[0]
+            host.residency.restore(src)
             run = self._rewound(src, step, owner)
-        self._registry.add(run)
+        host.adopt(run)
         with run.lock:
             run.target = (step, bp.point)
-            self._advance(run, None)
+            host.advance(run, None)
         return run
 
-    def history(self: "Engine", run_id: str, owner: str = "") -> list[dict[str, Any]]:
+    def history(self, run_id: str, owner: str = "") -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy (nats), and
         time_s: when it was picked, in seconds after this run's first timed token (None for the
         tokens a fork or rewind took over from its source, which this run did not time)."""
         import math
 
-        run = self.get(run_id, owner)
+        run = self._host.get(run_id, owner)
         with run.lock:
             times = run.token_times
             untimed = len(run.token_ids) - len(times)
@@ -104,21 +107,15 @@ class Navigation:
             ]
 
     # ----- helpers ----------------------------------------------------------------
-    def _check_site(self: "Engine", layer: int, site: str) -> None:
-        why = self.parts[layer].missing(site) or self.inexact_sites.get(site)
-        if why:
-            raise BreakpointError(why)
-
-    def _rewound(self: "Engine", src: Run, step: int, owner: str) -> Run:
+    def _rewound(self, src: Run, step: int, owner: str) -> Run:
         """A copy of ``src`` as it was before ``step``: tokens, records and the cropped KV cache."""
         import torch
-        from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         from . import kvcache
 
         if step == 0:
-            cache = DynamicCache(config=self.model.config)
+            cache = self._host.new_cache()
         else:
             length = len(src.prompt_ids) + step - 1  # the cache before step k holds the prompt and k-1 tokens
             cache = kvcache.fork_cache(src.cache)
@@ -135,10 +132,10 @@ class Navigation:
                         setattr(layer, name, t[..., :length, :])
         gen = None
         if src.generator is not None:
-            gen = torch.Generator(device=self.device)
+            gen = torch.Generator(device=self._host.device)
             gen.set_state(src.gen_states[step] if step < len(src.gen_states) else src.generator.get_state())
         return Run(
-            id=self._registry.new_id(),
+            id=self._host.new_run_id(),
             owner=owner,
             prompt_ids=list(src.prompt_ids),
             max_new_tokens=src.max_new_tokens,
@@ -154,4 +151,4 @@ class Navigation:
         )
 
 
-__all__ = ["Navigation"]
+__all__ = ["Navigator"]
