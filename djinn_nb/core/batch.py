@@ -23,7 +23,7 @@ import torch
 from ..schema import RunState
 from . import graphs, kvcache
 from .runs import Run
-from .scheduler import logits_finite
+from .nanguard import logits_finite
 from .stepping import Stepper
 
 

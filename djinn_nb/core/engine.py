@@ -27,7 +27,8 @@ from .architecture import Anatomy, check_split_is_exact, find_anatomy
 from .forking import Forks, ForkSpec
 from .navigation import Navigator
 from .residency import Residency
-from .scheduler import CallStopped, FairScheduler, NonFiniteLogits, Snapshot, on_non_finite
+from .nanguard import NonFiniteLogits, Snapshot, on_non_finite
+from .scheduler import CallStopped, FairScheduler
 from .runs import Checkpoint, Run, RunRegistry
 from .trajectory import WatchHit
 from .sites import SITES, block_parts

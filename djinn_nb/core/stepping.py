@@ -31,7 +31,7 @@ from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
 from .runs import Checkpoint, Run
 from .trajectory import Mark, WatchHit
-from .scheduler import NonFiniteLogits, logits_finite
+from .nanguard import NonFiniteLogits, logits_finite
 from .sites import BlockParts, finish_block
 from .specs import Point
 

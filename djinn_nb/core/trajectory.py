@@ -11,7 +11,7 @@ back (the conditional replay and the NaN guard alike), :meth:`Trajectory.forked`
 :meth:`Trajectory.cropped` make a fork's and a rewind's history.
 
 The KV cache is not here: it lives on the device and has its own ways back
-(``kvcache``, ``scheduler.CacheMark``, ``conditional.CacheSnapshot``).
+(``kvcache.CacheMark``).
 """
 from __future__ import annotations
 
