@@ -1,6 +1,6 @@
 """Would a pause that does not unwind be cheaper? (issue 14, item 1: "continue inside the step without unwinding")
 
-    python -m experiments.cpu_pause_greenlet [--rounds 40] [--out DIR]
+    python -m experiments.probes.cpu_pause_greenlet [--rounds 40] [--out DIR]
 
 A pause can leave a forward without unwinding it: run the forward in a greenlet and, in the
 stop hook, switch to the caller; resuming switches back and the model's own forward goes on.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from ..exp3_whitebox.exp3lib.env import environment, write_json
 
 LAYER = 6
 

@@ -1,6 +1,6 @@
 """How much host work a pause adds, counted instead of timed: function calls per step, by model depth.
 
-    PYTHONPATH=. python -m experiments.cpu_pause_calls [--base djinn_nb_base] --out DIR
+    PYTHONPATH=. python -m experiments.probes.cpu_pause_calls [--base djinn_nb_base] --out DIR
 
 Timing a few tens of microseconds inside a 3 ms step on a shared 2-core machine is
 noisy; counting is not. A ``sys.setprofile`` hook counts the Python function calls
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .cpu_pause_cost import build
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from ..exp3_whitebox.exp3lib.env import environment, write_json
 
 
 class Counter:

@@ -1,9 +1,9 @@
 """The host cost of one armed pause+resume per step, by model depth, on the CPU (issue 14, item 1).
 
-    PYTHONPATH=. python -m experiments.cpu_pause_cost --out experiments/results/cpu-2core/armed
+    PYTHONPATH=. python -m experiments.probes.cpu_pause_cost --out experiments/results/cpu-2core/armed
     # before/after in one process: a base commit's package, renamed
     git archive <base> djinn_nb | tar -x -C /tmp/base && mv /tmp/base/djinn_nb /tmp/base/djinn_nb_base
-    PYTHONPATH=.:/tmp/base python -m experiments.cpu_pause_cost --base djinn_nb_base --out DIR
+    PYTHONPATH=.:/tmp/base python -m experiments.probes.cpu_pause_cost --base djinn_nb_base --out DIR
 
 Tiny random models (width 64, 4 heads) on one torch thread, so a step is almost
 all host work and the model's arithmetic is negligible; the same shapes with 12
@@ -34,7 +34,7 @@ import torch
 
 from djinn_nb.core.models import random_config
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from ..exp3_whitebox.exp3lib.env import environment, write_json
 
 
 def build(shape: str, layers: int) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """The host time of one pause and resume, two versions of djinn_nb in one process (CPU).
 
-    PYTHONPATH=/tmp/base python -m experiments.cpu_pause_gap --out DIR   (the base package: see cpu_armed_ab.py)
+    PYTHONPATH=/tmp/base python -m experiments.probes.cpu_pause_gap --out DIR   (the base package: see cpu_armed_ab.py)
 
 Timestamps at the hand-offs of a breakpoint paused and resumed at every step:
 the stop raised in the model's forward (a Trace hook), and the next block
@@ -23,7 +23,7 @@ import torch
 from djinn_nb.core.models import build_random
 
 from .cpu_pause_cost import build
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from ..exp3_whitebox.exp3lib.env import environment, write_json
 
 
 def instrument(pkg: str, log: list):

@@ -1,6 +1,6 @@
 """Where ``fork_many``'s time goes, in-process (a profiling aid for issue 10, not a benchmark).
 
-    python -m experiments.profile_fork_many --model random:gpt2 --device cuda:0
+    python -m experiments.probes.profile_fork_many --model random:gpt2 --device cuda:0
 
 Times, interleaved: one fork; ``fork_many`` of ``--forks``; and the floor, the batched
 remaining layers alone (``continue_from`` on the stacked starts, nothing else). Then a

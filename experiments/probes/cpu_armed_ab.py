@@ -1,7 +1,7 @@
 """Host cost per step of armed / conditional breakpoints, two versions of djinn_nb in one process.
 
     git archive <base-commit> djinn_nb | tar -x -C /tmp/base && mv /tmp/base/djinn_nb /tmp/base/djinn_nb_base
-    PYTHONPATH=/tmp/base python -m experiments.cpu_armed_ab --out DIR
+    PYTHONPATH=/tmp/base python -m experiments.probes.cpu_armed_ab --out DIR
 
 Small CPU model (host overhead dominates), one torch thread. Each round runs, in
 a shuffled order and for both versions: a plain generation, one paused and
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from ..exp3_whitebox.exp3lib.env import environment, write_json
 
 
 def main(argv: list[str] | None = None) -> int:
