@@ -44,6 +44,9 @@ _inference_mode = getattr(torch._C, "_InferenceMode", torch.inference_mode)
 
 __all__ = ["Engine", "ForkSpec"]
 
+#: a text longer than this many characters per position of the model is refused before tokenizing
+CHARS_PER_POSITION = 64
+
 
 class Engine:
     """A loaded causal LM plus its runs. Thread-safe; see the module docstring.
@@ -132,11 +135,22 @@ class Engine:
         }
 
     # ----- tokens -----------------------------------------------------------------
+    @property
+    def max_text_chars(self) -> int:
+        """The longest text tokenized: 64 characters for each position the model has (1 MiB when it
+        says none). Tokenizing costs memory in proportion to the text, before any position check."""
+        return CHARS_PER_POSITION * self.max_positions if self.max_positions else 1 << 20
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise NoTokenizerError(
                     f"{self.name} has no tokenizer: pass the prompt as a list of token ids"
+                )
+            if len(prompt) > self.max_text_chars:
+                per = f": {CHARS_PER_POSITION} per position of its {self.max_positions}" if self.max_positions else ""
+                raise BadRequestError(
+                    f"a text of {len(prompt)} characters is longer than this model could take ({self.max_text_chars}{per})"
                 )
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
@@ -333,17 +347,23 @@ class Engine:
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
             raise BadRequestError(f"token must be an id in 0..{vocab - 1}, got {token!r}"[:200])
-        rows = []
+        # one row at a time, each run once: a stack of every listed run's logits (one run listed 4096
+        # times, say) would allocate runs x vocabulary floats twice over
+        rows: dict[str, torch.Tensor] = {}
         for run_id in run_ids:
+            if run_id in rows:
+                continue
             run = self.get(run_id, owner)
             with run.lock:
                 if run.last_logits is None:
                     raise RunStateError(f"run {run.id} has finished no step yet")
-                rows.append(run.last_logits)
+                rows[run_id] = run.last_logits
         if not rows:
             return []
         with torch.inference_mode():
-            return torch.stack(rows).float().softmax(-1)[:, token].tolist()
+            probs = torch.stack([row.float().softmax(-1)[token] for row in rows.values()])
+            by_id = dict(zip(rows, probs.tolist()))
+        return [by_id[r] for r in run_ids]
 
     def _check_k(self, k: Any) -> int:
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1
