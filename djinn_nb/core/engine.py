@@ -27,6 +27,7 @@ from .architecture import Anatomy, check_split_is_exact, find_anatomy
 from .forking import Forks, ForkSpec
 from .navigation import Navigator
 from .residency import Residency
+from .models import ignored_generation_settings
 from .nanguard import NonFiniteLogits, Snapshot, on_non_finite
 from .scheduler import CallStopped, FairScheduler
 from .runs import Checkpoint, Run, RunRegistry
@@ -94,7 +95,7 @@ class Engine:
         self.next_layer, self.next_step, self.rewind, self.history = nav.next_layer, nav.next_step, nav.rewind, nav.history
         cfg = model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        self.ignored_generation_config = _ignored_generation_settings(model)
+        self.ignored_generation_config = ignored_generation_settings(model)
         if self.ignored_generation_config:
             log.warning(
                 "%s: its generation_config sets %s, which djinn_nb does not apply (greedy is plain argmax)",
@@ -475,23 +476,3 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         raise ExecutionError(f"run {run.id} failed: {message}")
-
-
-_PROCESSOR_SETTINGS = {  # generation_config fields that change greedy decoding, and their no-op values
-    "repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "min_new_tokens": (None, 0),
-    "sequence_bias": (None,),
-}
-
-
-def _ignored_generation_settings(model: nn.Module) -> list[str]:
-    cfg = getattr(model, "generation_config", None)
-    if cfg is None:
-        return []
-    return [f"{k}={getattr(cfg, k)!r}" for k, noop in _PROCESSOR_SETTINGS.items() if getattr(cfg, k, None) not in noop]

@@ -326,3 +326,24 @@ def _saved_tokenizers_backend(path: str) -> Any | None:
     if (d / "chat_template.jinja").is_file():
         kwargs["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
     return TokenizersBackend(tokenizer_file=str(d / "tokenizer.json"), name_or_path=str(path), **kwargs)
+
+
+_PROCESSOR_SETTINGS = {  # generation_config fields that change greedy decoding, and their no-op values
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "min_new_tokens": (None, 0),
+    "sequence_bias": (None,),
+}
+
+
+def ignored_generation_settings(model: nn.Module) -> list[str]:
+    """The generation_config settings that change greedy decoding and that djinn_nb does not apply."""
+    cfg = getattr(model, "generation_config", None)
+    if cfg is None:
+        return []
+    return [f"{k}={getattr(cfg, k)!r}" for k, noop in _PROCESSOR_SETTINGS.items() if getattr(cfg, k, None) not in noop]
