@@ -330,8 +330,7 @@ class Engine:
             x = torch.tensor([ids], dtype=torch.long, device=self.device)
             self.stepper.forward(x, DynamicCache(config=self.model.config), None, [b.point for b in watches],
                                  lambda _layer, _site, value: seen.append(value[0]))
-            stacked = torch.stack([h.to(self.device) for h in seen])  # (layers, positions, hidden)
-            return views.lens_topk(self.anatomy, stacked, k)
+            return views.lens_topk_layers(self.anatomy, [h.to(self.device) for h in seen], k)
 
     def attention(self, run_id: str, owner: str = "") -> torch.Tensor:
         """Block N's attention probabilities at the paused step, (batch, heads, queries, keys), fp32."""

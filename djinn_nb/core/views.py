@@ -39,6 +39,27 @@ def lens_topk(anatomy: Anatomy, h: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return idx, vals
 
 
+#: The most bytes of logits the lens grid computes at once. All layers x positions x vocabulary in
+#: one go was ~5 GB for GPT-2 at 1,020 positions and would be ~40 GB for a 32-layer, 4,096-position,
+#: 32k-vocabulary model; a layer at a time (and a chunk of positions where one layer is too much)
+#: keeps only the top-k of each.
+LENS_CHUNK_BYTES = 256 << 20
+
+
+def lens_topk_layers(anatomy: Anatomy, layers: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lens_topk` of each layer's (positions, hidden) value, a layer (or a chunk of
+    positions) at a time: (layers, positions, k) ids and probabilities. A layer that fits in
+    ``LENS_CHUNK_BYTES`` is computed exactly as ``run.lens`` computes it at a pause there."""
+    vocab = int(anatomy.lm_head.weight.shape[0])
+    per = max(1, LENS_CHUNK_BYTES // (8 * vocab))  # the float logits and their softmax
+    ids, probs = [], []
+    for h in layers:
+        parts = [lens_topk(anatomy, h[i:i + per], k) for i in range(0, h.shape[0], per)]
+        ids.append(torch.cat([p[0] for p in parts]))
+        probs.append(torch.cat([p[1] for p in parts]))
+    return torch.stack(ids), torch.stack(probs)
+
+
 def check_lens_site(cp: Checkpoint) -> None:
     if cp.site not in RESIDUAL_SITES:
         raise BadRequestError(
