@@ -56,3 +56,12 @@ def test_closing_frees_tensors_and_keeps_tokens():
     step(t, 1, 1.0, watch_step=0)
     t.drop_tensors()
     assert t.token_ids == [1] and t.logits == [] and t.watch_log == [] and t.last_logits is None
+
+
+def test_the_last_step_can_be_taken_back_without_a_mark():
+    t = Trajectory()
+    step(t, 1, 1.0)
+    step(t, 2, 2.0, keep=False)
+    t.drop_last_step(sampled=True, kept_logits=False)
+    assert t.token_ids == [1] and t.topk == [[(1, -0.1)]] and t.entropies == [1.5] and t.token_times == [101.0]
+    assert len(t.gen_states) == 1 and len(t.logits) == 1

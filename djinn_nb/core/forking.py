@@ -80,9 +80,8 @@ class Forks:
         patches = [self.patch_source(f.edit, owner) for f in forks]
         parent = host.get(run_id, owner)
         with parent.lock:
-            host.paused(parent)
-            host.residency.restore(parent)
-            cp = host.paused(parent)  # restored: the checkpoint's tensors are back on the device
+            cp = host.paused(parent)
+            host.residency.restore(parent)  # puts the checkpoint's tensors back in place
             planned = []
             for spec, patch in zip(forks, patches):
                 start = self.edited(cp, spec.edit, patch, check_finite=len(forks) == 1)
@@ -177,9 +176,8 @@ class Forks:
             raise BadRequestError("patch_from must be a run id")
         src = self._host.get(edit.patch_from, owner)
         with src.lock:
-            self._host.paused(src)
-            self._host.residency.restore(src)
             cp = self._host.paused(src)
+            self._host.residency.restore(src)
             return PatchSource(src.id, cp.where, cp.pending)
 
     @staticmethod

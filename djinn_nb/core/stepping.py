@@ -30,7 +30,7 @@ from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
 from .runs import Checkpoint, Run
-from .trajectory import Mark, WatchHit
+from .trajectory import WatchHit
 from .nanguard import NonFiniteLogits, logits_finite
 from .sampling import TOP_K, pick_tokens
 from .sites import BlockParts, finish_block
@@ -344,10 +344,9 @@ class Stepper:
             except Paused as p:
                 return self._pause(run, step, p)
             used, start = start, None
-            before = run.trajectory.mark()
             ended = self.take_tokens([run], logits)[0]
             if not logits_finite(run):  # never a token from NaN: the engine undoes this call
-                self._untake(run, before)
+                self._untake(run)
                 raise NonFiniteLogits(step, cp, used)
             if test is not None:
                 held = test.held(run, step)
@@ -429,9 +428,9 @@ class Stepper:
         return ended
 
     @staticmethod
-    def _untake(run: Run, before: Mark) -> None:
+    def _untake(run: Run) -> None:
         """Take back the token :meth:`take_tokens` just appended (and what it recorded with it)."""
-        run.trajectory.undo(before)
+        run.trajectory.drop_last_step(sampled=run.sampling.temperature > 0, kept_logits=run.record_logits)
         run.step -= 1
         run.state = RunState.RUNNING
 

@@ -92,6 +92,16 @@ class Trajectory:
         del self.watch_log[n_watch:]
         self.last_logits = mark.last_logits
 
+    def drop_last_step(self, sampled: bool, kept_logits: bool) -> None:
+        """Take back the step just recorded (no mark needed on the hot path: one of each record,
+        the sampler's state if ``sampled``, the logits if ``kept_logits``)."""
+        for records in (self.token_ids, self.topk, self.entropies, self.token_times):
+            records.pop()
+        if sampled:
+            self.gen_states.pop()
+        if kept_logits:
+            self.logits.pop()
+
     # ----- new runs from this one -----------------------------------------------------
     def forked(self) -> "Trajectory":
         """A fork's history: this one's records (untimed: the fork did not pick those tokens)."""
