@@ -16,7 +16,8 @@ from djinn_nb.core.reference import generate as hf_generate
 from djinn_nb.core.kvcache import CacheMark
 from djinn_nb.core.scheduler import FairScheduler
 from djinn_nb.core.specs import Edit, Sampling
-from djinn_nb.errors import NonFiniteError
+from djinn_nb.core.forking import ForkSpec
+from djinn_nb.errors import ExecutionError, NonFiniteError
 from djinn_nb import wire
 from djinn_nb.wire.protocol import PROTOCOL
 from djinn_nb.wire.transport import open_connection
@@ -124,14 +125,35 @@ def test_non_finite_logits_fail_the_call_and_the_run_stays_paused_where_it_was(t
     assert all(torch.equal(a, b) for a, b in zip(done.logits, want_logits))
 
 
-def test_a_fork_with_non_finite_logits_fails_and_its_parent_is_untouched(tiny):
+def test_a_fork_with_non_finite_logits_fails_is_closed_and_its_parent_is_untouched(tiny):
     engine, model = tiny
     parent = engine.generate(PROMPT, 6, [(3, 0)])
     with pytest.raises(NonFiniteError, match="layer 3"):
         engine.fork(parent.id, Edit(scale=1e20), [])
-    failed = [r for r in engine.all_runs() if r.parent == parent.id]
-    assert [r.state.value for r in failed] == ["failed"] and failed[0].token_ids == []
-    assert "not finite" in failed[0].error
+    assert [r for r in engine.all_runs() if r.parent == parent.id] == []  # the caller never got its id
+    assert engine.resume(parent.id).token_ids == hf_generate(model, PROMPT, 6)
+
+
+def test_a_failed_fork_many_closes_every_fork_it_made(tiny, monkeypatch):
+    """Two forks run as a batch, two alone; the second alone fails (an injected fault) after the
+    others finished: the caller gets the error and none of the forks, so none may stay listed."""
+    engine, model = tiny
+    parent = engine.generate(PROMPT, 6, [(3, 0)])
+    specs = [ForkSpec(None, []), ForkSpec(Edit(scale=0.5), []), ForkSpec(None, [(5, 0)]), ForkSpec(None, [(6, 0)])]
+    advance, calls = engine.stepper.advance, []
+
+    def faulty(run, start):
+        calls.append(run.id)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return advance(run, start)
+
+    monkeypatch.setattr(engine.stepper, "advance", faulty)
+    with pytest.raises(ExecutionError, match="injected fault"):
+        engine.fork_many(parent.id, specs)
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert [r.id for r in engine.all_runs() if r.parent == parent.id] == []
     assert engine.resume(parent.id).token_ids == hf_generate(model, PROMPT, 6)
 
 

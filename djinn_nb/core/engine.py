@@ -196,6 +196,12 @@ class Engine:
         with run.lock:
             self._drop(run)
 
+    def discard(self, run: Run) -> None:
+        """Close a run a failed call made (its caller never got its id), if it is still registered."""
+        with run.lock:
+            if self._registry.holds(run):
+                self._drop(run)
+
     def _drop(self, run: Run) -> None:
         """Unregister and free a run (its lock held)."""
         self._registry.remove(run)
@@ -238,7 +244,7 @@ class Engine:
         from transformers import DynamicCache
 
         run = Run(
-            id=self._registry.new_id(),
+            id=self._registry.new_id(owner),
             owner=owner,
             prompt_ids=ids,
             max_new_tokens=max_new_tokens,
@@ -432,8 +438,8 @@ class Engine:
             raise BreakpointError(why)
 
     # ----- for the collaborators (host.RunHost) -------------------------------------
-    def new_run_id(self) -> str:
-        return self._registry.new_id()
+    def new_run_id(self, owner: str = "") -> str:
+        return self._registry.new_id(owner)
 
     def adopt(self, run: Run) -> None:
         self._registry.add(run)

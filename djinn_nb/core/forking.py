@@ -28,6 +28,7 @@ from .batch import ForkBatch
 from .edits import PatchSource, apply_edit
 from .host import RunHost
 from .runs import Checkpoint, Run
+from .scheduler import CallStopped
 from .specs import Edit, Point
 
 #: the most forks one ``fork_many`` call starts
@@ -67,7 +68,8 @@ class Forks:
     def fork_many(self, run_id: str, forks: Sequence[ForkSpec], owner: str = "") -> list[Run]:
         """One new run per ``ForkSpec``, all from this run's checkpoint; the original stays paused.
 
-        Every fork is checked before any starts. Forks with nothing to stop or record
+        Every fork is checked before any starts; if any fails, every fork of the call is closed
+        and the error raised. Forks with nothing to stop or record
         at the rest of the paused step run it as one batch, and keep generating as a
         batch (each with its own KV cache rows and its own end) until one needs a step
         of its own (a breakpoint or a watch), which it then runs alone.
@@ -116,12 +118,21 @@ class Forks:
                     self._give_state(child, parent, cp)
         for child in children:
             host.adopt(child)
-        if batch is not None:
-            self._advance_batch(batch)
-        for child, start in zip(children, starts):
-            if batch is None or child not in batch.members:
-                with child.lock:
-                    host.advance(child, start)
+        try:
+            if batch is not None:
+                self._advance_batch(batch)
+            for child, start in zip(children, starts):
+                if batch is None or child not in batch.members:
+                    with child.lock:
+                        host.advance(child, start)
+        except BaseException as e:
+            # The caller gets an error, never the forks' ids: none may stay behind, counted to
+            # its owner (failed, half-run, or never started) until a lease ends.
+            for child in children:
+                host.discard(child)
+            if isinstance(e, CallStopped):  # stopped between batch steps: the call's own error
+                raise e.error from None
+            raise
         return children
 
     # ----- helpers ----------------------------------------------------------------
@@ -131,7 +142,7 @@ class Forks:
             gen = torch.Generator(device=self._host.device)
             gen.set_state(parent.generator.get_state())
         return Run(
-            id=self._host.new_run_id(),
+            id=self._host.new_run_id(owner),
             owner=owner,
             prompt_ids=list(parent.prompt_ids),
             max_new_tokens=limit,

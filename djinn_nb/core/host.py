@@ -42,10 +42,13 @@ class RunHost(Protocol):
     def check_positions(self, prompt_len: int, max_new_tokens: int) -> None:
         """A ``BadRequestError`` if the run would pass the model's positions."""
 
-    def new_run_id(self) -> str: ...
+    def new_run_id(self, owner: str = "") -> str: ...
 
     def adopt(self, run: "Run") -> None:
         """Register a new run (a fork, a rewind) so that its owner can reach it."""
+
+    def discard(self, run: "Run") -> None:
+        """Close a run a failed call made (its caller never got its id), if it is still registered."""
 
     def new_cache(self) -> Any:
         """An empty KV cache for this model."""

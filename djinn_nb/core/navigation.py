@@ -135,7 +135,7 @@ class Navigator:
             gen = torch.Generator(device=self._host.device)
             gen.set_state(src.gen_states[step] if step < len(src.gen_states) else src.generator.get_state())
         return Run(
-            id=self._host.new_run_id(),
+            id=self._host.new_run_id(owner),
             owner=owner,
             prompt_ids=list(src.prompt_ids),
             max_new_tokens=src.max_new_tokens,

@@ -6,7 +6,6 @@ them and walks their tensors (for ``bytes_held``, offload and restore).
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import secrets
 import threading
@@ -120,7 +119,8 @@ class Run:
     last_used: float = field(default_factory=time.monotonic)
     host_pack: offload.HostPack | None = None
     lock: VersionedLock = field(default_factory=VersionedLock, repr=False)
-    _bytes: tuple[tuple, int] | None = field(default=None, repr=False)  # (what it was counted at, bytes)
+    # (what it was counted at, bytes, {storage: its size})
+    _bytes: tuple[tuple, int, dict[int, int]] | None = field(default=None, repr=False)
     _row = None  # not a field: (batch cache, row, rows) until ``cache`` is first read (see keep_row)
 
     def keep_row(self, batch_cache: Any, row: int, rows: int) -> None:
@@ -190,13 +190,20 @@ class Run:
         after the run changed (its lock's version, and what it holds, as a cheap second check)."""
         at = (self.lock.version, self.state, self.step, id(self._kv), id(self._row), id(self.checkpoint),
               id(self.host_pack), len(self.watch_log), len(self.logits), id(self.last_logits))
-        if self._bytes is not None and self._bytes[0] == at:
-            return self._bytes[1]
-        held = self._count_bytes()
-        self._bytes = (at, held)
-        return held
+        if self._bytes is None or self._bytes[0] != at:
+            self._bytes = (at, *self._count_bytes())
+        return self._bytes[1]
 
-    def _count_bytes(self) -> int:
+    def storages(self) -> dict[int, int]:
+        """The storages the run keeps alive, each with its whole size: a view of part of a storage
+        (a batched fork's row, a rewound run's crop) pins all of it once its siblings or source
+        close. What quotas count, as a union over a user's (or the server's) runs, so storage
+        shared by runs (a fork and its parent) counts once."""
+        self.bytes_held()
+        assert self._bytes is not None
+        return self._bytes[2]
+
+    def _count_bytes(self) -> tuple[int, dict[int, int]]:
         seen: dict[int, tuple[int, int, set]] = {}
         tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
         if self.last_logits is not None:
@@ -210,7 +217,7 @@ class Run:
                 views.add(view)
                 total += t.numel() * t.element_size()
             seen[key] = (total, cap, views)
-        return sum(min(total, cap) for total, cap, _ in seen.values())
+        return sum(min(total, cap) for total, cap, _ in seen.values()), {k: cap for k, (_, cap, _) in seen.items()}
 
     def brief(self, since: int | None = None) -> dict[str, Any]:
         """Where the run is, in a few fields: what most calls answer. ``since``: how many of the
@@ -309,7 +316,7 @@ class RunRegistry:
         self._runs: dict[str, Run] = {}
         self._expired: collections.OrderedDict[str, tuple[str, str]] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._counts: collections.Counter[str] = collections.Counter()  # per owner
 
     def expired(self, run: Run, why: str) -> None:
         """Remember that ``run`` was closed by its lease, with ``why`` to tell its owner."""
@@ -318,13 +325,21 @@ class RunRegistry:
             while len(self._expired) > self.EXPIRED_MEMORY:
                 self._expired.popitem(last=False)
 
-    def new_id(self) -> str:
-        """``r<n>-<random>``: ordered for people, unguessable for other clients."""
-        return f"r{next(self._ids)}-{secrets.token_hex(4)}"
+    def new_id(self, owner: str = "") -> str:
+        """``r<n>-<random>``: ``n`` counts the owner's own runs (ordered for people, and telling
+        nothing of other users' activity), the random part makes it unguessable."""
+        with self._lock:
+            self._counts[owner] += 1
+            n = self._counts[owner]
+        return f"r{n}-{secrets.token_hex(4)}"
 
     def add(self, run: Run) -> None:
         with self._lock:
             self._runs[run.id] = run
+
+    def holds(self, run: Run) -> bool:
+        with self._lock:
+            return self._runs.get(run.id) is run
 
     def remove(self, run: Run) -> None:
         with self._lock:

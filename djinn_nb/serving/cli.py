@@ -14,7 +14,9 @@ from ..errors import DjinnError
 from .. import wire
 from ..wire.protocol import DEFAULT_PORT
 from .lease import DEFAULT_LEASE_SECONDS
-from .server import DjinnServer, Limits, build_engine, is_loopback
+from .limits import (DEFAULT_CALL_STEPS, DEVICE_SHARE, HOST_SHARE, OFFLOAD_HOST_SHARE, USER_MAX_RUNS,
+                     derive_limits, parse_bytes)
+from .server import DjinnServer, build_engine, is_loopback
 
 
 def add_user_main(argv: list[str]) -> int:
@@ -46,6 +48,29 @@ def _lease(text: str) -> float | None:
     return value
 
 
+#: Limits derived at start-up unless a flag gives them (see limits.py).
+_DERIVED = ("max_held_bytes", "user_max_held_bytes", "user_max_runs", "max_call_steps")
+
+
+def _size(text: str) -> int | None:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _count(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a whole number > 0, or 'none', not {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["add-user"]:
@@ -67,11 +92,20 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"close runs untouched this long (default {DEFAULT_LEASE_SECONDS:g}; 'none': never)")
     p.add_argument("--max-paused-bytes", type=int, default=None,
                    help="offload least-recently-used paused runs to host memory above this many device bytes")
-    p.add_argument("--max-held-bytes", type=int, default=None,
-                   help="refuse new runs while all runs together hold more than this (device and host)")
+    p.add_argument("--max-held-bytes", type=_size, default=argparse.SUPPRESS,
+                   help=f"refuse a call that would take all runs together (device and host) past this many bytes "
+                        f"(e.g. 8G; 'none': no limit). Default: {HOST_SHARE * 100:.0f}%% of the host memory available at "
+                        f"start-up; on a GPU {DEVICE_SHARE * 100:.0f}%% of the device memory free after the load "
+                        f"+ {OFFLOAD_HOST_SHARE * 100:.0f}%% of the host's")
+    p.add_argument("--user-max-held-bytes", type=_size, default=argparse.SUPPRESS,
+                   help="the same for one user, where the users file gives no max_paused_bytes "
+                        "(default: half of --max-held-bytes when the users file has several users)")
+    p.add_argument("--user-max-runs", type=_count, default=argparse.SUPPRESS,
+                   help=f"runs one user may keep, where the users file gives no max_runs (default {USER_MAX_RUNS})")
     p.add_argument("--max-call-seconds", type=float, default=600.0,
                    help="stop (and close the run of) a call still stepping after this long (default 600)")
-    p.add_argument("--max-call-steps", type=int, default=None, help="refuse max_new_tokens above this")
+    p.add_argument("--max-call-steps", type=_count, default=argparse.SUPPRESS,
+                   help=f"refuse max_new_tokens above this (default: the model's positions, else {DEFAULT_CALL_STEPS})")
     p.add_argument("--max-connections", type=int, default=256)
     p.add_argument("--max-unauthenticated", type=int, default=64, help="connections not yet past hello")
     p.add_argument("--hello-seconds", type=float, default=10.0, help="time a new connection has to authenticate")
@@ -89,10 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    limits = Limits(max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
-                    hello_seconds=args.hello_seconds,
-                    max_call_seconds=args.max_call_seconds, max_call_steps=args.max_call_steps,
-                    max_held_bytes=args.max_held_bytes, auth_failures=args.max_auth_failures)
     try:
         users = None
         if args.users:
@@ -101,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             users = load_users(args.users)
         engine = build_engine(args.model, args.device, args.dtype, args.device_map,
                               cuda_graphs=False if args.no_cuda_graphs else None)
+        given = {name: getattr(args, name) for name in _DERIVED if hasattr(args, name)}
+        limits = derive_limits(
+            dict(given, max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
+                 hello_seconds=args.hello_seconds, max_call_seconds=args.max_call_seconds,
+                 auth_failures=args.max_auth_failures),
+            device=engine.device, max_positions=engine.max_positions, users=len(users or {}) or (1 if token else 0))
         server = DjinnServer(engine, args.host, args.port, token, args.max_payload_bytes, args.lease_seconds,
                              args.max_paused_bytes, users=users, tls_cert=args.tls_cert, tls_key=args.tls_key,
                              limits=limits)
@@ -111,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     tls_note = " (TLS)" if args.tls_cert else ""
     print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}"
           f"{tls_note}", flush=True)
+    print(f"djinn-server: {limits.describe()}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..core.forking import ForkSpec
 from ..core.runs import Run
-from ..errors import BadRequestError, QuotaError
+from ..errors import BadRequestError
 from ..schema import ForkRequest
 from .. import wire
 from .replies import _reply, _since, _str
@@ -45,17 +45,14 @@ class DebugCalls:
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
             specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
         parent = self._engine.get(_str(run_id, "run id"), owner)
-        self._check_quota(max((s.max_new_tokens or parent.max_new_tokens) for s in specs))
-        user = self._user
-        if user is not None and user.max_runs is not None:
-            held = len(self._engine.runs(owner))
-            if held + len(specs) > user.max_runs:
-                raise QuotaError(f"quota max_runs: user {user.name} holds {held} of {user.max_runs} runs; "
-                                 f"{len(specs)} forks would pass it", quota="max_runs")
+        limit = max((s.max_new_tokens or parent.max_new_tokens) for s in specs)
+        # admitted on its estimate before any fork exists: every fork may come to hold a whole cache
+        self._check_quota(limit, new_runs=len(specs),
+                          adding=len(specs) * self._state.kv_bytes(len(parent.prompt_ids) + limit))
         with self._scope():
             runs = self._engine.fork_many(parent.id, specs, owner)
+        self._admit_all(runs)
         for run in runs:
-            self._admit(run)
             self._state.after_change(run)
         return [run.brief(since) for run in runs]
 
@@ -74,7 +71,7 @@ class DebugCalls:
     def exposed_next_layer(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
         since = _since(since)
-        self._check_quota(new_run=False)
+        self._check_quota(new_runs=0)
         with self._scope():
             return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()), since)
 
@@ -82,7 +79,7 @@ class DebugCalls:
     def exposed_next_step(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
         since = _since(since)
-        self._check_quota(new_run=False)
+        self._check_quota(new_runs=0)
         with self._scope():
             return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()), since)
 
@@ -97,9 +94,10 @@ class DebugCalls:
             raise BadRequestError("step (and layer) must be integers")
         if site is not None and type(site) is not str:
             raise BadRequestError("site must be a string")
-        self._check_quota()
+        source = self._engine.get(_str(run_id, "run id"), owner)
+        self._check_quota(adding=self._state.kv_bytes(len(source.prompt_ids) + step))
         with self._scope():
-            run = self._engine.rewind(_str(run_id, "run id"), step, layer, site, owner)
+            run = self._engine.rewind(source.id, step, layer, site, owner)
         self._admit(run)
         return self._stepped(run, since)
 

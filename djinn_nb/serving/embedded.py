@@ -28,4 +28,4 @@ def start_embedded_server(model: str | None, device: str, dtype: str | None,
         from .server import DjinnServer, build_engine
 
         return DjinnServer(build_engine(model, device, dtype), "127.0.0.1", 0, lease_seconds=lease_seconds,
-                           lease_hint=LEASE_HINT).start()
+                           lease_hint=LEASE_HINT, embedded=True).start()

@@ -19,10 +19,10 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import rpyc
+import torch
 from rpyc.utils.server import ThreadedServer
 
 from ..core.engine import Engine
@@ -30,6 +30,7 @@ from ..errors import AuthenticationError, BadRequestError
 from .. import wire
 from ..wire import sidechannel, tls
 from .lease import DEFAULT_LEASE_SECONDS, check_lease
+from .limits import Limits, derive_limits
 from ..wire.protocol import DEFAULT_PORT
 from .service import DjinnService, ServerState
 from ..wire.transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, SpareDescriptor, tune_socket
@@ -40,21 +41,6 @@ UNAUTHENTICATED_FRAME = 64 << 10
 log = logging.getLogger("djinn_nb.serving.server")
 _quiet = logging.getLogger("djinn_nb.serving.rpyc")  # rpyc logs every accept: not for peers to flood
 _quiet.setLevel(logging.WARNING)
-
-
-@dataclass
-class Limits:
-    """What the server lets peers and calls cost (None: no limit)."""
-
-    max_connections: int = 256
-    max_unauthenticated: int = 64
-    hello_seconds: float = 10.0
-    max_call_seconds: float | None = 600.0
-    max_call_steps: int | None = None
-    max_held_bytes: int | None = None  # all runs together, device and host
-    inflight_bytes: int = 2 << 30  # large request frames being received at once
-    inflight_wait_s: float = 30.0  # how long a large frame waits for room before its connection is dropped
-    auth_failures: int = 20  # per address per minute, then refused for the rest of the minute
 
 
 def is_loopback(host: str) -> bool:
@@ -188,7 +174,8 @@ class DjinnServer:
     runs are its own kernel's). An expired run's owner is told so, with ``lease_hint``
     (what sets the lease where this server was started).
     ``users`` (see users.py) or ``token`` authenticate; ``tls_cert``/``tls_key`` put
-    both channels under TLS.
+    both channels under TLS. ``limits=None`` derives every byte, run and step cap from the
+    model and the machine (``embedded``: a notebook's own server, more generous), see limits.py.
     """
 
     def __init__(
@@ -205,6 +192,7 @@ class DjinnServer:
         tls_key: str | None = None,
         limits: Limits | None = None,
         lease_hint: str = "--lease-seconds sets this",
+        embedded: bool = False,
     ):
         if users and token:
             raise BadRequestError("pass either a token or a users file, not both")
@@ -217,7 +205,12 @@ class DjinnServer:
         check_lease(lease_seconds)
         if (tls_cert is None) != (tls_key is None):
             raise BadRequestError("TLS needs both --tls-cert and --tls-key")
-        self.limits = limits or Limits()
+        if limits is None:  # every cap derived from the model and the machine (limits.py)
+            limits = derive_limits({}, device=getattr(engine, "device", torch.device("cpu")),
+                                   max_positions=getattr(engine, "max_positions", None), users=len(users),
+                                   embedded=embedded)
+        self.limits = limits
+        log.info("%s", limits.describe())
         self.tls_context = tls.server_context(tls_cert, tls_key) if tls_cert else None
         self.state = ServerState(engine, Authenticator(users, self.limits.auth_failures), max_payload,
                                  max_paused_bytes, limits=self.limits)

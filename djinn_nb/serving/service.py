@@ -8,6 +8,7 @@ class without the server's traceback. Runs belong to the token that made them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import threading
@@ -20,12 +21,13 @@ from ..core.engine import Engine
 from ..core.runs import Run, activation_stats
 from ..core.scheduler import call_scope
 from ..core.specs import Edit, Sampling
-from ..errors import AuthenticationError, BadRequestError, ProtocolError, QuotaError
+from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError, QuotaError
 from ..schema import EditRequest, ForkRequest, GenerateRequest
 from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
 from .debug_calls import DebugCalls
+from .limits import kv_bytes_per_position
 from ..wire.protocol import PROTOCOL
 from .replies import _reply, _since, _str
 from ..wire.transport import FastChannel
@@ -81,6 +83,16 @@ class ServerState:
         self.freed = threading.Event()  # set when runs were closed: the reaper trims the heap
         self.activity = CallActivity()
         self.on_hello: Callable[[Any], None] = lambda conn: None
+        model = getattr(engine, "model", None)
+        self.kv_per_position = kv_bytes_per_position(model.config, engine.dtype) if model is not None else 0
+        self.max_positions: int | None = getattr(engine, "max_positions", None)
+
+    def kv_bytes(self, positions: int) -> int:
+        """What a KV cache of ``positions`` positions holds (at most the model's positions): the
+        estimate a call is admitted on before it allocates; the count after it still decides."""
+        if type(positions) is not int or positions <= 0:
+            return 0
+        return self.kv_per_position * min(positions, self.max_positions or positions)
 
     def after_change(self, run: Run) -> None:
         """Apply the residency budget once a call has left ``run`` paused or done."""
@@ -88,9 +100,21 @@ class ServerState:
             self.engine.enforce_budget(self.max_paused_bytes, keep=run.id)
 
     def held_bytes(self, owner: str | None = None) -> int:
-        """Bytes held by ``owner``'s runs (all runs when None), device and host alike."""
+        """Bytes ``owner``'s runs (all runs when None) keep alive, device and host alike: every
+        storage they reference, whole, once (``Run.storages``)."""
         runs = self.engine.all_runs() if owner is None else self.engine.runs(owner)
-        return sum(r.bytes_held() for r in runs)
+        kept: dict[int, int] = {}
+        for run in runs:
+            kept.update(run.storages())
+        return sum(kept.values())
+
+
+def prompt_positions(prompt: Any) -> int:
+    """At most how many positions a prompt takes: its ids, or a text's UTF-8 bytes (a byte-level
+    tokenizer makes at most one token per byte)."""
+    if isinstance(prompt, str):
+        return len(prompt.encode("utf-8", "surrogatepass"))
+    return len(prompt) if isinstance(prompt, list) else 0
 
 
 class DjinnService(DebugCalls, rpyc.Service):
@@ -140,41 +164,64 @@ class DjinnService(DebugCalls, rpyc.Service):
         limits = self._state.limits
         return call_scope(self._who(), self._alive, getattr(limits, "max_call_seconds", None))
 
-    def _check_quota(self, max_new_tokens: int | None = None, new_run: bool = True) -> None:
-        """Refuse, before anything changes, a call that would take this user past a quota."""
+    def _check_quota(self, max_new_tokens: int | None = None, new_runs: int = 1, adding: int = 0) -> None:
+        """Refuse, before anything changes, a call that would take this user (or the server) past a
+        quota: its steps, its user's runs (``new_runs`` more), and the bytes all runs hold plus
+        ``adding``, the call's estimate of what it will allocate (see ``ServerState.kv_bytes``)."""
         owner, user, limits = self._who(), self._user, self._state.limits
         steps = getattr(limits, "max_call_steps", None)
         if steps is not None and type(max_new_tokens) is int and max_new_tokens > steps:
             raise QuotaError(f"quota max_call_steps: a call may run at most {steps} steps; "
                              f"asked for max_new_tokens={max_new_tokens}", quota="max_call_steps")
-        if user is not None and new_run and user.max_runs is not None:
+        cap = user.max_runs if user is not None and user.max_runs is not None else getattr(limits, "user_max_runs", None)
+        if new_runs and cap is not None:
             held = len(self._engine.runs(owner))
-            if held >= user.max_runs:
-                raise QuotaError(f"quota max_runs: user {user.name} holds {held} of {user.max_runs} runs; "
-                                 "close some first", quota="max_runs")
-        self._check_bytes(owner)
+            if held + new_runs > cap:
+                more = f"; {new_runs} more would pass it" if new_runs > 1 else ""
+                raise QuotaError(f"quota max_runs: {self._whose()} {held} of {cap} runs{more}; close some first",
+                                 quota="max_runs")
+        self._check_bytes(owner, adding)
 
-    def _check_bytes(self, owner: str) -> None:
-        user, total = self._user, getattr(self._state.limits, "max_held_bytes", None)
-        if user is not None and user.max_paused_bytes is not None:
+    def _whose(self) -> str:
+        return f"user {self._user.name} holds" if self._user is not None else "you hold"
+
+    def _check_bytes(self, owner: str, adding: int = 0) -> None:
+        user, limits = self._user, self._state.limits
+        own = user is not None and user.max_paused_bytes is not None
+        cap = user.max_paused_bytes if own else getattr(limits, "user_max_held_bytes", None)  # type: ignore[union-attr]
+        need = f" and this call would add about {adding}" if adding else ""
+        if cap is not None:
             held = self._state.held_bytes(owner)
-            if held > user.max_paused_bytes:
-                raise QuotaError(f"quota max_paused_bytes: user {user.name}'s runs hold {held} bytes, over "
-                                 f"{user.max_paused_bytes}; close or shorten some runs", quota="max_paused_bytes")
+            if held + adding > cap:
+                name = "max_paused_bytes" if own else "user_max_held_bytes"
+                raise QuotaError(f"quota {name}: your runs hold {held} bytes{need}, over your {cap}; "
+                                 "close or shorten some runs", quota=name)
+        total = getattr(limits, "max_held_bytes", None)
         if total is not None:
             held = self._state.held_bytes()
-            if held > total:
-                raise QuotaError(f"quota max_held_bytes: the server's runs hold {held} bytes, over its "
-                                 f"{total}; try again after runs are closed", quota="max_held_bytes")
+            if held + adding > total:
+                # an ordinary user is not told what everyone else holds
+                numbers = f" ({held} bytes held{need}, of {total})" if self._admin else ""
+                raise QuotaError(f"quota max_held_bytes: the server's runs are at its limit of what they may "
+                                 f"hold{numbers}; try again after runs are closed, or ask for less",
+                                 quota="max_held_bytes")
 
     def _admit(self, run: Run) -> None:
         """A new run that took its owner (or the server) past a byte quota is closed and refused."""
+        self._admit_all([run])
+
+    def _admit_all(self, runs: list[Run]) -> None:
+        """New runs of one call that took their owner (or the server) past a byte quota are all
+        closed and the call refused: a caller never holds part of a refused batch."""
         try:
             self._check_bytes(self._who())
-        except QuotaError:
-            self._engine.close(run.id, run.owner)
+        except QuotaError as e:
+            for run in runs:
+                with contextlib.suppress(DjinnError):
+                    self._engine.close(run.id, run.owner)
             self._state.freed.set()
-            raise
+            raise QuotaError(f"{e}; the {len(runs)} run(s) this call made were closed" if len(runs) > 1 else str(e),
+                             quota=e.quota) from None
 
     # ----- helpers ----------------------------------------------------------------
     @property
@@ -252,7 +299,8 @@ class DjinnService(DebugCalls, rpyc.Service):
         """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
         req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
-        self._check_quota(req.max_new_tokens)
+        self._check_quota(req.max_new_tokens, adding=self._state.kv_bytes(prompt_positions(req.prompt)
+                                                                           + req.max_new_tokens))
         with self._scope():
             run = self._engine.generate(
                 req.prompt,
@@ -276,7 +324,8 @@ class DjinnService(DebugCalls, rpyc.Service):
         edit = None if request_json is None else self._edit(EditRequest.from_json(wire.loads(request_json, "edit")),
                                                              act, add)
         since = _since(since)
-        self._check_quota(new_run=False)
+        run = self._engine.get(_str(run_id, "run id"), owner)
+        self._check_quota(new_runs=0, adding=self._state.kv_bytes(run.max_new_tokens - run.step))
         with self._scope():
             run = self._engine.resume(_str(run_id, "run id"), edit, owner)
         self._state.after_change(run)
@@ -292,7 +341,8 @@ class DjinnService(DebugCalls, rpyc.Service):
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
         edit = self._edit(req.edit, act, add)
         parent = self._engine.get(_str(run_id, "run id"), owner)
-        self._check_quota(req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens)
+        limit = req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens
+        self._check_quota(limit, adding=self._state.kv_bytes(len(parent.prompt_ids) + limit))
         with self._scope():
             run = self._engine.fork(parent.id, edit, req.breakpoints, owner, req.max_new_tokens)
         self._admit(run)
