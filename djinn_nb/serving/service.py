@@ -178,12 +178,9 @@ class DjinnService(DebugCalls, rpyc.Service):
             held = len(self._engine.runs(owner))
             if held + new_runs > cap:
                 more = f"; {new_runs} more would pass it" if new_runs > 1 else ""
-                raise QuotaError(f"quota max_runs: {self._whose()} {held} of {cap} runs{more}; close some first",
+                raise QuotaError(f"quota max_runs: you hold {held} of {cap} runs{more}; close some first",
                                  quota="max_runs")
         self._check_bytes(owner, adding)
-
-    def _whose(self) -> str:
-        return f"user {self._user.name} holds" if self._user is not None else "you hold"
 
     def _check_bytes(self, owner: str, adding: int = 0) -> None:
         user, limits = self._user, self._state.limits
