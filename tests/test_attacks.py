@@ -156,8 +156,8 @@ def test_side_channel_silent_and_trickling_peers_block_nobody(fortress, keeper):
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
     trickle = socket.create_connection(("127.0.0.1", port))
     t0 = time.monotonic()
-    big = torch.arange(600_000, dtype=torch.float32)  # 2.4 MB, uploaded while they hang on
-    up = keeper._call("expect", wire.dumps({"dtype": "float32", "shape": [600_000]}))
+    big = torch.arange(300_000, dtype=torch.float32)  # 1.2 MB, uploaded while they hang on
+    up = keeper._call("expect", wire.dumps({"dtype": "float32", "shape": [300_000]}))
     sidechannel.push("127.0.0.1", up, big)
     assert time.monotonic() - t0 < 3
     for _ in range(3):
@@ -169,7 +169,7 @@ def test_side_channel_silent_and_trickling_peers_block_nobody(fortress, keeper):
         s.close()
 
 
-GIB = wire.dumps({"dtype": "float32", "shape": [1 << 28]})  # 1 GiB: four fill the side channel's reservations
+SLOT = wire.dumps({"dtype": "float32", "shape": [100_000]})  # 0.4 MB: four fit the fortress's 2 MB, five do not
 
 
 def test_reserved_side_channel_slots_are_released_when_their_connection_ends(fortress, keeper):
@@ -177,26 +177,26 @@ def test_reserved_side_channel_slots_are_released_when_their_connection_ends(for
         conn = open_connection("127.0.0.1", fortress.port)
         assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
         for _ in range(4):
-            reply = wire.loads(conn.root.expect(GIB))
+            reply = wire.loads(conn.root.expect(SLOT))
             assert reply["ok"], reply
         conn.close()
         time.sleep(0.2)
     conn = open_connection("127.0.0.1", fortress.port)
     try:
         assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
-        assert all(wire.loads(conn.root.expect(GIB))["ok"] for _ in range(4))
-        fifth = wire.loads(conn.root.expect(GIB))
-        assert fifth["error"]["kind"] == "QuotaError" and "busy" in fifth["error"]["message"]
+        assert all(wire.loads(conn.root.expect(SLOT))["ok"] for _ in range(4))
+        fifth = wire.loads(conn.root.expect(SLOT))  # reservations count to the user's bytes, like runs
+        assert fifth["error"]["kind"] == "QuotaError" and "max_held_bytes" in fifth["error"]["message"]
     finally:
         conn.close()
 
 
 def test_a_broken_upload_frees_its_slot(fortress, keeper):
-    up = keeper._call("expect", GIB)
+    up = keeper._call("expect", SLOT)
     with pytest.raises(DjinnError, match="upload failed"):
         sidechannel.push("127.0.0.1", up, torch.zeros(4), timeout=5)  # too short: the server drops the slot
     time.sleep(0.2)
-    tickets = [keeper._call("expect", GIB)["ticket"] for _ in range(4)]  # all four fit again
+    tickets = [keeper._call("expect", SLOT)["ticket"] for _ in range(4)]  # all four fit again
     assert up["ticket"] not in tickets
 
 

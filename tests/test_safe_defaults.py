@@ -118,6 +118,25 @@ def test_one_user_cannot_take_another_users_share_nor_learn_of_their_activity(sh
             client.close()
 
 
+def test_one_users_reservations_cannot_deny_another_users_uploads(shared):
+    """Side-channel reservations count to their user's bytes: ann reserving all she may (2 MB)
+    leaves ben his own share, and his upload goes through."""
+    from djinn_nb import wire
+    from djinn_nb.wire import sidechannel
+
+    ann, ben = shared.connect("ann", tls_ca=None), shared.connect("ben", tls_ca=None)
+    try:
+        header = wire.dumps({"dtype": "float32", "shape": [120_000]})  # 0.48 MB
+        with pytest.raises(QuotaError, match="quota user_max_held_bytes"):
+            for _ in range(100):
+                ann._call("expect", header)
+        up = ben._call("expect", header)
+        sidechannel.push("127.0.0.1", up, torch.ones(120_000))
+    finally:
+        ann.close()  # its reservations go with its connection
+        ben.close()
+
+
 def test_refusals_by_the_servers_total_do_not_state_other_users_holdings():
     workdir = Path(tempfile.mkdtemp(prefix="djinn-total-"))
     users = workdir / "users.yaml"

@@ -101,12 +101,14 @@ class ServerState:
 
     def held_bytes(self, owner: str | None = None) -> int:
         """Bytes ``owner``'s runs (all runs when None) keep alive, device and host alike: every
-        storage they reference, whole, once (``Run.storages``)."""
+        storage they reference, whole, once (``Run.storages``), and their pending side-channel
+        transfers (a reserved upload, an unfetched download)."""
         runs = self.engine.all_runs() if owner is None else self.engine.runs(owner)
         kept: dict[int, int] = {}
         for run in runs:
             kept.update(run.storages())
-        return sum(kept.values())
+        pending = self.bulk.reserved_bytes(owner) if self.bulk is not None else 0  # side-channel transfers
+        return sum(kept.values()) + pending
 
 
 def prompt_positions(prompt: Any) -> int:
@@ -418,8 +420,10 @@ class DjinnService(DebugCalls, rpyc.Service):
         """Reserve a side-channel upload of a tensor with this header; returns {port, ticket}."""
         if self._state.bulk is None:
             raise BadRequestError("this server has no side channel")
-        return self._state.bulk.expect(wire.loads(meta_json, "tensor header"), self._state.max_payload, self._who(),
-                                       id(self))
+        meta = wire.loads(meta_json, "tensor header")
+        _, _, nbytes = wire.check_header(meta, self._state.max_payload)
+        self._check_bytes(self._who(), adding=nbytes)  # a reservation counts to its user, like a run
+        return self._state.bulk.expect(meta, self._state.max_payload, self._who(), id(self))
 
     @_reply
     def exposed_logits(self, run_id: Any, step: Any = None, bulk: Any = False) -> Any:

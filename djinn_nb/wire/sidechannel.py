@@ -71,7 +71,8 @@ class BulkServer:
     ticket and then a deadline set by the size (``MIN_RATE``), however it trickles; at
     most ``max_conns`` are served at once. A slot is never taken from one transfer to
     make room for another: past ``max_slots`` (or the reserved bytes) a new one is
-    refused; every slot goes on use, expiry (``ttl``), a failed transfer or the end of
+    refused, and no owner's uploads may reserve more than half the bytes (the server also
+    counts them to the owner's byte quota); every slot goes on use, expiry (``ttl``), a failed transfer or the end of
     the rpyc connection that reserved it.
     """
 
@@ -128,7 +129,7 @@ class BulkServer:
         key = _ticket_bytes(ticket)
         with self._lock:
             slot = self._slots.get(key)
-        if slot is None or not slot.upload or not hmac.compare_digest(slot.owner, owner):
+        if slot is None or not slot.upload or not hmac.compare_digest(slot.owner.encode(), owner.encode()):
             raise BadRequestError("unknown or expired upload ticket")
         arrived = slot.done.wait(timeout)
         with self._lock:
@@ -143,9 +144,11 @@ class BulkServer:
             self._expire()
             return len(self._slots)
 
-    def reserved_bytes(self) -> int:
+    def reserved_bytes(self, owner: str | None = None) -> int:
+        """Bytes of the pending transfers (``owner``'s only, when given): what the server holds
+        or has promised to receive for them, counted to their owner's byte quota."""
         with self._lock:
-            return sum(s.nbytes for s in self._slots.values())
+            return sum(s.nbytes for s in self._slots.values() if owner is None or s.owner == owner)
 
     def release(self, conn: int) -> None:
         """Drop every slot the rpyc connection ``conn`` reserved and nobody is transferring."""
@@ -173,9 +176,12 @@ class BulkServer:
         key = secrets.token_bytes(TICKET_BYTES)
         with self._lock:
             self._expire()
-            mine = sum(1 for s in self._slots.values() if s.owner == slot.owner)
+            mine = [s for s in self._slots.values() if s.owner == slot.owner]
             reserved = sum(s.nbytes for s in self._slots.values())
-            if (len(self._slots) >= self.max_slots or mine >= self.per_owner
+            if sum(s.nbytes for s in mine) + slot.nbytes > self.max_reserved_bytes // 2 and slot.upload:
+                raise QuotaError("quota side_channel: your pending uploads would take more than half of the side "
+                                 "channel's reservations; send them one after another", quota="side_channel")
+            if (len(self._slots) >= self.max_slots or len(mine) >= self.per_owner
                     or reserved + slot.nbytes > self.max_reserved_bytes):
                 raise QuotaError("the side channel is busy (too many transfers pending); try again shortly",
                                  quota="side_channel")
