@@ -1,13 +1,15 @@
 """``djinn-server`` (or ``python -m djinn_nb.serving``): load a model and serve it.
 
 ``djinn-server add-user NAME --users FILE`` adds a user to a users file and prints
-their new token once (only its SHA-256 is stored).
+their new token once (only its SHA-256 is stored); ``kill -HUP`` on a running server
+re-reads the file.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from ..errors import DjinnError
@@ -17,6 +19,8 @@ from .lease import DEFAULT_LEASE_SECONDS
 from .limits import (DEFAULT_CALL_STEPS, DEVICE_SHARE, HOST_SHARE, OFFLOAD_HOST_SHARE, USER_MAX_RUNS,
                      derive_limits, parse_bytes)
 from .server import DjinnServer, build_engine, is_loopback
+
+log = logging.getLogger("djinn_nb.serving.cli")
 
 
 def add_user_main(argv: list[str]) -> int:
@@ -46,6 +50,27 @@ def _lease(text: str) -> float | None:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"a number of seconds > 0, or 'none', not {text!r}")
     return value
+
+
+def _reload_on_sighup(server: DjinnServer, path: str | None) -> None:
+    """``kill -HUP <pid>`` re-reads the users file (revoking a token, changing a quota) without
+    closing anyone's runs; a file that does not load keeps the users as they were. Without a
+    users file a SIGHUP is logged and ignored (it used to end the server)."""
+    from .users import load_users
+
+    def reload(signum: int, frame: object) -> None:
+        if path is None:
+            log.info("SIGHUP: no users file to reload (--users FILE)")
+            return
+        try:
+            users = load_users(path)
+        except DjinnError as e:
+            log.warning("users file not reloaded, the users stay as they were: %s", e)
+            return
+        server.state.auth.reload(users)
+        log.info("users file reloaded: %d users", len(users))
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 #: Limits derived at start-up unless a flag gives them (see limits.py).
@@ -143,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except DjinnError as e:
         print(f"djinn-server: {e}", file=sys.stderr)
         return 2
+    _reload_on_sighup(server, args.users)
     info = engine.info()
     tls_note = " (TLS)" if args.tls_cert else ""
     print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}"

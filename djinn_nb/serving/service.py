@@ -234,6 +234,12 @@ class DjinnService(DebugCalls, rpyc.Service):
     def _who(self) -> str:
         if self._owner is None:
             raise AuthenticationError("call hello(protocol, token) first")
+        user, auth = self._user, self._state.auth
+        if user is not None and auth.users.get(user.name) is not user:  # the users file was reloaded
+            if not auth.current(user):
+                raise AuthenticationError("this server no longer accepts your token (its users file changed); "
+                                          "connect again with a current one")
+            self._user = auth.users[user.name]  # its quotas as the file now says
         return self._owner
 
     def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit:
