@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import djinn_nb
 from djinn_nb.errors import AuthenticationError, BadRequestError
@@ -123,5 +124,23 @@ def test_sighup_without_a_users_file_does_not_end_the_server():
         time.sleep(1.0)
         assert server.alive()
         assert djinn_nb.connect(server.address).generate(PROMPT, max_new_tokens=2).done
+    finally:
+        server.stop()
+
+
+def test_a_user_with_a_non_ascii_name_uploads_on_the_side_channel(monkeypatch):
+    from djinn_nb.wire import sidechannel
+
+    workdir = Path(tempfile.mkdtemp(prefix="djinn-josé-"))
+    users = workdir / "users.yaml"
+    token = add_user(users, "josé")
+    server = start(["--model", "random:gpt2-tiny", "--users", str(users)], workdir)
+    try:
+        client = djinn_nb.connect(server.address, token=token)
+        run = client.generate(PROMPT, max_new_tokens=3, breakpoints=[1])
+        monkeypatch.setattr(sidechannel, "BULK_THRESHOLD", 0)  # every tensor by ticket (was an internal error)
+        edited = run.fork(add=torch.ones(64), breakpoints=[])
+        monkeypatch.undo()
+        assert edited.token_ids == run.fork(add=torch.ones(64), breakpoints=[]).token_ids
     finally:
         server.stop()
