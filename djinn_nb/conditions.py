@@ -194,6 +194,15 @@ def parse(source: str) -> dict[str, Any]:
     return check_tree(_Parser(source).parse())
 
 
+def node_count(tree: Any) -> int:
+    """How many parts a (checked) condition tree has: what testing it costs, per step it is tested."""
+    if isinstance(tree, dict):
+        return 1 + sum(node_count(v) for v in tree.values() if isinstance(v, (dict, list)))
+    if isinstance(tree, list):
+        return sum(node_count(v) for v in tree if isinstance(v, (dict, list)))
+    return 0
+
+
 def check_tree(tree: Any) -> dict[str, Any]:
     """Validate a tree from the wire: only the node shapes above, known terms, plain values."""
     count = [0]

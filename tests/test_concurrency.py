@@ -96,3 +96,35 @@ def test_listing_runs_while_others_execute_changes_nothing(saved_models):
         stop.set()
         t.join()
     assert not errors and all(g == want for g in got)
+
+
+def test_every_call_that_takes_the_device_turn_queues_as_its_caller(monkeypatch):
+    """A lens, an attention read, a lens_grid, an offload and a restore all take the device turn
+    as the user who asked (they queued as one anonymous user, so one user's lens_grids made
+    another's lens wait several of them)."""
+    from djinn_nb.core.scheduler import FairScheduler
+    from serving import serve
+
+    served = serve(token="turn-token")
+    owners: list[str] = []
+    acquire = FairScheduler.acquire
+
+    def recording(self, owner=""):
+        owners.append(owner)
+        return acquire(self, owner)
+
+    try:
+        client = djinn_nb.connect(f"127.0.0.1:{served.port}", token="turn-token")
+        run = client.generate(PROMPT, max_new_tokens=4, breakpoints=[(3, 1)])
+        me = served.engine.all_runs()[0].owner
+        monkeypatch.setattr(FairScheduler, "acquire", recording)
+        run.lens(k=3)
+        run.attention()
+        client.lens_grid(PROMPT, k=1)
+        run.offload()
+        run.activation()  # brings it back
+        monkeypatch.undo()
+        assert me != "" and len(owners) >= 4 and set(owners) == {me}, owners
+        client.close()
+    finally:
+        served.server.close()

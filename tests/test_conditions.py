@@ -150,3 +150,22 @@ def test_a_model_without_a_tokenizer_says_so(saved_models):
     run = client.generate([1, 2, 3], max_new_tokens=2, breakpoints=[{"layer": LAYER, "step": "all", "when": "token >= 0"}])
     assert run.paused and run.step == 0
     run.close()
+
+
+def test_a_runs_breakpoints_and_condition_parts_are_bounded():
+    """Each breakpoint is looked at, and each condition part tested, at every step it covers: a run
+    may not inflate the shared device's steps with thousands of them (150,000 never-true conditions
+    made another user's one-token fork wait up to 1.9 s)."""
+    from djinn_nb.core.specs import MAX_BREAKPOINTS, MAX_CONDITION_PARTS, parse_breakpoints
+    from djinn_nb.errors import BreakpointError
+
+    many = [{"layer": 0, "step": s} for s in range(MAX_BREAKPOINTS + 1)]
+    with pytest.raises(BreakpointError, match=f"at most {MAX_BREAKPOINTS} breakpoints"):
+        parse_breakpoints(many, 1, MAX_BREAKPOINTS + 2)
+    assert len(parse_breakpoints(many[:-1], 1, MAX_BREAKPOINTS + 2)) == MAX_BREAKPOINTS
+    cond = " or ".join(["norm > LIMIT"] * 10)  # an "or" of 10 comparisons: 11 parts
+    fits = MAX_CONDITION_PARTS // 11
+    bps = [{"layer": 0, "step": "all", "when": cond.replace("LIMIT", str(10**6 + i))} for i in range(fits + 1)]
+    assert len(parse_breakpoints(bps[:fits], 1, 4)) == fits
+    with pytest.raises(BreakpointError, match=f"at most {MAX_CONDITION_PARTS} parts in all"):
+        parse_breakpoints(bps, 1, 4)

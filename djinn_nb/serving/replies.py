@@ -44,7 +44,7 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
                                           "float, bool, None, or a tuple of those), not a remote object")
             if not least <= len(args) <= len(params):  # what signature.bind checked, at a tenth of the cost
                 raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}")
-            with self._state.activity:
+            with self._state.activity, self._caller():  # whatever takes the device turn queues as its caller
                 result = fn(self, *args)
         except DjinnError as e:
             return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})

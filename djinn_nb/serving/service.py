@@ -162,6 +162,14 @@ class DjinnService(DebugCalls, rpyc.Service):
         except (AttributeError, OSError, ValueError):
             return self._channel is None
 
+    def _caller(self) -> Any:
+        """Every call runs as its caller (after hello): a lens, an attention read, a lens_grid or an
+        offload then waits its turn on the device among that user's calls, not as an anonymous
+        one ahead of or behind everyone's. Calls that step set a deadline too (``_scope``)."""
+        if self._owner is None:
+            return contextlib.nullcontext()
+        return call_scope(self._owner, self._alive)
+
     def _scope(self) -> Any:
         limits = self._state.limits
         return call_scope(self._who(), self._alive, getattr(limits, "max_call_seconds", None))
