@@ -257,3 +257,17 @@ def test_generation_settings_the_engine_does_not_apply_are_reported():
     engine = Engine(model)
     assert engine.info()["generation_config_ignored"] == ["repetition_penalty=1.3"]
     assert Engine(build_random("gpt2-tiny")).info()["generation_config_ignored"] == []
+
+
+def test_a_text_that_is_not_valid_unicode_is_a_bad_request_not_an_internal_error():
+    """JSON carries lone surrogates; the tokenizer took them as an internal error with a traceback."""
+    import json
+
+    client = djinn_nb.connect()  # the embedded SmolLM2 (a tokenizer), behind its loopback server
+    for call, args in (("generate", (json.dumps({"prompt": "a\ud800b", "max_new_tokens": 2}),)),
+                       ("lens_grid", (json.dumps({"prompt": "\udfff", "k": 1}),)),
+                       ("generate", (json.dumps({"prompt": "hi", "max_new_tokens": 2,
+                                                 "breakpoints": [{"layer": 0, "step": "all",
+                                                                  "when": "token == '\ud800'"}]}),))):
+        with pytest.raises(BadRequestError, match="not valid Unicode: a lone surrogate"):
+            client._call(call, *args)

@@ -33,7 +33,7 @@ from .scheduler import CallStopped, FairScheduler
 from .runs import Checkpoint, Run, RunRegistry
 from .trajectory import WatchHit
 from .sites import SITES, block_parts
-from .specs import Breakpoint, Edit, Sampling, parse_breakpoints
+from .specs import Breakpoint, Edit, Sampling, check_text, parse_breakpoints
 from .threads import describe as describe_threads
 from .stepping import Stepper
 
@@ -153,7 +153,7 @@ class Engine:
                 raise BadRequestError(
                     f"a text of {len(prompt)} characters is longer than this model could take ({self.max_text_chars}{per})"
                 )
-            ids = list(self.tokenizer(prompt)["input_ids"])
+            ids = list(self.tokenizer(check_text(prompt))["input_ids"])
         else:
             ids = list(prompt)
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or None
@@ -167,7 +167,7 @@ class Engine:
     def _token_ids(self, text: str) -> list[int]:
         """A text's token ids with no special tokens added (what a condition's token text means)."""
         assert self.tokenizer is not None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:

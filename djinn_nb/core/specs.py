@@ -132,6 +132,17 @@ def parse_breakpoint(spec: Any) -> Breakpoint:
     return Breakpoint(layer, _int(step, "breakpoint step"), site, when)
 
 
+def check_text(text: str) -> str:
+    """A text the tokenizer can take: valid Unicode (JSON can carry a lone surrogate, which the
+    tokenizer refused with an internal error)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequestError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                              f"{e.start}") from None
+    return text
+
+
 #: Breakpoints (and, separately, watches) one run may have: each is looked at every step.
 MAX_BREAKPOINTS = 4096
 #: Parts of all of one run's conditions together: 1,000 parts cost about a quarter of a tiny
