@@ -69,19 +69,52 @@ def malloc_trim() -> None:
         pass
 
 
+class _Door:
+    """One accepted socket, from ``accept`` on: when it must have said hello by (None once it has)."""
+
+    __slots__ = ("sock", "deadline", "peer")
+
+    def __init__(self, sock: socket.socket, deadline: float, peer: str):
+        self.sock, self.deadline, self.peer = sock, deadline, peer
+
+    def rewrap(self, tls_sock: socket.socket) -> None:
+        """TLS took the descriptor over: hang up on that from now (at once, if already told to)."""
+        self.sock = tls_sock
+        if self.deadline is not None and self.deadline <= 0.0:
+            self.hang_up()
+
+    def hang_up(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # also ends a TLS handshake stalled in a read
+        except OSError:
+            pass
+
+
+#: Seconds between two log lines about one address's unreadable frames.
+NOISE_LOG_SECONDS = 60.0
+
+
 class _Listener(ThreadedServer):
-    """rpyc's threaded server over the fast channel, with connection caps, TLS and a doorman."""
+    """rpyc's threaded server over the fast channel, with connection caps, TLS and a doorman.
+
+    A socket counts against the caps from ``accept`` (a TLS handshake included). When the
+    not-yet-authenticated slots are full, the *oldest* such socket is hung up on to make room:
+    a client with a token says hello within milliseconds of connecting, so a peer holding idle
+    sockets (or reconnecting in a loop) cannot lock it out, as refusing the newcomer did.
+    """
 
     def __init__(self, djinn: "DjinnServer", *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.djinn = djinn
         self._spare = SpareDescriptor()
-        self._conns: dict[Any, float] = {}  # rpyc connection -> hello deadline (None once authenticated)
+        self._doors: dict[socket.socket, _Door] = {}  # accepted socket -> its door (insertion: oldest first)
+        self._by_conn: dict[Any, _Door] = {}
         self._conns_lock = threading.Lock()
+        self._noise_logged: dict[str, float] = {}
 
     def accept(self) -> None:
         try:
-            sock, _ = self.listener.accept()
+            sock, addr = self.listener.accept()
         except socket.timeout:
             return
         except OSError as e:
@@ -93,18 +126,27 @@ class _Listener(ThreadedServer):
                 raise EOFError() from None
             return
         sock.setblocking(True)
-        with self._conns_lock:
-            total = len(self._conns)
-            pending = sum(1 for d in self._conns.values() if d is not None)
         limits = self.djinn.limits
-        if total >= limits.max_connections or pending >= limits.max_unauthenticated:
-            _close(sock)
-            return
+        evict = None
+        with self._conns_lock:
+            pending = [d for d in self._doors.values() if d.deadline]  # not authenticated, nor hung up on
+            if len(pending) >= limits.max_unauthenticated:
+                evict = pending[0]  # the oldest that has not said hello
+            elif len(self._doors) >= limits.max_connections:
+                _close(sock)
+                return
+            self._doors[sock] = _Door(sock, time.monotonic() + limits.hello_seconds, str(addr[0]) if addr else "?")
+            if evict is not None:
+                evict.deadline = 0.0
+        if evict is not None:
+            evict.hang_up()
         self.clients.add(sock)
         try:
             threading.Thread(target=self._authenticate_and_serve_client, args=(sock,), daemon=True).start()
         except RuntimeError:  # no thread to be had: refuse this one, keep serving
             self.clients.discard(sock)
+            with self._conns_lock:
+                self._doors.pop(sock, None)
             _close(sock)
 
     def _refuse_one(self) -> None:
@@ -112,11 +154,22 @@ class _Listener(ThreadedServer):
         self._spare.refuse_one(self.listener.accept)
 
     def _serve_client(self, sock: socket.socket, credentials: Any) -> None:
+        with self._conns_lock:
+            door = self._doors.get(sock)
+        try:
+            if door is not None:
+                self._serve_door(sock, door)
+        finally:
+            with self._conns_lock:
+                self._doors.pop(sock, None)
+
+    def _serve_door(self, sock: socket.socket, door: _Door) -> None:
         tune_socket(sock)
         state = self.djinn.state
         if self.djinn.tls_context is not None:
             try:
-                sock = tls.accept(self.djinn.tls_context, sock, min(tls.HANDSHAKE_SECONDS, self.djinn.limits.hello_seconds))
+                sock = tls.accept(self.djinn.tls_context, sock, min(tls.HANDSHAKE_SECONDS, self.djinn.limits.hello_seconds),
+                                  on_wrap=door.rewrap)
             except (OSError, ValueError):
                 return  # a plain client, a bad certificate or a stalled handshake: nothing was served
         try:
@@ -127,30 +180,43 @@ class _Listener(ThreadedServer):
         channel = FastChannel(FastSocketStream(sock), max_frame=UNAUTHENTICATED_FRAME, budget=state.inflight)
         conn = self.service._connect(channel, config)
         with self._conns_lock:
-            self._conns[conn] = time.monotonic() + self.djinn.limits.hello_seconds
+            self._by_conn[conn] = door
         try:
             conn.serve_all()
         except OSError:
             conn.close()
+        except Exception as e:  # noqa: BLE001 - a peer's unreadable frames: one short line per address a minute
+            conn.close()
+            self._note_noise(door.peer, e)
         finally:
             with self._conns_lock:
-                self._conns.pop(conn, None)
+                self._by_conn.pop(conn, None)
+
+    def _note_noise(self, peer: str, error: Exception) -> None:
+        now = time.monotonic()
+        with self._conns_lock:
+            last = self._noise_logged.get(peer)
+            if last is not None and now - last < NOISE_LOG_SECONDS:
+                return
+            if len(self._noise_logged) > 4096:
+                self._noise_logged.clear()
+            self._noise_logged[peer] = now
+        log.warning("dropped a connection from %s: %s (further ones from there not logged for %.0f s)",
+                    peer[:64], f"{type(error).__name__}: {error}"[:120], NOISE_LOG_SECONDS)
 
     def authenticated(self, conn: Any) -> None:
         with self._conns_lock:
-            if conn in self._conns:
-                self._conns[conn] = None
+            door = self._by_conn.get(conn)
+            if door is not None:
+                door.deadline = None
 
     def sweep(self) -> None:
-        """Hang up on connections that did not say hello in time."""
+        """Hang up on sockets that did not say hello in time (a TLS handshake included)."""
         now = time.monotonic()
         with self._conns_lock:
-            late = [c for c, d in self._conns.items() if d is not None and d < now]
-        for conn in late:
-            try:
-                conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, AttributeError):
-                pass
+            late = [d for d in self._doors.values() if d.deadline is not None and d.deadline < now]
+        for door in late:
+            door.hang_up()
 
     def close(self) -> None:
         super().close()

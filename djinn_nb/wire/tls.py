@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Callable
 
 from ..errors import BadRequestError, TransportError
 
@@ -38,9 +39,14 @@ def client_context(tls: bool = False, tls_ca: str | None = None) -> ssl.SSLConte
     return ctx  # CERT_REQUIRED and check_hostname are its defaults
 
 
-def accept(ctx: ssl.SSLContext, sock: socket.socket, timeout: float = HANDSHAKE_SECONDS) -> ssl.SSLSocket:
-    """The server side of a handshake on an accepted socket (``OSError`` if it fails or stalls)."""
+def accept(ctx: ssl.SSLContext, sock: socket.socket, timeout: float = HANDSHAKE_SECONDS,
+           on_wrap: Callable[[ssl.SSLSocket], None] = lambda tls: None) -> ssl.SSLSocket:
+    """The server side of a handshake on an accepted socket (``OSError`` if it fails or stalls).
+
+    Wrapping detaches ``sock`` (its descriptor moves to the TLS socket): ``on_wrap`` is told the
+    new socket before the handshake, so whoever may need to hang up on it can."""
     tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    on_wrap(tls)
     try:
         tls.settimeout(timeout)
         tls.do_handshake()
