@@ -174,7 +174,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
                 stage(1)
                 tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             # The dequantized weights are plain fp32: drop the GGUF marker so they can be saved.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, not declared: nn.Module's __setattr__ types it
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             stage(2)
@@ -240,7 +240,7 @@ def _load_model(source: str, device: str, dtype: str | torch.dtype | None, seed:
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not device_map:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to by functools.wraps(nn.Module.to), unbound
     return LoadedModel(model.eval(), load_tokenizer(path), name)
 
 

@@ -154,13 +154,15 @@ class DjinnService(DebugCalls, rpyc.Service):
 
     def _alive(self) -> bool:
         """Whether the client is still connected (a peer's FIN shows as POLLRDHUP, unread data or not)."""
+        if self._channel is None:
+            return True
         try:
             fd = self._channel.stream.sock.fileno()
             p = select.poll()
             p.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
             return not p.poll(0)
         except (AttributeError, OSError, ValueError):
-            return self._channel is None
+            return False
 
     def _caller(self) -> Any:
         """Every call runs as its caller (after hello): a lens, an attention read, a lens_grid or an
