@@ -14,13 +14,16 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import BadRequestError
 from .gcpause import paused_gc
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
@@ -63,7 +66,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     name: str
 
@@ -98,7 +101,8 @@ def random_config(shape: str):
     return AutoConfig.for_model(arch, **overrides)
 
 
-def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> PreTrainedModel:
     """A randomly initialised model of a named shape, built directly on ``device``."""
     from transformers import AutoModelForCausalLM
 
