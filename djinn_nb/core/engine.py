@@ -72,7 +72,7 @@ class Engine:
         self.anatomy: Anatomy = find_anatomy(model)
         self.parts = [block_parts(model, self.anatomy.blocks, i) for i in range(self.anatomy.num_layers)]
         self.device: torch.device = next(self.anatomy.lm_head.parameters()).device
-        self.dtype = self.anatomy.lm_head.weight.dtype
+        self.dtype: torch.dtype = self.anatomy.head_weight.dtype
         self._device_lock = FairScheduler()  # a turn handed on between steps (scheduler.py)
         self._registry = RunRegistry()
         self.residency = Residency(self.device, self._device_lock, self._registry, self._drop)

@@ -23,16 +23,15 @@ if TYPE_CHECKING:
     from ..core.specs import Edit
     from ..schema import EditRequest
     from .service import ServerState
-    from .users import User
 
 __all__ = ["DebugCalls", "ServiceParts"]
 
 
 class ServiceParts(Protocol):
-    """What :class:`DebugCalls` uses of the service it is mixed into (``DjinnService``)."""
+    """What :class:`DebugCalls` uses of the service it is mixed into (``DjinnService``; mypy cannot
+    check that it conforms, as its rpyc base class has no type information: tests/test_lint.py does)."""
 
     _state: ServerState
-    _user: User | None
 
     @property
     def _engine(self) -> Engine: ...
@@ -41,9 +40,11 @@ class ServiceParts(Protocol):
 
     def _scope(self) -> AbstractContextManager[Any]: ...
 
-    def _check_quota(self, max_new_tokens: int | None = None, new_run: bool = True) -> None: ...
+    def _check_quota(self, max_new_tokens: int | None = None, new_runs: int = 1, adding: int = 0) -> None: ...
 
     def _admit(self, run: Run) -> None: ...
+
+    def _admit_all(self, runs: list[Run]) -> None: ...
 
     def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit: ...
 
