@@ -197,7 +197,7 @@ class DjinnService(DebugCalls, rpyc.Service):
     def _check_bytes(self, owner: str, adding: int = 0) -> None:
         user, limits = self._user, self._state.limits
         own = user is not None and user.max_paused_bytes is not None
-        cap = user.max_paused_bytes if own else getattr(limits, "user_max_held_bytes", None)  # type: ignore[union-attr]
+        cap = user.max_paused_bytes if own and user is not None else getattr(limits, "user_max_held_bytes", None)
         need = f" and this call would add about {adding}" if adding else ""
         if cap is not None:
             held = self._state.held_bytes(owner)
