@@ -63,12 +63,14 @@ _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
 
 
 def _lex(source: str) -> list[tuple[str, str, int]]:
-    tokens, pos = [], 0
+    tokens: list[tuple[str, str, int]] = []
+    pos = 0
     while pos < len(source):
         m = _TOKEN.match(source, pos)
         if m is None or m.end() == pos:  # only trailing whitespace is left
             break
         kind = m.lastgroup
+        assert kind is not None, "every alternative of _TOKEN is a named group"
         if kind == "bad":
             raise BreakpointError(f"condition {source!r}: unexpected character {m.group(kind)!r} at {m.start(kind)}")
         tokens.append((kind, m.group(kind), m.start(kind)))
@@ -112,8 +114,9 @@ class _Parser:
         if not self.tokens:
             raise BreakpointError("condition is empty")
         tree = self.expr(0)
-        if self.peek() is not None:
-            raise self.fail(f"unexpected {self.peek()[1]!r}")
+        tok = self.peek()
+        if tok is not None:
+            raise self.fail(f"unexpected {tok[1]!r}")
         return tree
 
     def expr(self, depth: int) -> dict[str, Any]:

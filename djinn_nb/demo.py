@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(the prompt pass); the server holds {run.bytes_held / 1e6:.2f} MB for it (KV cache + checkpoint).")
     h = run.activation()
     stats = run.activation_stats
+    assert stats is not None, "a paused run has its activation's statistics"
     print(f"Its hidden state came over as a {tuple(h.shape)} {h.dtype} tensor: norm {stats['norm']:.1f}, "
           f"mean {stats['mean']:+.4f}, max {stats['max']:.2f}.")
     tokens = client.tokenize(args.prompt)

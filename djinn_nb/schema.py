@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 from .errors import BadRequestError
 
@@ -54,17 +54,25 @@ def _check(cls: type, name: str, value: Any, kinds: tuple, optional: bool = Fals
     return value
 
 
+#: a message class's field names, and ``(name, required, kinds, optional)`` per field
+_Spec = tuple[frozenset[str], tuple[tuple[str, bool, "tuple | None", bool], ...]]
+
+
 class _Message:
     """``from_json``/``to_json`` for a dataclass whose fields are plain JSON values."""
 
     _types: dict[str, tuple] = {}
     _optional: frozenset[str] = frozenset()
+    #: what ``_spec`` worked out, in each class's own ``__dict__`` (never inherited)
+    _spec_cache: ClassVar[_Spec]
 
     @classmethod
-    def _spec(cls) -> tuple[frozenset[str], tuple[tuple[str, bool, tuple | None, bool], ...]]:
+    def _spec(cls) -> _Spec:
         """Field names and ``(name, required, kinds, optional)`` per field, worked out once per class."""
         spec = cls.__dict__.get("_spec_cache")
         if spec is None:
+            if not dataclasses.is_dataclass(cls):
+                raise TypeError(f"{cls.__name__} is a message only as a dataclass")
             fields = dataclasses.fields(cls)
             spec = (frozenset(f.name for f in fields), tuple(
                 (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BLOCK_PATHS = (
     "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3, SmolLM
@@ -63,6 +66,19 @@ class Anatomy:
     def num_layers(self) -> int:
         return len(self.blocks)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight matrix (vocab, hidden)."""
+        return weight_of(self.lm_head)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, which ``nn.Module``'s ``__getattr__`` types as a tensor or a module."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise UnsupportedModelError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
 
 def find_anatomy(model: nn.Module) -> Anatomy:
     """Locate decoder blocks, final norm and LM head, or raise naming what was looked for."""
@@ -79,7 +95,8 @@ def find_anatomy(model: nn.Module) -> Anatomy:
             + ", ".join(BLOCK_PATHS)
         )
     norm = next((m for m in (_get_path(model, p) for p in NORM_PATHS) if m is not None), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # a PreTrainedModel's, on other modules maybe none
+    head = get_head() if get_head is not None else None
     if head is None:
         raise UnsupportedModelError(f"{name}: get_output_embeddings() returned no LM head")
     params = inspect.signature(model.forward).parameters
@@ -125,7 +142,7 @@ def probe_chains(num_layers: int, sites: Sequence[str]) -> list[list[tuple[int, 
 
 
 def check_split_is_exact(
-    model: nn.Module, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str]
+    model: PreTrainedModel, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str]
 ) -> dict[str, str]:
     """Compare split execution with the model's own forward on a short input, bit for bit.
 
@@ -139,11 +156,11 @@ def check_split_is_exact(
     that is not comes back as ``{site: why}`` (breakpoints there are then refused).
     """
     vocab = int(getattr(model.config, "vocab_size", 2))
-    device = anatomy.lm_head.weight.device
+    device = anatomy.head_weight.device
     gen = torch.Generator().manual_seed(1234)
     steps = [torch.randint(0, vocab, (1, 6), generator=gen).to(device),
              torch.randint(0, vocab, (1, 1), generator=gen).to(device)]
-    kw = {"use_cache": True}
+    kw: dict[str, bool | int] = {"use_cache": True}
     if anatomy.logits_to_keep:
         kw["logits_to_keep"] = 1
     name = type(model).__name__
@@ -163,7 +180,7 @@ def check_split_is_exact(
             torch.set_num_threads(threads)
 
 
-def _probe(model: nn.Module, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str],
+def _probe(model: PreTrainedModel, anatomy: Anatomy, forward_split: ForwardSplit, sites: Sequence[str],
            steps: list[torch.Tensor], kw: dict, name: str) -> dict[str, str]:
     from transformers import DynamicCache
 

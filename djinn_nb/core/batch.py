@@ -40,6 +40,8 @@ class ForkBatch:
         self.stepper = stepper
         self.members = list(members)
         self.starts = list(starts)
+        if parent.checkpoint is None:
+            raise ValueError("a batch forks a paused run's checkpoint")
         self.checkpoint = parent.checkpoint
         self.parent_cache = parent.cache
         self.left: list[Run] = []

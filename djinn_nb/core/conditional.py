@@ -53,7 +53,7 @@ class StepTest:
                and (here is None or b.point > here)]  # a point already passed in this step cannot be revisited
         if not bps:
             return None
-        norm_points = sorted({b.point for b in bps if "norm" in terms_of(b.condition)})
+        norm_points = sorted({b.point for b in bps if "norm" in terms_of(_condition(b))})
         gen = run.generator.get_state() if run.generator is not None else None
         return cls(bps, norm_points, kvcache.CacheMark(run.cache), run.trajectory.mark(), gen, cp, start)
 
@@ -74,10 +74,11 @@ class StepTest:
         held, points = [], set()
         for b in self.breakpoints:
             these = {**values, "norm": norms.get(b.point, math.nan)}
-            if evaluate(b.condition, these):
+            cond = _condition(b)
+            if evaluate(cond, these):
                 points.add(b.point)
-                held.append({"layer": b.layer, "site": b.site, "when": b.condition,
-                             "values": {t: these[t] for t in sorted(terms_of(b.condition))}})
+                held.append({"layer": b.layer, "site": b.site, "when": cond,
+                             "values": {t: these[t] for t in sorted(terms_of(cond))}})
         run.held = {"step": step, "conditions": held} if held else None  # what the run card shows at the pause
         return sorted(points)
 
@@ -88,5 +89,14 @@ class StepTest:
         run.state = RunState.RUNNING
         self.cache.restore(run.cache)
         if self.generator_state is not None:
+            assert run.generator is not None, "the state was read from the run's generator (prepare)"
             run.generator.set_state(self.generator_state)
         return self.checkpoint, self.start
+
+
+def _condition(b: Breakpoint) -> dict[str, Any]:
+    """A conditional breakpoint's condition tree (a step test holds only breakpoints with one)."""
+    cond = b.condition
+    if cond is None:
+        raise ValueError(f"breakpoint {b} has no condition")
+    return cond

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Sequence
 
 import torch
-from torch import nn
 
 from ..errors import BadRequestError, BreakpointError, ExecutionError, NoTokenizerError, RunStateError
 from ..schema import RunState
@@ -36,6 +35,9 @@ from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, check_text, parse_breakpoints
 from .threads import describe as describe_threads
 from .stepping import Stepper
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("djinn_nb.core.engine")
 
@@ -58,7 +60,7 @@ class Engine:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         tokenizer: Any = None,
         name: str = "model",
         check_exact: bool = True,
@@ -70,7 +72,7 @@ class Engine:
         self.anatomy: Anatomy = find_anatomy(model)
         self.parts = [block_parts(model, self.anatomy.blocks, i) for i in range(self.anatomy.num_layers)]
         self.device: torch.device = next(self.anatomy.lm_head.parameters()).device
-        self.dtype = self.anatomy.lm_head.weight.dtype
+        self.dtype: torch.dtype = self.anatomy.head_weight.dtype
         self._device_lock = FairScheduler()  # a turn handed on between steps (scheduler.py)
         self._registry = RunRegistry()
         self.residency = Residency(self.device, self._device_lock, self._registry, self._drop)
@@ -265,11 +267,11 @@ class Engine:
         patch = self.forks.patch_source(edit, owner) if edit is not None else None
         run = self.get(run_id, owner)
         with run.lock:
-            self.paused(run)
+            cp = self.paused(run)
             if run.host_pack is not None:
-                self.residency.restore(run)
+                self.residency.restore(run)  # puts the checkpoint's tensors back in place
             # validates before anything changes
-            start = self.forks.edited(run.checkpoint, edit, patch) if edit is not None else run.checkpoint.pending
+            start = self.forks.edited(cp, edit, patch) if edit is not None else cp.pending
             self.advance(run, start)
         return run
 
@@ -278,26 +280,25 @@ class Engine:
         patch = self.forks.patch_source(edit, owner)
         run = self.get(run_id, owner)
         with run.lock:
-            self.paused(run)
+            cp = self.paused(run)
             self.residency.restore(run)
-            run.checkpoint.pending = self.forks.edited(run.checkpoint, edit, patch)
+            cp.pending = self.forks.edited(cp, edit, patch)
         return run
 
     def reset_edit(self, run_id: str, owner: str = "") -> Run:
         """Drop edits: the pending activation is the block's own output again."""
         run = self.get(run_id, owner)
         with run.lock:
-            self.paused(run)
+            cp = self.paused(run)
             self.residency.restore(run)  # the packed layout counts the edited activation
-            run.checkpoint.pending = run.checkpoint.hidden
+            cp.pending = cp.hidden
         return run
 
     def activation(self, run_id: str, owner: str = "", original: bool = False) -> torch.Tensor:
         """The paused activation (edits applied unless ``original``), on the device."""
         run = self.get(run_id, owner)
         with run.lock:
-            self.paused(run)
-            cp = run.checkpoint
+            cp = self.paused(run)
             return cp.hidden if original else cp.pending
 
     def watched(self, run_id: str, owner: str = "") -> list[WatchHit]:
@@ -313,11 +314,11 @@ class Engine:
         k = self._check_k(k)
         run = self.get(run_id, owner)
         with run.lock:
-            self.paused(run)
-            views.check_lens_site(run.checkpoint)
+            cp = self.paused(run)
+            views.check_lens_site(cp)
             self.residency.restore(run)
             with self._device_lock, torch.inference_mode():
-                return views.lens_topk(self.anatomy, run.checkpoint.pending[0], k)
+                return views.lens_topk(self.anatomy, cp.pending[0], k)
 
     def lens_grid(self, prompt: str | Sequence[int], k: int = 1,
                   site: str = "resid_post") -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,9 +343,8 @@ class Engine:
         """Block N's attention probabilities at the paused step, (batch, heads, queries, keys), fp32."""
         run = self.get(run_id, owner)
         with run.lock:
-            self.paused(run)
+            cp = self.paused(run)
             self.residency.restore(run)
-            cp = run.checkpoint
             with self._device_lock, torch.inference_mode():
                 return views.attention_pattern(self.model, self.parts[cp.layer], cp, run.cache)
 

@@ -47,6 +47,9 @@ _swap = kvcache.swap_cache  # the name the GPU tests use
 class TailGraph:
     """Blocks ``start..`` plus the head for one checkpoint's shapes, as a CUDA graph."""
 
+    #: what the graph reads by address besides its own inputs, kept alive as long as it (batch.py)
+    keep_alive: Any = None
+
     def __init__(
         self,
         run_tail: Callable[[torch.Tensor, tuple, dict], torch.Tensor],

@@ -14,13 +14,16 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import BadRequestError
 from .gcpause import paused_gc
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded GGUF)"
@@ -63,7 +66,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     name: str
 
@@ -98,7 +101,8 @@ def random_config(shape: str):
     return AutoConfig.for_model(arch, **overrides)
 
 
-def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+def build_random(shape: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> PreTrainedModel:
     """A randomly initialised model of a named shape, built directly on ``device``."""
     from transformers import AutoModelForCausalLM
 
@@ -174,7 +178,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
                 stage(1)
                 tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             # The dequantized weights are plain fp32: drop the GGUF marker so they can be saved.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, not declared: nn.Module's __setattr__ types it
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             stage(2)
@@ -240,7 +244,7 @@ def _load_model(source: str, device: str, dtype: str | torch.dtype | None, seed:
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not device_map:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types PreTrainedModel.to by functools.wraps(nn.Module.to), unbound
     return LoadedModel(model.eval(), load_tokenizer(path), name)
 
 

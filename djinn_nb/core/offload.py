@@ -36,11 +36,11 @@ class HostPack:
         return sum(g.buffer.numel() * g.buffer.element_size() for g in self.groups)
 
     def _unflatten(self, flats: list[torch.Tensor]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [None] * self.count  # type: ignore[list-item]
+        out: dict[int, torch.Tensor] = {}  # original position -> view
         for g, flat in zip(self.groups, flats):
             for i, chunk, shape in zip(g.order, flat.split(g.numels), g.shapes):
                 out[i] = chunk.view(shape)
-        return out
+        return [out[i] for i in range(self.count)]
 
     def host_views(self) -> list[torch.Tensor]:
         """The packed tensors, in their original order, as views of the host buffers."""

@@ -53,9 +53,12 @@ def input_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def _replace_output(out: object, new: torch.Tensor) -> object:
-    if isinstance(out, torch.Tensor):
-        return new
-    return (new, *out[1:]) if isinstance(out, tuple) else [new, *out[1:]]
+    """``out`` (what :func:`output_hidden` accepted: a tensor, or a tuple/list) with ``new`` first."""
+    if isinstance(out, tuple):
+        return (new, *out[1:])
+    if isinstance(out, list):
+        return [new, *out[1:]]
+    return new
 
 
 def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:

@@ -16,13 +16,19 @@ default is the block's output, and a later ``site=`` can pass another resolver
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .architecture import find_anatomy
+from .architecture import find_anatomy, weight_of
 from .pause import Trace
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What ``AutoModelForCausalLM`` loads: a model with ``generate`` (for the type checker only)."""
 
 #: ``module_of(model, layer) -> (module, pre)``: where an edit or a capture hooks in.
 ModuleOf = Callable[[nn.Module, int], "tuple[nn.Module, bool]"]
@@ -30,7 +36,7 @@ EditFn = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["ModuleOf", "EditFn", "block_output_site", "hf_model", "edit_at", "generate", "scale", "add"]
 
-_loaded: dict[str, nn.Module] = {}
+_loaded: dict[str, CausalLM] = {}
 
 
 def block_output_site(model: nn.Module, layer: int) -> tuple[nn.Module, bool]:
@@ -38,7 +44,7 @@ def block_output_site(model: nn.Module, layer: int) -> tuple[nn.Module, bool]:
     return find_anatomy(model).blocks[layer], False
 
 
-def hf_model(path: str) -> nn.Module:
+def hf_model(path: str) -> CausalLM:
     """``AutoModelForCausalLM.from_pretrained(path)`` in float32, eval mode; loaded once per path."""
     if path not in _loaded:
         from transformers import AutoModelForCausalLM
@@ -76,7 +82,7 @@ def edit_at(
 
 
 def generate(
-    model: nn.Module,
+    model: CausalLM,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     edit_layer: int | None = None,
@@ -89,7 +95,7 @@ def generate(
     With ``edit_layer``, ``edit`` changes block ``edit_layer``'s output (or the site
     ``module_of`` names) on its ``edit_call``-th forward call, as :func:`edit_at` does.
     """
-    ids = torch.tensor([list(prompt_ids)], device=model.get_input_embeddings().weight.device)
+    ids = torch.tensor([list(prompt_ids)], device=weight_of(model.get_input_embeddings()).device)
 
     def run() -> list[int]:
         with torch.no_grad():

@@ -8,9 +8,8 @@ writing any run they do not hold the lock of.
 """
 from __future__ import annotations
 
-import threading
 import time
-from typing import Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -21,7 +20,7 @@ from .runs import Run, RunRegistry, map_run_tensors, run_tensors
 class Residency:
     """Offload, restore, the budget and leases for one engine's runs."""
 
-    def __init__(self, device: torch.device, device_lock: threading.Lock, registry: RunRegistry,
+    def __init__(self, device: torch.device, device_lock: ContextManager[Any], registry: RunRegistry,
                  drop: Callable[[Run], None]):
         self.device, self._device_lock, self._registry, self._drop = device, device_lock, registry, drop
 
@@ -51,12 +50,13 @@ class Residency:
 
     def restore(self, run: Run) -> None:
         """Bring an offloaded run (its lock held) back to the device; a no-op when resident."""
-        if not run.offloaded:
+        hp = run.host_pack
+        if hp is None:  # resident
             return
         t0 = time.perf_counter()
         with self._device_lock:
-            devices = run.host_pack.devices
-            views = iter(run.host_pack.to_device(self.device))
+            devices = hp.devices
+            views = iter(hp.to_device(self.device))
             map_run_tensors(run, lambda _t: next(views), self.device)
             for device in devices:
                 if device.type == "cuda":

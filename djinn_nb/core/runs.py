@@ -127,7 +127,7 @@ class Run:
         """Take row ``row`` of a cache batched ``rows`` wide as this run's KV cache, lazily: the
         views are made when ``cache`` is first read (a batch's forks mostly end unread or closed).
         ``batch_cache`` must be a snapshot the batch no longer changes (``kvcache.fork_cache``)."""
-        self._kv = None
+        self._kv: Any = None
         self._row = (batch_cache, row, rows)
 
     # the trajectory's records, read-only here: they change only through its methods
@@ -414,7 +414,12 @@ def run_tensors(run: Run) -> list[torch.Tensor]:
             found += [t for t in list(vars(layer).values()) if isinstance(t, torch.Tensor)]
     if cp is not None:
         found += [cp.hidden] + ([cp.pending] if cp.edited else []) + [cp.saved[k] for k in sorted(cp.saved)]
-        _map_tensors((cp.args, cp.kwargs), lambda t: found.append(t) or t, keep=cache)
+
+        def collect(t: torch.Tensor) -> torch.Tensor:
+            found.append(t)
+            return t
+
+        _map_tensors((cp.args, cp.kwargs), collect, keep=cache)
     found += [hit.tensor for hit in list(run.watch_log)]
     return found
 

@@ -24,12 +24,13 @@ def pick_tokens(runs: Sequence[Run], logits: torch.Tensor) -> list[int]:
     k = min(TOP_K, logits.shape[-1])
     vals, idx = torch.topk(lp, k, dim=-1)
     entropy = torch.special.entr(lp.exp()).sum(-1)
-    choices = []
+    choices: list[torch.Tensor | None] = []
     for i, run in enumerate(runs):
         s = run.sampling
         if s.temperature == 0:
             choices.append(None)
             continue
+        assert run.generator is not None, "a sampling run has its generator (Engine.generate, forks)"
         run.trajectory.record_generator(run.generator.get_state())  # what rewinding to this step restores
         row = logits[i].float()
         scores = row / s.temperature

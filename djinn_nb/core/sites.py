@@ -98,7 +98,7 @@ class BlockParts:
 
     def point(self, site: str) -> tuple[nn.Module, bool]:
         """The module and side (``pre``: its input) where ``site``'s value can be seen."""
-        return {
+        module, pre = {
             "resid_pre": (self.block, True),
             "z": (self.o_proj, True),
             "attn_out": (self.attn, False),
@@ -106,6 +106,9 @@ class BlockParts:
             "mlp_out": (self.mlp, False),
             "resid_post": (self.block, False),
         }[site]
+        if module is None:
+            raise BreakpointError(self.missing(site) or f"block {self.layer} has no module for {site!r}")
+        return module, pre
 
     def as_site(self, site: str, value: torch.Tensor) -> torch.Tensor:
         """The value seen at the site's module, in the site's shape (z: split into heads)."""
@@ -161,17 +164,20 @@ def finish_block(
         return call_block(value)
     if site == "resid_post":
         return value
+    o_proj, mlp, ln2 = parts.o_proj, parts.mlp, parts.ln2
+    if o_proj is None or mlp is None or ln2 is None:  # no inner sites in this block: only resid_pre/post
+        raise BreakpointError(parts.missing(site) or f"block {parts.layer} has no site {site!r}")
     saved = dict(saved)
     h = value
     if site == "z":
-        h = parts.o_proj(h.flatten(-2))  # GPT-2's resid_dropout / NeoX's dropout: identity in eval
+        h = o_proj(h.flatten(-2))  # GPT-2's resid_dropout / NeoX's dropout: identity in eval
         saved["attn_out"] = h
         after("attn_out", h, saved)
         site = "attn_out"
     if site == "attn_out":
         saved["attn_out"] = h
         if parts.parallel:
-            m = parts.mlp(parts.ln2(saved["resid_pre"]))
+            m = mlp(ln2(saved["resid_pre"]))
             after("mlp_out", m, saved)
             return m + h + saved["resid_pre"]
         h = h + saved["resid_pre"]
@@ -180,7 +186,7 @@ def finish_block(
         site = "resid_mid"
     if site == "resid_mid":
         saved["resid_mid"] = h
-        m = parts.mlp(parts.ln2(h))
+        m = mlp(ln2(h))
         after("mlp_out", m, saved)
         return h + m
     # mlp_out

@@ -29,9 +29,9 @@ class Point:
     layer: int
     order: int  # the site's position in the block (sites.ORDER)
 
-    @classmethod
-    def at(cls, layer: int, site: str) -> "Point":
-        return _point(cls, layer, site)
+    @staticmethod
+    def at(layer: int, site: str) -> "Point":
+        return _point(layer, site)
 
     @property
     def site(self) -> str:
@@ -63,15 +63,15 @@ class Breakpoint:
         return self.step is None or self.step == step
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step, "site": self.site}
+        out: dict[str, Any] = {"layer": self.layer, "step": ALL_STEPS if self.step is None else self.step, "site": self.site}
         if self.when is not None:
             out["when"] = self.condition
         return out
 
 
 @functools.lru_cache(maxsize=4096)
-def _point(cls: type, layer: int, site: str) -> Point:
-    return cls(layer, ORDER[site])
+def _point(layer: int, site: str) -> Point:
+    return Point(layer, ORDER[site])
 
 
 @functools.lru_cache(maxsize=256)
@@ -171,16 +171,17 @@ def parse_breakpoints(
     parts = 0
     for spec in specs:
         bp = parse_breakpoint(spec)
-        if bp.when is not None:
-            parts += node_count(bp.condition)
+        cond = bp.condition
+        if cond is not None:
+            parts += node_count(cond)
             if parts > MAX_CONDITION_PARTS:
                 raise BreakpointError(
                     f"a run's conditions have at most {MAX_CONDITION_PARTS} parts in all (each is tested at every "
                     "step it covers, on the shared device's time); use fewer or simpler conditions")
-        if bp.when is not None and has_texts(bp.condition):
+        if cond is not None and has_texts(cond):
             if token_ids is None:
                 raise NoTokenizerError("this model has no tokenizer: compare token with token ids, not texts")
-            bp = Breakpoint(bp.layer, bp.step, bp.site, condition_json(resolve_texts(bp.condition, token_ids)))
+            bp = Breakpoint(bp.layer, bp.step, bp.site, condition_json(resolve_texts(cond, token_ids)))
         if not 0 <= bp.layer < num_layers:
             raise BreakpointError(
                 f"breakpoint layer {bp.layer} is out of range: this model has layers 0..{num_layers - 1}"

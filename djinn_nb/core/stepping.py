@@ -54,6 +54,20 @@ class Paused(Exception):
         self.args, self.kwargs, self.saved, self.capture_s = args, kwargs, saved, capture_s
 
 
+def _seen(value: torch.Tensor | None) -> torch.Tensor:
+    """A trace's recorded value, where the forward reached it (the stop was met after it)."""
+    if value is None:
+        raise ExecutionError("a trace the forward passed recorded no value")
+    return value
+
+
+def _watcher(on_watch: OnWatch | None) -> OnWatch:
+    """``on_watch``, given whenever something is watched."""
+    if on_watch is None:
+        raise ValueError("watches are recorded through on_watch")
+    return on_watch
+
+
 class Stepper:
     """Runs the forward passes of one model, split at sites; knows nothing of registries or locks."""
 
@@ -61,7 +75,7 @@ class Stepper:
                  cuda_graphs: bool):
         self.model, self.anatomy, self.parts = model, anatomy, list(parts)
         self.eos_ids, self.cuda_graphs = eos_ids, cuda_graphs
-        self.device = anatomy.lm_head.weight.device
+        self.device = anatomy.head_weight.device
         self._blocks = list(anatomy.blocks)  # indexing an nn.ModuleList costs microseconds per call
         #: called between two steps of one ``advance`` (the run's lock held, no device work in
         #: flight): where a scheduler may hand the device to another run, or cancel this call
@@ -74,7 +88,8 @@ class Stepper:
         #: found that the same computation (entry.py), and the keywords it takes besides the ids
         self._entry: nn.Module = model
         self._entry_kw: dict[str, Any] = self._model_kwargs(None)
-        self._entry_checks, self._base_ok = 0, None
+        self._entry_checks = 0
+        self._base_ok: bool | None = None
 
     # ----- one forward, split at sites ---------------------------------------------
     def _model_kwargs(self, cache: Any) -> dict[str, Any]:
@@ -83,17 +98,24 @@ class Stepper:
             kw["logits_to_keep"] = 1
         return kw
 
-    def _site_traces(self, stack: contextlib.ExitStack, layer: int, stop: str | None, watches: Sequence[str],
-                     on_watch: OnWatch | None, keep_inputs: bool) -> tuple[Trace | None, Trace | None, dict[str, Trace]]:
-        """Enter traces on block ``layer``: watches, then (with ``stop``) the block's inputs,
-        the earlier sites finishing it will need, and the stop itself."""
+    def _watch_traces(self, stack: contextlib.ExitStack, layer: int, watches: Sequence[str],
+                      on_watch: OnWatch | None) -> None:
+        """Enter a trace on block ``layer`` for each watched site, recording through ``on_watch``."""
+        if not watches:
+            return
+        if on_watch is None:
+            raise ValueError("watches are recorded through on_watch")
         parts = self.parts[layer]
         for site in watches:
             module, pre = parts.point(site)
             record = (lambda v, s=site: on_watch(layer, s, parts.as_site(s, v)))  # noqa: E731
             stack.enter_context(Trace(module, pre=pre, on_value=record))
-        if stop is None:
-            return None, None, {}
+
+    def _stop_traces(self, stack: contextlib.ExitStack, layer: int, stop: str,
+                     keep_inputs: bool) -> tuple[Trace, Trace, dict[str, Trace]]:
+        """Enter traces on block ``layer`` to stop at ``stop``: the block's inputs, the earlier
+        sites finishing it will need, and the stop itself."""
+        parts = self.parts[layer]
         inputs = stack.enter_context(Trace(parts.block, pre=True, keep_inputs=keep_inputs, stop=stop == "resid_pre"))
         saved = {}
         for site in parts.needs(stop):
@@ -110,8 +132,9 @@ class Stepper:
                 args: tuple, kwargs: dict, t0: float) -> Paused:
         parts = self.parts[layer]
         values = {"resid_pre": inputs.value, **{k: t.value for k, t in saved.items()}}
-        kept = {k: values[k] for k in ("resid_pre", *parts.needs(stop))}
-        return Paused(layer, stop, parts.as_site(stop, stopper.value), args, kwargs, kept, time.perf_counter() - t0)
+        kept = {k: _seen(values[k]) for k in ("resid_pre", *parts.needs(stop))}
+        return Paused(layer, stop, parts.as_site(stop, _seen(stopper.value)), args, kwargs, kept,
+                      time.perf_counter() - t0)
 
     def forward(self, ids: torch.Tensor, cache: Any, stop: Point | None, watches: Sequence[Point] = (),
                 on_watch: OnWatch | None = None) -> torch.Tensor:
@@ -128,15 +151,14 @@ class Stepper:
         with contextlib.ExitStack() as stack:
             for layer, sites in by_layer.items():
                 if stop is None or layer != stop.layer:
-                    self._site_traces(stack, layer, None, sites, on_watch, False)
+                    self._watch_traces(stack, layer, sites, on_watch)
             if stop is None:
                 return self.model(input_ids=ids, **self._model_kwargs(cache)).logits[:, -1, :]
-            inputs, stopper, saved = self._site_traces(
-                stack, stop.layer, stop.site, by_layer.get(stop.layer, ()), on_watch, keep_inputs=True
-            )
+            self._watch_traces(stack, stop.layer, by_layer.get(stop.layer, ()), on_watch)
+            inputs, stopper, saved = self._stop_traces(stack, stop.layer, stop.site, keep_inputs=True)
             t0 = time.perf_counter()
             self.model(input_ids=ids, **self._model_kwargs(cache))
-        if stopper is not None and stopper.stopped:
+        if stopper.stopped:
             raise self._paused(stop.layer, stop.site, inputs, stopper, saved, inputs.args, inputs.kwargs, t0)
         raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
 
@@ -146,7 +168,7 @@ class Stepper:
         traces = self._standing.pop(stop, None)
         if traces is None:
             with contextlib.ExitStack() as stack:
-                inputs, stopper, saved = self._site_traces(stack, stop.layer, stop.site, (), None, True)
+                inputs, stopper, saved = self._stop_traces(stack, stop.layer, stop.site, True)
                 stack.pop_all()  # they stay hooked
             every = list({id(t): t for t in (inputs, *saved.values(), stopper)}.values())
             traces = (inputs, stopper, saved, every, self.parts[stop.layer].needs(stop.site))
@@ -164,10 +186,12 @@ class Stepper:
         except StopForward as e:
             if e.trace is not stopper:
                 raise
-            kept = {"resid_pre": inputs.value}
+            kept = {"resid_pre": _seen(inputs.value)}
             for site in needs:
-                kept[site] = saved[site].value if site != "resid_pre" else inputs.value
-            value = stopper.value if stop.site != "z" else self.parts[stop.layer].as_site("z", stopper.value)
+                kept[site] = _seen(saved[site].value if site != "resid_pre" else inputs.value)
+            value = _seen(stopper.value)
+            if stop.site == "z":
+                value = self.parts[stop.layer].as_site("z", value)
             return Paused(stop.layer, stop.site, value, inputs.args, inputs.kwargs, kept, time.perf_counter() - t0)
         finally:
             for t in every:
@@ -188,7 +212,10 @@ class Stepper:
         if stop is None and not watches:
             return output_hidden(block(h, *args, **kwargs))
         with contextlib.ExitStack() as stack:
-            inputs, stopper, saved = self._site_traces(stack, layer, stop, watches, on_watch, keep_inputs=False)
+            self._watch_traces(stack, layer, watches, on_watch)
+            if stop is None:
+                return output_hidden(block(h, *args, **kwargs))
+            inputs, stopper, saved = self._stop_traces(stack, layer, stop, keep_inputs=False)
             t0 = time.perf_counter()
             return output_hidden(block(h, *args, **kwargs))
         raise self._paused(layer, stop, inputs, stopper, saved, args, kwargs, t0)
@@ -215,7 +242,7 @@ class Stepper:
             inner_watch = [w.site for w in watched if w.layer == i and w.site not in ("resid_pre", "resid_post")]
             if i > layer:
                 if any(w.layer == i and w.site == "resid_pre" for w in watched):
-                    on_watch(i, "resid_pre", h)
+                    _watcher(on_watch)(i, "resid_pre", h)
                 if inner_stop == "resid_pre":
                     raise Paused(i, "resid_pre", h, args, kwargs, {"resid_pre": h})
                 block_input = h
@@ -224,7 +251,7 @@ class Stepper:
                 block_input = saved.get("resid_pre", h)
                 h = self._finish(i, site, h, saved, args, kwargs, inner_stop, inner_watch, on_watch)
             if any(w.layer == i and w.site == "resid_post" for w in watched):
-                on_watch(i, "resid_post", h)
+                _watcher(on_watch)(i, "resid_post", h)
             if first is not None and first.layer == i and first.site == "resid_post":
                 raise Paused(i, "resid_post", h, args, kwargs, {"resid_pre": block_input})
         return run_tail(self.anatomy, h)
@@ -235,7 +262,7 @@ class Stepper:
 
         def after(s: str, value: torch.Tensor, sv: dict) -> None:
             if s in watches:
-                on_watch(layer, s, value)
+                _watcher(on_watch)(layer, s, value)
             if s == stop:
                 raise Paused(layer, s, value, args, kwargs, {k: sv[k] for k in ("resid_pre", *parts.needs(s))})
 
@@ -296,7 +323,9 @@ class Stepper:
                 pass
             finally:
                 self._entry, self._entry_kw = self.model, self._model_kwargs(None)
-        return (base, {"use_cache": True}) if self._base_ok else (self.model, self._model_kwargs(None))
+        if self._base_ok and base is not None:  # only a base entry is ever found ok
+            return base, {"use_cache": True}
+        return self.model, self._model_kwargs(None)
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:

@@ -22,6 +22,7 @@ from ..errors import BadRequestError, UnsupportedModelError
 from . import kvcache
 from .architecture import Anatomy
 from .runs import Checkpoint
+from transformers.cache_utils import CacheLayerMixin
 from .sites import RESIDUAL_SITES, BlockParts
 
 
@@ -50,7 +51,7 @@ def lens_topk_layers(anatomy: Anatomy, layers: list[torch.Tensor], k: int) -> tu
     """:func:`lens_topk` of each layer's (positions, hidden) value, a layer (or a chunk of
     positions) at a time: (layers, positions, k) ids and probabilities. A layer that fits in
     ``LENS_CHUNK_BYTES`` is computed exactly as ``run.lens`` computes it at a pause there."""
-    vocab = int(anatomy.lm_head.weight.shape[0])
+    vocab = int(anatomy.head_weight.shape[0])
     per = max(1, LENS_CHUNK_BYTES // (8 * vocab))  # the float logits and their softmax
     ids, probs = [], []
     for h in layers:
@@ -117,6 +118,8 @@ def attention_pattern(model: torch.nn.Module, parts: BlockParts, cp: Checkpoint,
     mine = kvcache.fork_cache(cache)
     if cp.site != "resid_pre":  # the step's own keys are in the cache already: drop them, the re-run adds them
         layer = copy.copy(mine.layers[cp.layer])
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer.values is None:
+            raise UnsupportedModelError(f"block {cp.layer}'s cache layer ({type(layer).__name__}) keeps no keys and values")
         layer.keys, layer.values = layer.keys[..., :-q_len, :], layer.values[..., :-q_len, :]
         mine.layers[cp.layer] = layer
     signature = inspect.signature(parts.block.forward)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 __all__ = ["ArgError", "Parsed", "parse", "parse_prompt", "integer", "number", "text", "flag", "step_value", "int_list"]
 
@@ -95,7 +95,7 @@ def int_list(key: str, raw: str) -> list[int]:
     return values
 
 
-def parse(line: str, spec: dict[str, Converter], magic: str, anywhere: bool = False) -> Parsed:
+def parse(line: str, spec: Mapping[str, Converter], magic: str, anywhere: bool = False) -> Parsed:
     """Split ``line`` into the options named in ``spec`` (converted) and the free text.
 
     The options lead and the free text follows them; with ``anywhere``, options and

@@ -67,6 +67,13 @@ class DjinnMagics(Magics):
             raise UsageError(M.not_paused_hint(run, self.breakpoints))
         return run
 
+    @staticmethod
+    def _layer(run: Run) -> int:
+        """The layer of a run :meth:`_paused` returned."""
+        if run.layer is None:
+            raise UsageError(f"run {run.id} is paused at no layer")
+        return run.layer
+
     def _check_layer(self, layer: int) -> int:
         n = self._client().info["num_layers"]
         if not 0 <= layer < n:
@@ -112,9 +119,11 @@ class DjinnMagics(Magics):
     def _tensor_arg(self, name: str, key: str) -> Any:
         import torch
 
-        if name not in self.shell.user_ns:
+        shell = self.shell
+        assert shell is not None, "a magic registered with IPython has its shell"
+        if name not in shell.user_ns:
             raise UsageError(f"{key}={name}: no variable {name!r} in the notebook; assign a tensor to it first")
-        value = self.shell.user_ns[name]
+        value = shell.user_ns[name]
         if not isinstance(value, torch.Tensor):
             raise UsageError(f"{key}={name}: {name} is a {type(value).__name__}, not a torch.Tensor")
         return value
@@ -259,10 +268,11 @@ class DjinnMagics(Magics):
             raise UsageError(f"%djinn_inspect takes run=ID, plot=true|false and lens=K, not {p.rest!r}")
         run = self._paused(p.options.get("run"))
         k = p.options.get("lens", 5)
-        act = Activation(run.id, run.layer, run.step, run.activation(), run.activation_stats or {},
+        act = Activation(run.id, self._layer(run), run.step, run.activation(), run.activation_stats or {},
                          self._position_tokens(run) or [], run.site or "resid_post")
         if k > 0 and act.site in RESIDUAL_SITES:
-            act.lens, cache = run.lens(k), {}
+            cache: dict[int, str] = {}
+            act.lens = run.lens(k)
             act.lens_tokens = [list(zip(self._token_text([i for i, _ in e], cache), [q for _, q in e]))
                                for e in act.lens]
         elif k > 0:
@@ -296,7 +306,7 @@ class DjinnMagics(Magics):
         if p.rest:
             raise UsageError(f"%djinn_resume takes key=value words such as scale=0.9, not {p.rest!r}")
         run = self._paused(p.options.get("run"))
-        edit = {k: self._tensor_arg(p.options[k], k) for k in ("add", "activation") if k in p.options}
+        edit: dict[str, Any] = {k: self._tensor_arg(p.options[k], k) for k in ("add", "activation") if k in p.options}
         if "scale" in p.options:
             edit["scale"] = p.options["scale"]
         if "positions" in p.options and "patch_from" not in p.options:
@@ -375,10 +385,10 @@ class DjinnMagics(Magics):
             current = self._target(run_id)
             if current.paused and current.layer == layer and site in (None, current.site):
                 return current
-            prompt = self._prompt_ids(current)
-            if prompt is None:
+            ids = self._prompt_ids(current)
+            if ids is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
-            max_new = current.max_new_tokens
+            prompt, max_new = ids, current.max_new_tokens
         run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new,
                              record_logits=True)  # the slider's hover alternatives
         if not run.paused:
@@ -439,7 +449,7 @@ class DjinnMagics(Magics):
             raise UsageError(f"head={head}: this model has heads 0..{n - 1}")
         ids = run.prompt_ids + run.token_ids
         keys = self._token_text(ids, {}) if len(ids) == tensor.shape[-1] else None
-        att = Attention(run.id, run.layer, run.step, tensor, keys)
+        att = Attention(run.id, self._layer(run), run.step, tensor, keys)
         live = getattr(self.shell, "kernel", None) is not None
         if live and p.options.get("widget", True):
             from .widgets import AttentionWidget

@@ -333,6 +333,7 @@ def plot_attention(
         ax.remove()
     axes[0].set_ylabel("query")
     axes[(rows - 1) * cols].set_xlabel("key")
+    assert im is not None, "heads is not empty (checked above)"
     fig.colorbar(im, ax=list(axes[: len(heads)]), label="attention", shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -368,6 +369,5 @@ def show(fig: "Figure", dpi: int = 100) -> None:
 
         display(Image(data=to_png(fig, dpi)))
     else:
-        name = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) else ", ".join(
-            a.get_title() for a in fig.axes if a.get_title())
+        name = fig.get_suptitle() or ", ".join(a.get_title() for a in fig.axes if a.get_title())
         print(f"[figure: {name or 'untitled'}; images show in Jupyter; here: fig.savefig('x.png')]")

@@ -13,7 +13,7 @@ It uses only the client API (``generate``, ``fork``, ``fork_many``,
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ..errors import BadRequestError, DjinnError
 
@@ -190,7 +190,9 @@ def plot_causal_trace(frame: "pd.DataFrame", title: str | None = None) -> "Figur
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"p({label})")
     handles = []
-    for key, style, name in (("clean_prob", "-", "clean run"), ("corrupt_prob", "--", "corrupted run")):
+    lines: tuple[tuple[str, Literal["-", "--"], str], ...] = (("clean_prob", "-", "clean run"),
+                                                              ("corrupt_prob", "--", "corrupted run"))
+    for key, style, name in lines:
         if key in frame.attrs:
             value = frame.attrs[key]
             bar.ax.axhline(value, color="black", linestyle=style, linewidth=1.5)

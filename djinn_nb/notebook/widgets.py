@@ -183,6 +183,7 @@ class SteeringWidget:
                 if self._closed:
                     return
                 value, self._wanted, self._busy = self._wanted, None, True
+            assert value is not None, "woken with a value wanted, or closed"
             result, error = None, None
             try:
                 result = self._fork(value)

@@ -2,12 +2,14 @@
 rewind, the token history.
 
 A mixin of :class:`~djinn_nb.serving.service.DjinnService` (its ``_who``, ``_scope``,
-``_check_quota``, ``_admit`` and state), kept apart so each module has one job. Calls that
+``_check_quota``, ``_admit`` and state, named by the :class:`ServiceParts` protocol its
+methods take as ``self``), kept apart so each module has one job. Calls that
 run steps do so under the caller's scheduling scope and quotas, as ``generate`` does.
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.forking import ForkSpec
 from ..core.runs import Run
@@ -16,14 +18,42 @@ from ..schema import ForkRequest
 from .. import wire
 from .replies import _reply, _since, _str
 
-__all__ = ["DebugCalls"]
+if TYPE_CHECKING:
+    from ..core.engine import Engine
+    from ..core.specs import Edit
+    from ..schema import EditRequest
+    from .service import ServerState
+
+__all__ = ["DebugCalls", "ServiceParts"]
+
+
+class ServiceParts(Protocol):
+    """What :class:`DebugCalls` uses of the service it is mixed into (``DjinnService``; mypy cannot
+    check that it conforms, as its rpyc base class has no type information: tests/test_lint.py does)."""
+
+    _state: ServerState
+
+    @property
+    def _engine(self) -> Engine: ...
+
+    def _who(self) -> str: ...
+
+    def _scope(self) -> AbstractContextManager[Any]: ...
+
+    def _check_quota(self, max_new_tokens: int | None = None, new_runs: int = 1, adding: int = 0) -> None: ...
+
+    def _admit(self, run: Run) -> None: ...
+
+    def _admit_all(self, runs: list[Run]) -> None: ...
+
+    def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit: ...
 
 
 class DebugCalls:
     """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``, ``decode_each``."""
 
     @_reply
-    def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = (),
+    def exposed_fork_many(self: ServiceParts, run_id: Any, requests_json: Any, payloads: Any = (),
                           since: Any = None) -> list[dict[str, Any]]:
         """Several forks of one checkpoint (a list of ``ForkRequest``), run as a batch where they can be.
 
@@ -57,7 +87,7 @@ class DebugCalls:
         return [run.brief(since) for run in runs]
 
     @_reply
-    def exposed_token_probs(self, request_json: Any) -> list[float]:
+    def exposed_token_probs(self: ServiceParts, request_json: Any) -> list[float]:
         """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
         req = wire.loads(request_json, "token_probs request")
         if not isinstance(req, dict) or set(req) != {"runs", "token"} or not isinstance(req["runs"], list):
@@ -68,23 +98,23 @@ class DebugCalls:
         return self._engine.token_probs(ids, req["token"], self._who())
 
     @_reply
-    def exposed_next_layer(self, run_id: Any, since: Any = None) -> dict[str, Any]:
+    def exposed_next_layer(self: ServiceParts, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
         since = _since(since)
         self._check_quota(new_runs=0)
         with self._scope():
-            return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._who()), since)
+            return _stepped(self, self._engine.next_layer(_str(run_id, "run id"), self._who()), since)
 
     @_reply
-    def exposed_next_step(self, run_id: Any, since: Any = None) -> dict[str, Any]:
+    def exposed_next_step(self: ServiceParts, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
         since = _since(since)
         self._check_quota(new_runs=0)
         with self._scope():
-            return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._who()), since)
+            return _stepped(self, self._engine.next_step(_str(run_id, "run id"), self._who()), since)
 
     @_reply
-    def exposed_rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None,
+    def exposed_rewind(self: ServiceParts, run_id: Any, step: Any, layer: Any = None, site: Any = None,
                        since: Any = None) -> dict[str, Any]:
         """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run
         (``since``: how many of the source's token ids the client holds)."""
@@ -99,22 +129,24 @@ class DebugCalls:
         with self._scope():
             run = self._engine.rewind(source.id, step, layer, site, owner)
         self._admit(run)
-        return self._stepped(run, since)
+        return _stepped(self, run, since)
 
     @_reply
-    def exposed_history(self, run_id: Any) -> list[dict[str, Any]]:
+    def exposed_history(self: ServiceParts, run_id: Any) -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
         return self._engine.history(_str(run_id, "run id"), self._who())
 
-    def _stepped(self, run: Run, since: int | None) -> dict[str, Any]:
-        self._state.after_change(run)
-        return run.brief(since)
-
     @_reply
-    def exposed_decode_each(self, ids_json: Any) -> list[str]:
+    def exposed_decode_each(self: ServiceParts, ids_json: Any) -> list[str]:
         """The text of each token id on its own."""
         self._who()
         ids = wire.loads(ids_json, "token ids")
         if not isinstance(ids, list) or len(ids) > 1 << 16 or any(type(i) is not int for i in ids):
             raise BadRequestError("token ids must be a list of ints")
         return self._engine.decode_each(ids)
+
+
+def _stepped(service: ServiceParts, run: Run, since: int | None) -> dict[str, Any]:
+    """A run a call stepped: the residency budget applied, then its ``RunBrief``."""
+    service._state.after_change(run)
+    return run.brief(since)

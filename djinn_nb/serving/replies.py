@@ -56,7 +56,7 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
             return wire.dumps({"ok": True, "result": meta}), payload
         return wire.dumps({"ok": True, "result": result})  # non-finite floats become null
 
-    wrapper.djinn_call = True  # what _rpyc_getattr serves (rpyc's own exposed_get_service_* are not)
+    wrapper.djinn_call = True  # type: ignore[attr-defined]  # a function attribute; what _rpyc_getattr serves (rpyc's own exposed_get_service_* are not)
     return wrapper
 
 

@@ -277,7 +277,10 @@ class DjinnServer:
                                    embedded=embedded)
         self.limits = limits
         log.info("%s", limits.describe())
-        self.tls_context = tls.server_context(tls_cert, tls_key) if tls_cert else None
+        self.tls_context = None
+        if tls_cert:
+            assert tls_key is not None  # checked above: both or neither
+            self.tls_context = tls.server_context(tls_cert, tls_key)
         self.state = ServerState(engine, Authenticator(users, self.limits.auth_failures), max_payload,
                                  max_paused_bytes, limits=self.limits)
         self.state.inflight = InflightBudget(self.limits.inflight_bytes, self.limits.inflight_wait_s)

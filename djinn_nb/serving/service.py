@@ -154,13 +154,15 @@ class DjinnService(DebugCalls, rpyc.Service):
 
     def _alive(self) -> bool:
         """Whether the client is still connected (a peer's FIN shows as POLLRDHUP, unread data or not)."""
+        if self._channel is None:
+            return True
         try:
             fd = self._channel.stream.sock.fileno()
             p = select.poll()
             p.register(fd, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
             return not p.poll(0)
         except (AttributeError, OSError, ValueError):
-            return self._channel is None
+            return False
 
     def _caller(self) -> Any:
         """Every call runs as its caller (after hello): a lens, an attention read, a lens_grid or an
@@ -195,7 +197,7 @@ class DjinnService(DebugCalls, rpyc.Service):
     def _check_bytes(self, owner: str, adding: int = 0) -> None:
         user, limits = self._user, self._state.limits
         own = user is not None and user.max_paused_bytes is not None
-        cap = user.max_paused_bytes if own else getattr(limits, "user_max_held_bytes", None)  # type: ignore[union-attr]
+        cap = user.max_paused_bytes if own and user is not None else getattr(limits, "user_max_held_bytes", None)
         need = f" and this call would add about {adding}" if adding else ""
         if cap is not None:
             held = self._state.held_bytes(owner)

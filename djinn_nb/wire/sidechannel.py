@@ -47,7 +47,8 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's own memory (no copy)."""
     if t.numel() == 0:
         return memoryview(bytearray())
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (PEP 688); it has the buffer protocol on all
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 @dataclass
@@ -244,6 +245,7 @@ class BulkServer:
                 slot.done.set()
                 conn.sendall(_ACK)
             else:
+                assert slot.tensor is not None, "a download's tensor is given when it is offered"
                 conn.settimeout(max(1.0, deadline - time.monotonic()))
                 conn.sendall(tensor_view(slot.tensor))
         except (OSError, EOFError, ValueError):

@@ -194,7 +194,7 @@ class FastChannel(Channel):
         self._held = 0
 
     def _give_back(self) -> None:
-        if self._held:
+        if self._held and self.budget is not None:  # bytes are held only against a budget
             self.budget.release(self._held)
             self._held = 0
 
