@@ -96,11 +96,11 @@ def test_bytes_held_follows_every_change(served, client):
     run.resume()
     sizes.append(run.bytes_held)
     assert sizes[1] > sizes[0]  # one more step of KV cache
-    assert server_run.bytes_held() == server_run._count_bytes() == sizes[1]
+    assert server_run.bytes_held() == server_run._count_bytes()[0] == sizes[1]
     run.offload()
-    assert run.offloaded and run.bytes_held == server_run._count_bytes()
+    assert run.offloaded and run.bytes_held == server_run._count_bytes()[0]
     rows = {r["id"]: r for r in client.runs()}
-    assert rows[run.id]["bytes_held"] == server_run._count_bytes() and rows[run.id]["offloaded"]
+    assert rows[run.id]["bytes_held"] == server_run._count_bytes()[0] and rows[run.id]["offloaded"]
     run.close()
     assert server_run.bytes_held() == 0
 
@@ -187,7 +187,7 @@ def test_listing_rows_match_the_engine_and_bad_rows_are_refused(served, client):
         assert (row["state"], row["step"], row["tokens"], row["layer"]) == (
             server_run.state.value, server_run.checkpoint.step if server_run.checkpoint else server_run.step,
             len(server_run.token_ids), server_run.layer)
-        assert row["bytes_held"] == server_run._count_bytes()
+        assert row["bytes_held"] == server_run._count_bytes()[0]
         assert RunRow.checked(row) is row
     good = rows[a.id]
     for bad in ({**good, "tokens": "3"}, {**good, "idle_s": float("nan")}, {**good, "state": "x"},
@@ -224,7 +224,7 @@ def test_call_activity_is_quiet_only_with_no_call_running_for_a_while():
     import threading
     import time as _time
 
-    from djinn_nb.serving.service import CallActivity
+    from djinn_nb.serving.state import CallActivity
 
     activity = CallActivity()
     assert not activity.quiet_for(5.0)  # just made: counts as a call that just ended

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..core.engine import Engine
     from ..core.specs import Edit
     from ..schema import EditRequest
-    from .service import ServerState
+    from .state import ServerState
 
 __all__ = ["DebugCalls", "ServiceParts"]
 

@@ -32,7 +32,8 @@ from ..wire import sidechannel, tls
 from .lease import DEFAULT_LEASE_SECONDS, check_lease
 from .limits import Limits, derive_limits
 from ..wire.protocol import DEFAULT_PORT
-from .service import DjinnService, ServerState
+from .service import DjinnService
+from .state import ServerState
 from ..wire.transport import RPYC_CONFIG, FastChannel, FastSocketStream, InflightBudget, SpareDescriptor, tune_socket
 from .users import Authenticator, User, single_user
 
@@ -75,7 +76,9 @@ class _Door:
     __slots__ = ("sock", "deadline", "peer")
 
     def __init__(self, sock: socket.socket, deadline: float, peer: str):
-        self.sock, self.deadline, self.peer = sock, deadline, peer
+        self.sock = sock
+        self.deadline: float | None = deadline  # 0.0: hung up on to make room
+        self.peer = peer
 
     def rewrap(self, tls_sock: socket.socket) -> None:
         """TLS took the descriptor over: hang up on that from now (at once, if already told to)."""
