@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence
 
 import torch
 
 from ..errors import BadRequestError, BreakpointError, ExecutionError, NoTokenizerError, RunStateError
 from ..schema import RunState
-from . import views
+from . import tracing, views
 from .architecture import Anatomy, check_split_is_exact, find_anatomy
 from .forking import Forks, ForkSpec
 from .navigation import Navigator
@@ -370,6 +370,19 @@ class Engine:
             probs = torch.stack([row.float().softmax(-1)[token] for row in rows.values()])
             by_id = dict(zip(rows, probs.tolist()))
         return [by_id[r] for r in run_ids]
+
+    def causal_trace(self, clean: str | Sequence[int], corrupted: str | Sequence[int], answer: int | None = None,
+                     layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
+                     site: str = "resid_post", owner: str = "",
+                     on_row: Callable[[int], None] = lambda done: None) -> tracing.TraceGrid:
+        """ROME's grid of p(answer) with the clean activation restored at (layer, position), in one
+        call: no run made per cell (see tracing.py); both runs it makes are closed before it returns."""
+        clean_ids, corrupt_ids = self.encode(clean), self.encode(corrupted)
+        layers, positions = tracing.check_grid(self.num_layers, len(clean_ids), layers, positions)
+        return tracing.causal_trace(
+            self, lambda ids, n, bps, record_logits=False: self.generate(ids, n, bps, owner=owner, record_logits=record_logits),
+            lambda run_id: self.resume(run_id, owner=owner), lambda run_id: self.close(run_id, owner),
+            clean_ids, corrupt_ids, layers, positions, site, answer, on_row)
 
     def _check_k(self, k: Any) -> int:
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1
