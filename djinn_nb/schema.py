@@ -159,15 +159,17 @@ class RunSummary(_Message):
     v: int = -1  # the run's version when this was read (see RunBrief)
     #: at a conditional pause: ``{"step", "conditions": [{"layer", "site", "when", "values"}]}``
     held: dict[str, Any] | None = None
+    #: the text of ``token_ids`` (what the run card shows), with a tokenizer
+    text: str | None = None
 
     _types = {
         "id": (str,), "step": (int,), "layer": (int,), "site": (str,), "token_ids": (list,),
         "prompt_ids": (list,), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
         "watched": (int,), "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "error": (str,),
         "timings_ms": (dict,), "continued_by": (str,), "topk": (list,), "activation": (dict,),
-        "idle_s": (int, float), "v": (int,), "held": (dict,),
+        "idle_s": (int, float), "v": (int,), "held": (dict,), "text": (str,),
     }
-    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation", "held"})
+    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation", "held", "text"})
 
     def __post_init__(self) -> None:
         self.state = _state(type(self), self.state)
@@ -188,6 +190,11 @@ class RunBrief:
     the run's ids are those ``[:keep]`` followed by ``tokens``. ``v`` is the run's version: while
     it matches a :class:`RunSummary`'s ``v``, that summary's details (statistics, top-k, bytes
     held, timings) are current, and the client need not ask for them again.
+
+    ``text`` is the text of the run's token ids where the caller reads it next: a new run's (fork,
+    rewind) and a run no longer paused, with a tokenizer (None at a step's pause, which stays
+    small). ``history`` comes only for a fork closed at once (``ForkRequest.close``): its
+    ``run.history()`` records, texts included.
     """
 
     id: str
@@ -203,9 +210,11 @@ class RunBrief:
     error: str | None
     v: int
     timings_ms: dict[str, float]  # the server's parts of the call that answered (read even once closed)
+    text: str | None = None
+    history: list[dict[str, Any]] | None = None
 
     _FIELDS = ("id", "state", "step", "layer", "site", "keep", "tokens", "max_new_tokens", "parent", "offloaded",
-               "error", "v", "timings_ms")
+               "error", "v", "timings_ms", "text", "history")
 
     @classmethod
     def from_json(cls, obj: Any) -> "RunBrief":
@@ -229,8 +238,12 @@ class RunBrief:
         if type(timings) is not dict or len(timings) > 16 or not all(
                 type(k) is str and type(t) in (int, float) for k, t in timings.items()):
             raise _fail(cls, "timings_ms must be an object of at most 16 numbers")
+        text, history = obj["text"], obj["history"]
+        if (text is not None and type(text) is not str) or (history is not None and (
+                type(history) is not list or not all(type(r) is dict for r in history))):
+            raise _fail(cls, "text must be a string or null, history a list of objects or null")
         return cls(run_id, _STATES.get(state) or _state(cls, state), step, layer, site, keep, tokens, limit, parent,
-                   offloaded, error, v, timings)
+                   offloaded, error, v, timings, text, history)
 
 
 _BRIEF_KEYS = frozenset(RunBrief._FIELDS)
@@ -298,13 +311,16 @@ class EditRequest(_Message):
 
 @dataclass
 class ForkRequest(_Message):
-    """A fork: an edit, and the new run's breakpoints (``None``: the parent's) and length."""
+    """A fork: an edit, and the new run's breakpoints (``None``: the parent's) and length;
+    ``close``: closed on the server as soon as it stops, its reply carrying all a caller can read
+    of it (tokens, text, history), for a look at a continuation that keeps nothing."""
 
     edit: EditRequest = field(default_factory=EditRequest)
     breakpoints: list[Any] | None = None
     max_new_tokens: int | None = None
+    close: bool = False
 
-    _types = {"breakpoints": (list,), "max_new_tokens": (int,)}
+    _types = {"breakpoints": (list,), "max_new_tokens": (int,), "close": (bool,)}
     _optional = frozenset({"breakpoints", "max_new_tokens"})
 
     @classmethod

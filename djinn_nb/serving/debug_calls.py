@@ -20,7 +20,7 @@ __all__ = ["DebugCalls"]
 
 
 class DebugCalls:
-    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``, ``decode_each``."""
+    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``."""
 
     @_reply
     def exposed_fork_many(self, run_id: Any, requests_json: Any, payloads: Any = (),
@@ -39,11 +39,12 @@ class DebugCalls:
             p is not None and type(p) is not bytes for p in payloads
         ):
             raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
-        specs = []
+        specs, closes = [], []
         for i, obj in enumerate(reqs):
             req = ForkRequest.from_json(obj)
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
             specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
+            closes.append(req.close)
         parent = self._engine.get(_str(run_id, "run id"), owner)
         limit = max((s.max_new_tokens or parent.max_new_tokens) for s in specs)
         # admitted on its estimate before any fork exists: every fork may come to hold a whole cache
@@ -54,7 +55,8 @@ class DebugCalls:
         self._admit_all(runs)
         for run in runs:
             self._state.after_change(run)
-        return [run.brief(since) for run in runs]
+        return [self._closed_brief(run, since) if close else self._brief(run, since, new=True)
+                for run, close in zip(runs, closes)]
 
     @_reply
     def exposed_token_probs(self, request_json: Any) -> list[float]:
@@ -99,22 +101,15 @@ class DebugCalls:
         with self._scope():
             run = self._engine.rewind(source.id, step, layer, site, owner)
         self._admit(run)
-        return self._stepped(run, since)
+        self._state.after_change(run)
+        return self._brief(run, since, new=True)
 
     @_reply
     def exposed_history(self, run_id: Any) -> list[dict[str, Any]]:
-        """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
-        return self._engine.history(_str(run_id, "run id"), self._who())
+        """One record per generated token: step, token_id, topk [(id, prob)], entropy, time_s, and with
+        a tokenizer the texts ``token`` and ``topk_tokens``."""
+        return self._history_texts(self._engine.history(_str(run_id, "run id"), self._who()))
 
     def _stepped(self, run: Run, since: int | None) -> dict[str, Any]:
         self._state.after_change(run)
-        return run.brief(since)
-
-    @_reply
-    def exposed_decode_each(self, ids_json: Any) -> list[str]:
-        """The text of each token id on its own."""
-        self._who()
-        ids = wire.loads(ids_json, "token ids")
-        if not isinstance(ids, list) or len(ids) > 1 << 16 or any(type(i) is not int for i in ids):
-            raise BadRequestError("token ids must be a list of ints")
-        return self._engine.decode_each(ids)
+        return self._brief(run, since)
