@@ -219,8 +219,8 @@ class RunBrief:
     @classmethod
     def from_json(cls, obj: Any) -> "RunBrief":
         """Checked field by field, by hand: this parse is on every step's path."""
-        if type(obj) is not dict or obj.keys() != _BRIEF_KEYS:
-            raise _fail(cls, f"expected an object with fields {list(cls._FIELDS)}")
+        if type(obj) is not dict or not _BRIEF_REQUIRED <= obj.keys() <= _BRIEF_KEYS:
+            raise _fail(cls, f"expected an object with fields {list(cls._FIELDS)} (text and history optional)")
         step, keep, limit, v = obj["step"], obj["keep"], obj["max_new_tokens"], obj["v"]
         if not (type(step) is int and type(keep) is int and type(limit) is int and type(v) is int and keep >= 0):
             raise _fail(cls, "step, keep, max_new_tokens and v must be integers (keep >= 0)")
@@ -238,7 +238,7 @@ class RunBrief:
         if type(timings) is not dict or len(timings) > 16 or not all(
                 type(k) is str and type(t) in (int, float) for k, t in timings.items()):
             raise _fail(cls, "timings_ms must be an object of at most 16 numbers")
-        text, history = obj["text"], obj["history"]
+        text, history = obj.get("text"), obj.get("history")
         if (text is not None and type(text) is not str) or (history is not None and (
                 type(history) is not list or not all(type(r) is dict for r in history))):
             raise _fail(cls, "text must be a string or null, history a list of objects or null")
@@ -247,6 +247,7 @@ class RunBrief:
 
 
 _BRIEF_KEYS = frozenset(RunBrief._FIELDS)
+_BRIEF_REQUIRED = _BRIEF_KEYS - {"text", "history"}
 _ROW_KEYS = frozenset(f.name for f in dataclasses.fields(RunRow))
 _STATES = {s.value: s for s in RunState}
 

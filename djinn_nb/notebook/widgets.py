@@ -218,9 +218,11 @@ class SteeringWidget:
         if not self.top_k:
             return None
         records = fork.history()
-        if len(records) != n or any("topk_tokens" not in r for r in records):
+        if len(records) != n:
             return None
-        return [[(t, p) for t, (_, p) in zip(r["topk_tokens"], r["topk"])][: self.top_k] for r in records]
+        ids = [i for r in records for i, _ in r["topk"][: self.top_k]]
+        texts = dict(zip(ids, token_strings(self.client, ids)))  # known already (or '#id', no tokenizer)
+        return [[(texts[i], p) for i, p in r["topk"][: self.top_k]] for r in records]
 
     def _comparison(self, ids: list[int], label: str, note: str) -> Comparison:
         tokens = self.baseline_tokens if ids == self.baseline_ids else token_strings(self.client, ids)
