@@ -225,6 +225,9 @@ class Client:
         """The text of each sequence; the texts of ``tokens``, each on its own, come with them
         (``decode_each`` then has them). One call for all that this connection does not know yet."""
         seqs = [tuple(int(i) for i in s) for s in sequences]
+        for s in seqs:  # one token's text is its own text: decode([i]) == decode_each([i])[0]
+            if len(s) == 1 and s not in self._texts and s[0] in self._token_texts:
+                self._remember(s, self._token_texts[s[0]])
         want_seqs = list(dict.fromkeys(s for s in seqs if s not in self._texts))
         want_tokens = list(dict.fromkeys(int(i) for i in tokens if int(i) not in self._token_texts))
         if want_seqs or want_tokens:
