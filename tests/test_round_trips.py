@@ -142,3 +142,25 @@ def test_slider_move(client):
         counts.append(sent)
         run.close()
     assert counts[0].n == counts[1].n <= BUDGET["slider"], counts
+
+
+def test_a_fork_closed_at_once_reads_as_a_kept_one(client):
+    """``fork(close=True)``: nothing stays on the server; its tokens, text and history (texts
+    included) are those of the same fork kept open."""
+    run = client.generate(LONG, max_new_tokens=6, breakpoints=[(4, 2)])
+    kept = run.fork(scale=0.5, breakpoints=[])
+    with count_requests(client) as sent:
+        gone = run.fork(scale=0.5, breakpoints=[], close=True)
+        seen = (gone.token_ids, gone.text, gone.history())
+        gone.close()
+    assert sent.n == 1 and str(gone.state) == "closed"
+    assert {r["id"] for r in client.runs()} == {run.id, kept.id}
+    history = kept.history()
+
+    def untimed(records):  # when each token was picked differs between the two forks
+        return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+    assert seen[:2] == (kept.token_ids, client.decode(kept.token_ids))
+    assert untimed(seen[2]) == untimed(history)
+    assert [r["token"] for r in history] == client.decode_each(kept.token_ids)
+    _close_all(client)
