@@ -167,15 +167,17 @@ class RunSummary(_Message):
     v: int = -1  # the run's version when this was read (see RunBrief)
     #: at a conditional pause: ``{"step", "conditions": [{"layer", "site", "when", "values"}]}``
     held: dict[str, Any] | None = None
+    #: the text of ``token_ids`` (what the run card shows), with a tokenizer
+    text: str | None = None
 
     _types = {
         "id": (str,), "step": (int,), "layer": (int,), "site": (str,), "token_ids": (list,),
         "prompt_ids": (list,), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
         "watched": (int,), "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "error": (str,),
         "timings_ms": (dict,), "continued_by": (str,), "topk": (list,), "activation": (dict,),
-        "idle_s": (int, float), "v": (int,), "held": (dict,),
+        "idle_s": (int, float), "v": (int,), "held": (dict,), "text": (str,),
     }
-    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation", "held"})
+    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation", "held", "text"})
 
     def __post_init__(self) -> None:
         self.state = _state(type(self), self.state)
@@ -196,6 +198,11 @@ class RunBrief:
     the run's ids are those ``[:keep]`` followed by ``tokens``. ``v`` is the run's version: while
     it matches a :class:`RunSummary`'s ``v``, that summary's details (statistics, top-k, bytes
     held, timings) are current, and the client need not ask for them again.
+
+    ``text`` is the text of the run's token ids where the caller reads it next: a new run's (fork,
+    rewind) and a run no longer paused, with a tokenizer (None at a step's pause, which stays
+    small). ``history`` comes only for a fork closed at once (``ForkRequest.close``): its
+    ``run.history()`` records, texts included.
     """
 
     id: str
@@ -211,15 +218,17 @@ class RunBrief:
     error: str | None
     v: int
     timings_ms: dict[str, float]  # the server's parts of the call that answered (read even once closed)
+    text: str | None = None
+    history: list[dict[str, Any]] | None = None
 
     _FIELDS = ("id", "state", "step", "layer", "site", "keep", "tokens", "max_new_tokens", "parent", "offloaded",
-               "error", "v", "timings_ms")
+               "error", "v", "timings_ms", "text", "history")
 
     @classmethod
     def from_json(cls, obj: Any) -> "RunBrief":
         """Checked field by field, by hand: this parse is on every step's path."""
-        if type(obj) is not dict or obj.keys() != _BRIEF_KEYS:
-            raise _fail(cls, f"expected an object with fields {list(cls._FIELDS)}")
+        if type(obj) is not dict or not _BRIEF_REQUIRED <= obj.keys() <= _BRIEF_KEYS:
+            raise _fail(cls, f"expected an object with fields {list(cls._FIELDS)} (text and history optional)")
         step, keep, limit, v = obj["step"], obj["keep"], obj["max_new_tokens"], obj["v"]
         if not (type(step) is int and type(keep) is int and type(limit) is int and type(v) is int and keep >= 0):
             raise _fail(cls, "step, keep, max_new_tokens and v must be integers (keep >= 0)")
@@ -237,11 +246,16 @@ class RunBrief:
         if type(timings) is not dict or len(timings) > 16 or not all(
                 type(k) is str and type(t) in (int, float) for k, t in timings.items()):
             raise _fail(cls, "timings_ms must be an object of at most 16 numbers")
+        text, history = obj.get("text"), obj.get("history")
+        if (text is not None and type(text) is not str) or (history is not None and (
+                type(history) is not list or not all(type(r) is dict for r in history))):
+            raise _fail(cls, "text must be a string or null, history a list of objects or null")
         return cls(run_id, _STATES.get(state) or _state(cls, state), step, layer, site, keep, tokens, limit, parent,
-                   offloaded, error, v, timings)
+                   offloaded, error, v, timings, text, history)
 
 
 _BRIEF_KEYS = frozenset(RunBrief._FIELDS)
+_BRIEF_REQUIRED = _BRIEF_KEYS - {"text", "history"}
 _ROW_KEYS = frozenset(f.name for f in dataclasses.fields(RunRow))
 _STATES = {s.value: s for s in RunState}
 
@@ -306,13 +320,16 @@ class EditRequest(_Message):
 
 @dataclass
 class ForkRequest(_Message):
-    """A fork: an edit, and the new run's breakpoints (``None``: the parent's) and length."""
+    """A fork: an edit, and the new run's breakpoints (``None``: the parent's) and length;
+    ``close``: closed on the server as soon as it stops, its reply carrying all a caller can read
+    of it (tokens, text, history), for a look at a continuation that keeps nothing."""
 
     edit: EditRequest = field(default_factory=EditRequest)
     breakpoints: list[Any] | None = None
     max_new_tokens: int | None = None
+    close: bool = False
 
-    _types = {"breakpoints": (list,), "max_new_tokens": (int,)}
+    _types = {"breakpoints": (list,), "max_new_tokens": (int,), "close": (bool,)}
     _optional = frozenset({"breakpoints", "max_new_tokens"})
 
     @classmethod

@@ -323,7 +323,9 @@ def test_notebooks_carry_the_language_info_a_kernel_reports():
 
 
 # ----- "what to build" 4: hover on a token shows its top-k alternatives -------------------
-def test_slider_tokens_carry_their_top_k_alternatives_when_logits_are_recorded(client):
+def test_slider_tokens_carry_their_top_k_alternatives(client):
+    """The alternatives are the server's top-k of each step (``run.history()``), whether or not the
+    run records logits: they match the recorded logits' softmax, and show without them too."""
     run = client.generate(PROMPT, max_new_tokens=5, breakpoints=[1], record_logits=True)
     w = SteeringWidget(client, run, top_k=3)
     try:
@@ -340,10 +342,10 @@ def test_slider_tokens_carry_their_top_k_alternatives_when_logits_are_recorded(c
     finally:
         w.close()
         run.close()
-    plain = client.generate(PROMPT, max_new_tokens=5, breakpoints=[1])
-    w = SteeringWidget(client, plain)
+    plain = client.generate(PROMPT, max_new_tokens=5, breakpoints=[1])  # no logits recorded
+    w = SteeringWidget(client, plain, top_k=3)
     try:
-        assert w.set(0.5).comparison.alternatives is None and "top: " not in w.output.value
+        assert w.set(0.5).comparison.alternatives == alts and "top: " in w.output.value
     finally:
         w.close()
         plain.close()

@@ -3,6 +3,11 @@
 ``connect()`` reaches a running ``djinn-server`` or starts an embedded one in this
 process; either way the client speaks the same rpyc protocol, with requests and
 summaries typed by :mod:`djinn_nb.schema` and tensors as ``(dtype, shape, bytes)``.
+
+Over a real network each round trip is the link's latency, so every call is one rpyc
+request (the method's name travels with its arguments: no lookup first), and texts are
+decoded in bulk and kept: a sequence's or a token's text, once known (decoded, or carried
+by a reply), is never asked for again on this connection.
 """
 from __future__ import annotations
 
@@ -10,13 +15,15 @@ import atexit
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
+from rpyc.core import consts
 
 from .. import wire
 from ..wire import sidechannel
-from ..errors import BadRequestError, DjinnError, ProtocolError, error_from_wire
+from ..errors import BadRequestError, DjinnError, NoTokenizerError, ProtocolError, error_from_wire
 from ..schema import GenerateRequest, RunRow, RunSummary
 from ..wire.protocol import DEFAULT_PORT, PROTOCOL
 from ..wire.tls import client_context
@@ -56,6 +63,8 @@ def _spin_seconds(spin_us: Any) -> float:
 HELLO_SECONDS = 15.0
 #: The most this client accepts in one tensor from a server, whatever the server announces.
 MAX_DOWNLOAD_BYTES = 8 << 30
+#: How many decoded sequences a client keeps (the oldest go first); single tokens' texts are all kept.
+TEXT_CACHE = 4096
 
 
 class Client:
@@ -76,6 +85,9 @@ class Client:
         self._conn = open_connection(host, port, HELLO_SECONDS, self._ssl, max_frame=max_download_bytes + (1 << 20),
                                      spin_s=spin_s)
         self._methods: dict[str, Any] = {}
+        self._texts: OrderedDict[tuple[int, ...], str] = OrderedDict()  # decoded sequences
+        self._token_texts: dict[int, str] = {}  # each token id's own text
+        self._text_lock = threading.Lock()
         config = self._conn._config
         try:
             config["sync_request_timeout"] = HELLO_SECONDS
@@ -121,11 +133,17 @@ class Client:
         return _call(self._remote(name), *args)
 
     def _remote(self, name: str) -> Any:
-        """The server's ``exposed_<name>``, looked up once: every attribute access on an
-        rpyc reference is a round trip, so a call through ``conn.root.name`` costs two."""
+        """A caller of the server's ``exposed_<name>`` that sends one rpyc request per call
+        (``callattr``: the name with the arguments), where ``conn.root.name(...)`` costs two, an
+        attribute lookup then the call. The server checks the name as it does a lookup."""
         fn = self._methods.get(name)
         if fn is None:
-            fn = self._methods[name] = getattr(self._conn.root, name)
+            conn, root = self._conn, self._conn.root
+
+            def fn(*args: Any) -> Any:
+                return conn.sync_request(consts.HANDLE_CALLATTR, root, name, args, ())
+
+            self._methods[name] = fn
         return fn
 
     @property
@@ -194,11 +212,58 @@ class Client:
         return _call(self._remote("tokenize"), text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return _call(self._remote("decode"), wire.dumps([int(i) for i in ids]))
+        """The text of ``ids`` (no call if this connection has decoded them, or been sent their text)."""
+        return self.decode_many([ids])[0]
 
     def decode_each(self, ids: Sequence[int]) -> list[str]:
-        """The text of each token on its own (one call)."""
-        return self._call("decode_each", wire.dumps([int(i) for i in ids]))
+        """The text of each token on its own (one call for those not yet known, none if all are)."""
+        ids = [int(i) for i in ids]
+        self.decode_many([], ids)
+        return [self._token_texts[i] for i in ids]
+
+    def decode_many(self, sequences: Sequence[Sequence[int]], tokens: Sequence[int] = ()) -> list[str]:
+        """The text of each sequence; the texts of ``tokens``, each on its own, come with them
+        (``decode_each`` then has them). One call for all that this connection does not know yet."""
+        seqs = [tuple(int(i) for i in s) for s in sequences]
+        for s in seqs:  # one token's text is its own text: decode([i]) == decode_each([i])[0]
+            if len(s) == 1 and s not in self._texts and s[0] in self._token_texts:
+                self._remember(s, self._token_texts[s[0]])
+        want_seqs = list(dict.fromkeys(s for s in seqs if s not in self._texts))
+        want_tokens = list(dict.fromkeys(int(i) for i in tokens if int(i) not in self._token_texts))
+        if want_seqs or want_tokens:
+            if not self._info.get("has_tokenizer", True):
+                raise NoTokenizerError(f"{self._info.get('model')} has no tokenizer to decode with")
+            reply = self._call("decode_many", wire.dumps({"sequences": [list(s) for s in want_seqs],
+                                                          "tokens": want_tokens}))
+            texts, token_texts = reply.get("sequences"), reply.get("tokens")
+            if (type(texts) is not list or len(texts) != len(want_seqs) or type(token_texts) is not list
+                    or len(token_texts) != len(want_tokens) or not all(type(t) is str for t in texts + token_texts)):
+                raise ProtocolError("decode_many: the server's texts do not match the ids sent")
+            got = dict(zip(want_seqs, texts))
+            for s, text in got.items():
+                self._remember(s, text)
+            self._token_texts.update(zip(want_tokens, token_texts))
+        else:
+            got = {}
+        out = []
+        for s in seqs:
+            text = got.get(s, self._texts.get(s))
+            if text is None:  # evicted meanwhile by another thread's texts
+                text = self._call("decode", wire.dumps(list(s)))
+            out.append(text)
+        return out
+
+    def _remember(self, ids: Sequence[int], text: Any, token_texts: dict[int, str] | None = None) -> None:
+        """Keep a text a reply carried (or a decode returned) for ``ids``; and tokens' own texts."""
+        if type(text) is str:
+            key = tuple(ids)
+            with self._text_lock:  # the slider's worker thread decodes too
+                self._texts[key] = text
+                self._texts.move_to_end(key)
+                while len(self._texts) > TEXT_CACHE:
+                    self._texts.popitem(last=False)
+        if token_texts:
+            self._token_texts.update(token_texts)
 
     def close(self) -> None:
         """Close the connection. Paused runs stay on the server until closed or their lease ends;

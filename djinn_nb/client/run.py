@@ -7,6 +7,11 @@ a :class:`~djinn_nb.schema.RunSummary` (the paused activation's statistics, the
 top-k, bytes held, timings, breakpoints) is fetched the first time a property asks
 for it after the run changed, and kept while the run's version stays the same.
 Tensors cross only when asked for (``activation()``, ``logits()``).
+
+Texts come with the replies that the caller reads them from next (see
+:mod:`djinn_nb.serving.text_calls`) and the client keeps them, so ``run.fork(...).text`` is one
+round trip. ``fork(close=True)`` looks at a continuation without keeping it: the fork is closed
+on the server in the same call, its tokens, text and history in the reply.
 """
 from __future__ import annotations
 
@@ -71,7 +76,7 @@ def _edit_request(
 
 
 _FORK_ARGS = frozenset({"activation", "scale", "add", "breakpoints", "max_new_tokens", "original", "heads",
-                        "patch_from", "positions"})
+                        "patch_from", "positions", "close"})
 
 
 def _fork_request(client: "Client", kw: dict[str, Any]) -> tuple[ForkRequest, bytes | None, bytes | None]:
@@ -81,7 +86,10 @@ def _fork_request(client: "Client", kw: dict[str, Any]) -> tuple[ForkRequest, by
     limit, bps = kw.get("max_new_tokens"), kw.get("breakpoints")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
         raise BadRequestError(f"max_new_tokens must be an integer or None, got {limit!r}")
-    return ForkRequest(edit, None if bps is None else plain_breakpoints(bps), limit), act, add_b
+    close = kw.get("close", False)
+    if type(close) is not bool:
+        raise BadRequestError(f"close must be True or False, got {close!r}"[:200])
+    return ForkRequest(edit, None if bps is None else plain_breakpoints(bps), limit, close), act, add_b
 
 
 def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
@@ -109,6 +117,16 @@ def _tokens(brief: RunBrief, base: list[int]) -> list[int]:
     return base[:brief.keep] + brief.tokens if brief.keep else list(brief.tokens)
 
 
+def _take_texts(client: "Client", records: list[dict[str, Any]]) -> None:
+    """Keep the token texts that history records carry (the next display reads them)."""
+    texts = {}
+    for r in records:
+        if type(r.get("token")) is str and type(r.get("topk_tokens")) is list:
+            texts[r["token_id"]] = r["token"]
+            texts.update(zip((t for t, _ in r["topk"]), r["topk_tokens"]))
+    client._remember((), None, texts)
+
+
 class LensRows(list):
     """``run.lens()``: per position, ``[(token_id, probability), ...]``; its repr rounds the probabilities."""
 
@@ -127,6 +145,8 @@ class Run:
         self._client = client
         self._s = summary
         self._v = summary.v  # the run's version at the last reply; details are current when it is _s.v
+        self._history: tuple[int, list[dict[str, Any]]] | None = None  # (version, records) a reply carried
+        client._remember(summary.token_ids, summary.text)
 
     @classmethod
     def _from_brief(cls, client: "Client", reply: Any, source: "Run") -> "Run":
@@ -138,6 +158,10 @@ class Run:
                                      max_new_tokens=b.max_new_tokens, parent=b.parent, offloaded=b.offloaded,
                                      error=b.error, v=-1, timings_ms=b.timings_ms))
         run._v = b.v
+        client._remember(run._s.token_ids, b.text)
+        if b.history is not None:  # a fork closed at once: its history can no longer be asked for
+            run._history = (b.v, b.history)
+            _take_texts(client, b.history)
         return run
 
     def _update(self, reply: Any) -> "Run":
@@ -149,6 +173,7 @@ class Run:
         s.state, s.step, s.layer, s.site, s.max_new_tokens = b.state, b.step, b.layer, b.site, b.max_new_tokens
         s.parent, s.offloaded, s.error, s.timings_ms = b.parent, b.offloaded, b.error, b.timings_ms
         self._v = b.v
+        self._client._remember(s.token_ids, b.text)
         return self
 
     def _details(self) -> RunSummary:
@@ -156,6 +181,7 @@ class Run:
         if self._s.v != self._v and self._s.state != RunState.CLOSED:
             self._s = RunSummary.from_json(self._client._call("summary", self.id))
             self._v = self._s.v
+            self._client._remember(self._s.token_ids, self._s.text)
         return self._s
 
     def _since(self) -> int:
@@ -278,6 +304,9 @@ class Run:
         computed on the server (edits applied). A list of lists; shown with 4 significant digits,
         the values themselves are exact."""
         reply = self._client._call("lens", self.id, k)
+        ids, texts = reply.get("text_ids"), reply.get("texts")
+        if type(ids) is list and type(texts) is list and len(ids) == len(texts):  # the table's next read
+            self._client._remember((), None, dict(zip(ids, texts)))
         return LensRows([(int(i), float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply["ids"], reply["probs"]))
 
     def attention(self) -> torch.Tensor:
@@ -322,6 +351,7 @@ class Run:
         heads: Sequence[int] | None = None,
         patch_from: "Run | str | None" = None,
         positions: int | Sequence[int] | None = None,
+        close: bool = False,
     ) -> "Run":
         """A new run continued from this checkpoint with the edit; this run stays paused as it was.
 
@@ -330,10 +360,13 @@ class Run:
         ``original=True`` starts from the site's own value, ignoring earlier :meth:`edit` calls.
         ``heads=[3], scale=0.0`` at site ``z`` ablates head 3. ``patch_from=other, positions=[3]``
         writes ``other``'s activation (paused at the same layer, step and site) at position 3.
+        ``close=True`` closes the fork on the server as soon as it stops (with ``breakpoints=[]``,
+        at its end): it keeps nothing there, and its ``token_ids``, ``text`` and ``history()``
+        come with this call's reply.
         """
         req, act, add_b = _fork_request(self._client, dict(
             activation=activation, scale=scale, add=add, breakpoints=breakpoints, max_new_tokens=max_new_tokens,
-            original=original, heads=heads, patch_from=patch_from, positions=positions,
+            original=original, heads=heads, patch_from=patch_from, positions=positions, close=close,
         ))
         reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b, self._since())
         return Run._from_brief(self._client, reply, self)
@@ -392,23 +425,24 @@ class Run:
         """One dict per generated token: ``step``, ``token_id``, ``token`` (text, with a tokenizer),
         ``topk`` (``[(id, prob), ...]``, the chosen token first under greedy), ``entropy`` (nats),
         ``time_s`` (when it was picked, in seconds after this run's first timed token; None for the
-        tokens a fork or rewind took over from its source), and with a tokenizer ``topk_tokens``."""
-        records = self._client._call("history", self.id)
-        texts: dict[int, str] = {}
-        if self._client.info.get("has_tokenizer") and records:
-            ids = sorted({r["token_id"] for r in records} | {int(t) for r in records for t, _ in r["topk"]})
-            texts = dict(zip(ids, self._client.decode_each(ids)))
+        tokens a fork or rewind took over from its source), and with a tokenizer ``topk_tokens``.
+        One call, texts included; none for a fork made with ``close=True`` (its reply carried it)."""
+        cached = self._history
+        records = cached[1] if cached is not None and cached[0] == self._v else self._client._call("history", self.id)
+        if type(records) is not list or not all(type(r) is dict for r in records):
+            raise ProtocolError("history: expected a list of records")
         out = []
         for r in records:
             rec: dict[str, Any] = {"step": r["step"], "token_id": r["token_id"]}
-            if texts:
-                rec["token"] = texts[r["token_id"]]
+            if "token" in r:
+                rec["token"] = r["token"]
             rec["topk"] = [(int(t), float(p)) for t, p in r["topk"]]
             rec["entropy"] = float(r["entropy"])
             rec["time_s"] = None if r.get("time_s") is None else float(r["time_s"])
-            if texts:
-                rec["topk_tokens"] = [texts[t] for t, _ in rec["topk"]]
+            if "topk_tokens" in r:
+                rec["topk_tokens"] = list(r["topk_tokens"])
             out.append(rec)
+        _take_texts(self._client, records)
         return out
 
     def reset(self) -> "Run":

@@ -2,7 +2,9 @@
 
 Everything here reads the client API only and escapes every piece of text it
 shows. Functions that need the server (decoding tokens) fall back to token ids
-when the model has no tokenizer or the connection is gone.
+when the model has no tokenizer or the connection is gone. Tokens are decoded in
+one call for any number of them (``client.decode_each``), never one call each: over
+a real network every call is a round trip.
 """
 from __future__ import annotations
 
@@ -73,13 +75,21 @@ def _table(rows: Sequence[tuple[str, str]], title: str) -> str:
 
 
 def token_strings(client: Decoder, ids: Sequence[int]) -> list[str]:
-    """Each token decoded on its own (``'#id'`` when the model has no tokenizer)."""
+    """Each token decoded on its own (``'#id'`` when the model has no tokenizer): one call to a
+    client's ``decode_each`` for all of them (none for those it knows), else one ``decode`` each."""
+    ids = [int(i) for i in ids]
+    each = getattr(client, "decode_each", None)
+    if each is not None:
+        try:
+            return list(each(ids))
+        except DjinnError:
+            return [f"#{i}" for i in ids]
     out = []
     for i in ids:
         try:
-            out.append(client.decode([int(i)]))
+            out.append(client.decode([i]))
         except DjinnError:
-            out.append(f"#{int(i)}")
+            out.append(f"#{i}")
     return out
 
 

@@ -43,7 +43,6 @@ class DjinnMagics(Magics):
         self.breakpoints: list[dict[str, Any]] = []
         self.run: Run | None = None
         self.widgets: list[Any] = []
-        self._prompts: dict[str, list[int]] = {}  # run id -> prompt token ids
         self._baselines: dict[str, list[int]] = {}  # run id -> its unmodified continuation
 
     # ----- helpers ----------------------------------------------------------------
@@ -81,11 +80,11 @@ class DjinnMagics(Magics):
         return layer
 
     def _prompt_ids(self, run: Run) -> list[int] | None:
-        ids = self._prompts.get(run.id) or (self._prompts.get(run.parent) if run.parent else None)
-        return ids if ids is not None and len(ids) == run.prompt_len else None
+        """The run's prompt token ids: the run knows them (no call, no tokenizing again)."""
+        return run.prompt_ids or None
 
     def _position_tokens(self, run: Run) -> list[str] | None:
-        """The text of each position of the paused activation, if the prompt is known."""
+        """The text of each position of the paused activation."""
         if run.step > 0:
             return token_strings(self._client(), run.token_ids[-1:])
         ids = self._prompt_ids(run)
@@ -129,11 +128,8 @@ class DjinnMagics(Magics):
         return value
 
     def _generate(self, prompt: str | list[int], breakpoints: list[Any], **kw: Any) -> Run:
-        """Start a run and remember its prompt's token ids (to label positions in %djinn_inspect)."""
-        client = self._client()
-        run = client.generate(prompt, breakpoints=breakpoints or None, **kw)
-        self._prompts[run.id] = client.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return run
+        """Start a run (it knows its prompt's token ids: ``run.prompt_ids``)."""
+        return self._client().generate(prompt, breakpoints=breakpoints or None, **kw)
 
     def _start(self, prompt: str | list[int], **kw: Any) -> Run:
         self.run = self._generate(prompt, list(self.breakpoints), **kw)
@@ -178,7 +174,6 @@ class DjinnMagics(Magics):
         if self.client is not None:
             self.client.close()
         self.client, self.run, self.widgets = client, None, []
-        self._prompts.clear()
         self._baselines.clear()
         n = client.info["num_layers"]
         self.breakpoints = [b for b in self.breakpoints if b["layer"] < n]
@@ -268,11 +263,12 @@ class DjinnMagics(Magics):
             raise UsageError(f"%djinn_inspect takes run=ID, plot=true|false and lens=K, not {p.rest!r}")
         run = self._paused(p.options.get("run"))
         k = p.options.get("lens", 5)
+        site = run.site or "resid_post"
+        lens = run.lens(k) if k > 0 and site in RESIDUAL_SITES else None  # its reply has the positions' texts too
         act = Activation(run.id, self._layer(run), run.step, run.activation(), run.activation_stats or {},
-                         self._position_tokens(run) or [], run.site or "resid_post")
-        if k > 0 and act.site in RESIDUAL_SITES:
-            cache: dict[int, str] = {}
-            act.lens = run.lens(k)
+                         self._position_tokens(run) or [], site)
+        if lens is not None:
+            act.lens, cache = lens, dict[int, str]()
             act.lens_tokens = [list(zip(self._token_text([i for i, _ in e], cache), [q for _, q in e]))
                                for e in act.lens]
         elif k > 0:
@@ -316,8 +312,8 @@ class DjinnMagics(Magics):
         if heads is not None:
             edit["heads"] = heads
         if edit and p.options.get("compare", True) and run.id not in self._baselines:
-            with run.fork(breakpoints=[], original=True) as base:
-                self._baselines[run.id] = base.token_ids
+            base = run.fork(breakpoints=[], original=True, close=True)  # closed in the same call
+            self._baselines[run.id] = base.token_ids
         run.resume(**edit)
         self.run = run
         for widget in self.widgets:  # a slider on this run has no checkpoint left once it moved on
@@ -331,6 +327,10 @@ class DjinnMagics(Magics):
 
             client = self._client()
             prompt = self._prompt_ids(run)
+            try:  # every text the comparison shows, in one call (none if all are known)
+                client.decode_many([prompt] if prompt else [], baseline + run.token_ids)
+            except DjinnError:
+                pass  # no tokenizer: ids instead
             display(Comparison(baseline, token_strings(client, baseline), run.token_ids,
                                token_strings(client, run.token_ids), "edited run",
                                prompt=decode_text(client, prompt) if prompt else None))
@@ -389,8 +389,8 @@ class DjinnMagics(Magics):
             if ids is None:
                 raise UsageError(f"the prompt of run {current.id} is unknown here: give it, %djinn_steer layer={layer} <prompt>")
             prompt, max_new = ids, current.max_new_tokens
-        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new,
-                             record_logits=True)  # the slider's hover alternatives
+        # the slider's hover alternatives are the server's top-k of each step: no logits recorded
+        run = self._generate(prompt, [{"layer": layer, "step": 0, "site": site or "resid_post"}], max_new_tokens=max_new)
         if not run.paused:
             raise UsageError(f"run {run.id} ended before layer {layer}; give more max_new_tokens")
         return run

@@ -263,8 +263,16 @@ def plot_lens_grid(
     n_layers, n_pos = ids.shape[:2]
     top_ids, top_p = ids[..., 0].tolist(), probs[..., 0]
     if labels is None:
-        cache: dict[int, str] = {}
-        labels = [[cache.setdefault(i, _decode_one(decode, i)) for i in row] for row in top_ids]
+        unique = list(dict.fromkeys(i for row in top_ids for i in row))
+        each = getattr(getattr(decode, "__self__", None), "decode_each", None)  # a client: one call for all
+        try:
+            cache = dict(zip(unique, each(unique))) if each is not None else {}
+        except DjinnError:
+            cache = {}
+        for i in unique:
+            if i not in cache:
+                cache[i] = _decode_one(decode, i)
+        labels = [[cache[i] for i in row] for row in top_ids]
     fig, ax = _figure(width=min(2.0 + 0.9 * n_pos, 16.0), height=min(1.6 + 0.26 * n_layers, 14.0))
     im = ax.imshow(top_p.numpy(), origin="lower", aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0)
     if n_pos * n_layers <= 2000:

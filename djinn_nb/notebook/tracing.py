@@ -51,7 +51,8 @@ def _chain(client: "Client", ids: list[int], layers: list[int], site: str, opene
 def _labels(client: "Client", ids: list[int], positions: list[int]) -> list[Any]:
     if not client.info.get("has_tokenizer"):
         return positions
-    return [f"{p}: {client.decode([ids[p]])}" for p in positions]
+    texts = client.decode_each([ids[p] for p in positions])  # one call for all the labels
+    return [f"{p}: {t}" for p, t in zip(positions, texts)]
 
 
 def causal_trace(

@@ -6,8 +6,10 @@ activation scaled by the new value. The worker runs only the latest requested
 value: moves made while a fork is running replace each other, so calls never
 pile up. While a fork runs, the text shown is dimmed under a "computing" line,
 so an old text never sits under a new value as if it were its result. Every
-fork is closed as soon as its tokens are read, so the server holds nothing but
-the paused run. Once that run is no longer paused (resumed, closed), the slider
+fork is made with ``close=True``: closed on the server in the same call, its
+tokens, text and history (each token's top-k, the hover alternatives, with their
+texts) in the reply, so a move is one round trip and the server holds nothing
+but the paused run. Once that run is no longer paused (resumed, closed), the slider
 disables itself and says why. ``wait()`` blocks until the latest request is
 shown, which is how tests and headless notebooks use it.
 """
@@ -103,10 +105,9 @@ class SteeringWidget:
             raise ValueError(f"run {run.id} is {run.state}: steering needs a paused run")
         self.client, self.run, self.heads = client, run, heads
         self.lo, self.hi = float(min), float(max)
-        self.top_k = top_k  # hover alternatives per token, when the run records logits (0: none)
-        self._texts: dict[int, str] = {}
-        with run.fork(breakpoints=[]) as base:
-            self.baseline_ids = base.token_ids
+        self.top_k = top_k  # hover alternatives per token, from the server's top-k (0: none)
+        base = run.fork(breakpoints=[], close=True)
+        self.baseline_ids = base.token_ids
         self.baseline_tokens = token_strings(client, self.baseline_ids)
         self.prompt = decode_text(client, run.prompt_ids)
         self.slider = w.FloatSlider(
@@ -202,7 +203,7 @@ class SteeringWidget:
 
     def _fork(self, value: float) -> ForkResult:
         t0 = time.perf_counter()
-        fork, = forks_at(self.run, [value], breakpoints=[], heads=self.heads)
+        fork, = forks_at(self.run, [value], breakpoints=[], heads=self.heads, close=True)
         latency = (time.perf_counter() - t0) * 1e3
         with fork:
             ids = fork.token_ids
@@ -213,23 +214,16 @@ class SteeringWidget:
         return ForkResult(value, ids, decode_text(self.client, ids), latency, comparison)
 
     def _alternatives(self, fork: "Run", n: int) -> list[list[tuple[str, float]]] | None:
-        """Per generated token, the top-k tokens (text, probability) of the step that chose it;
-        ``None`` when the run records no logits (``record_logits=True`` at generate)."""
+        """Per generated token, the top-k tokens (text, probability) of the step that chose it, as
+        the server recorded them (``run.history()``: at most its 5); ``None`` without token texts."""
         if not self.top_k:
             return None
-        import torch
-
-        out = []
-        try:
-            for step in range(n):
-                probs, ids = torch.softmax(fork.logits(step).float(), -1).topk(self.top_k)
-                missing = [i for i in ids.tolist() if i not in self._texts]
-                self._texts.update(zip(missing, token_strings(self.client, missing)))
-                out.append([(self._texts[i], p) for i, p in zip(ids.tolist(), probs.tolist())])
-        except DjinnError:
-            self.top_k = 0  # not recorded: don't ask again
+        records = fork.history()
+        if len(records) != n:
             return None
-        return out
+        ids = [i for r in records for i, _ in r["topk"][: self.top_k]]
+        texts = dict(zip(ids, token_strings(self.client, ids)))  # known already (or '#id', no tokenizer)
+        return [[(texts[i], p) for i, p in r["topk"][: self.top_k]] for r in records]
 
     def _comparison(self, ids: list[int], label: str, note: str) -> Comparison:
         tokens = self.baseline_tokens if ids == self.baseline_ids else token_strings(self.client, ids)

@@ -48,9 +48,15 @@ class ServiceParts(Protocol):
 
     def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit: ...
 
+    def _brief(self, run: Run, since: int | None, new: bool = False) -> dict[str, Any]: ...
+
+    def _closed_brief(self, run: Run, since: int | None) -> dict[str, Any]: ...
+
+    def _history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
 
 class DebugCalls:
-    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``, ``decode_each``."""
+    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``."""
 
     @_reply
     def exposed_fork_many(self: ServiceParts, run_id: Any, requests_json: Any, payloads: Any = (),
@@ -69,11 +75,12 @@ class DebugCalls:
             p is not None and type(p) is not bytes for p in payloads
         ):
             raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
-        specs = []
+        specs, closes = [], []
         for i, obj in enumerate(reqs):
             req = ForkRequest.from_json(obj)
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
             specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
+            closes.append(req.close)
         parent = self._engine.get(_str(run_id, "run id"), owner)
         limit = max((s.max_new_tokens or parent.max_new_tokens) for s in specs)
         # admitted on its estimate before any fork exists: every fork may come to hold a whole cache
@@ -84,7 +91,8 @@ class DebugCalls:
         self._admit_all(runs)
         for run in runs:
             self._state.after_change(run)
-        return [run.brief(since) for run in runs]
+        return [self._closed_brief(run, since) if close else self._brief(run, since, new=True)
+                for run, close in zip(runs, closes)]
 
     @_reply
     def exposed_token_probs(self: ServiceParts, request_json: Any) -> list[float]:
@@ -129,24 +137,18 @@ class DebugCalls:
         with self._scope():
             run = self._engine.rewind(source.id, step, layer, site, owner)
         self._admit(run)
-        return _stepped(self, run, since)
+        self._state.after_change(run)
+        return self._brief(run, since, new=True)
 
     @_reply
     def exposed_history(self: ServiceParts, run_id: Any) -> list[dict[str, Any]]:
-        """One record per generated token: step, token_id, topk [(id, prob)], entropy."""
-        return self._engine.history(_str(run_id, "run id"), self._who())
+        """One record per generated token: step, token_id, topk [(id, prob)], entropy, time_s, and with
+        a tokenizer the texts ``token`` and ``topk_tokens``."""
+        return self._history_texts(self._engine.history(_str(run_id, "run id"), self._who()))
 
-    @_reply
-    def exposed_decode_each(self: ServiceParts, ids_json: Any) -> list[str]:
-        """The text of each token id on its own."""
-        self._who()
-        ids = wire.loads(ids_json, "token ids")
-        if not isinstance(ids, list) or len(ids) > 1 << 16 or any(type(i) is not int for i in ids):
-            raise BadRequestError("token ids must be a list of ints")
-        return self._engine.decode_each(ids)
 
 
 def _stepped(service: ServiceParts, run: Run, since: int | None) -> dict[str, Any]:
     """A run a call stepped: the residency budget applied, then its ``RunBrief``."""
     service._state.after_change(run)
-    return run.brief(since)
+    return service._brief(run, since)

@@ -26,6 +26,7 @@ from .. import wire
 from ..wire import sidechannel
 from .debug_calls import DebugCalls
 from .state import ServerState
+from .text_calls import TextCalls
 from ..wire.protocol import PROTOCOL
 from .replies import _reply, _since, _str
 from ..wire.transport import FastChannel
@@ -42,7 +43,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(DebugCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
@@ -251,7 +252,7 @@ class DjinnService(DebugCalls, rpyc.Service):
             )
         self._admit(run)
         self._state.after_change(run)
-        return run.summary().to_json()
+        return self._summary(run)
 
     @_reply
     def exposed_resume(self, run_id: Any, since: Any = None, request_json: Any = None, act: Any = None,
@@ -267,7 +268,7 @@ class DjinnService(DebugCalls, rpyc.Service):
         with self._scope():
             run = self._engine.resume(_str(run_id, "run id"), edit, owner)
         self._state.after_change(run)
-        return run.brief(since)
+        return self._brief(run, since)
 
     @_reply
     def exposed_fork(self, run_id: Any, request_json: Any, act: Any = None, add: Any = None,
@@ -285,13 +286,13 @@ class DjinnService(DebugCalls, rpyc.Service):
             run = self._engine.fork(parent.id, edit, req.breakpoints, owner, req.max_new_tokens)
         self._admit(run)
         self._state.after_change(run)
-        return run.brief(since)
+        return self._closed_brief(run, since) if req.close else self._brief(run, since, new=True)
 
     @_reply
     def exposed_offload(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Move a paused run's state to host memory; later calls bring it back."""
         since = _since(since)
-        return self._engine.offload(_str(run_id, "run id"), self._who()).brief(since)
+        return self._brief(self._engine.offload(_str(run_id, "run id"), self._who()), since)
 
     @_reply
     def exposed_watched(self, run_id: Any) -> list[dict[str, Any]]:
@@ -316,12 +317,12 @@ class DjinnService(DebugCalls, rpyc.Service):
         owner = self._who()
         edit = self._edit(EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
         since = _since(since)
-        return self._engine.edit(_str(run_id, "run id"), edit, owner).brief(since)
+        return self._brief(self._engine.edit(_str(run_id, "run id"), edit, owner), since)
 
     @_reply
     def exposed_reset_edit(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         since = _since(since)
-        return self._engine.reset_edit(_str(run_id, "run id"), self._who()).brief(since)
+        return self._brief(self._engine.reset_edit(_str(run_id, "run id"), self._who()), since)
 
     @_reply
     def exposed_activation(self, run_id: Any, original: Any = False, bulk: Any = False) -> Any:
@@ -333,9 +334,14 @@ class DjinnService(DebugCalls, rpyc.Service):
 
     @_reply
     def exposed_lens(self, run_id: Any, k: Any = 5) -> dict[str, Any]:
-        """The logit lens at a residual-stream pause: per position, top-k ids and probabilities."""
-        ids, probs = self._engine.lens(_str(run_id, "run id"), k, self._who())
-        return {"ids": ids.tolist(), "probs": probs.tolist()}
+        """The logit lens at a residual-stream pause: per position, top-k ids and probabilities, and
+        the text of each id it names and of the run's own tokens (``text_ids``/``texts``: the
+        table the caller shows next, with its positions' tokens)."""
+        run = self._engine.get(_str(run_id, "run id"), self._who())
+        top_ids, probs = self._engine.lens(run.id, k, self._who())
+        ids = top_ids.tolist()
+        texts = self._token_texts([i for row in ids for i in row] + list(run.prompt_ids) + list(run.token_ids))
+        return {"ids": ids, "probs": probs.tolist(), "text_ids": list(texts), "texts": list(texts.values())}
 
     @_reply
     def exposed_lens_grid(self, request_json: Any) -> dict[str, Any]:
@@ -384,13 +390,13 @@ class DjinnService(DebugCalls, rpyc.Service):
     def exposed_status(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Where the run is now, as a ``RunBrief`` (``since``: token ids the client holds)."""
         since = _since(since)
-        return self._engine.get(_str(run_id, "run id"), self._who()).brief(since)
+        return self._brief(self._engine.get(_str(run_id, "run id"), self._who()), since)
 
     @_reply
     def exposed_summary(self, run_id: Any) -> dict[str, Any]:
         """Everything about the run (a ``RunSummary``): tokens, prompt, breakpoints, the paused
         activation's statistics, the top-k, bytes held, timings."""
-        return self._engine.get(_str(run_id, "run id"), self._who()).summary().to_json()
+        return self._summary(self._engine.get(_str(run_id, "run id"), self._who()))
 
     @_reply
     def exposed_runs(self) -> list[dict[str, Any]]:
@@ -409,18 +415,3 @@ class DjinnService(DebugCalls, rpyc.Service):
         self._engine.close(run_id, owner)
         self._state.freed.set()
         return {"id": run_id, "state": "closed"}
-
-    @_reply
-    def exposed_tokenize(self, text: Any) -> list[int]:
-        self._who()
-        if type(text) is not str:
-            raise BadRequestError("text must be a string")
-        return self._engine.encode(text)
-
-    @_reply
-    def exposed_decode(self, ids_json: Any) -> str:
-        self._who()
-        ids = wire.loads(ids_json, "token ids")
-        if not isinstance(ids, list) or any(type(i) is not int for i in ids):
-            raise BadRequestError("token ids must be a list of ints")
-        return self._engine.decode(ids)
