@@ -92,7 +92,7 @@ def test_bad_input_is_refused_and_leaves_no_runs(setup):
         djinn_nb.causal_trace(client, CLEAN, CORRUPT, positions=[8], progress=False)
     with pytest.raises(BadRequestError, match="not 'z'"):
         djinn_nb.causal_trace(client, CLEAN, CORRUPT, site="z", progress=False)
-    with pytest.raises(BadRequestError, match="token must be an id"):
+    with pytest.raises(BadRequestError, match="answer must be a token id"):
         djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=10**9, layers=[0], progress=False)
     assert ids(client) == before
 

@@ -164,3 +164,21 @@ def test_a_fork_closed_at_once_reads_as_a_kept_one(client):
     assert untimed(seen[2]) == untimed(history)
     assert [r["token"] for r in history] == client.decode_each(kept.token_ids)
     _close_all(client)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_causal_trace_costs_at_most_three_requests_whatever_the_grids_size(client, progress):
+    """One server call (three with a progress bar), at two grid sizes: the grid is computed on the
+    server (it cost a chain of forks, a fork_many, a token_probs and a close per cell before)."""
+    counts = []
+    for clean, corrupted in (("The Eiffel Tower is in", "The Colosseum is in"),
+                             ("The Eiffel Tower is a famous landmark in the city of",
+                              "The Colosseum is a famous landmark in the city of")):
+        if len(client.tokenize(clean)) != len(client.tokenize(corrupted)):
+            pytest.skip("the pair does not tokenize to equal lengths")
+        with count_requests(client) as sent:
+            frame = djinn_nb.causal_trace(client, clean, corrupted, progress=progress)
+        assert frame.shape[0] == client.info["num_layers"] and sent.n <= (3 if progress else 1), sent
+        counts.append(sent.n)
+    assert counts[0] == counts[1]
+    assert client.runs() == []  # every run it made is closed

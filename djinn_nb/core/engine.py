@@ -166,7 +166,7 @@ class Engine:
                 raise BadRequestError(f"token id {t!r} is not an integer in 0..{(vocab or 0) - 1}")
         return ids
 
-    def _token_ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
         """A text's token ids with no special tokens added (what a condition's token text means)."""
         assert self.tokenizer is not None
         return list(self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"])
@@ -431,7 +431,7 @@ class Engine:
     def breakpoints(self, specs: Iterable[Any] | None, max_new_tokens: int) -> tuple[Breakpoint, ...]:
         """Parse breakpoints (or watches) and check each site exists, exactly, in its block."""
         bps = parse_breakpoints(specs, self.num_layers, max_new_tokens,
-                                token_ids=self._token_ids if self.tokenizer is not None else None)
+                                token_ids=self.token_ids if self.tokenizer is not None else None)
         for b in bps:
             self.check_site(b.layer, b.site)
         return bps

@@ -1,58 +1,37 @@
-"""Causal tracing (ROME's figure 1) on server checkpoints: which (layer, position) restores the answer.
+"""Causal tracing (ROME's figure 1): which (layer, position) restores the answer.
 
-The grid is built the way djinn_nb makes it cheap: each prompt passes once,
-pausing at each traced layer in turn (a fork from layer L's checkpoint runs
-only to layer L+1), and each layer's row is one ``fork_many`` of the corrupted
-run's checkpoint with the clean activation patched in at one position per fork,
-run to the next token as a batch on the server. No cell reruns a whole forward,
-no activation crosses the wire, and every run it starts is closed before it
-returns, whatever happens.
-
-It uses only the client API (``generate``, ``fork``, ``fork_many``,
-``token_probs``), so it works against any server.
+The grid is computed on the server in one call (``core/tracing.py``): each prompt passes
+once, pausing at every traced layer, and each layer's cells run the remaining layers as one
+batch from that layer's checkpoint — no run per cell, no activation on the wire. With a
+progress bar the layers go in up to three calls (a row of the bar each), so the round trips
+stay a handful whatever the grid's size; Ctrl-C between two of them stops the trace.
 """
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from ..errors import BadRequestError, DjinnError
+from ..errors import BadRequestError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from ..client import Client, Run
+    from ..client import Client
 
 __all__ = ["causal_trace", "plot_causal_trace"]
 
 RESIDUAL_AND_OUTPUT_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+#: With a progress bar, the layers go in at most this many calls.
+PROGRESS_CALLS = 3
 
 
-def _ids(client: "Client", prompt: str | Sequence[int], what: str) -> list[int]:
+def _prompt(prompt: str | Sequence[int], what: str) -> str | list[int]:
     if isinstance(prompt, str):
-        return client.tokenize(prompt)
+        return prompt
     if isinstance(prompt, (list, tuple)) and prompt and all(type(t) is int for t in prompt):
         return list(prompt)
     raise BadRequestError(f"{what} must be text or a non-empty list of token ids")
-
-
-def _chain(client: "Client", ids: list[int], layers: list[int], site: str, opened: list["Run"]) -> list["Run"]:
-    """Runs paused at ``site`` of each layer of the prompt pass: one pass, each fork going one layer on."""
-    first = client.generate(ids, max_new_tokens=1, breakpoints=[(layers[0], 0, site)])
-    opened.append(first)
-    chain = [first]
-    for layer in layers[1:]:
-        nxt = chain[-1].fork(breakpoints=[(layer, 0, site)])
-        opened.append(nxt)
-        chain.append(nxt)
-    return chain
-
-
-def _labels(client: "Client", ids: list[int], positions: list[int]) -> list[Any]:
-    if not client.info.get("has_tokenizer"):
-        return positions
-    texts = client.decode_each([ids[p] for p in positions])  # one call for all the labels
-    return [f"{p}: {t}" for p, t in zip(positions, texts)]
 
 
 def causal_trace(
@@ -78,65 +57,43 @@ def causal_trace(
     ``answer``: a token id or a text of one token; default the clean run's greedy next token.
     ``.attrs``: ``clean_prob``, ``corrupt_prob``, ``answer`` (id), ``answer_text`` (with a
     tokenizer, else None), ``site``, ``positions``, ``tokens``.
-    Both prompts must have the same number of tokens.
+    Both prompts must have the same number of tokens. One server call (up to three with
+    ``progress``), whatever the grid's size.
     """
     import pandas as pd
 
     if site not in RESIDUAL_AND_OUTPUT_SITES:
         raise BadRequestError(f"causal_trace patches one of {list(RESIDUAL_AND_OUTPUT_SITES)}, not {site!r}")
-    clean_ids, corrupt_ids = _ids(client, clean, "clean"), _ids(client, corrupted, "corrupted")
-    if len(clean_ids) != len(corrupt_ids):
-        raise BadRequestError(
-            f"the clean and corrupted prompts must have the same number of tokens: {len(clean_ids)} vs {len(corrupt_ids)}"
-        )
+    request: dict[str, Any] = {"clean": _prompt(clean, "clean"), "corrupted": _prompt(corrupted, "corrupted"),
+                               "answer": answer, "site": site,
+                               "positions": None if positions is None else list(positions)}
     n_layers = int(client.info["num_layers"])
-    layers = list(range(n_layers)) if layers is None else sorted(set(layers))
-    positions = list(range(len(clean_ids))) if positions is None else list(positions)
-    if not layers or any(type(l) is not int or not 0 <= l < n_layers for l in layers):
+    wanted = list(range(n_layers)) if layers is None else sorted(set(layers))
+    if not wanted or any(type(x) is not int or not 0 <= x < n_layers for x in wanted):
         raise BadRequestError(f"layers must be integers in 0..{n_layers - 1}, got {layers!r}"[:200])
-    if not positions or any(type(p) is not int or not 0 <= p < len(clean_ids) for p in positions):
-        raise BadRequestError(f"positions must be integers in 0..{len(clean_ids) - 1}, got {positions!r}"[:200])
-    if len(set(positions)) != len(positions):
-        raise BadRequestError("positions must be distinct")
-    if isinstance(answer, str):
-        answer_ids = client.tokenize(answer)
-        if len(answer_ids) != 1:
-            raise BadRequestError(f"answer {answer!r} is {len(answer_ids)} tokens; pass one token (or its id)")
-        answer = answer_ids[0]
-    opened: list[Run] = []
+    calls = min(PROGRESS_CALLS, len(wanted)) if progress else 1
+    chunks = [wanted[i * len(wanted) // calls:(i + 1) * len(wanted) // calls] for i in range(calls)]
+    bar = _progress(progress, len(wanted))
+    rows: list[list[float]] = []
+    first: dict[str, Any] = {}
     try:
-        clean_chain = _chain(client, clean_ids, layers, site, opened)
-        corrupt_chain = _chain(client, corrupt_ids, layers, site, opened)
-        clean_end = clean_chain[-1].fork(breakpoints=[])  # the clean run itself, to its next token
-        opened.append(clean_end)
-        if answer is None:
-            answer = clean_end.token_ids[-1]
-        clean_prob = client.token_probs([clean_end], answer)[0]
-        rows: list[list[float]] = []
-        bar = _progress(progress, len(layers))
-        for src, dst in zip(clean_chain, corrupt_chain):
-            cells = [{"patch_from": src, "positions": [p], "breakpoints": [], "max_new_tokens": 1} for p in positions]
-            if not rows:  # the corrupted reference rides in the first batch, so equal inputs give equal bits
-                cells.append({"breakpoints": [], "max_new_tokens": 1})
-            forks = dst.fork_many(cells)
-            try:
-                probs = client.token_probs(forks, answer)
-            finally:
-                _close(forks)
-            if not rows:
-                *probs, corrupt_prob = probs
-            rows.append(probs)
+        for chunk in chunks:
+            reply = client._call("causal_trace", json.dumps(dict(request, layers=chunk)))
+            first = first or reply
+            request["answer"] = reply["answer"]  # the later chunks trace the same answer
+            rows.extend(reply["rows"])
             if bar is not None:
-                bar.update(1)
+                bar.update(len(chunk))
+    finally:
         if bar is not None:
             bar.close()
-    finally:
-        _close(opened)
-    frame = pd.DataFrame(rows, index=pd.Index(layers, name="layer"),
-                         columns=pd.Index(_labels(client, clean_ids, positions), name="position"))
-    answer_text = client.decode([int(answer)]) if client.info.get("has_tokenizer") else None
-    frame.attrs.update(clean_prob=clean_prob, corrupt_prob=corrupt_prob, answer=int(answer), answer_text=answer_text,
-                       site=site, positions=positions, tokens=[clean_ids[p] for p in positions])
+    ids, chosen = first["clean_ids"], first["positions"]
+    texts = dict(zip(first["text_ids"], first["texts"]))
+    labels = [f"{p}: {texts[ids[p]]}" for p in chosen] if texts else chosen
+    frame = pd.DataFrame(rows, index=pd.Index(wanted, name="layer"), columns=pd.Index(labels, name="position"))
+    frame.attrs.update(clean_prob=first["clean_prob"], corrupt_prob=first["corrupt_prob"], answer=int(first["answer"]),
+                       answer_text=texts.get(first["answer"]), site=site, positions=chosen,
+                       tokens=[ids[p] for p in chosen])
     return frame
 
 
@@ -148,14 +105,6 @@ def _progress(enabled: bool, total: int) -> Any:
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
     return tqdm(total=total, desc="causal trace (layers)", leave=False)
-
-
-def _close(runs: Sequence["Run"]) -> None:
-    for run in runs:
-        try:
-            run.close()
-        except DjinnError:
-            pass
 
 
 def answer_label(attrs: dict[str, Any]) -> str:

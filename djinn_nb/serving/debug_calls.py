@@ -9,10 +9,11 @@ run steps do so under the caller's scheduling scope and quotas, as ``generate`` 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from ..core.forking import ForkSpec
 from ..core.runs import Run
+from ..core.tracing import check_grid
 from ..errors import BadRequestError
 from ..schema import ForkRequest
 from .. import wire
@@ -53,6 +54,8 @@ class ServiceParts(Protocol):
     def _closed_brief(self, run: Run, since: int | None) -> dict[str, Any]: ...
 
     def _history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    def _token_texts(self, ids: Iterable[int]) -> dict[int, str]: ...
 
 
 class DebugCalls:
@@ -139,6 +142,36 @@ class DebugCalls:
         self._admit(run)
         self._state.after_change(run)
         return self._brief(run, since, new=True)
+
+    @_reply
+    def exposed_causal_trace(self: ServiceParts, request_json: Any) -> dict[str, Any]:
+        """ROME's grid in one call: {clean, corrupted (texts or ids), answer (id, text of one token,
+        or null), layers, positions (lists or null), site}. Answers the rows, both runs' own
+        probabilities, the answer and the clean prompt's ids, with the texts a plot labels."""
+        owner = self._who()
+        req = wire.loads(request_json, "causal_trace request")
+        keys = {"clean", "corrupted", "answer", "layers", "positions", "site"}
+        if not isinstance(req, dict) or not set(req) <= keys or not {"clean", "corrupted"} <= set(req):
+            raise BadRequestError(f"causal_trace takes an object with {sorted(keys)} (clean and corrupted required)")
+        engine = self._engine
+        clean, corrupted = engine.encode(req["clean"]), engine.encode(req["corrupted"])
+        answer = req.get("answer")
+        if isinstance(answer, str):
+            if engine.tokenizer is None:
+                raise BadRequestError("this model has no tokenizer: give the answer as a token id")
+            ids = engine.token_ids(answer)
+            if len(ids) != 1:
+                raise BadRequestError(f"answer {answer!r} is {len(ids)} tokens; pass one token (or its id)")
+            answer = ids[0]
+        layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
+        # two runs, and a batch of every position's start with its own copy of the cache, at once
+        self._check_quota(1, new_runs=2, adding=(len(positions) + 3) * self._state.kv_bytes(len(clean) + 1))
+        with self._scope():
+            grid = engine.causal_trace(clean, corrupted, answer, layers, positions, req.get("site", "resid_post"), owner)
+        texts = self._token_texts([grid.answer] + clean)
+        return {"rows": grid.rows, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
+                "answer": grid.answer, "layers": layers, "positions": positions, "clean_ids": clean,
+                "text_ids": list(texts), "texts": list(texts.values())}
 
     @_reply
     def exposed_history(self: ServiceParts, run_id: Any) -> list[dict[str, Any]]:
