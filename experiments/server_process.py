@@ -9,6 +9,7 @@ its baselines) and is killed when the block ends.
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,9 +24,15 @@ def djinn_server(model: str, device: str, dtype: str | None = None) -> Iterator[
     cmd = [sys.executable, "-m", "djinn_nb.serving", "--model", model, "--device", device, "--port", "0"]
     if dtype:
         cmd += ["--dtype", dtype]
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    err = tempfile.TemporaryFile(mode="w+")
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
     try:
-        yield server.stdout.readline().rsplit(" at ", 1)[1].strip()
+        line = server.stdout.readline() if server.stdout is not None else ""
+        if " at " not in line:
+            server.wait(10)
+            err.seek(0)
+            raise RuntimeError(f"djinn-server did not start: {line!r}\n{err.read()[-3000:]}")
+        yield line.rsplit(" at ", 1)[1].strip()
     finally:
         server.kill()
         server.wait()
