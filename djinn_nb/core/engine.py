@@ -380,7 +380,7 @@ class Engine:
         clean_ids, corrupt_ids = self.encode(clean), self.encode(corrupted)
         layers, positions = tracing.check_grid(self.num_layers, len(clean_ids), layers, positions)
         return tracing.causal_trace(
-            self, lambda ids, n, bps, record_logits=False: self.generate(ids, n, bps, owner=owner, record_logits=record_logits),
+            self, lambda ids, n, bps, **kw: self.generate(ids, n, bps, owner=owner, **kw),
             lambda run_id: self.resume(run_id, owner=owner), lambda run_id: self.close(run_id, owner),
             clean_ids, corrupt_ids, layers, positions, site, answer, on_row)
 

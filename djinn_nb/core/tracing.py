@@ -8,7 +8,8 @@ batched hook loop faster than djinn_nb. Here each prompt passes once, pausing at
 layer; at each pause of the corrupted pass the P patched starts (the clean activation restored
 at one position each) run the remaining layers as one batch from that layer's checkpoint (only
 the layers after it: the checkpoint holds everything before), and only the answer's probability
-at the last position is kept. The corrupted run's own next-token distribution rides in the first
+at the last position is kept. The clean pass records its traced layers as watches, without
+pausing (only the corrupted pass needs a checkpoint per layer). The corrupted run's own next-token distribution rides in the first
 layer's batch, so a cell whose patched input equals the corrupted one shows the same number.
 """
 from __future__ import annotations
@@ -91,13 +92,12 @@ def causal_trace(
     bps = [(layer, 0, site) for layer in layers]
     opened: list[str] = []
     try:
-        clean = generate(clean_ids, 1, bps, record_logits=True)
+        # the clean pass records every traced layer without pausing: one forward, no pause per layer
+        clean = generate(clean_ids, 1, [], record_logits=True, watches=bps)
         opened.append(clean.id)
-        restored: dict[int, torch.Tensor] = {}
-        while clean.checkpoint is not None:
-            restored[clean.checkpoint.layer] = clean.checkpoint.pending[:, list(positions)].clone()
-            clean = resume(clean.id)
-        assert clean.last_logits is not None
+        restored = {hit.layer: hit.tensor[:, list(positions)] for hit in clean.watch_log if hit.step == 0}
+        if clean.last_logits is None or sorted(restored) != sorted(layers):
+            raise RunStateError(f"the clean pass recorded layers {sorted(restored)} of {list(layers)}")
         if answer is None:
             answer = clean.token_ids[-1]
         vocab = clean.last_logits.shape[-1]
