@@ -129,6 +129,19 @@ def _prompt(vocab: int, n: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def _clean_outputs(model: torch.nn.Module, blocks: Any, layers: list[int], clean: list[int]) -> dict[int, torch.Tensor]:
+    """Every traced block's output in one clean forward (plain forward hooks)."""
+    traces = [Trace(blocks[layer]) for layer in layers]
+    for t in traces:
+        t.__enter__()
+    try:
+        model(torch.tensor([clean], device=next(model.parameters()).device))
+    finally:
+        for t in traces:
+            t.__exit__(None, None, None)
+    return {layer: t.value.clone() for layer, t in zip(layers, traces)}
+
+
 def hook_grid(model: torch.nn.Module, clean: list[int], corrupt: list[int], answer: int, layers: list[int],
               positions: list[int]) -> list[list[float]]:
     """The grid with plain forward hooks: one clean forward recording every block, then one full
@@ -136,15 +149,7 @@ def hook_grid(model: torch.nn.Module, clean: list[int], corrupt: list[int], answ
     blocks = find_anatomy(model).blocks
     device = next(model.parameters()).device
     with torch.inference_mode():
-        traces = [Trace(blocks[layer]) for layer in layers]
-        for t in traces:
-            t.__enter__()
-        try:
-            model(torch.tensor([clean], device=device))
-        finally:
-            for t in traces:
-                t.__exit__(None, None, None)
-        clean_h = {layer: t.value.clone() for layer, t in zip(layers, traces)}
+        clean_h = _clean_outputs(model, blocks, layers, clean)
         x = torch.tensor([corrupt], device=device)
         grid = []
         for layer in layers:
@@ -170,15 +175,7 @@ def batched_hook_grid(model: torch.nn.Module, clean: list[int], corrupt: list[in
     blocks = find_anatomy(model).blocks
     device = next(model.parameters()).device
     with torch.inference_mode():
-        traces = [Trace(blocks[layer]) for layer in layers]
-        for t in traces:
-            t.__enter__()
-        try:
-            model(torch.tensor([clean], device=device))
-        finally:
-            for t in traces:
-                t.__exit__(None, None, None)
-        clean_h = {layer: t.value for layer, t in zip(layers, traces)}
+        clean_h = _clean_outputs(model, blocks, layers, clean)
         x = torch.tensor([corrupt] * len(positions), device=device)
         rows = torch.arange(len(positions), device=device)
         cols = torch.tensor(positions, device=device)

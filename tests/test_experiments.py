@@ -63,3 +63,17 @@ def test_the_results_index_is_current_and_every_readme_result_has_its_file():
     p = subprocess.run([sys.executable, str(EXPERIMENTS.parent / "scripts" / "results_index.py"), "--check"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_the_causal_trace_benchmark_runs_and_its_three_grids_agree(tmp_path):
+    """A smoke run of experiments/bench/causal_trace.py on the tiny model: it must start its server,
+    time the three ways, and find the grids equal to the per-cell hook loop's."""
+    import json
+
+    from experiments.bench import causal_trace
+
+    assert causal_trace.main(["--model", "random:gpt2-tiny", "--device", "cpu", "--dtype", "float32",
+                              "--positions", "4", "--trace-repeats", "1", "--out", str(tmp_path)]) == 0
+    out = json.loads(next(tmp_path.glob("causal_trace_*.json")).read_text())
+    assert set(out["trace"]["ms"]) >= {"djinn_causal_trace", "torch_hooks_batched_per_layer"}
+    assert max(out["trace"]["max_abs_diff_vs_hooks"].values()) < 1e-6
