@@ -54,3 +54,41 @@ def test_upload_ticket_is_single_use_and_owned(served, monkeypatch):
     with pytest.raises(djinn_nb.errors.BadRequestError, match="unknown or expired upload ticket"):
         djinn_nb.client.connection._call(client._remote("edit"), run.id, edit, None, None)
     assert run.paused
+
+
+def test_peers_holding_every_side_channel_slot_without_tickets_cannot_stop_a_transfer():
+    """Eight slots, eight peers connected without a ticket (and one reconnecting in a loop): a
+    client with a ticket still uploads at once, the oldest ticketless peer hung up on to make
+    room (it was refused: the side channel was locked until their 5 s ran out)."""
+    import socket
+    import threading
+    import time
+
+    bulk = sidechannel.BulkServer("127.0.0.1", max_conns=8)
+    idle = [socket.create_connection(("127.0.0.1", bulk.port)) for _ in range(8)]
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            try:
+                socket.create_connection(("127.0.0.1", bulk.port)).close()
+            except OSError:
+                pass
+
+    loop = threading.Thread(target=churn, daemon=True)
+    loop.start()
+    try:
+        time.sleep(0.3)
+        for _ in range(3):
+            t = torch.arange(1000, dtype=torch.float32)
+            slot = bulk.expect({"dtype": "float32", "shape": [1000]}, owner="ann")
+            t0 = time.monotonic()
+            sidechannel.push("127.0.0.1", slot, t, timeout=10)
+            assert torch.equal(bulk.take(slot["ticket"], "ann"), t)
+            assert time.monotonic() - t0 < sidechannel.TICKET_SECONDS
+    finally:
+        stop.set()
+        loop.join(5)
+        for s in idle:
+            s.close()
+        bulk.close()

@@ -94,6 +94,7 @@ class BulkServer:
         self.max_reserved_bytes = max_reserved_bytes
         self.tls_context = tls_context
         self._slots: dict[bytes, _Slot] = {}
+        self._waiting: dict[int, socket.socket] = {}  # connections still to present a ticket, oldest first
         self._lock = threading.Lock()
         self._conns = threading.BoundedSemaphore(max_conns)
         self._sock = socket.create_server((host, port), backlog=max_conns)
@@ -210,8 +211,13 @@ class BulkServer:
                     self._refuse_one()
                 continue
             if not self._conns.acquire(blocking=False):
-                conn.close()  # too many at once: the client sees EOF and reports it
-                continue
+                # Full: hang up on the oldest connection still to present a ticket (a client with
+                # one presents it at once), so peers reconnecting without tickets cannot hold
+                # every slot; the newcomer waits a moment for that slot, else is refused.
+                self._hang_up_oldest_waiting()
+                if not self._conns.acquire(timeout=1.0):
+                    conn.close()  # too many transfers at once: the client sees EOF and reports it
+                    continue
             try:
                 threading.Thread(target=self._serve, args=(conn,), name="djinn-bulk-conn", daemon=True).start()
             except RuntimeError:
@@ -221,14 +227,34 @@ class BulkServer:
     def _refuse_one(self) -> None:
         self._spare.refuse_one(self._sock.accept)
 
+    def _hang_up_oldest_waiting(self) -> None:
+        with self._lock:
+            oldest = next(iter(self._waiting.values()), None)
+        if oldest is not None:
+            try:
+                oldest.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _waiting_on(self, key: int, sock: socket.socket | None) -> None:
+        """Note (or, ``None``, forget) connection ``key`` as waiting for its ticket on ``sock``."""
+        with self._lock:
+            if sock is None:
+                self._waiting.pop(key, None)
+            else:
+                self._waiting[key] = sock
+
     def _serve(self, conn: socket.socket) -> None:
         mine: _Slot | None = None  # the slot this connection claimed
+        me = id(conn)
+        self._waiting_on(me, conn)
         try:
             tune_socket(conn)
             deadline = time.monotonic() + TICKET_SECONDS
             if self.tls_context is not None:
-                conn = tls.accept(self.tls_context, conn, TICKET_SECONDS)
+                conn = tls.accept(self.tls_context, conn, TICKET_SECONDS, on_wrap=lambda t: self._waiting_on(me, t))
             key = _recv_exact(conn, TICKET_BYTES, deadline)
+            self._waiting_on(me, None)
             with self._lock:
                 self._expire()
                 slot = self._slots.get(key)
@@ -251,6 +277,7 @@ class BulkServer:
         except (OSError, EOFError, ValueError):
             pass
         finally:
+            self._waiting_on(me, None)
             if mine is not None and mine.upload:
                 if mine.done.is_set():
                     mine.claimed = False  # arrived: expiry or its connection's end drop it if never taken
