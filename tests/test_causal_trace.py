@@ -97,6 +97,20 @@ def test_bad_input_is_refused_and_leaves_no_runs(setup):
     assert ids(client) == before
 
 
+def test_the_server_call_refuses_odd_json_by_name(setup):
+    """The raw call (no client checks): every odd shape is a BadRequestError, never an internal error."""
+    import json
+
+    client, _ = setup
+    before = ids(client)
+    base = {"clean": CLEAN, "corrupted": CORRUPT}
+    for odd in ({"layers": 5}, {"positions": 5}, {"layers": [[1]]}, {"layers": [1, "a"]}, {"layers": {"1": 2}},
+                {"clean": 5}, {"clean": None}, {"corrupted": {"a": 1}}, {"positions": [True]}):
+        with pytest.raises(BadRequestError):
+            client._call("causal_trace", json.dumps(dict(base, **odd)))
+    assert ids(client) == before
+
+
 @pytest.mark.parametrize("site", ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"])
 def test_clean_and_corrupted_probabilities_are_the_runs_own_at_every_site(setup, site):
     """clean_prob was computed by restoring every position of the first traced layer: the clean run

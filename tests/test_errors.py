@@ -271,3 +271,17 @@ def test_a_text_that_is_not_valid_unicode_is_a_bad_request_not_an_internal_error
                                                                   "when": "token == '\ud800'"}]}),))):
         with pytest.raises(BadRequestError, match="not valid Unicode: a lone surrogate"):
             client._call(call, *args)
+
+
+def test_a_token_text_too_long_to_be_one_token_is_refused_before_tokenizing():
+    """An answer (or a condition's token) of 8 MB was tokenized whole, outside every limit (+1.2 GB)."""
+    import json
+    import time
+
+    client = djinn_nb.connect()
+    t0 = time.monotonic()
+    with pytest.raises(BadRequestError, match="a token's text is at most 256 characters"):
+        client._call("causal_trace", json.dumps({"clean": "a b", "corrupted": "a c", "answer": "ab c" * 2_000_000}))
+    with pytest.raises(BadRequestError, match="token"):  # a condition's token text: refused as well
+        client.generate("hi", max_new_tokens=2, breakpoints=[{"layer": 0, "step": "all", "when": f"token == '{'x' * 300}'"}])
+    assert time.monotonic() - t0 < 10  # refused, not tokenized (that took 14 s)

@@ -144,3 +144,34 @@ def test_a_user_with_a_non_ascii_name_uploads_on_the_side_channel(monkeypatch):
         assert edited.token_ids == run.fork(add=torch.ones(64), breakpoints=[]).token_ids
     finally:
         server.stop()
+
+
+def test_a_reload_that_adds_users_gives_each_their_share_and_one_user_cannot_hold_every_connection():
+    workdir = Path(tempfile.mkdtemp(prefix="djinn-share-"))
+    users = workdir / "users.yaml"
+    tokens = {"ann": add_user(users, "ann")}
+    server = start(["--model", "random:gpt2-tiny", "--users", str(users), "--max-held-bytes", "3000000",
+                    "--max-connections", "8"], workdir)
+    try:
+        tokens["ben"] = add_user(users, "ben")
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "users file reloaded: 2 users" not in server.log.read_text():
+            assert time.monotonic() < deadline and server.alive()
+            time.sleep(0.1)
+        line = [x for x in server.log.read_text().splitlines() if "users file reloaded" in x][-1]
+        assert "user_max_held_bytes 1.5 MB (half of max_held_bytes: 2 users share it)" in line
+        assert "user_max_connections 4 (half of max_connections)" in line
+        ann = [djinn_nb.connect(server.address, token=tokens["ann"]) for _ in range(4)]
+        with pytest.raises(Exception, match="user_max_connections: you have 4 connections open, of 4"):
+            djinn_nb.connect(server.address, token=tokens["ann"])
+        ben = djinn_nb.connect(server.address, token=tokens["ben"])  # his slots are his
+        with pytest.raises(Exception, match="quota user_max_held_bytes"):
+            for _ in range(40):
+                ann[0].generate([i % 500 for i in range(40)], max_new_tokens=40, breakpoints=[(6, 30)])
+        assert ben.generate(PROMPT, max_new_tokens=4, breakpoints=[2]).paused
+        ann[3].close()
+        time.sleep(0.3)
+        djinn_nb.connect(server.address, token=tokens["ann"]).close()  # a closed connection gives its slot back
+    finally:
+        server.stop()

@@ -49,6 +49,7 @@ __all__ = ["Engine", "ForkSpec"]
 
 #: a text longer than this many characters per position of the model is refused before tokenizing
 CHARS_PER_POSITION = 64
+MAX_TOKEN_TEXT = 256
 
 
 class Engine:
@@ -156,8 +157,10 @@ class Engine:
                     f"a text of {len(prompt)} characters is longer than this model could take ({self.max_text_chars}{per})"
                 )
             ids = list(self.tokenizer(check_text(prompt))["input_ids"])
-        else:
+        elif isinstance(prompt, (list, tuple)):
             ids = list(prompt)
+        else:
+            raise BadRequestError(f"a prompt is a text or a list of token ids, not {type(prompt).__name__}")
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or None
         if not ids:
             raise BadRequestError("the prompt is empty")
@@ -167,8 +170,10 @@ class Engine:
         return ids
 
     def token_ids(self, text: str) -> list[int]:
-        """A text's token ids with no special tokens added (what a condition's token text means)."""
+        """A text's token ids, no special tokens added (a condition's or an answer's token text)."""
         assert self.tokenizer is not None
+        if len(text) > MAX_TOKEN_TEXT:
+            raise BadRequestError(f"a token's text is at most {MAX_TOKEN_TEXT} characters, got {len(text)}")
         return list(self.tokenizer(check_text(text), add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -375,8 +380,7 @@ class Engine:
                      layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                      site: str = "resid_post", owner: str = "",
                      on_row: Callable[[int], None] = lambda done: None) -> tracing.TraceGrid:
-        """ROME's grid of p(answer) with the clean activation restored at (layer, position), in one
-        call: no run made per cell (see tracing.py); both runs it makes are closed before it returns."""
+        """ROME's grid in one call, no run made per cell (tracing.py); its two runs are closed after."""
         clean_ids, corrupt_ids = self.encode(clean), self.encode(corrupted)
         layers, positions = tracing.check_grid(self.num_layers, len(clean_ids), layers, positions)
         return tracing.causal_trace(

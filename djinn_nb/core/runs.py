@@ -331,7 +331,10 @@ class RunRegistry:
         with self._lock:
             self._counts[owner] += 1
             n = self._counts[owner]
-        return f"r{n}-{secrets.token_hex(4)}"
+            while True:  # owners count alike, so only the random part tells two ids apart: never reuse one
+                run_id = f"r{n}-{secrets.token_hex(4)}"
+                if run_id not in self._runs and run_id not in self._expired:
+                    return run_id
 
     def add(self, run: Run) -> None:
         with self._lock:

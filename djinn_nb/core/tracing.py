@@ -57,9 +57,12 @@ def tail_logits(host: RunHost, run: Run, starts: torch.Tensor) -> torch.Tensor:
 def check_grid(num_layers: int, n_tokens: int, layers: Sequence[int] | None,
                positions: Sequence[int] | None) -> tuple[list[int], list[int]]:
     """The grid's layers (sorted, distinct; default all) and positions (distinct; default all)."""
+    for name, given in (("layers", layers), ("positions", positions)):
+        if given is not None and (not isinstance(given, (list, tuple)) or any(type(x) is not int for x in given)):
+            raise BadRequestError(f"{name} must be a list of integers, got {str(given)[:100]!r}")
     layers = list(range(num_layers)) if layers is None else sorted(set(layers))
     positions = list(range(n_tokens)) if positions is None else list(positions)
-    if not layers or any(type(x) is not int or not 0 <= x < num_layers for x in layers):
+    if not layers or any(not 0 <= x < num_layers for x in layers):
         raise BadRequestError(f"layers must be integers in 0..{num_layers - 1}, got {layers!r}"[:200])
     if not positions or any(type(p) is not int or not 0 <= p < n_tokens for p in positions):
         raise BadRequestError(f"positions must be integers in 0..{n_tokens - 1}, got {positions!r}"[:200])

@@ -17,7 +17,7 @@ from .. import wire
 from ..wire.protocol import DEFAULT_PORT
 from .lease import DEFAULT_LEASE_SECONDS
 from .limits import (DEFAULT_CALL_STEPS, DEVICE_SHARE, HOST_SHARE, OFFLOAD_HOST_SHARE, USER_MAX_RUNS,
-                     derive_limits, parse_bytes)
+                     derive_limits, parse_bytes, reshare)
 from .server import DjinnServer, build_engine, is_loopback
 
 log = logging.getLogger("djinn_nb.serving.cli")
@@ -52,7 +52,7 @@ def _lease(text: str) -> float | None:
     return value
 
 
-def _reload_on_sighup(server: DjinnServer, path: str | None) -> None:
+def _reload_on_sighup(server: DjinnServer, path: str | None, given: set[str]) -> None:
     """``kill -HUP <pid>`` re-reads the users file (revoking a token, changing a quota) without
     closing anyone's runs; a file that does not load keeps the users as they were. Without a
     users file a SIGHUP is logged and ignored (it used to end the server)."""
@@ -68,13 +68,14 @@ def _reload_on_sighup(server: DjinnServer, path: str | None) -> None:
             log.warning("users file not reloaded, the users stay as they were: %s", e)
             return
         server.state.auth.reload(users)
-        log.info("users file reloaded: %d users", len(users))
+        reshare(server.limits, len(users), given)  # a user's share follows how many users there are now
+        log.info("users file reloaded: %d users; %s", len(users), server.limits.describe())
 
     signal.signal(signal.SIGHUP, reload)
 
 
 #: Limits derived at start-up unless a flag gives them (see limits.py).
-_DERIVED = ("max_held_bytes", "user_max_held_bytes", "user_max_runs", "max_call_steps")
+_DERIVED = ("max_held_bytes", "user_max_held_bytes", "user_max_runs", "user_max_connections", "max_call_steps")
 
 
 def _size(text: str) -> int | None:
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: half of --max-held-bytes when the users file has several users)")
     p.add_argument("--user-max-runs", type=_count, default=argparse.SUPPRESS,
                    help=f"runs one user may keep, where the users file gives no max_runs (default {USER_MAX_RUNS})")
+    p.add_argument("--user-max-connections", type=_count, default=argparse.SUPPRESS,
+                   help="connections one user may hold open (default: half of --max-connections when the users "
+                        "file has several users)")
     p.add_argument("--max-call-seconds", type=float, default=600.0,
                    help="stop (and close the run of) a call still stepping after this long (default 600)")
     p.add_argument("--max-call-steps", type=_count, default=argparse.SUPPRESS,
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except DjinnError as e:
         print(f"djinn-server: {e}", file=sys.stderr)
         return 2
-    _reload_on_sighup(server, args.users)
+    _reload_on_sighup(server, args.users, set(given))
     info = engine.info()
     tls_note = " (TLS)" if args.tls_cert else ""
     print(f"djinn-server: {info['model']} ({info['num_layers']} layers) on {info['device']} at {server.address}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class Limits:
     max_held_bytes: int | None = None  # all runs together, device and host
     user_max_runs: int | None = None
     user_max_held_bytes: int | None = None
+    user_max_connections: int | None = None
     inflight_bytes: int = 2 << 30  # large request frames being received at once
     inflight_wait_s: float = 30.0  # how long a large frame waits for room before its connection is dropped
     auth_failures: int = 20  # per address per minute, then refused for the rest of the minute
@@ -56,7 +57,8 @@ class Limits:
     def describe(self) -> str:
         """One line stating the limits that bound what runs hold and calls take, and their basis."""
         parts = []
-        for name in ("max_held_bytes", "user_max_held_bytes", "user_max_runs", "max_call_steps", "max_call_seconds"):
+        for name in ("max_held_bytes", "user_max_held_bytes", "user_max_runs", "user_max_connections", "max_call_steps",
+                     "max_call_seconds"):
             value = getattr(self, name)
             text = "none" if value is None else human_bytes(value) if name.endswith("bytes") else f"{value:g}"
             why = self.basis.get(name)
@@ -111,19 +113,32 @@ def derive_limits(given: dict[str, Any], *, device: torch.device, max_positions:
         else:
             limits.max_held_bytes = int(host_share * memory.host_available)
             basis["max_held_bytes"] = f"{host_share:.0%} of {human_bytes(memory.host_available)} available host memory"
-    if "user_max_held_bytes" not in given:
-        if users >= 2 and limits.max_held_bytes is not None:
-            limits.user_max_held_bytes = limits.max_held_bytes // 2
-            basis["user_max_held_bytes"] = f"half of max_held_bytes: {users} users share it"
-        else:
-            basis["user_max_held_bytes"] = "one user: max_held_bytes bounds it"
+    limits.basis = basis
+    reshare(limits, users, set(given))
     if "user_max_runs" not in given:
         limits.user_max_runs = EMBEDDED_USER_MAX_RUNS if embedded else USER_MAX_RUNS
         basis["user_max_runs"] = "default"
     if "max_call_steps" not in given:
         limits.max_call_steps = max_positions or DEFAULT_CALL_STEPS
         basis["max_call_steps"] = "the model's positions" if max_positions else "default"
-    return replace(limits, basis=basis)
+    return limits
+
+
+def reshare(limits: Limits, users: int, given: set[str]) -> None:
+    """Set the limits that depend on how many users share the server (those not ``given`` by a
+    flag): a user's bytes and connections are half the server's when there are several. Called
+    at start-up and again when the users file is reloaded."""
+    if "user_max_held_bytes" not in given:
+        if users >= 2 and limits.max_held_bytes is not None:
+            limits.user_max_held_bytes = limits.max_held_bytes // 2
+            limits.basis["user_max_held_bytes"] = f"half of max_held_bytes: {users} users share it"
+        else:
+            limits.user_max_held_bytes = None
+            limits.basis["user_max_held_bytes"] = "one user: max_held_bytes bounds it"
+    if "user_max_connections" not in given:
+        several = users >= 2
+        limits.user_max_connections = max(1, limits.max_connections // 2) if several else None
+        limits.basis["user_max_connections"] = "half of max_connections" if several else "one user"
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -167,4 +182,4 @@ def kv_bytes_per_position(config: Any, dtype: torch.dtype) -> int:
     return 2 * layers * int(kv_heads) * int(head_dim) * torch.empty((), dtype=dtype).element_size()
 
 
-__all__ = ["Limits", "Memory", "derive_limits", "parse_bytes", "human_bytes", "kv_bytes_per_position"]
+__all__ = ["Limits", "Memory", "derive_limits", "reshare", "parse_bytes", "human_bytes", "kv_bytes_per_position"]

@@ -9,6 +9,7 @@ class without the server's traceback. Runs belong to the token that made them.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import select
 from typing import Any
@@ -64,6 +65,11 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
             pass
 
     def on_disconnect(self, conn: rpyc.Connection) -> None:
+        if self._owner is not None:
+            with self._state.connections_lock:
+                self._state.connections[self._owner] -= 1
+                if self._state.connections[self._owner] <= 0:
+                    del self._state.connections[self._owner]
         if self._state.bulk is not None:
             self._state.bulk.release(id(self))  # this connection's unfetched downloads and uploads
 
@@ -168,12 +174,13 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
     def _who(self) -> str:
         if self._owner is None:
             raise AuthenticationError("call hello(protocol, token) first")
-        user, auth = self._user, self._state.auth
-        if user is not None and auth.users.get(user.name) is not user:  # the users file was reloaded
-            if not auth.current(user):
+        user, users = self._user, self._state.auth.users  # one snapshot: a reload swaps the whole dict
+        if user is not None and users.get(user.name) is not user:  # the users file was reloaded
+            now = users.get(user.name)
+            if now is None or not hmac.compare_digest(now.token_sha256, user.token_sha256):
                 raise AuthenticationError("this server no longer accepts your token (its users file changed); "
                                           "connect again with a current one")
-            self._user = auth.users[user.name]  # its quotas as the file now says
+            self._user = now  # its quotas as the file now says
         return self._owner
 
     def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit:
@@ -221,8 +228,16 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
             raise BadRequestError("token must be a string or None")
         if self._owner is not None:
             raise BadRequestError("hello was already said on this connection")
-        self._user = self._state.auth.authenticate(token, self._peer)
-        self._owner = self._user.name if self._user is not None else ""
+        user = self._state.auth.authenticate(token, self._peer)
+        owner = user.name if user is not None else ""
+        cap = getattr(self._state.limits, "user_max_connections", None)
+        with self._state.connections_lock:  # one user's connections cannot take every slot
+            held = self._state.connections[owner]
+            if cap is not None and held >= cap:
+                raise QuotaError(f"quota user_max_connections: you have {held} connections open, of {cap}; "
+                                 "close one first", quota="user_max_connections")
+            self._state.connections[owner] += 1
+        self._user, self._owner = user, owner
         self._state.on_hello(self._conn)
         if self._channel is not None:  # authenticated: frames up to a tensor payload plus framing
             self._channel.max_frame = self._state.max_payload + (1 << 20)

@@ -7,6 +7,7 @@ the one ``ServerState``, and the byte count every quota reads (``held_bytes``) l
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Any, Callable
@@ -68,6 +69,8 @@ class ServerState:
         self.freed = threading.Event()  # set when runs were closed: the reaper trims the heap
         self.activity = CallActivity()
         self.on_hello: Callable[[Any], None] = lambda conn: None
+        self.connections: collections.Counter[str] = collections.Counter()  # per owner, past hello
+        self.connections_lock = threading.Lock()
         model = getattr(engine, "model", None)
         self.kv_per_position = kv_bytes_per_position(model.config, engine.dtype) if model is not None else 0
         self.max_positions: int | None = getattr(engine, "max_positions", None)

@@ -59,7 +59,7 @@ def single_user(token: str | None) -> dict[str, User]:
 
 
 #: A user name: letters (any script), digits and ``. _ @ + -``, at most 64 characters.
-USER_NAME = re.compile(r"[^\W][\w.@+-]{0,63}")
+USER_NAME = re.compile(r"[^\W_][\w.@+-]{0,63}")
 
 
 def check_name(name: Any, where: str = "") -> str:

@@ -72,7 +72,7 @@ class BulkServer:
     ticket and then a deadline set by the size (``MIN_RATE``), however it trickles; at
     most ``max_conns`` are served at once. A slot is never taken from one transfer to
     make room for another: past ``max_slots`` (or the reserved bytes) a new one is
-    refused, and no owner's uploads may reserve more than half the bytes (the server also
+    refused, and no owner's transfers may reserve more than half the bytes (the server also
     counts them to the owner's byte quota); every slot goes on use, expiry (``ttl``), a failed transfer or the end of
     the rpyc connection that reserved it.
     """
@@ -180,9 +180,9 @@ class BulkServer:
             self._expire()
             mine = [s for s in self._slots.values() if s.owner == slot.owner]
             reserved = sum(s.nbytes for s in self._slots.values())
-            if sum(s.nbytes for s in mine) + slot.nbytes > self.max_reserved_bytes // 2 and slot.upload:
-                raise QuotaError("quota side_channel: your pending uploads would take more than half of the side "
-                                 "channel's reservations; send them one after another", quota="side_channel")
+            if sum(s.nbytes for s in mine) + slot.nbytes > self.max_reserved_bytes // 2:
+                raise QuotaError("quota side_channel: your pending transfers would take more than half of the side "
+                                 "channel's reservations; fetch or send them one after another", quota="side_channel")
             if (len(self._slots) >= self.max_slots or len(mine) >= self.per_owner
                     or reserved + slot.nbytes > self.max_reserved_bytes):
                 raise QuotaError("the side channel is busy (too many transfers pending); try again shortly",
