@@ -198,11 +198,6 @@ class Authenticator:
         refused from their next call; runs are left as they are (an admin may close them)."""
         self.users = users
 
-    def current(self, user: User) -> bool:
-        """Whether ``user`` (as authenticated) is still in the users file, with the same token."""
-        now = self.users.get(user.name)
-        return now is not None and hmac.compare_digest(now.token_sha256, user.token_sha256)
-
     def _fail(self, peer: str, now: float) -> None:
         with self._lock:
             self._failures.setdefault(peer, []).append(now)
