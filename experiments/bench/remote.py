@@ -1,0 +1,87 @@
+"""What each notebook action costs over a real network's latency (issue 21).
+
+    python -m experiments.bench.remote --rtt 0 5 25 --out DIR
+
+The embedded SmolLM2 behind a server in this process, reached on loopback and through
+``experiments/latency_proxy.py`` at each ``--rtt`` (milliseconds, both channels). Per action: the
+rpyc requests it sends (counted at the protocol level), its fastest wall time of ``--rounds``
+interleaved with the same action on loopback, and that time less the loopback one in round trips
+(the goal: at most 3, i.e. wall ≤ compute + 3 × RTT). Floor: one round trip per action.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import djinn_nb
+from djinn_nb.serving.embedded import start_embedded_server
+
+from ..exp3_whitebox.exp3lib.env import environment, write_json
+from ..latency_proxy import DelayedServer
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def actions(client: Any) -> dict[str, Callable[[], Any]]:
+    paused = client.generate(PROMPT, max_new_tokens=4, breakpoints=[(10, 1)])
+    return {
+        "generate_to_a_pause": lambda: client.generate(PROMPT, max_new_tokens=4, breakpoints=[(10, 1)]).close(),
+        "fork_text": lambda: paused.fork(scale=0.9, breakpoints=[], close=True).text,
+        "lens_k5": lambda: paused.lens(k=5),
+        "runs": lambda: client.runs(),
+        "causal_trace_3_layers": lambda: djinn_nb.causal_trace(client, "The Eiffel Tower is in", "The Colosseum is in",
+                                                               layers=[0, 10, 20], progress=False),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rtt", type=float, nargs="+", default=[0.0, 5.0, 25.0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--out", default="experiments/out/remote")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from round_trips import count_requests  # the same counter the round-trip test uses
+
+    server = start_embedded_server(None, "cpu", None)
+    near = djinn_nb.connect(server.address)
+    local = actions(near)
+    results: dict[str, Any] = {}
+    for rtt in args.rtt:
+        with DelayedServer(server.address, server.state.bulk.port, rtt_ms=rtt) as address:
+            far = djinn_nb.connect(address)
+            remote = actions(far)
+            for name in local:
+                local[name](), remote[name]()  # warm
+                with count_requests(far) as sent:
+                    remote[name]()
+                near_t, far_t = [], []
+                for _ in range(args.rounds):
+                    for action, times in ((local[name], near_t), (remote[name], far_t)):
+                        t0 = time.perf_counter()
+                        action()
+                        times.append(time.perf_counter() - t0)
+                base, linked = min(near_t), min(far_t)
+                results.setdefault(name, {})[f"rtt_{rtt:g}ms"] = {
+                    "requests": sent.n, "loopback_ms": base * 1e3, "linked_ms": linked * 1e3,
+                    "over_in_round_trips": (linked - base) / (rtt / 1e3) if rtt else None,
+                }
+            far.close()
+    near.close()
+    server.close()
+    out = {"benchmark": "notebook actions over an injected round-trip delay (both channels)",
+           "model": "embedded SmolLM2-135M", "rounds": args.rounds, "goal": "linked <= loopback + 3 x RTT",
+           "environment": environment("cpu", "float32"), "actions": results}
+    write_json(Path(args.out) / "remote.json", out)
+    for name, by_rtt in results.items():
+        print(name, "; ".join(f"{k}: {v['requests']} req, {v['linked_ms']:.1f} ms"
+                              + (f" (+{v['over_in_round_trips']:.2f} RTT)" if v["over_in_round_trips"] is not None else "")
+                              for k, v in by_rtt.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
