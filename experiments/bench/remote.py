@@ -11,7 +11,6 @@ interleaved with the same action on loopback, and that time less the loopback on
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from djinn_nb.serving.embedded import start_embedded_server
 
 from ..exp3_whitebox.exp3lib.env import environment, write_json
 from ..latency_proxy import DelayedServer
+from ..round_trips import count_requests  # the counter tests/test_round_trips.py uses
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -43,9 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default="experiments/out/remote")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    from round_trips import count_requests  # the same counter the round-trip test uses
-
     server = start_embedded_server(None, "cpu", None)
     near = djinn_nb.connect(server.address)
     local = actions(near)
