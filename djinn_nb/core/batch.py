@@ -22,9 +22,18 @@ import torch
 
 from ..schema import RunState
 from . import graphs, kvcache
-from .runs import Run
+from .runs import Checkpoint, Run
 from .nanguard import logits_finite
 from .stepping import Stepper
+
+
+def repeated_state(cp: Checkpoint, cache: Any, n: int) -> tuple[Any, tuple, dict, dict[str, torch.Tensor]]:
+    """The paused step's state for ``n`` rows: a copy of ``cache`` repeated per row (the original
+    untouched), the checkpoint's arguments pointing at it, and its saved sites repeated."""
+    rows = kvcache.fork_cache(cache)
+    rows.batch_repeat_interleave(n)
+    saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
+    return rows, kvcache.swap_cache(cp.args, cache, rows), kvcache.swap_cache(cp.kwargs, cache, rows), saved
 
 
 class ForkBatch:
@@ -93,11 +102,7 @@ class ForkBatch:
             graph.copy_cache_into(cache)
             slot.replays += 1
             return logits, cache, "cuda-graph"
-        cache = kvcache.fork_cache(self.parent_cache)
-        cache.batch_repeat_interleave(n)
-        args = kvcache.swap_cache(cp.args, self.parent_cache, cache)
-        kwargs = kvcache.swap_cache(cp.kwargs, self.parent_cache, cache)
-        saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
+        cache, args, kwargs, saved = repeated_state(cp, self.parent_cache, n)
 
         def tail(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
             return self.stepper.continue_from(cp.layer, cp.site, h, a, kw, saved)

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import BadRequestError, RunStateError
-from . import kvcache
+from .batch import repeated_state
 from .host import RunHost
 from .runs import Checkpoint, Run
 
@@ -45,12 +45,7 @@ def tail_logits(host: RunHost, run: Run, starts: torch.Tensor) -> torch.Tensor:
     cp = run.checkpoint
     if cp is None:
         raise RunStateError(f"run {run.id} is not paused")
-    n = starts.shape[0]
-    cache = kvcache.fork_cache(run.cache)
-    cache.batch_repeat_interleave(n)
-    args = kvcache.swap_cache(cp.args, run.cache, cache)
-    kwargs = kvcache.swap_cache(cp.kwargs, run.cache, cache)
-    saved = {k: v.repeat(n, *([1] * (v.dim() - 1))) if v.shape[0] == 1 else v for k, v in cp.saved.items()}
+    _, args, kwargs, saved = repeated_state(cp, run.cache, starts.shape[0])
     return host.stepper.continue_from(cp.layer, cp.site, starts, args, kwargs, saved)
 
 
