@@ -25,6 +25,7 @@ from djinn_nb.errors import BadRequestError, DjinnError, QuotaError
 from djinn_nb import wire
 from djinn_nb.wire import sidechannel
 from djinn_nb.wire.protocol import PROTOCOL
+from djinn_nb.serving.objects import MAX_OBJECTS
 from djinn_nb.serving.service import DjinnService
 from djinn_nb.wire.transport import RPYC_CONFIG, open_connection
 from server_proc import start
@@ -32,6 +33,7 @@ from server_proc import start
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 TOKEN = "fortress-token"
 NOFILE = 160
+OBJECTS_TRIED = 20 * 1024
 
 
 def _low_nofile() -> None:
@@ -485,3 +487,25 @@ def test_stalled_tls_handshakes_count_against_the_hello_slots():
                 s.close()
     finally:
         server.stop()
+
+
+def test_a_peer_that_never_releases_what_it_looks_up_is_cut_off_alone(fortress, keeper):
+    """Each ``conn.root.<call>`` lookup makes the server hold a bound method until the peer
+    releases it; a peer that never does is disconnected past the bound, nobody else is, and an
+    honest client looking up thousands of calls (and releasing them) is never cut off."""
+    honest = djinn_nb.connect(fortress.address, token=TOKEN)
+    for _ in range(3000):
+        honest._call("runs")
+    honest.close()
+    conn = rpyc.connect("127.0.0.1", fortress.port, config=RPYC_CONFIG)
+    held = []
+    try:
+        assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
+        with pytest.raises(EOFError):
+            for _ in range(OBJECTS_TRIED):
+                held.append(conn.root.runs)  # kept: never released
+        assert len(held) < MAX_OBJECTS + 2
+    finally:
+        held.clear()
+        conn.close()
+    keeper.check()

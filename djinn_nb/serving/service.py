@@ -26,6 +26,7 @@ from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
 from .debug_calls import DebugCalls
+from .objects import bound_objects
 from .state import ServerState
 from .text_calls import TextCalls
 from ..wire.protocol import PROTOCOL
@@ -56,6 +57,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         self._peer = "?"
 
     def on_connect(self, conn: rpyc.Connection) -> None:
+        bound_objects(conn)  # a peer that never releases what it looks up cannot grow the server without end
         channel = getattr(conn, "_channel", None)
         self._channel = channel if isinstance(channel, FastChannel) else None
         self._conn = conn
