@@ -21,7 +21,7 @@ from ..core.runs import Run, activation_stats
 from ..core.scheduler import call_scope
 from ..core.specs import Edit, Sampling
 from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError, QuotaError
-from ..schema import EditRequest, ForkRequest, GenerateRequest
+from ..schema import EditRequest, ForkRequest, GenerateRequest, LensReply
 from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
@@ -358,7 +358,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         top_ids, probs = self._engine.lens(run.id, k, self._who())
         ids = top_ids.tolist()
         texts = self._token_texts([i for row in ids for i in row] + list(run.prompt_ids) + list(run.token_ids))
-        return {"ids": ids, "probs": probs.tolist(), "text_ids": list(texts), "texts": list(texts.values())}
+        return LensReply(ids, probs.tolist(), list(texts), list(texts.values())).to_json()
 
     @_reply
     def exposed_lens_grid(self, request_json: Any) -> dict[str, Any]:

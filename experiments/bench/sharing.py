@@ -39,7 +39,8 @@ from ..exp3_whitebox.exp3lib.env import environment, write_json
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 LONG = [(7 * i) % 500 for i in range(900)]
-NEVER = " or ".join(["step < 0"] * 199)  # a never-true condition, near the part cap when repeated
+NEVER = " or ".join(["step < 0"] * 199)  # a never-true condition of 199 parts
+NEVER_BPS = [{"layer": i % 4, "step": "all", "site": "resid_post", "when": NEVER} for i in range(5)]  # 995 parts
 
 
 # ----- the attacks, each run by ``--attacker NAME`` in a process of its own until killed ----------------
@@ -75,9 +76,8 @@ def attack(name: str, address: str, token: str, stop_at: float) -> dict[str, int
             if not kept:
                 kept.append(mal.generate(PROMPT, max_new_tokens=2))  # a finished run, listed 4,096 times
             _quietly(lambda: mal.token_probs([kept[0]] * 4096, 3), tally)
-        elif name == "breakpoints":  # 4,096 never-true conditional breakpoints on a long generation
-            bps = [{"layer": i % 4, "step": "all", "site": "resid_post", "when": NEVER} for i in range(5)]
-            _quietly(lambda: mal.generate(PROMPT, max_new_tokens=200, breakpoints=bps).close(), tally)
+        elif name == "breakpoints":  # never-true conditions up to the 1,000-part cap, tested at every step
+            _quietly(lambda: mal.generate(PROMPT, max_new_tokens=200, breakpoints=NEVER_BPS).close(), tally)
         elif name == "huge_text":
             _quietly(lambda: mal.generate("x" * (8 << 20), max_new_tokens=1), tally)
         elif name == "reserve_side_channel":
