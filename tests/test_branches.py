@@ -260,3 +260,59 @@ def test_every_reply_field_is_checked_by_the_client():
     for bad in ({"distance": [[0.5]]}, {"kl": []}, {"tokens_a": ["x"]}, {"extra": 1}, {"norm": [[1.0, 2.0], [1]]}):
         with pytest.raises(DjinnError):
             DiffReply.from_json({**good, **bad})
+
+
+# ----- the notebook view ------------------------------------------------------------------------
+def test_the_view_marks_the_divergence_and_rewinds_either_branch(embedded):
+    """The embedded SmolLM2 (a tokenizer: texts in the reply). The whole view costs the diff's one
+    request; a rewind button makes a run paused at the chosen step and layer of its branch."""
+    from djinn_nb.notebook.branches import DiffView, diff_html, plot_diff
+
+    client = djinn_nb.connect()
+    try:
+        src = client.generate("The capital of France is", max_new_tokens=6, breakpoints=[(10, 2)])
+        fork = src.fork(scale=3.0, breakpoints=[])
+        src.run_to_end()
+        with count_requests(client) as sent:
+            d = djinn_nb.diff(src, fork, layers=[8, 10, 12])
+            view = DiffView(d)
+            page = diff_html(d)
+        assert sent.n == 1, sent
+        assert d.divergence == first_difference(src.token_ids, fork.token_ids) is not None
+        first_b = client.decode([fork.token_ids[d.divergence]])
+        assert f"step {d.divergence}" in page and first_b.replace("'", "&#x27;") in page
+        assert plot_diff(d).axes[0].get_images()[0].get_array().shape == (3, 6)
+        view.step.value, view.layer.value = 4, 10
+        back = view.rewind("b")
+        assert back is view.rewound and back.paused and (back.step, back.layer, back.site) == (4, 10, "resid_post")
+        assert back.token_ids == fork.token_ids[:4]
+        view.step.value = 5
+        assert view.rewind("a").token_ids == src.token_ids[:5]
+    finally:
+        client.close()
+
+
+def test_the_diff_magic(embedded):
+    from IPython.utils.capture import capture_output
+
+    from ipython_shell import djinn_shell, magic
+    from djinn_nb.notebook.branches import DiffView
+
+    with djinn_shell() as sh:
+        with capture_output():
+            magic(sh, "djinn_connect")
+        main = sh.magics_manager.registry["DjinnMagics"]
+        a = main.client.generate("The capital of France is", max_new_tokens=4)
+        sh.user_ns["first"] = a
+        b = main.client.generate("The capital of France is", max_new_tokens=4, temperature=1.0, seed=5)
+        view = magic(sh, f"djinn_diff first {b.id} layers=1,2 k=3")
+        assert isinstance(view, DiffView) and view.diff.layers == [1, 2] and view.diff.reply.b == b.id
+        view.step.value = 1
+        assert view.rewind("a") is main.run  # a rewind made from the view is the current run
+        from IPython.core.error import UsageError
+
+        with pytest.raises(UsageError, match="compares two runs"):
+            magic(sh, "djinn_diff first")
+        with pytest.raises(UsageError, match="different prompts"):
+            other = main.client.generate("Hello", max_new_tokens=2)
+            magic(sh, f"djinn_diff first {other.id}")
