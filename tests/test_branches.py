@@ -270,8 +270,9 @@ def test_the_view_marks_the_divergence_and_rewinds_either_branch(embedded):
 
     client = djinn_nb.connect()
     try:
-        src = client.generate("The capital of France is", max_new_tokens=6, breakpoints=[(10, 2)])
-        fork = src.fork(scale=3.0, breakpoints=[])
+        src = client.generate("The capital of France is", max_new_tokens=6, breakpoints=[(4, 1)])
+        push = torch.randn(int(client.info["hidden_size"]), generator=torch.Generator().manual_seed(0)) * 8
+        fork = src.fork(add=push, breakpoints=[])
         src.run_to_end()
         with count_requests(client) as sent:
             d = djinn_nb.diff(src, fork, layers=[8, 10, 12])

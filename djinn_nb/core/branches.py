@@ -232,7 +232,7 @@ class _Differ:
 
     def _lens(self, st: _Step) -> list[list[tuple[int, float]]]:
         """Per layer, the logit lens's top-k at the step's last position ([] where unknown)."""
-        rows = []
+        rows: list[list[tuple[int, float]]] = []
         for layer in self.layers:
             h = st.states[layer]
             if h is None:

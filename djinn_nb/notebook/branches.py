@@ -121,7 +121,8 @@ class DiffView:
 
         from .plots import to_png
 
-        self.diff, self.rewound, self.on_rewind = d, None, on_rewind
+        self.diff, self.on_rewind = d, on_rewind
+        self.rewound: Run | None = None
         default = d.divergence if d.divergence is not None and d.divergence in d.steps else (d.steps or [0])[0]
         self.step = w.Dropdown(options=d.steps or [0], value=default, description="step")
         self.layer = w.Dropdown(options=d.layers, value=d.layers[0], description="layer")
