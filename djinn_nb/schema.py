@@ -410,3 +410,70 @@ class ForkRequest(_Message):
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "edit": self.edit.to_json()}
+
+
+@dataclass
+class DiffRequest(_Message):
+    """``diff``: runs ``a`` and ``b`` (one prompt), the layers (default all) and site compared, the
+    top-k at the divergence, and ``steps`` ``[start, stop)`` (default every step both finished)."""
+
+    a: str
+    b: str
+    layers: list[int] | None = None
+    site: str = "resid_post"
+    k: int = 5
+    steps: list[int] | None = None
+
+    _types = {"a": (str,), "b": (str,), "layers": (list,), "site": (str,), "k": (int,), "steps": (list,)}
+    _optional = frozenset({"layers", "steps"})
+
+
+@dataclass
+class DiffReply(_Message):
+    """Two branches compared (see ``djinn_nb.core.branches``). ``distance``/``norm`` are
+    ``[layer index][step index]`` (``norm``: of run a's state); ``kl[i]`` is KL(a ‖ b) at
+    ``steps[i]``; None where a value is not known (an unreproduced step: ``unreproduced_a/_b``).
+    ``source[i]``: ``watched`` or ``recomputed``. At the ``divergence`` (the first step whose
+    tokens differ, or None), each run's top-k ``[id, prob]`` and, at a residual site, its logit
+    lens per layer. ``text_ids``/``texts``: the texts of the tokens named, with a tokenizer."""
+
+    a: str
+    b: str
+    prompt_len: int
+    tokens_a: list[int]
+    tokens_b: list[int]
+    layers: list[int]
+    steps: list[int]
+    site: str
+    divergence: int | None
+    distance: list[list[float | None]]
+    norm: list[list[float | None]]
+    kl: list[float | None]
+    source: list[str]
+    unreproduced_a: list[int] = field(default_factory=list)
+    unreproduced_b: list[int] = field(default_factory=list)
+    topk_a: list[list[float]] | None = None
+    topk_b: list[list[float]] | None = None
+    lens_a: list[list[list[float]]] | None = None
+    lens_b: list[list[list[float]]] | None = None
+    text_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    _types = {"a": (str,), "b": (str,), "prompt_len": (int,), "tokens_a": (list,), "tokens_b": (list,),
+              "layers": (list,), "steps": (list,), "site": (str,), "divergence": (int,), "distance": (list,),
+              "norm": (list,), "kl": (list,), "source": (list,), "unreproduced_a": (list,), "unreproduced_b": (list,),
+              "topk_a": (list,), "topk_b": (list,), "lens_a": (list,), "lens_b": (list,), "text_ids": (list,),
+              "texts": (list,)}
+    _optional = frozenset({"divergence", "topk_a", "topk_b", "lens_a", "lens_b"})
+
+    def __post_init__(self) -> None:
+        cls, rows, cols = type(self), len(self.layers), len(self.steps)
+        for name in ("tokens_a", "tokens_b", "layers", "steps", "unreproduced_a", "unreproduced_b", "text_ids"):
+            if any(type(t) is not int for t in getattr(self, name)):
+                raise _fail(cls, f"{name} must be a list of ints")
+        for name in ("distance", "norm"):
+            grid = getattr(self, name)
+            if len(grid) != rows or any(type(row) is not list or len(row) != cols for row in grid):
+                raise _fail(cls, f"{name} must be {rows} rows of {cols} values")
+        if len(self.kl) != cols or len(self.source) != cols or len(self.texts) != len(self.text_ids):
+            raise _fail(cls, "kl and source have a value per step, texts one per text id")

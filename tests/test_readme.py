@@ -34,6 +34,7 @@ def test_the_api_block_runs_as_written():
     assert (run.paused, run.layer, run.step) == (True, 10, 3)  # "on to the next breakpoint (10, 3)"
     assert (back.paused, back.step, back.layer, back.site) == (True, 4, 6, "resid_post")
     assert cond.paused and cond.site == "mlp_out"
+    assert scope["branches"].steps == [0, 1, 2] and len(scope["branches"].layers) == scope["client"].info["num_layers"]
     assert grid.shape[0] == scope["client"].info["num_layers"] and 0 < grid.attrs["clean_prob"] <= 1
     for r in (run, steered, back, cond):
         r.close()

@@ -25,6 +25,7 @@ from ..schema import EditRequest, ForkRequest, GenerateRequest, LensReply
 from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
+from .branch_calls import BranchCalls
 from .debug_calls import DebugCalls
 from .objects import bound_objects
 from .state import ServerState
@@ -45,7 +46,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, BranchCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
