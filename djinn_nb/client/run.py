@@ -303,8 +303,9 @@ class Run:
         position, the top-``k`` ``(token_id, probability)`` of ``softmax(head(final_norm(activation)))``,
         computed on the server (edits applied). A list of lists; shown with 4 significant digits,
         the values themselves are exact."""
+        raw = self._client._call("lens", self.id, k)  # the server's own errors pass as they are
         try:
-            reply = LensReply.from_json(self._client._call("lens", self.id, k))
+            reply = LensReply.from_json(raw)
         except BadRequestError as e:
             raise ProtocolError(f"lens: {e}") from None
         self._client._remember((), None, dict(zip(reply.text_ids, reply.texts)))  # the table's next read
