@@ -26,6 +26,7 @@ from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
 from .debug_calls import DebugCalls
+from .sae_calls import SaeCalls
 from .state import ServerState
 from .text_calls import TextCalls
 from ..wire.protocol import PROTOCOL
@@ -44,7 +45,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, SaeCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
@@ -192,6 +193,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
             heads=None if req.heads is None else tuple(req.heads),
             patch_from=req.patch_from,
             positions=None if req.positions is None else tuple(req.positions),
+            clamp=self._clamp(req.clamp),
         )
 
     def _tensor_arg(self, meta: Any, data: Any, what: str) -> Any:
@@ -253,6 +255,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
         req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
+        self._check_features(req.breakpoints)
         self._check_quota(req.max_new_tokens, adding=self._state.kv_bytes(prompt_positions(req.prompt)
                                                                            + req.max_new_tokens))
         with self._scope():
@@ -293,6 +296,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         owner = self._who()
         since = _since(since)
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
+        self._check_features(req.breakpoints)
         edit = self._edit(req.edit, act, add)
         parent = self._engine.get(_str(run_id, "run id"), owner)
         limit = req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens
