@@ -230,11 +230,11 @@ def test_a_clamp_fork_equals_a_hook_doing_the_same_replacement(clamp_setup):
             fork.close()
         forks = run.fork_many([{"clamp": {top: v}, "sae": sae.id, "breakpoints": []} for v in (30.0, 60.0)])
         for fork, v in zip(forks, (30.0, 60.0)):
-            edit = lambda x, v=v: ref_clamp(x, t, cfg, {top: v})  # noqa: E731
+            edit = lambda x, c={top: v}: ref_clamp(x, t, cfg, c)  # noqa: E731
             assert fork.token_ids == generate(hf_model(path), PROMPT, N, edit_layer=LAYER, edit_call=step, edit=edit)
         assert run.activation().equal(h)  # the parent is as it was
         run.resume(clamp={top: 50.0}, sae=sae)
-        edit = lambda x: ref_clamp(x, t, cfg, {top: 50.0})  # noqa: E731
+        edit = lambda x, c={top: 50.0}: ref_clamp(x, t, cfg, c)  # noqa: E731
         assert run.token_ids == generate(hf_model(path), PROMPT, N, edit_layer=LAYER, edit_call=step, edit=edit)
 
 
@@ -286,8 +286,9 @@ def test_bad_input_is_a_named_error_and_changes_nothing(fresh, tmp_path):
     for when, words in ((f"feature(ok, {D_SAE}) > 1", [f"feature {D_SAE}"]), ("feature(nope, 1) > 1", ["no SAE"]),
                         ("feature(ok, 1) > 1", ["layer 3 resid_post", f"layer {LAYER + 1}"])):
         layer = LAYER + 1 if "ok, 1)" in when else LAYER
-        refused(lambda: client.generate(PROMPT, max_new_tokens=N, breakpoints=[{"layer": layer, "when": when}]), *words)
-        refused(lambda: run.fork(breakpoints=[{"layer": layer, "when": when}]), *words)
+        bps = [{"layer": layer, "when": when}]
+        refused(lambda b=bps: client.generate(PROMPT, max_new_tokens=N, breakpoints=b), *words)
+        refused(lambda b=bps: run.fork(breakpoints=b), *words)
     run.resume()  # to layer LAYER + 1: an SAE of layer LAYER does not read there
     at.update(where=(LAYER + 1, 0), activation=run.activation())
     refused(lambda: run.features(sae), f"layer {LAYER} resid_post", f"layer {LAYER + 1}")
