@@ -349,3 +349,24 @@ def test_loading_is_admitted_against_the_byte_and_count_quotas(tmp_path):
         client.close()
     finally:
         served.server.close()
+
+
+def test_a_server_with_sae_dirs_loads_only_from_under_them(tmp_path):
+    from djinn_nb.serving.limits import Limits
+    from serving import serve
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    write_sae(allowed / "a", 64, f"blocks.{LAYER}.hook_resid_post")
+    write_sae(outside / "b", 64, f"blocks.{LAYER}.hook_resid_post")
+    (allowed / "link").symlink_to(outside / "b")
+    served = serve(limits=Limits(sae_dirs=(str(allowed),)))
+    try:
+        client = djinn_nb.connect(f"127.0.0.1:{served.port}")
+        assert client.load_sae(str(allowed / "a")).d_in == 64
+        for path in (outside / "b", allowed / "link", allowed / ".." / "outside" / "b", outside / "missing"):
+            with pytest.raises(SaeError, match="only from its SAE directories"):
+                client.load_sae(str(path))
+        assert len(client.saes()) == 1
+        client.close()
+    finally:
+        served.server.close()

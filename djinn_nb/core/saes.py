@@ -99,15 +99,20 @@ def _cfg_field(cfg: dict[str, Any], name: str, kinds: tuple[type, ...], default:
     return value
 
 
-def inspect_dir(path: Any) -> SaeFiles:
+def inspect_dir(path: Any, roots: tuple[str, ...] | None = None) -> SaeFiles:
     """Check a directory on this machine holds an SAE in SAELens's format; nothing is loaded yet.
 
     Every way of not being one (no such path, not a directory, unreadable, a file missing)
-    is the same error, naming only the path given.
+    is the same error, naming only the path given. With ``roots``, a path (links resolved)
+    outside them is refused before anything about it is looked at.
     """
     if type(path) is not str or not path or len(path) > 4096 or "\0" in path:
         raise SaeError("an SAE path is a non-empty text of at most 4096 characters")
     where = os.path.realpath(os.path.expanduser(path))
+    if roots is not None and not any(os.path.commonpath([where, os.path.realpath(r)]) == os.path.realpath(r)
+                                     for r in roots):
+        raise SaeError("this server loads SAEs only from its SAE directories (djinn-server --sae-dir); "
+                       f"{path!r} is not under one"[:300])
     cfg_path, weights = os.path.join(where, CFG_FILE), os.path.join(where, WEIGHTS_FILE)
     if not (os.path.isdir(where) and os.path.isfile(cfg_path) and os.path.isfile(weights)
             and os.access(cfg_path, os.R_OK) and os.access(weights, os.R_OK)):

@@ -90,7 +90,7 @@ class SaeCalls:
         if cap is not None and have >= cap:
             raise QuotaError(f"quota user_max_saes: you have {have} SAEs loaded, of {cap}; unload one first",
                              quota="user_max_saes")
-        files = inspect_dir(req["path"])
+        files = inspect_dir(req["path"], getattr(limits, "sae_dirs", None))
         site = req.get("site")
         if site is None:
             if files.hook is None:
