@@ -61,7 +61,7 @@ def _patched(h: torch.Tensor, edit: Edit, patch: PatchSource | None, where: str)
         if edit.patch_from is not None:
             raise ActivationError(f"patch_from={edit.patch_from!r} was not resolved to a paused run")
         if edit.positions is not None and edit.clamp is None:
-            raise ActivationError("positions= selects where patch_from or clamp writes: pass one of them too")
+            raise ActivationError("positions= selects where patch_from (or a clamp) writes: pass patch_from too (or clamp=)")
         return h
     if edit.activation is not None:
         raise ActivationError("pass either activation= or patch_from=, not both: each replaces the activation")
