@@ -488,13 +488,13 @@ class DjinnMagics(Magics):
 
 def register(ipython: Any) -> DjinnMagics:
     """Register the djinn magics with an IPython shell (``%load_ext djinn_nb`` calls this)."""
-    from .formatters import register as show_as_html
+    from .branches import BranchMagics
     from .debug_magics import NavigationMagics
+    from .formatters import register as show_as_html
     from .feature_magics import FeatureMagics  # after DjinnMagics: its %djinn_steer takes feature=
 
-    magics = DjinnMagics(ipython)
-    ipython.register_magics(magics)
-    for more in (NavigationMagics, FeatureMagics):
+    ipython.register_magics(magics := DjinnMagics(ipython))
+    for more in (NavigationMagics, BranchMagics, FeatureMagics):  # they share its client and run
         ipython.register_magics(more(ipython, magics))
     show_as_html(ipython)
     return magics
