@@ -360,7 +360,8 @@ class EditRequest(_Message):
 
     ``original`` starts from the site's own value instead of the pending (edited) one.
     ``patch_from`` (a run id, paused at the same layer, step and site) writes that run's
-    activation at ``positions`` (all if ``None``).
+    activation at ``positions`` (all if ``None``). ``clamp``: ``{"sae": id, "features":
+    [[feature, value], ...]}`` sets those features of a loaded SAE (at ``positions`` too).
     """
 
     scale: float | None = None
@@ -370,16 +371,20 @@ class EditRequest(_Message):
     heads: list[int] | None = None
     patch_from: str | None = None
     positions: list[int] | None = None
+    clamp: dict[str, Any] | None = None
 
     _types = {"scale": (int, float), "activation": (dict,), "add": (dict,), "original": (bool,), "heads": (list,),
-              "patch_from": (str,), "positions": (list,)}
-    _optional = frozenset({"scale", "activation", "add", "heads", "patch_from", "positions"})
+              "patch_from": (str,), "positions": (list,), "clamp": (dict,)}
+    _optional = frozenset({"scale", "activation", "add", "heads", "patch_from", "positions", "clamp"})
 
     def __post_init__(self) -> None:
         for name in ("heads", "positions"):
             values = getattr(self, name)
             if values is not None and any(type(h) is not int for h in values):
                 raise _fail(type(self), f"{name} must be a list of ints")
+        if self.clamp is not None and (set(self.clamp) != {"sae", "features"} or type(self.clamp["sae"]) is not str
+                                       or type(self.clamp["features"]) is not list):
+            raise _fail(type(self), "clamp must be {'sae': an SAE id, 'features': [[feature, value], ...]}")
 
     @property
     def empty(self) -> bool:

@@ -24,6 +24,7 @@ from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
 from ..schema import EditRequest, ForkRequest, LensReply, RunBrief, RunState, RunSummary, history_records
 from .. import wire
+from .features import FeatureReads, clamp_request
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import Client
@@ -40,9 +41,10 @@ def _edit_request(
     heads: Sequence[int] | None = None,
     patch_from: "Run | str | None" = None,
     positions: int | Sequence[int] | None = None,
+    clamp: Any = None, sae: Any = None,
 ) -> tuple[EditRequest, bytes | None, bytes | None]:
     """The request plus the inline bytes of its tensors (large ones go ahead on the side channel)."""
-    req = EditRequest(original=bool(original))
+    req = EditRequest(original=bool(original), clamp=clamp_request(clamp, sae))
     if patch_from is not None:
         req.patch_from = patch_from.id if isinstance(patch_from, Run) else patch_from
         if type(req.patch_from) is not str:
@@ -76,13 +78,13 @@ def _edit_request(
 
 
 _FORK_ARGS = frozenset({"activation", "scale", "add", "breakpoints", "max_new_tokens", "original", "heads",
-                        "patch_from", "positions", "close"})
+                        "patch_from", "positions", "close", "clamp", "sae"})
 
 
 def _fork_request(client: "Client", kw: dict[str, Any]) -> tuple[ForkRequest, bytes | None, bytes | None]:
     edit, act, add_b = _edit_request(client, kw.get("activation"), kw.get("scale"), kw.get("add"),
                                      bool(kw.get("original", False)), kw.get("heads"), kw.get("patch_from"),
-                                     kw.get("positions"))
+                                     kw.get("positions"), kw.get("clamp"), kw.get("sae"))
     limit, bps = kw.get("max_new_tokens"), kw.get("breakpoints")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
         raise BadRequestError(f"max_new_tokens must be an integer or None, got {limit!r}")
@@ -138,7 +140,7 @@ class LensRows(list):
         p.text(repr(self))
 
 
-class Run:
+class Run(FeatureReads):
     """A generation on the server: paused at a breakpoint, done, failed or closed."""
 
     def __init__(self, client: "Client", summary: RunSummary):
@@ -326,19 +328,20 @@ class Run:
         heads: Sequence[int] | None = None,
         patch_from: "Run | str | None" = None,
         positions: int | Sequence[int] | None = None,
+        clamp: dict[int, float] | None = None, sae: Any = None,
     ) -> "Run":
         """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation.
 
         The edit applies to the pending activation (see :meth:`edit`); ``original=True``
         starts from the site's own value instead. At site ``z``, ``heads=[...]`` restricts
-        ``scale``/``add`` to those attention heads. ``patch_from=other`` (a run paused at the
-        same layer, step and site) writes its activation at ``positions`` (all if ``None``),
-        on the server.
+        ``scale``/``add`` to those attention heads. ``patch_from=other`` (paused at the same layer, step and
+        site) writes its activation at ``positions`` (all if ``None``); ``clamp=, sae=``: see :meth:`fork`.
         """
         if (activation is None and scale is None and add is None and not original and heads is None
-                and patch_from is None and positions is None):
+                and patch_from is None and positions is None and clamp is None and sae is None):
             return self._update(self._client._call("resume", self.id, self._since()))
-        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions)
+        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions,
+                                        clamp, sae)
         return self._update(self._client._call("resume", self.id, self._since(), wire.dumps(req.to_json()), act,
                                                add_b))
 
@@ -354,6 +357,7 @@ class Run:
         patch_from: "Run | str | None" = None,
         positions: int | Sequence[int] | None = None,
         close: bool = False,
+        clamp: dict[int, float] | None = None, sae: Any = None,
     ) -> "Run":
         """A new run continued from this checkpoint with the edit; this run stays paused as it was.
 
@@ -364,12 +368,11 @@ class Run:
         writes ``other``'s activation (paused at the same layer, step and site) at position 3.
         ``close=True`` closes the fork on the server as soon as it stops (with ``breakpoints=[]``,
         at its end): it keeps nothing there, and its ``token_ids``, ``text`` and ``history()``
-        come with this call's reply.
+        come with this call's reply. ``clamp={4123: 0.0}, sae=s``: SAE feature 4123 set to 0, error term kept.
         """
         req, act, add_b = _fork_request(self._client, dict(
             activation=activation, scale=scale, add=add, breakpoints=breakpoints, max_new_tokens=max_new_tokens,
-            original=original, heads=heads, patch_from=patch_from, positions=positions, close=close,
-        ))
+            original=original, heads=heads, patch_from=patch_from, positions=positions, close=close, clamp=clamp, sae=sae))
         reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b, self._since())
         return Run._from_brief(self._client, reply, self)
 

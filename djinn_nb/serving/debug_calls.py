@@ -49,6 +49,8 @@ class ServiceParts(Protocol):
 
     def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit: ...
 
+    def _check_features(self, breakpoints: Any) -> None: ...
+
     def _brief(self, run: Run, since: int | None, new: bool = False) -> dict[str, Any]: ...
 
     def _closed_brief(self, run: Run, since: int | None) -> dict[str, Any]: ...
@@ -81,6 +83,7 @@ class DebugCalls:
         specs, closes = [], []
         for i, obj in enumerate(reqs):
             req = ForkRequest.from_json(obj)
+            self._check_features(req.breakpoints)
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
             specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
             closes.append(req.close)

@@ -28,6 +28,7 @@ from ..wire import sidechannel
 from .branch_calls import BranchCalls
 from .debug_calls import DebugCalls
 from .objects import bound_objects
+from .sae_calls import SaeCalls
 from .state import ServerState
 from .text_calls import TextCalls
 from ..wire.protocol import PROTOCOL
@@ -46,7 +47,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, BranchCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, BranchCalls, SaeCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
@@ -195,6 +196,7 @@ class DjinnService(TextCalls, DebugCalls, BranchCalls, rpyc.Service):
             heads=None if req.heads is None else tuple(req.heads),
             patch_from=req.patch_from,
             positions=None if req.positions is None else tuple(req.positions),
+            clamp=self._clamp(req.clamp),
         )
 
     def _tensor_arg(self, meta: Any, data: Any, what: str) -> Any:
@@ -256,6 +258,7 @@ class DjinnService(TextCalls, DebugCalls, BranchCalls, rpyc.Service):
         """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
         req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
+        self._check_features(req.breakpoints)
         self._check_quota(req.max_new_tokens, adding=self._state.kv_bytes(prompt_positions(req.prompt)
                                                                            + req.max_new_tokens))
         with self._scope():
@@ -296,6 +299,7 @@ class DjinnService(TextCalls, DebugCalls, BranchCalls, rpyc.Service):
         owner = self._who()
         since = _since(since)
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
+        self._check_features(req.breakpoints)
         edit = self._edit(req.edit, act, add)
         parent = self._engine.get(_str(run_id, "run id"), owner)
         limit = req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens
