@@ -420,15 +420,12 @@ class Run(FeatureReads):
         return self._update(self._client._call("next_step", self.id, self._since()))
 
     def step_through(self, steps: int, **edit: Any) -> "Run":
-        """Apply ``edit`` (``resume``'s keywords: scale, add, activation, heads, positions, …; none:
-        no edit) at this pause and go on to the same layer and site of the next step, ``steps``
-        times, all on the server in one call: the per-step experiment without a round trip per step."""
-        if not edit:
-            return self._update(self._client._call("step_through", self.id, steps, self._since()))
+        """Apply ``edit`` (``resume``'s keywords; none: no edit) at this pause and go on to the same layer
+        and site of the next step, ``steps`` times, on the server in one call (no round trip per step)."""
         req, act, add_b = _edit_request(self._client, edit.pop("activation", None), edit.pop("scale", None),
-                                        edit.pop("add", None), **edit)
+                                        edit.pop("add", None), **edit) if edit else (None, None, None)
         return self._update(self._client._call("step_through", self.id, steps, self._since(),
-                                               wire.dumps(req.to_json()), act, add_b))
+                                               None if req is None else wire.dumps(req.to_json()), act, add_b))
 
     def rewind(self, step: int, layer: int | None = None, site: str | None = None) -> "Run":
         """A new run paused at (``layer``, ``site``) of an earlier ``step`` of this run, paused or
