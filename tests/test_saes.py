@@ -370,3 +370,31 @@ def test_a_server_with_sae_dirs_loads_only_from_under_them(tmp_path):
         client.close()
     finally:
         served.server.close()
+
+
+@pytest.mark.attack(cls="defaults", tried="load_sae of paths on a shared server started without --sae-dir (probing its disk)",
+                    held="refused before the path is looked at; one user on loopback may load from anywhere")
+def test_a_shared_server_loads_saes_only_from_directories_its_admin_names(tmp_path):
+    import argparse
+
+    from djinn_nb.serving.cli import _sae_dirs
+    from djinn_nb.serving.limits import Limits
+    from serving import serve
+
+    def dirs(host="127.0.0.1", users=None, sae_dir=None):
+        return _sae_dirs(argparse.Namespace(host=host, users=users, sae_dir=sae_dir))
+
+    assert dirs() is None  # one user on loopback: their own machine's disk
+    assert dirs(users="users.yaml") == () and dirs(host="0.0.0.0") == ()
+    assert dirs(users="users.yaml", sae_dir=["/srv/saes"]) == ("/srv/saes",)
+    write_sae(tmp_path / "a", 64, f"blocks.{LAYER}.hook_resid_post")
+    served = serve(limits=Limits(sae_dirs=()))
+    try:
+        client = djinn_nb.connect(f"127.0.0.1:{served.port}")
+        for path in (tmp_path / "a", tmp_path / "missing", "/etc"):
+            with pytest.raises(SaeError, match=r"only from directories its admin names \(djinn-server --sae-dir DIR\)"):
+                client.load_sae(str(path))
+        assert client.saes() == []
+        client.close()
+    finally:
+        served.server.close()

@@ -108,6 +108,9 @@ def inspect_dir(path: Any, roots: tuple[str, ...] | None = None) -> SaeFiles:
     """
     if type(path) is not str or not path or len(path) > 4096 or "\0" in path:
         raise SaeError("an SAE path is a non-empty text of at most 4096 characters")
+    if roots == ():
+        raise SaeError("this shared server loads SAEs only from directories its admin names "
+                       "(djinn-server --sae-dir DIR); it was started with none")
     where = os.path.realpath(os.path.expanduser(path))
     if roots is not None and not any(os.path.commonpath([where, os.path.realpath(r)]) == os.path.realpath(r)
                                      for r in roots):
