@@ -136,7 +136,7 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
     if edit.scale is not None and not finite_number(edit.scale):
         raise ActivationError(f"scale must be a finite number, got {edit.scale!r}")
     if edit.scale is None and v is None:
-        if (patch is not None or edit.clamp is not None) and not bool(torch.isfinite(h).all()):
+        if check_finite and (patch is not None or edit.clamp is not None) and not bool(torch.isfinite(h).all()):
             raise ActivationError(f"patch_from run {patch.run_id}'s activation has NaN or infinite values"
                                   if patch is not None else "the clamp makes the activation non-finite; nothing was changed")
         return h
