@@ -18,7 +18,6 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
 from rpyc.core import consts
 
 from .. import wire
@@ -31,6 +30,8 @@ from ..wire.transport import default_spin_s, open_connection
 from .run import Run, plain_breakpoints
 
 if TYPE_CHECKING:
+    import torch  # imported at the first tensor: connecting and generating text need none
+
     from ..serving.server import DjinnServer
 
 __all__ = ["connect", "Client"]
@@ -197,6 +198,8 @@ class Client:
         if not isinstance(prompt, str):
             prompt = [int(t) for t in prompt]
         reply = self._call("lens_grid", wire.dumps({"prompt": prompt, "k": k, "site": site}))
+        import torch
+
         return {"ids": torch.tensor(reply["ids"], dtype=torch.long), "probs": torch.tensor(reply["probs"])}
 
     def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
@@ -282,6 +285,16 @@ class Client:
 
 
 _UNSET: Any = object()  # connect(lease_seconds=...) not given
+#: Where ``connect()`` with no address serves: ``"embedded"`` (in this process) or ``"process"`` (the
+#: per-user local server); ``$DJINN_LOCAL`` overrides it.
+LOCAL_DEFAULT = "embedded"
+
+
+def _local_mode() -> str:
+    mode = os.environ.get("DJINN_LOCAL") or LOCAL_DEFAULT
+    if mode not in ("embedded", "process"):
+        raise BadRequestError(f"DJINN_LOCAL must be 'embedded' or 'process', not {mode!r}"[:120])
+    return mode
 _embedded: dict[tuple, DjinnServer] = {}
 _embedded_lock = threading.Lock()
 _open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -313,6 +326,7 @@ def connect(
     tls_ca: str | None = None,
     spin_us: int | None = None,
     lease_seconds: Any = _UNSET,
+    embedded: bool | None = None,
 ) -> Client:
     """Connect to a djinn server.
 
@@ -328,10 +342,14 @@ def connect(
     (a running ``djinn-server`` sets its own with ``--lease-seconds``). ``spin_us``: how long to wait on a reply without sleeping, which
     saves a thread's wake-up on quick replies (default: 1000 on machines of 4 cores or more,
     else 0; an embedded server's client never spins, as it shares the GIL with its server).
+    ``embedded=False`` (no address): the per-user local server, a background process on loopback
+    started on first use and found after (``client/local.py``); ``embedded=True``: in this
+    process. The default is ``$DJINN_LOCAL`` (``process`` or ``embedded``), else ``LOCAL_DEFAULT``.
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")
     if address is not None:
-        given = [k for k, v in (("model", model), ("device", device), ("dtype", dtype)) if v is not None]
+        given = [k for k, v in (("model", model), ("device", device), ("dtype", dtype), ("embedded", embedded))
+                 if v is not None]
         if lease_seconds is not _UNSET:
             given.append("lease_seconds")
         if given:
@@ -345,6 +363,13 @@ def connect(
         if not port.isdigit():
             raise BadRequestError(f"address must be 'host:port', got {address!r}")
         return Client(host, int(port), token, tls=tls, tls_ca=tls_ca, spin_us=spin_us)
+    if not (_local_mode() == "embedded" if embedded is None else embedded):
+        from ..serving.lease import check_lease as _check
+        from .local import connect_local
+
+        _check(None if lease_seconds is _UNSET else lease_seconds)
+        return connect_local(model, device or "cpu", dtype, None if lease_seconds is _UNSET else lease_seconds,
+                             lease_seconds is not _UNSET, spin_us)
     if spin_us:
         raise BadRequestError("spin_us is for a server in another process: an embedded server's client "
                               "would take the GIL from the server it waits on")
