@@ -1,7 +1,7 @@
 """The connection: :func:`connect` and :class:`Client` (one rpyc connection to a server).
 
-``connect()`` reaches a running ``djinn-server`` or starts an embedded one in this
-process; either way the client speaks the same rpyc protocol, with requests and
+``connect()`` reaches a running ``djinn-server``, the per-user local server (``local.py``), or an
+embedded one in this process; either way the client speaks the same rpyc protocol, with requests and
 summaries typed by :mod:`djinn_nb.schema` and tensors as ``(dtype, shape, bytes)``.
 
 Over a real network each round trip is the link's latency, so every call is one rpyc
@@ -287,7 +287,7 @@ class Client:
 _UNSET: Any = object()  # connect(lease_seconds=...) not given
 #: Where ``connect()`` with no address serves: ``"embedded"`` (in this process) or ``"process"`` (the
 #: per-user local server); ``$DJINN_LOCAL`` overrides it.
-LOCAL_DEFAULT = "embedded"
+LOCAL_DEFAULT = "process"
 
 
 def _local_mode() -> str:
@@ -331,20 +331,20 @@ def connect(
     """Connect to a djinn server.
 
     ``connect("host:port", token=...)`` reaches a running ``djinn-server``.
-    ``connect(model=..., device=...)`` (no address) loads the model into an
-    embedded server on loopback in this process and talks to it over the same
-    rpyc protocol; the model is loaded once per (model, device, dtype); the
-    device defaults to ``"cpu"``.
-    ``connect()`` uses the embedded default model. ``tls=True`` (system CAs) or
-    ``tls_ca=FILE`` reach a server started with ``--tls-cert``; its certificate and
-    hostname are verified. ``lease_seconds`` (embedded server only): close runs
-    untouched this long; the default, ``None``, never expires a run of this kernel's
-    (a running ``djinn-server`` sets its own with ``--lease-seconds``). ``spin_us``: how long to wait on a reply without sleeping, which
-    saves a thread's wake-up on quick replies (default: 1000 on machines of 4 cores or more,
-    else 0; an embedded server's client never spins, as it shares the GIL with its server).
-    ``embedded=False`` (no address): the per-user local server, a background process on loopback
-    started on first use and found after (``client/local.py``); ``embedded=True``: in this
-    process. The default is ``$DJINN_LOCAL`` (``process`` or ``embedded``), else ``LOCAL_DEFAULT``.
+    ``connect(model=..., device=...)`` (no address) reaches the per-user local server of that
+    (model, device, dtype): a background ``djinn-server`` on loopback, started on first use (the
+    model loads then), found by every later connect, from any process, in a tenth of a second
+    (``client/local.py``; ``djinn-server status``/``stop``; it exits after 30 minutes with no
+    client and no paused run). ``embedded=True`` loads the model into a server inside this
+    process instead, once per (model, device, dtype). ``$DJINN_LOCAL`` (``process`` or
+    ``embedded``) sets the default. The device defaults to ``"cpu"``; ``connect()`` serves the
+    embedded default model. ``tls=True`` (system CAs) or ``tls_ca=FILE`` reach a server started
+    with ``--tls-cert``; its certificate and hostname are verified. ``lease_seconds`` (no address):
+    close runs untouched this long; the default, ``None``, never expires a run (a local server takes
+    it when it starts; a running ``djinn-server`` sets its own with ``--lease-seconds``).
+    ``spin_us``: how long to wait on a reply without sleeping, which saves a thread's wake-up on
+    quick replies (default: 1000 on machines of 4 cores or more, else 0; an embedded server's client
+    never spins, as it shares the GIL with its server).
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")
     if address is not None:
@@ -369,7 +369,7 @@ def connect(
 
         _check(None if lease_seconds is _UNSET else lease_seconds)
         return connect_local(model, device or "cpu", dtype, None if lease_seconds is _UNSET else lease_seconds,
-                             lease_seconds is not _UNSET, spin_us)
+                             lease_seconds is not _UNSET, lambda port, key: Client("127.0.0.1", port, key, spin_us=spin_us))
     if spin_us:
         raise BadRequestError("spin_us is for a server in another process: an embedded server's client "
                               "would take the GIL from the server it waits on")

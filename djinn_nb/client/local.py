@@ -17,26 +17,31 @@ import secrets
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import AuthenticationError, BadRequestError, DjinnError
 from ..serving import localhome
-from .connection import Client
+
+if TYPE_CHECKING:
+    from .connection import Client
+
+#: ``(port, token) -> Client``: how ``connect`` opens a connection (passed in: no import cycle).
+Opener = Callable[[int, str], "Client"]
 
 __all__ = ["connect_local"]
 
 
 def connect_local(model: str | None, device: str, dtype: str | None, lease_seconds: float | None,
-                  lease_given: bool, spin_us: int | None) -> Client:
+                  lease_given: bool, open_client: Opener) -> Client:
     """A client of the local server for (model, device, dtype), started if none answers."""
     files = localhome.Files.of(localhome.key(model, device, dtype))
-    client, state = _reach(files, spin_us)
+    client, state = _reach(files, open_client)
     if client is None:
         with localhome.locked(files.lock):
-            client, state = _reach(files, spin_us)  # another process may have started it meanwhile
+            client, state = _reach(files, open_client)  # another process may have started it meanwhile
             if client is None:
                 _start(files, model, device, dtype, lease_seconds)
-                client, state = _reach(files, spin_us, must=True)
+                client, state = _reach(files, open_client, must=True)
     assert client is not None
     if lease_given and state.get("lease_seconds") != lease_seconds:
         have = state.get("lease_seconds")
@@ -46,7 +51,7 @@ def connect_local(model: str | None, device: str, dtype: str | None, lease_secon
     return client
 
 
-def _reach(files: localhome.Files, spin_us: int | None, must: bool = False) -> tuple[Client | None, dict[str, Any]]:
+def _reach(files: localhome.Files, open_client: Opener, must: bool = False) -> tuple[Client | None, dict[str, Any]]:
     """A client of the server the state file names and its state, or None if none answers."""
     state = localhome.read_json(files.state)
     token = localhome.read_token(files.token)
@@ -56,7 +61,7 @@ def _reach(files: localhome.Files, spin_us: int | None, must: bool = False) -> t
             raise DjinnError(f"the local server did not leave a state file ({files.state})")
         return None, {}
     try:
-        client = Client("127.0.0.1", port, token, spin_us=spin_us)
+        client = open_client(port, token)
     except (OSError, AuthenticationError, DjinnError) as e:
         if must:
             raise DjinnError(f"the local server at 127.0.0.1:{port} did not answer: {e}") from None
