@@ -76,6 +76,8 @@ def _start(files: localhome.Files, model: str | None, device: str, dtype: str | 
     localhome.remove(files)  # any stale state and token
     localhome.write_private(files.token, secrets.token_urlsafe(32))
     nonce = secrets.token_hex(8)
+    if model is not None and os.path.isdir(model):
+        model = os.path.abspath(model)  # the server's name for it (localhome.key) and its state's
     argv = [sys.executable, "-m", "djinn_nb.serving", "local", "--device", device, "--nonce", nonce]
     for flag, value in (("--model", model), ("--dtype", dtype), ("--lease-seconds", lease_seconds)):
         if value is not None:

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..exp3_whitebox.exp3lib.env import environment, write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = """
 import time; t0 = time.perf_counter()
@@ -63,7 +65,7 @@ def main() -> None:
     finally:
         localhome.stop_all(Path(home))
     med = {k: statistics.median(r[k] for r in runs) for k in ("import_s", "connect_s", "ready_s", "first_generate_s")}
-    out = {"what": "connect() of a running local server from fresh processes; beside it connect(embedded=True)",
+    out = {"environment": environment("cpu", "float32"), "what": "connect() of a running local server from fresh processes; beside it connect(embedded=True)",
            "model": args.model or "embedded", "n": args.n, "cpus": os.cpu_count(), "load": os.getloadavg(),
            "first_start": first, "median": med, "max_ready_s": max(r["ready_s"] for r in runs),
            "client_imported_torch": any(r["torch"] or r["transformers"] for r in runs), "runs": runs,
@@ -74,7 +76,7 @@ def main() -> None:
           f"First start (server start + model load) {first['ready_s']:.1f} s. connect(embedded=True) in a fresh "
           f"process: ready in {embedded['ready_s']:.2f} s")
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.out, out)
 
 
 if __name__ == "__main__":
