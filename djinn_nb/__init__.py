@@ -25,23 +25,23 @@ from .errors import DjinnError  # noqa: E402
 from .version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
-    from .client import Client, Run, connect
+    from .client import Client, Run, connect, diff
 
 __all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension", "causal_trace",
-           "plot_causal_trace"]
+           "plot_causal_trace", "diff"]
 
 
 def __getattr__(name: str) -> Any:
     """The client API, imported on first use: ``djinn_nb.core`` alone (an in-process engine
     on a machine without rpyc, say) then needs neither rpyc nor the client. ``causal_trace``
     and ``plot_causal_trace`` live in the notebook layer (pandas, matplotlib)."""
-    if name in ("connect", "Client", "Run"):
+    if name in ("connect", "Client", "Run", "diff"):
         from .core.gcpause import paused_gc
 
         with paused_gc():  # the client imports torch: a second of imports, see core/gcpause.py
-            from .client import Client, Run, connect
+            from .client import Client, Run, connect, diff
 
-        return {"connect": connect, "Client": Client, "Run": Run}[name]
+        return {"connect": connect, "Client": Client, "Run": Run, "diff": diff}[name]
     if name in ("causal_trace", "plot_causal_trace"):
         from .notebook import tracing
 

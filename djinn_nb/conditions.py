@@ -12,7 +12,7 @@ Grammar::
     and    := not ("and" not)*
     not    := "not" not | atom
     atom   := "(" expr ")" | TERM CMP value | TERM ["not"] "in" "[" value ("," value)* "]"
-    TERM   := top1_prob | entropy | token | norm | step
+    TERM   := top1_prob | entropy | token | norm | step | feature "(" SAE_ID "," INT ")"
     CMP    := < | <= | > | >= | == | !=
     value  := number | "quoted text" (token only, with == != in: a text of one token)
 
@@ -23,7 +23,12 @@ not exactly one token, or a model without a tokenizer, is an error there, never
 a condition that silently never holds. Texts are not ordered: ``token < " a"``
 is an error when it is parsed.
 
+``feature(res8, 4123)`` names feature 4123 of the SAE loaded as ``res8`` (an id, bare or
+quoted); the server checks, where the breakpoint is set, that its owner has that SAE, at the
+breakpoint's layer and site, with that feature (:mod:`djinn_nb.core.features`).
+
 Trees: ``{"and": [t, ...]}``, ``{"or": [...]}``, ``{"not": t}``,
+``{"term": "feature", "sae": "res8", "feature": 4123, "op": ">", "value": 6}``,
 ``{"term": "entropy", "op": ">", "value": 2.5}``,
 ``{"term": "token", "op": "in", "values": [42, {"text": " Paris"}]}``.
 This module is shared vocabulary (no torch, no rpyc); every layer may use it.
@@ -42,7 +47,10 @@ TERMS = {
     "token": "the token the step chose (an id, or a text of one token in quotes)",
     "norm": "the largest per-position L2 norm of the activation at the breakpoint's site",
     "step": "the generation step (0 is the prompt pass)",
+    "feature": "feature(sae, n): the largest activation over the step's positions of feature n of a loaded SAE, "
+               "at the breakpoint's site",
 }
+SAE_ID = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
 COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
     ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
@@ -150,6 +158,7 @@ class _Parser:
         term = tok[1]
         if term not in TERMS:
             raise BreakpointError(f"condition {self.source!r}: unknown term {term!r}; known: {', '.join(TERMS)}"[:400])
+        where = self.feature_args() if term == "feature" else {}
         negate = bool(self.take("word", "not"))
         if self.take("word", "in"):
             if not self.take("op", "["):
@@ -159,7 +168,7 @@ class _Parser:
                 values.append(self.value(term))
             if not self.take("op", "]"):
                 raise self.fail("expected ']'")
-            node = {"term": term, "op": "in", "values": values}
+            node = {"term": term, **where, "op": "in", "values": values}
             return {"not": node} if negate else node
         if negate:
             raise self.fail("expected 'in' after 'not'")
@@ -170,7 +179,22 @@ class _Parser:
         if isinstance(value, dict) and op[1] not in TEXT_COMPARISONS:
             self.i -= 1
             raise self.fail(f"a token's text compares only with == != or in (texts have no order), not {op[1]}")
-        return {"term": term, "op": op[1], "value": value}
+        return {"term": term, **where, "op": op[1], "value": value}
+
+    def feature_args(self) -> dict[str, Any]:
+        """``(sae id, feature)`` after the word ``feature``."""
+        if not self.take("op", "("):
+            raise self.fail("expected '(' after feature: feature(sae id, feature number)")
+        tok = self.take("word") or self.take("str")
+        sae = None if tok is None else tok[1] if tok[0] == "word" else _unquote(tok[1])
+        if sae is None or not SAE_ID.fullmatch(sae):
+            raise self.fail("expected an SAE id (a letter or _, then letters, digits or _)")
+        num = self.take("op", ",") and self.take("num")
+        if not num or not re.fullmatch(r"\d{1,9}", num[1]):
+            raise self.fail("expected ', feature number' (an integer >= 0)")
+        if not self.take("op", ")"):
+            raise self.fail("expected ')'")
+        return {"sae": sae, "feature": int(num[1])}
 
     def value(self, term: str) -> Any:
         tok = self.take("num") or self.take("str")
@@ -225,10 +249,15 @@ def check_tree(tree: Any) -> dict[str, Any]:
                 walk(p, depth + 1)
         elif keys == {"not"}:
             walk(node["not"], depth + 1)
-        elif keys in ({"term", "op", "value"}, {"term", "op", "values"}):
+        elif keys - {"sae", "feature"} in ({"term", "op", "value"}, {"term", "op", "values"}):
             term, op = node["term"], node["op"]
             if term not in TERMS:
                 raise BreakpointError(f"unknown term {term!r} in a condition; known: {', '.join(TERMS)}"[:300])
+            if (term == "feature") != ({"sae", "feature"} <= keys) or (term != "feature" and keys & {"sae", "feature"}):
+                raise BreakpointError("a feature term has 'sae' and 'feature', and only it has them")
+            if term == "feature" and not (type(node["sae"]) is str and SAE_ID.fullmatch(node["sae"])
+                                          and type(node["feature"]) is int and 0 <= node["feature"] < 1 << 31):
+                raise BreakpointError("a feature term's sae is an SAE id and its feature an integer >= 0")
             values = node.get("values", [node.get("value")])
             if ("values" in node) != (op == "in") or (op != "in" and op not in COMPARISONS):
                 raise BreakpointError(f"a comparison's op is one of {list(COMPARISONS)} or 'in' (with values), got {op!r}"[:300])
@@ -300,13 +329,27 @@ def _operand(v: Any) -> Any:
     return v
 
 
+def term_key(node: Mapping[str, Any]) -> str:
+    """What a comparison reads: its term, or for a feature ``feature(sae,n)``."""
+    return f"feature({node['sae']},{node['feature']})" if node["term"] == "feature" else node["term"]
+
+
 def terms_of(tree: Mapping[str, Any]) -> set[str]:
-    """The terms a tree reads (the server computes only those)."""
+    """The terms a tree reads (the server computes only those), features as ``feature(sae,n)``."""
     if "term" in tree:
-        return {tree["term"]}
+        return {term_key(tree)}
     if "not" in tree:
         return terms_of(tree["not"])
     return set().union(*(terms_of(t) for t in next(iter(tree.values()))))
+
+
+def feature_terms(tree: Mapping[str, Any]) -> set[tuple[str, int]]:
+    """The (sae id, feature) pairs a tree reads."""
+    if "term" in tree:
+        return {(tree["sae"], tree["feature"])} if tree["term"] == "feature" else set()
+    if "not" in tree:
+        return feature_terms(tree["not"])
+    return set().union(*(feature_terms(t) for t in next(iter(tree.values()))))
 
 
 def map_values(tree: Mapping[str, Any], fn: Callable[[str, Any], Any]) -> dict[str, Any]:
@@ -332,7 +375,7 @@ def evaluate(tree: Mapping[str, Any], values: Mapping[str, float | int]) -> bool
         return any(evaluate(t, values) for t in tree["or"])
     if "not" in tree:
         return not evaluate(tree["not"], values)
-    x = values[tree["term"]]
+    x = values[term_key(tree)]
     if tree["op"] == "in":
         return x in [_operand(v) for v in tree["values"]]
     return COMPARISONS[tree["op"]](x, _operand(tree["value"]))
@@ -349,10 +392,11 @@ def to_text(tree: Mapping[str, Any]) -> str:
     if "not" in tree:
         inner = to_text(tree["not"])
         return f"not ({inner})"
+    term = f"feature({tree['sae']}, {tree['feature']})" if tree["term"] == "feature" else tree["term"]
     if tree["op"] == "in":
-        return f"{tree['term']} in [{', '.join(value(v) for v in tree['values'])}]"
-    return f"{tree['term']} {tree['op']} {value(tree['value'])}"
+        return f"{term} in [{', '.join(value(v) for v in tree['values'])}]"
+    return f"{term} {tree['op']} {value(tree['value'])}"
 
 
-__all__ = ["TERMS", "TEXT_COMPARISONS", "parse", "check_tree", "terms_of", "map_values", "has_texts",
+__all__ = ["TERMS", "TEXT_COMPARISONS", "parse", "check_tree", "terms_of", "term_key", "feature_terms", "map_values", "has_texts",
            "resolve_texts", "evaluate", "to_text"]

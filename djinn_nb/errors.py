@@ -92,6 +92,12 @@ class NonFiniteError(ExecutionError):
     kind = "NonFiniteError"
 
 
+class SaeError(BadRequestError):
+    """A sparse autoencoder cannot be loaded or used as asked (its files, its site, a feature id)."""
+
+    kind = "SaeError"
+
+
 class TransportError(DjinnError, ConnectionError):
     """The connection could not be made or secured (TLS refused, certificate not trusted, timeout)."""
 
@@ -115,6 +121,7 @@ ERROR_CLASSES: dict[str, type[DjinnError]] = {
         QuotaError,
         NonFiniteError,
         TransportError,
+        SaeError,
     )
 }
 

@@ -201,7 +201,7 @@ def paused():
 
 EXPOSED = sorted(n[len("exposed_"):] for n in dir(DjinnService)
                  if n.startswith("exposed_") and n != "exposed_hello" and getattr(getattr(DjinnService, n), "djinn_call", False))
-SUCCEED_WITHOUT_ARGS = {"runs", "info"}  # readers that take nothing
+SUCCEED_WITHOUT_ARGS = {"runs", "info", "saes"}  # readers that take nothing
 argument = (
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.binary(max_size=64)
     | json_values.map(wire.dumps) | st.sampled_from(['{"scale": 2.0}', '{"activation": {"dtype": "float32", "shape": [1, 8, 64]}}', "[3]", "r999"])

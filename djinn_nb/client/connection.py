@@ -27,6 +27,7 @@ from ..schema import GenerateRequest, RunRow, RunSummary
 from ..wire.protocol import DEFAULT_PORT, PROTOCOL
 from ..wire.tls import client_context
 from ..wire.transport import default_spin_s, open_connection
+from .features import SaeClient
 from .run import Run, plain_breakpoints
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ MAX_DOWNLOAD_BYTES = 8 << 30
 TEXT_CACHE = 4096
 
 
-class Client:
+class Client(SaeClient):
     """A connection to a djinn server (remote, or embedded in this process).
 
     ``tls=True`` verifies the server's certificate against the system CAs, ``tls_ca=FILE``

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
-from ..schema import EditRequest, ForkRequest, RunBrief, RunState, RunSummary
+from ..schema import EditRequest, ForkRequest, LensReply, RunBrief, RunState, RunSummary, history_records
 from .. import wire
+from .features import FeatureReads, clamp_request
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch  # imported at the first tensor: text-only use never loads it
@@ -39,9 +40,10 @@ def _edit_request(
     heads: Sequence[int] | None = None,
     patch_from: "Run | str | None" = None,
     positions: int | Sequence[int] | None = None,
+    clamp: Any = None, sae: Any = None,
 ) -> tuple[EditRequest, bytes | None, bytes | None]:
     """The request plus the inline bytes of its tensors (large ones go ahead on the side channel)."""
-    req = EditRequest(original=bool(original))
+    req = EditRequest(original=bool(original), clamp=clamp_request(clamp, sae))
     if patch_from is not None:
         req.patch_from = patch_from.id if isinstance(patch_from, Run) else patch_from
         if type(req.patch_from) is not str:
@@ -77,13 +79,13 @@ def _edit_request(
 
 
 _FORK_ARGS = frozenset({"activation", "scale", "add", "breakpoints", "max_new_tokens", "original", "heads",
-                        "patch_from", "positions", "close"})
+                        "patch_from", "positions", "close", "clamp", "sae"})
 
 
 def _fork_request(client: "Client", kw: dict[str, Any]) -> tuple[ForkRequest, bytes | None, bytes | None]:
     edit, act, add_b = _edit_request(client, kw.get("activation"), kw.get("scale"), kw.get("add"),
                                      bool(kw.get("original", False)), kw.get("heads"), kw.get("patch_from"),
-                                     kw.get("positions"))
+                                     kw.get("positions"), kw.get("clamp"), kw.get("sae"))
     limit, bps = kw.get("max_new_tokens"), kw.get("breakpoints")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
         raise BadRequestError(f"max_new_tokens must be an integer or None, got {limit!r}")
@@ -139,7 +141,7 @@ class LensRows(list):
         p.text(repr(self))
 
 
-class Run:
+class Run(FeatureReads):
     """A generation on the server: paused at a breakpoint, done, failed or closed."""
 
     def __init__(self, client: "Client", summary: RunSummary):
@@ -304,11 +306,13 @@ class Run:
         position, the top-``k`` ``(token_id, probability)`` of ``softmax(head(final_norm(activation)))``,
         computed on the server (edits applied). A list of lists; shown with 4 significant digits,
         the values themselves are exact."""
-        reply = self._client._call("lens", self.id, k)
-        ids, texts = reply.get("text_ids"), reply.get("texts")
-        if type(ids) is list and type(texts) is list and len(ids) == len(texts):  # the table's next read
-            self._client._remember((), None, dict(zip(ids, texts)))
-        return LensRows([(int(i), float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply["ids"], reply["probs"]))
+        raw = self._client._call("lens", self.id, k)  # the server's own errors pass as they are
+        try:
+            reply = LensReply.from_json(raw)
+        except BadRequestError as e:
+            raise ProtocolError(f"lens: {e}") from None
+        self._client._remember((), None, dict(zip(reply.text_ids, reply.texts)))  # the table's next read
+        return LensRows([(i, float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply.ids, reply.probs))
 
     def attention(self) -> torch.Tensor:
         """Block ``layer``'s attention probabilities at the paused step, (batch, heads, queries, keys):
@@ -325,19 +329,20 @@ class Run:
         heads: Sequence[int] | None = None,
         patch_from: "Run | str | None" = None,
         positions: int | Sequence[int] | None = None,
+        clamp: dict[int, float] | None = None, sae: Any = None,
     ) -> "Run":
         """Continue to the next breakpoint or the end, after replacing/scaling/adding to the activation.
 
         The edit applies to the pending activation (see :meth:`edit`); ``original=True``
         starts from the site's own value instead. At site ``z``, ``heads=[...]`` restricts
-        ``scale``/``add`` to those attention heads. ``patch_from=other`` (a run paused at the
-        same layer, step and site) writes its activation at ``positions`` (all if ``None``),
-        on the server.
+        ``scale``/``add`` to those attention heads. ``patch_from=other`` (paused at the same layer, step and
+        site) writes its activation at ``positions`` (all if ``None``); ``clamp=, sae=``: see :meth:`fork`.
         """
         if (activation is None and scale is None and add is None and not original and heads is None
-                and patch_from is None and positions is None):
+                and patch_from is None and positions is None and clamp is None and sae is None):
             return self._update(self._client._call("resume", self.id, self._since()))
-        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions)
+        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions,
+                                        clamp, sae)
         return self._update(self._client._call("resume", self.id, self._since(), wire.dumps(req.to_json()), act,
                                                add_b))
 
@@ -353,6 +358,7 @@ class Run:
         patch_from: "Run | str | None" = None,
         positions: int | Sequence[int] | None = None,
         close: bool = False,
+        clamp: dict[int, float] | None = None, sae: Any = None,
     ) -> "Run":
         """A new run continued from this checkpoint with the edit; this run stays paused as it was.
 
@@ -363,12 +369,11 @@ class Run:
         writes ``other``'s activation (paused at the same layer, step and site) at position 3.
         ``close=True`` closes the fork on the server as soon as it stops (with ``breakpoints=[]``,
         at its end): it keeps nothing there, and its ``token_ids``, ``text`` and ``history()``
-        come with this call's reply.
+        come with this call's reply. ``clamp={4123: 0.0}, sae=s``: SAE feature 4123 set to 0, error term kept.
         """
         req, act, add_b = _fork_request(self._client, dict(
             activation=activation, scale=scale, add=add, breakpoints=breakpoints, max_new_tokens=max_new_tokens,
-            original=original, heads=heads, patch_from=patch_from, positions=positions, close=close,
-        ))
+            original=original, heads=heads, patch_from=patch_from, positions=positions, close=close, clamp=clamp, sae=sae))
         reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b, self._since())
         return Run._from_brief(self._client, reply, self)
 
@@ -415,6 +420,14 @@ class Run:
         """Pause at the same layer and site one step later (or run to the end if there is none)."""
         return self._update(self._client._call("next_step", self.id, self._since()))
 
+    def step_through(self, steps: int, **edit: Any) -> "Run":
+        """Apply ``edit`` (``resume``'s keywords; none: no edit) at this pause and go on to the same layer
+        and site of the next step, ``steps`` times, on the server in one call (no round trip per step)."""
+        req, act, add_b = _edit_request(self._client, edit.pop("activation", None), edit.pop("scale", None),
+                                        edit.pop("add", None), **edit) if edit else (None, None, None)
+        return self._update(self._client._call("step_through", self.id, steps, self._since(),
+                                               None if req is None else wire.dumps(req.to_json()), act, add_b))
+
     def rewind(self, step: int, layer: int | None = None, site: str | None = None) -> "Run":
         """A new run paused at (``layer``, ``site``) of an earlier ``step`` of this run, paused or
         finished; this run is left as it is. Defaults: where this run is (or last was) paused.
@@ -430,19 +443,10 @@ class Run:
         One call, texts included; none for a fork made with ``close=True`` (its reply carried it)."""
         cached = self._history
         records = cached[1] if cached is not None and cached[0] == self._v else self._client._call("history", self.id)
-        if type(records) is not list or not all(type(r) is dict for r in records):
-            raise ProtocolError("history: expected a list of records")
-        out = []
-        for r in records:
-            rec: dict[str, Any] = {"step": r["step"], "token_id": r["token_id"]}
-            if "token" in r:
-                rec["token"] = r["token"]
-            rec["topk"] = [(int(t), float(p)) for t, p in r["topk"]]
-            rec["entropy"] = float(r["entropy"])
-            rec["time_s"] = None if r.get("time_s") is None else float(r["time_s"])
-            if "topk_tokens" in r:
-                rec["topk_tokens"] = list(r["topk_tokens"])
-            out.append(rec)
+        try:
+            out = history_records(records)  # checked field by field (djinn_nb.schema.HistoryRecord)
+        except BadRequestError as e:
+            raise ProtocolError(f"history: {e}") from None
         _take_texts(self._client, records)
         return out
 

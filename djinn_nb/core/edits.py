@@ -60,8 +60,8 @@ def _patched(h: torch.Tensor, edit: Edit, patch: PatchSource | None, where: str)
     if patch is None:
         if edit.patch_from is not None:
             raise ActivationError(f"patch_from={edit.patch_from!r} was not resolved to a paused run")
-        if edit.positions is not None:
-            raise ActivationError("positions= selects where patch_from writes: pass patch_from too")
+        if edit.positions is not None and edit.clamp is None:
+            raise ActivationError("positions= selects where patch_from (or a clamp) writes: pass patch_from too (or clamp=)")
         return h
     if edit.activation is not None:
         raise ActivationError("pass either activation= or patch_from=, not both: each replaces the activation")
@@ -90,11 +90,11 @@ def _patched(h: torch.Tensor, edit: Edit, patch: PatchSource | None, where: str)
 
 
 def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edit | None, where: str,
-               patch: PatchSource | None = None, check_finite: bool = True) -> torch.Tensor:
+               patch: PatchSource | None = None, check_finite: bool = True, layer: int = -1) -> torch.Tensor:
     """The activation to continue from: ``pending`` (or ``hidden`` with ``original``) with ``edit``.
 
-    ``where`` names the checkpoint in error messages (e.g. ``"layer 6 step 0 site z"``);
-    ``patch`` is ``edit.patch_from`` resolved by the engine. ``check_finite=False`` leaves the
+    ``where`` names the checkpoint in error messages (e.g. ``"layer 6 step 0 site z"``), ``layer``
+    is its layer (a clamp's SAE must be at it); ``patch`` is ``edit.patch_from`` resolved by the engine. ``check_finite=False`` leaves the
     result's finiteness (a device read) to the caller, who checks many at once.
     """
     h = pending
@@ -116,6 +116,9 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
         if not bool(torch.isfinite(a).all()):
             raise ActivationError("activation contains NaN or infinite values")
         h = a.to(ref.device)
+    if edit.clamp is not None:  # an SAE's features set, its error term kept (features.py)
+        positions = None if edit.positions is None else _positions(edit, h.shape[1], h.shape[1])
+        h = edit.clamp.apply(h, layer, site, positions)
     v = None
     if edit.add is not None:
         v = edit.add
@@ -133,8 +136,9 @@ def apply_edit(hidden: torch.Tensor, pending: torch.Tensor, site: str, edit: Edi
     if edit.scale is not None and not finite_number(edit.scale):
         raise ActivationError(f"scale must be a finite number, got {edit.scale!r}")
     if edit.scale is None and v is None:
-        if patch is not None and not bool(torch.isfinite(h).all()):
-            raise ActivationError(f"patch_from run {patch.run_id}'s activation has NaN or infinite values")
+        if (patch is not None or edit.clamp is not None) and not bool(torch.isfinite(h).all()):
+            raise ActivationError(f"patch_from run {patch.run_id}'s activation has NaN or infinite values"
+                                  if patch is not None else "the clamp makes the activation non-finite; nothing was changed")
         return h
     part = h[..., heads, :] if heads else h
     if edit.scale is not None:

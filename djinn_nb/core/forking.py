@@ -195,7 +195,7 @@ class Forks:
     def edited(cp: Checkpoint, edit: Edit | None, patch: PatchSource | None = None,
                 check_finite: bool = True) -> torch.Tensor:
         """The activation to continue from: the pending one with ``edit`` applied (validated)."""
-        return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where, patch, check_finite)
+        return apply_edit(cp.hidden, cp.pending, cp.site, edit, cp.where, patch, check_finite, cp.layer)
 
     def _advance_batch(self, batch: ForkBatch) -> None:
         """Run a batch of forks under the device lock; each member's lock held throughout."""

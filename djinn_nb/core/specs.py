@@ -11,13 +11,16 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
 from ..conditions import check_tree as check_condition, has_texts, node_count, parse as parse_condition, resolve_texts
 from ..errors import BadRequestError, BreakpointError, NoTokenizerError
 from .sites import DEFAULT_SITE, ORDER, SITES, check_site
+
+if TYPE_CHECKING:
+    from .features import Clamp
 
 ALL_STEPS = "all"
 
@@ -220,7 +223,8 @@ class Edit:
     calls applied), or with ``original`` to the site's own value. ``heads`` (at
     ``z`` only) restricts ``scale`` and ``add`` to those attention heads.
     ``patch_from`` names another run paused at the same layer, step and site: its
-    activation replaces this one at ``positions`` (all positions if ``None``).
+    activation replaces this one at ``positions`` (all positions if ``None``). ``clamp`` (after
+    the replacement, before scale and add) sets an SAE's features, at ``positions`` too.
     """
 
     activation: torch.Tensor | None = None
@@ -230,9 +234,10 @@ class Edit:
     heads: tuple[int, ...] | None = None
     patch_from: str | None = None
     positions: tuple[int, ...] | None = None
+    clamp: Clamp | None = None
 
     @property
     def empty(self) -> bool:
         return (self.activation is None and self.scale is None and self.add is None
                 and not self.original and self.heads is None and self.patch_from is None
-                and self.positions is None)
+                and self.positions is None and self.clamp is None)

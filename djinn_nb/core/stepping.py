@@ -29,6 +29,7 @@ from . import entry, graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
+from .saes import SaeRegistry
 from .runs import Checkpoint, Run
 from .trajectory import WatchHit
 from .nanguard import NonFiniteLogits, logits_finite
@@ -82,6 +83,7 @@ class Stepper:
         self.between_steps: Callable[[Run], None] = lambda run: None
         #: finished runs keep their KV cache (for ``rewind``) until closed
         self.keep_finished = False
+        self.saes = SaeRegistry()  # the loaded SAEs, whose features conditions read (saes.py)
         #: a stop point's traces (inputs, stopper, saved, all, sites kept), hooked and idle between steps
         self._standing: dict[Point, tuple[Trace, Trace, dict[str, Trace], list[Trace], tuple[str, ...]]] = {}
         #: what an armed step's forward enters: the whole model, or its base model once the probe
@@ -347,7 +349,7 @@ class Stepper:
                 stops = [b.point for b in run.breakpoints if b.when is None and (b.step is None or b.step == step)]
                 if run.forced_step == step:
                     stops += sorted(run.forced)
-            test = StepTest.prepare(run, step, start)
+            test = StepTest.prepare(run, step, start, self.saes)
             user_watches = [b.point for b in run.watches if b.covers(step)] if run.watches else []
             watches = sorted({*user_watches, *test.norm_points}) if test else sorted(set(user_watches))
             record = self._recorder(run, step, user_watches, test) if watches else None

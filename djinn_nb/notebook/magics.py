@@ -1,11 +1,10 @@
-"""IPython magics: ``%load_ext djinn_nb`` registers ``%djinn_connect``, ``%djinn_break``,
-``%djinn_run``/``%%djinn_run``, ``%djinn_inspect``, ``%djinn_resume``, ``%djinn_steer``,
-``%djinn_lens``, ``%djinn_attention`` and ``%djinn_runs`` (and, from ``debug_magics``,
-``%djinn_next_layer``, ``%djinn_next_step``, ``%djinn_rewind``, ``%djinn_history``).
+"""IPython magics: ``%load_ext djinn_nb`` registers ``%djinn_connect``, ``%djinn_break``, ``%djinn_run``/``%%djinn_run``,
+``%djinn_inspect``, ``%djinn_resume``, ``%djinn_steer``, ``%djinn_lens``, ``%djinn_attention`` and ``%djinn_runs`` (and,
+from ``debug_magics``, ``%djinn_next_layer``, ``%djinn_next_step``, ``%djinn_rewind``, ``%djinn_history``; from
+``feature_magics``, ``%djinn_features`` and ``%djinn_steer feature=N``).
 
-The magics parse their arguments and call the client API (:mod:`djinn_nb.client`);
-nothing else. A user's mistake, and any error the server reports, is raised as
-IPython's ``UsageError``: one line, no traceback.
+The magics parse their arguments and call the client API (:mod:`djinn_nb.client`); nothing else.
+A user's mistake, and any error the server reports, is raised as IPython's ``UsageError``: one line.
 """
 from __future__ import annotations
 
@@ -489,12 +488,13 @@ class DjinnMagics(Magics):
 
 def register(ipython: Any) -> DjinnMagics:
     """Register the djinn magics with an IPython shell (``%load_ext djinn_nb`` calls this)."""
-    from .formatters import register as show_as_html
-
+    from .branches import BranchMagics
     from .debug_magics import NavigationMagics
+    from .formatters import register as show_as_html
+    from .feature_magics import FeatureMagics  # after DjinnMagics: its %djinn_steer takes feature=
 
-    magics = DjinnMagics(ipython)
-    ipython.register_magics(magics)
-    ipython.register_magics(NavigationMagics(ipython, magics))
+    ipython.register_magics(magics := DjinnMagics(ipython))
+    for more in (NavigationMagics, BranchMagics, FeatureMagics):  # they share its client and run
+        ipython.register_magics(more(ipython, magics))
     show_as_html(ipython)
     return magics

@@ -98,6 +98,14 @@ def _count(text: str) -> int | None:
     return value
 
 
+def _sae_dirs(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """Where SAEs may load from: the --sae-dir flags; with none, anywhere for one user on loopback, and
+    nowhere for a shared server (a user's path would otherwise probe the server's disk)."""
+    if args.sae_dir:
+        return tuple(args.sae_dir)
+    return () if (args.users or not is_loopback(args.host)) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["add-user"]:
@@ -137,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-max-connections", type=_count, default=argparse.SUPPRESS,
                    help="connections one user may hold open (default: half of --max-connections when the users "
                         "file has several users)")
+    p.add_argument("--user-max-saes", type=_count, default=16, help="SAEs one user may keep loaded (default 16)")
+    p.add_argument("--sae-dir", action="append", default=None,
+                   help="load SAEs only from under this directory (repeatable; default: any directory the server "
+                        "can read when it serves one user on loopback, none when it has a users file or binds "
+                        "off loopback)")
     p.add_argument("--max-call-seconds", type=float, default=600.0,
                    help="stop (and close the run of) a call still stepping after this long (default 600)")
     p.add_argument("--max-call-steps", type=_count, default=argparse.SUPPRESS,
@@ -170,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = derive_limits(
             dict(given, max_connections=args.max_connections, max_unauthenticated=args.max_unauthenticated,
                  hello_seconds=args.hello_seconds, max_call_seconds=args.max_call_seconds,
-                 auth_failures=args.max_auth_failures),
+                 auth_failures=args.max_auth_failures, user_max_saes=args.user_max_saes,
+                 sae_dirs=_sae_dirs(args)),
             device=engine.device, max_positions=engine.max_positions, users=len(users or {}) or (1 if token else 0))
         server = DjinnServer(engine, args.host, args.port, token, args.max_payload_bytes, args.lease_seconds,
                              args.max_paused_bytes, users=users, tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -49,6 +49,8 @@ class Limits:
     user_max_runs: int | None = None
     user_max_held_bytes: int | None = None
     user_max_connections: int | None = None
+    user_max_saes: int | None = 16  # SAEs one user may keep loaded (their bytes count with their runs')
+    sae_dirs: tuple[str, ...] | None = None  # SAEs load only from under these directories (None: any readable)
     inflight_bytes: int = 2 << 30  # large request frames being received at once
     inflight_wait_s: float = 30.0  # how long a large frame waits for room before its connection is dropped
     auth_failures: int = 20  # per address per minute, then refused for the rest of the minute

@@ -21,11 +21,14 @@ from ..core.runs import Run, activation_stats
 from ..core.scheduler import call_scope
 from ..core.specs import Edit, Sampling
 from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError, QuotaError
-from ..schema import EditRequest, ForkRequest, GenerateRequest
+from ..schema import EditRequest, ForkRequest, GenerateRequest, LensReply
 from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
+from .branch_calls import BranchCalls
 from .debug_calls import DebugCalls
+from .objects import bound_objects
+from .sae_calls import SaeCalls
 from .state import ServerState
 from .text_calls import TextCalls
 from ..wire.protocol import PROTOCOL
@@ -44,7 +47,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, BranchCalls, SaeCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
@@ -56,6 +59,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         self._peer = "?"
 
     def on_connect(self, conn: rpyc.Connection) -> None:
+        bound_objects(conn)  # a peer that never releases what it looks up cannot grow the server without end
         channel = getattr(conn, "_channel", None)
         self._channel = channel if isinstance(channel, FastChannel) else None
         self._conn = conn
@@ -192,6 +196,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
             heads=None if req.heads is None else tuple(req.heads),
             patch_from=req.patch_from,
             positions=None if req.positions is None else tuple(req.positions),
+            clamp=self._clamp(req.clamp),
         )
 
     def _tensor_arg(self, meta: Any, data: Any, what: str) -> Any:
@@ -253,6 +258,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         """Start a run (a ``GenerateRequest``); its summary at its first pause or its end."""
         owner = self._who()
         req = GenerateRequest.from_json(wire.loads(request_json, "generate request"))
+        self._check_features(req.breakpoints)
         self._check_quota(req.max_new_tokens, adding=self._state.kv_bytes(prompt_positions(req.prompt)
                                                                            + req.max_new_tokens))
         with self._scope():
@@ -293,6 +299,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         owner = self._who()
         since = _since(since)
         req = ForkRequest.from_json(wire.loads(request_json, "fork request"))
+        self._check_features(req.breakpoints)
         edit = self._edit(req.edit, act, add)
         parent = self._engine.get(_str(run_id, "run id"), owner)
         limit = req.max_new_tokens if req.max_new_tokens is not None else parent.max_new_tokens
@@ -356,7 +363,7 @@ class DjinnService(TextCalls, DebugCalls, rpyc.Service):
         top_ids, probs = self._engine.lens(run.id, k, self._who())
         ids = top_ids.tolist()
         texts = self._token_texts([i for row in ids for i in row] + list(run.prompt_ids) + list(run.token_ids))
-        return {"ids": ids, "probs": probs.tolist(), "text_ids": list(texts), "texts": list(texts.values())}
+        return LensReply(ids, probs.tolist(), list(texts), list(texts.values())).to_json()
 
     @_reply
     def exposed_lens_grid(self, request_json: Any) -> dict[str, Any]:

@@ -89,11 +89,12 @@ class ServerState:
 
     def held_bytes(self, owner: str | None = None) -> int:
         """Bytes ``owner``'s runs (all runs when None) keep alive, device and host alike: every
-        storage they reference, whole, once (``Run.storages``), and their pending side-channel
-        transfers (a reserved upload, an unfetched download)."""
+        storage they reference, whole, once (``Run.storages``), their pending side-channel
+        transfers (a reserved upload, an unfetched download), and the SAEs they loaded."""
         runs = self.engine.all_runs() if owner is None else self.engine.runs(owner)
         kept: dict[int, int] = {}
         for run in runs:
             kept.update(run.storages())
         pending = self.bulk.reserved_bytes(owner) if self.bulk is not None else 0  # side-channel transfers
-        return sum(kept.values()) + pending
+        saes = getattr(getattr(self.engine, "stepper", None), "saes", None)  # None: a stand-in engine
+        return sum(kept.values()) + pending + (saes.held_bytes(owner) if saes is not None else 0)
