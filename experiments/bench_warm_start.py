@@ -50,7 +50,7 @@ gc.callbacks.append(on_gc)
 t0, c0 = time.perf_counter(), cpu()
 import djinn_nb
 t1, c1 = time.perf_counter(), cpu()
-client = djinn_nb.connect()
+client = djinn_nb.connect(embedded=True)  # this process: the in-process warm start
 t2, c2 = time.perf_counter(), cpu()
 connect_gc = (gc_s[0], gc_n[0])
 run = client.generate("The capital of France is", max_new_tokens=3)

@@ -54,9 +54,12 @@ max_new_tokens = 12   # how many tokens to generate
 # %% [markdown]
 # ## 2. Connect
 #
-# `%djinn_connect` with no address loads the model into a small server inside this kernel. The
-# first time, the default model is converted from its GGUF file and cached (34–51 s on the
-# 2-core CPU machine where this notebook is tested; about 10 s once cached); the cell prints how
+# `%djinn_connect` with no address reaches your local djinn server, a background process on this
+# machine: the first connect starts it and loads the model (the first time, the default model is
+# converted from its GGUF file and cached: 34–51 s on the 2-core CPU machine where this notebook is
+# tested; about 10 s once cached), every later one, from any kernel, takes a fraction of a second,
+# and a restarted kernel finds its paused runs there (`client.runs()`). It exits after 30 minutes
+# with no client and no paused run (`djinn-server status`, `djinn-server stop`). The cell prints how
 # long it took here. With `address=host:port` it reaches a running
 # `djinn-server` instead (that server has chosen the model and device). It returns a `Client`; showing it prints the model's facts, including its
 # number of layers: breakpoints can go after any layer from 0 to that number minus one.

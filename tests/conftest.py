@@ -35,3 +35,32 @@ def embedded():
 
 
 from server_proc import lab  # noqa: E402,F401 - one shared djinn-server process per session (users, TLS, attacks)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _djinn_home(tmp_path_factory):
+    """Every local server the tests (and the notebooks papermill runs) start lives in a private
+    directory of this session's, never the user's ~/.cache/djinn_nb, and is stopped at the end."""
+    from djinn_nb.serving import localhome
+
+    directory = tmp_path_factory.mktemp("djinn_home")
+    old = os.environ.get("DJINN_HOME")
+    os.environ["DJINN_HOME"] = str(directory)
+    yield directory
+    localhome.stop_all(directory)
+    if old is None:
+        os.environ.pop("DJINN_HOME", None)
+    else:
+        os.environ["DJINN_HOME"] = old
+
+
+@pytest.fixture
+def local_home(tmp_path, monkeypatch):
+    """A directory of this test's own for local servers (``DJINN_HOME``); they are stopped at teardown."""
+    from djinn_nb.serving import localhome
+
+    directory = tmp_path / "djinn_home"
+    monkeypatch.setenv("DJINN_HOME", str(directory))
+    yield directory
+    if directory.exists():
+        localhome.stop_all(directory)

@@ -217,7 +217,7 @@ def test_a_spinning_client_gets_the_same_answers_and_bad_spins_are_refused(serve
         with pytest.raises(BadRequestError, match="spin_us"):
             djinn_nb.connect(f"127.0.0.1:{served.port}", spin_us=bad)
     with pytest.raises(BadRequestError, match="another process"):
-        djinn_nb.connect(model="random:gpt2-tiny", spin_us=100)
+        djinn_nb.connect(model="random:gpt2-tiny", spin_us=100, embedded=True)
 
 
 def test_call_activity_is_quiet_only_with_no_call_running_for_a_while():

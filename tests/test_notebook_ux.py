@@ -125,7 +125,7 @@ def test_connect_says_what_loads_and_how_long_it_took(shell, capsys):
     try:
         _magic(shell, "djinn_connect model=random:gpt2-tiny")
         out = capsys.readouterr().out
-        assert "loading random:gpt2-tiny on cpu into this kernel (the progress bars below)" in out
+        assert "connecting to the local server of random:gpt2-tiny on cpu: the first connect starts it" in out
         assert re.search(r"connected to random:gpt2-tiny \(2 layers\) in \d+\.\d s", out) or \
             re.search(r"connected to .* in \d+\.\d s", out)
     finally:

@@ -94,18 +94,18 @@ def test_an_embedded_servers_runs_never_expire_unless_asked(saved_models):
     from djinn_nb.client import connection
 
     path = saved_models["gpt2-tiny"]
-    client = djinn_nb.connect(model=path, dtype="float32")
+    client = djinn_nb.connect(model=path, dtype="float32", embedded=True)
     server = connection._embedded[(path, "cpu", "float32")]
     assert server.lease_seconds is None
     try:
-        djinn_nb.connect(model=path, dtype="float32", lease_seconds=0.3)
+        djinn_nb.connect(model=path, dtype="float32", embedded=True, lease_seconds=0.3)
         assert server.lease_seconds == 0.3
         run2 = client.generate(PROMPT, max_new_tokens=N, breakpoints=[7])
         time.sleep(1.5)
         with pytest.raises(UnknownRunError, match=r"expired after 0\.3 s idle.*connect\(lease_seconds=\.\.\.\) sets this"):
             run2.resume()
     finally:
-        djinn_nb.connect(model=path, dtype="float32", lease_seconds=None)
+        djinn_nb.connect(model=path, dtype="float32", embedded=True, lease_seconds=None)
     assert server.lease_seconds is None
 
 

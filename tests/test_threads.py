@@ -13,7 +13,7 @@ import pytest
 PROBE = ("import json, os, sys\n"
          "{pre}\n"
          "import djinn_nb\n"
-         "client = djinn_nb.connect(model='random:gpt2-tiny')\n"
+         "client = djinn_nb.connect(model='random:gpt2-tiny', embedded=True)  # this process's threads\n"
          "info = client.info\n"
          "print('INFO', json.dumps({{'env': os.environ.get('OMP_WAIT_POLICY'), 'threads': info['threads'],\n"
          "                          'policy': info['omp_wait_policy']}}))\n")

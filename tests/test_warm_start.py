@@ -181,7 +181,7 @@ def test_connect_in_a_fresh_process_collects_a_handful_of_times_not_a_thousand()
             "runs = []\n"
             "gc.callbacks.append(lambda phase, info: runs.append(1) if phase == 'start' else None)\n"
             "import djinn_nb\n"
-            "client = djinn_nb.connect(model='random:gpt2-tiny')\n"
+            "client = djinn_nb.connect(model='random:gpt2-tiny', embedded=True)\n"
             "print('COLLECTIONS', len(runs), gc.isenabled(), client.generate([1, 2, 3], max_new_tokens=2).token_ids)\n")
     p = _python(code)
     assert p.returncode == 0, p.stderr[-2000:]

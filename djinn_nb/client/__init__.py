@@ -1,9 +1,9 @@
 """The client: the public Python API (``connect``, ``Client``, ``Run``) over the serving layer.
 
-``connection`` holds ``connect`` and ``Client`` (one rpyc connection, embedded servers);
-``run`` holds ``Run``, a handle on a run whose state lives on the server; ``branches`` holds
-``diff`` (two runs of one prompt compared on the server); ``features`` the sparse-autoencoder
-calls both carry (``Sae``, ``client.load_sae``, ``run.features``).
+``connection`` holds ``connect`` and ``Client`` (one rpyc connection, embedded servers); ``local``
+finds or starts the per-user local server; ``run`` holds ``Run``, a handle on a run whose state
+lives on the server; ``branches`` holds ``diff`` (two runs of one prompt compared on the server);
+``features`` the sparse-autoencoder calls both carry (``Sae``, ``client.load_sae``, ``run.features``).
 """
 from .connection import Client, connect
 from .features import Sae

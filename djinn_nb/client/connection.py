@@ -1,7 +1,7 @@
 """The connection: :func:`connect` and :class:`Client` (one rpyc connection to a server).
 
-``connect()`` reaches a running ``djinn-server`` or starts an embedded one in this
-process; either way the client speaks the same rpyc protocol, with requests and
+``connect()`` reaches a running ``djinn-server``, the per-user local server (``local.py``), or an
+embedded one in this process; either way the client speaks the same rpyc protocol, with requests and
 summaries typed by :mod:`djinn_nb.schema` and tensors as ``(dtype, shape, bytes)``.
 
 Over a real network each round trip is the link's latency, so every call is one rpyc
@@ -18,7 +18,6 @@ import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
 from rpyc.core import consts
 
 from .. import wire
@@ -32,6 +31,8 @@ from .features import SaeClient
 from .run import Run, plain_breakpoints
 
 if TYPE_CHECKING:
+    import torch  # imported at the first tensor: connecting and generating text need none
+
     from ..serving.server import DjinnServer
 
 __all__ = ["connect", "Client"]
@@ -198,6 +199,8 @@ class Client(SaeClient):
         if not isinstance(prompt, str):
             prompt = [int(t) for t in prompt]
         reply = self._call("lens_grid", wire.dumps({"prompt": prompt, "k": k, "site": site}))
+        import torch
+
         return {"ids": torch.tensor(reply["ids"], dtype=torch.long), "probs": torch.tensor(reply["probs"])}
 
     def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
@@ -283,6 +286,16 @@ class Client(SaeClient):
 
 
 _UNSET: Any = object()  # connect(lease_seconds=...) not given
+#: Where ``connect()`` with no address serves: ``"embedded"`` (in this process) or ``"process"`` (the
+#: per-user local server); ``$DJINN_LOCAL`` overrides it.
+LOCAL_DEFAULT = "process"
+
+
+def _local_mode() -> str:
+    mode = os.environ.get("DJINN_LOCAL") or LOCAL_DEFAULT
+    if mode not in ("embedded", "process"):
+        raise BadRequestError(f"DJINN_LOCAL must be 'embedded' or 'process', not {mode!r}"[:120])
+    return mode
 _embedded: dict[tuple, DjinnServer] = {}
 _embedded_lock = threading.Lock()
 _open_clients: "weakref.WeakSet[Client]" = weakref.WeakSet()
@@ -314,25 +327,30 @@ def connect(
     tls_ca: str | None = None,
     spin_us: int | None = None,
     lease_seconds: Any = _UNSET,
+    embedded: bool | None = None,
 ) -> Client:
     """Connect to a djinn server.
 
     ``connect("host:port", token=...)`` reaches a running ``djinn-server``.
-    ``connect(model=..., device=...)`` (no address) loads the model into an
-    embedded server on loopback in this process and talks to it over the same
-    rpyc protocol; the model is loaded once per (model, device, dtype); the
-    device defaults to ``"cpu"``.
-    ``connect()`` uses the embedded default model. ``tls=True`` (system CAs) or
-    ``tls_ca=FILE`` reach a server started with ``--tls-cert``; its certificate and
-    hostname are verified. ``lease_seconds`` (embedded server only): close runs
-    untouched this long; the default, ``None``, never expires a run of this kernel's
-    (a running ``djinn-server`` sets its own with ``--lease-seconds``). ``spin_us``: how long to wait on a reply without sleeping, which
-    saves a thread's wake-up on quick replies (default: 1000 on machines of 4 cores or more,
-    else 0; an embedded server's client never spins, as it shares the GIL with its server).
+    ``connect(model=..., device=...)`` (no address) reaches the per-user local server of that
+    (model, device, dtype): a background ``djinn-server`` on loopback, started on first use (the
+    model loads then), found by every later connect, from any process, in a tenth of a second
+    (``client/local.py``; ``djinn-server status``/``stop``; it exits after 30 minutes with no
+    client and no paused run). ``embedded=True`` loads the model into a server inside this
+    process instead, once per (model, device, dtype). ``$DJINN_LOCAL`` (``process`` or
+    ``embedded``) sets the default. The device defaults to ``"cpu"``; ``connect()`` serves the
+    embedded default model. ``tls=True`` (system CAs) or ``tls_ca=FILE`` reach a server started
+    with ``--tls-cert``; its certificate and hostname are verified. ``lease_seconds`` (no address):
+    close runs untouched this long; the default, ``None``, never expires a run (a local server takes
+    it when it starts; a running ``djinn-server`` sets its own with ``--lease-seconds``).
+    ``spin_us``: how long to wait on a reply without sleeping, which saves a thread's wake-up on
+    quick replies (default: 1000 on machines of 4 cores or more, else 0; an embedded server's client
+    never spins, as it shares the GIL with its server).
     """
     token = token if token is not None else os.environ.get("DJINN_TOKEN")
     if address is not None:
-        given = [k for k, v in (("model", model), ("device", device), ("dtype", dtype)) if v is not None]
+        given = [k for k, v in (("model", model), ("device", device), ("dtype", dtype), ("embedded", embedded))
+                 if v is not None]
         if lease_seconds is not _UNSET:
             given.append("lease_seconds")
         if given:
@@ -346,6 +364,13 @@ def connect(
         if not port.isdigit():
             raise BadRequestError(f"address must be 'host:port', got {address!r}")
         return Client(host, int(port), token, tls=tls, tls_ca=tls_ca, spin_us=spin_us)
+    if not (_local_mode() == "embedded" if embedded is None else embedded):
+        from ..serving.lease import check_lease as _check
+        from .local import connect_local
+
+        _check(None if lease_seconds is _UNSET else lease_seconds)
+        return connect_local(model, device or "cpu", dtype, None if lease_seconds is _UNSET else lease_seconds,
+                             lease_seconds is not _UNSET, lambda port, key: Client("127.0.0.1", port, key, spin_us=spin_us))
     if spin_us:
         raise BadRequestError("spin_us is for a server in another process: an embedded server's client "
                               "would take the GIL from the server it waits on")

@@ -18,8 +18,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-import torch
-
 from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
 from ..schema import EditRequest, ForkRequest, LensReply, RunBrief, RunState, RunSummary, history_records
@@ -27,6 +25,7 @@ from .. import wire
 from .features import FeatureReads, clamp_request
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch  # imported at the first tensor: text-only use never loads it
     from .connection import Client
 
 __all__ = ["Run", "plain_breakpoints"]
@@ -66,6 +65,8 @@ def _edit_request(
         if not isinstance(heads, (list, tuple, range)) or any(type(h) is not int for h in heads):
             raise ActivationError(f"heads must be a list of ints, got {heads!r}"[:200])
         req.heads = list(heads)
+    import torch
+
     if activation is not None:
         if not isinstance(activation, torch.Tensor):
             raise BadRequestError(f"activation must be a torch.Tensor, got {type(activation).__name__}")

@@ -143,7 +143,7 @@ class DjinnMagics(Magics):
         %djinn_connect [address] [model=...] [device=cpu] [dtype=...] [token=...]
 
         With no address, the model (default: the embedded SmolLM2-135M-Instruct)
-        is loaded into a server inside this kernel. With an address
+        is served by the per-user local server (a background process). With an address
         (``host:port`` or ``address=host:port``), reaches a running djinn-server;
         the server has chosen its model. Example: ``client = %djinn_connect model=random:gpt2-tiny``
         """

@@ -47,8 +47,9 @@ def not_paused_hint(run: "Run", breakpoints: Sequence[dict[str, Any]]) -> str:
 
 
 def loading_line(model: str | None, device: str | None) -> str:
-    """Printed before an embedded model loads: the progress bars that follow are its loading."""
+    """Printed before a connect with no address: the first one starts the local server and loads the model."""
     name = model or "the default model SmolLM2-135M-Instruct"
-    return (f"loading {name} on {device or 'cpu'} into this kernel (the progress bars below); the first time, "
-            "the default model is converted from its GGUF file and cached (measured 34-51 s on a 2-core CPU; "
-            "about 10 s once cached)")
+    return (f"connecting to the local server of {name} on {device or 'cpu'}: the first connect starts it in the "
+            "background and loads the model (the first time, the default model is converted from its GGUF file and "
+            "cached: measured 34-51 s on a 2-core CPU; about 10 s once cached); later connects, from any kernel, "
+            "take a fraction of a second (`djinn-server status`, `djinn-server stop`)")

@@ -3,7 +3,8 @@
 - ``service``: the ``exposed_`` calls, one connection each; ``debug_calls``: the debugger's;
   ``replies``: how every call checks its arguments and answers.
 - ``server``: the listener, leases, the budget; ``lease``: what a lease may be; ``users``: tokens
-  and quotas; ``embedded``: the in-process server ``connect()`` starts.
+  and quotas; ``embedded``: the in-process server ``connect(embedded=True)`` starts; ``localserver``:
+  the per-user background server ``connect()`` starts (``localhome``: its private files).
 - ``cli``: ``djinn-server`` (also ``python -m djinn_nb.serving``).
 
 What crosses the wire (the codec, the protocol's constants, the transport, the side channel,

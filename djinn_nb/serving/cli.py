@@ -2,7 +2,8 @@
 
 ``djinn-server add-user NAME --users FILE`` adds a user to a users file and prints
 their new token once (only its SHA-256 is stored); ``kill -HUP`` on a running server
-re-reads the file.
+re-reads the file. ``djinn-server status`` lists the per-user local servers ``connect()`` started,
+``djinn-server stop`` stops them (``localserver.py``).
 """
 from __future__ import annotations
 
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["add-user"]:
         return add_user_main(argv[1:])
+    if argv[:1] in (["local"], ["status"], ["stop"]):  # the per-user local server (localserver.py)
+        from . import localserver
+
+        return {"local": localserver.local_main, "status": localserver.status_main,
+                "stop": localserver.stop_main}[argv[0]](argv[1:])
     p = argparse.ArgumentParser(prog="djinn-server", description="Serve a causal LM with breakpoints over rpyc.")
     p.add_argument("--model", default=None, help="hub id, local directory, 'embedded' (default) or 'random:<shape>'")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default cpu)")

@@ -1,6 +1,6 @@
 """The embedded server: a model loaded into this process behind a loopback listener.
 
-``connect()`` without an address starts one. This module is light on purpose: it
+``connect(embedded=True)`` without an address starts one (``connect()`` reaches the local server). This module is light on purpose: it
 pauses the cyclic garbage collector (:func:`~djinn_nb.core.gcpause.paused_gc`) before
 the heavy imports (transformers, the engine) and the load, so those are covered too.
 """

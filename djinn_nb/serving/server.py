@@ -332,6 +332,10 @@ class DjinnServer:
                 malloc_trim()
                 last_trim = now
 
+    def open_connections(self) -> int:
+        """Sockets accepted and not closed yet, past hello or not (the local server's idle clock)."""
+        return len(self._server._doors)
+
     def start(self) -> "DjinnServer":
         self._reaper.start()
         self._thread = threading.Thread(target=self._server.start, name="djinn-server", daemon=True)

@@ -9,20 +9,39 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..errors import BadRequestError
 
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
+if TYPE_CHECKING:
+    import torch
+
+
+class _WireDtypes(Mapping[str, "torch.dtype"]):
+    """The dtypes that may cross, by name. Their names need no torch: a client that connects,
+    generates and decodes text never imports it (``connect()`` to a running server in well under
+    a second); the first tensor does."""
+
+    _NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
+
+    def __getitem__(self, name: str) -> "torch.dtype":
+        if name not in self._NAMES:
+            raise KeyError(name)
+        import torch
+
+        return getattr(torch, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._NAMES)
+
+    def __len__(self) -> int:
+        return len(self._NAMES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._NAMES
+
+
+WIRE_DTYPES: Mapping[str, "torch.dtype"] = _WireDtypes()
 DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB
 MAX_DIM = 1 << 40  # any larger dimension is a malformed header, whatever the other dims are
 
@@ -36,6 +55,8 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], bytes]:
     name = dtype_name(t.dtype)
     if name not in WIRE_DTYPES:
         raise BadRequestError(f"dtype {name} cannot cross the wire; use one of {sorted(WIRE_DTYPES)}")
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return {"dtype": name, "shape": list(t.shape)}, data
@@ -55,7 +76,7 @@ def check_header(meta: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) -> tuple[torch
     ):
         raise BadRequestError(f"shape must be a list of at most 8 ints in 0..2**40, got {shape!r}")
     dtype = WIRE_DTYPES[name]
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:
         raise BadRequestError(f"tensor of {nbytes} bytes is over the server's cap of {max_bytes} bytes")
     return dtype, list(shape), nbytes
@@ -70,6 +91,8 @@ def decode_tensor(meta: Any, data: Any, max_bytes: int = DEFAULT_MAX_PAYLOAD) ->
         raise BadRequestError(
             f"payload has {len(data)} bytes, but {meta['dtype']} {tuple(shape)} needs {expected}"
         )
+    import torch
+
     if expected == 0:
         return torch.empty(shape, dtype=dtype)
     # one copy: the tensor must own writable memory, and ``bytes`` is immutable

@@ -24,14 +24,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BadRequestError, DjinnError, QuotaError
 from . import codec as wire
 from . import tls
 from .transport import SpareDescriptor, tune_socket
+
+if TYPE_CHECKING:
+    import torch  # imported where a tensor is made: a client without tensors never loads torch
 
 TICKET_BYTES = 32
 #: Tensors of at least this many bytes go through the side channel (below it, inline rpyc is cheaper).
@@ -47,6 +48,8 @@ def tensor_view(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's own memory (no copy)."""
     if t.numel() == 0:
         return memoryview(bytearray())
+    import torch
+
     # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (PEP 688); it has the buffer protocol on all
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
@@ -266,6 +269,8 @@ class BulkServer:
                     del self._slots[key]
             deadline = time.monotonic() + max(MIN_TRANSFER_SECONDS, slot.nbytes / MIN_RATE)
             if slot.upload:
+                import torch
+
                 slot.tensor = torch.empty(slot.shape, dtype=slot.dtype)
                 _recv_into(conn, tensor_view(slot.tensor), deadline)
                 slot.done.set()
@@ -338,6 +343,8 @@ def fetch(host: str, reply: Any, max_bytes: int = 1 << 40, timeout: float = 60.0
     if not isinstance(reply, dict) or set(reply) != {"dtype", "shape", "port", "ticket"}:
         raise BadRequestError("a side-channel reply is {dtype, shape, port, ticket}")
     dtype, shape, _ = wire.check_header({"dtype": reply["dtype"], "shape": reply["shape"]}, max_bytes)
+    import torch
+
     out = torch.empty(shape, dtype=dtype)
     sock = _connect(host, reply["port"], reply["ticket"], timeout, ssl_context)
     try:

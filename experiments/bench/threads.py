@@ -40,7 +40,7 @@ import os, sys, time, json
 if os.environ.get("DJINN_IMPORT_TORCH_FIRST"):
     import torch  # before djinn_nb: libgomp keeps its default policy
 import djinn_nb
-client = djinn_nb.connect()
+client = djinn_nb.connect(embedded=True)  # the threads of this process
 client.generate("The capital of France is", max_new_tokens=12)
 times = []
 for _ in range(int(sys.argv[1])):
