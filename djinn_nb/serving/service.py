@@ -26,6 +26,7 @@ from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
 from .debug_calls import DebugCalls
+from .patching_calls import PatchingCalls
 from .state import ServerState
 from .text_calls import TextCalls
 from ..wire.protocol import PROTOCOL
@@ -44,7 +45,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, PatchingCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
