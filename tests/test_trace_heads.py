@@ -62,7 +62,7 @@ def head_reference(model, name, layers, heads, positions):
         d = clean.shape[-1] // n_heads
         row = []
         for h in heads:
-            def write(x, h=h):
+            def write(x, h=h, d=d, clean=clean):
                 x[:, positions, h * d:(h + 1) * d] = clean[:, positions, h * d:(h + 1) * d]
             row.append(patched_prob(model, module, pre, write))
         grid.append(row)
@@ -76,7 +76,7 @@ def output_reference(model, name, site, layers, positions):
         clean = clean_value(model, module, pre)
         row = []
         for p in positions:
-            def write(x, p=p):
+            def write(x, p=p, clean=clean):
                 x[:, p] = clean[:, p]
             row.append(patched_prob(model, module, pre, write))
         grid.append(row)

@@ -20,6 +20,7 @@ run, the weights untouched; the device held for the call, as any step holds it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -124,7 +125,7 @@ def _forward(engine: "Engine", ids: Sequence[int], spec: GridSpec, grad: bool) -
     with contextlib.ExitStack() as stack:
         for layer in spec.layers:
             module, pre = engine.parts[layer].point(spec.site)
-            stack.enter_context(Trace(module, pre=pre, on_value=lambda v, layer=layer: recorded.__setitem__(layer, v)))
+            stack.enter_context(Trace(module, pre=pre, on_value=functools.partial(recorded.__setitem__, layer)))
         if grad:  # everything after the embeddings is in the graph; nothing before it (no parameter needs a grad)
             handle = engine.model.get_input_embeddings().register_forward_hook(
                 lambda _m, _a, out: out.requires_grad_(True))
