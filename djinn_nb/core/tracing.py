@@ -11,6 +11,8 @@ the layers after it: the checkpoint holds everything before), and only the answe
 at the last position is kept. The clean pass records its traced layers as watches, without
 pausing (only the corrupted pass needs a checkpoint per layer). The corrupted run's own next-token distribution rides in the first
 layer's batch, so a cell whose patched input equals the corrupted one shows the same number.
+A grid's columns (positions, or heads at ``z``), the cells to compute and each row's patch are
+``patchgrid.py``'s, shared with the attribution estimate (``attribution.py``).
 """
 from __future__ import annotations
 
