@@ -25,10 +25,10 @@ from .errors import DjinnError  # noqa: E402
 from .version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
-    from .client import Client, Run, connect
+    from .client import Client, Run, connect, diff
 
 __all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension", "causal_trace",
-           "plot_causal_trace", "attribution_patching", "top_k_of", "rank_agreement", "plot_trace_panels",
+           "plot_causal_trace", "diff", "attribution_patching", "top_k_of", "rank_agreement", "plot_trace_panels",
            "plot_grids_side_by_side"]
 _PATCHING = ("attribution_patching", "top_k_of", "rank_agreement", "plot_trace_panels", "plot_grids_side_by_side")
 
@@ -37,13 +37,13 @@ def __getattr__(name: str) -> Any:
     """The client API, imported on first use: ``djinn_nb.core`` alone (an in-process engine
     on a machine without rpyc, say) then needs neither rpyc nor the client. ``causal_trace``,
     ``attribution_patching`` and their plots live in the notebook layer (pandas, matplotlib)."""
-    if name in ("connect", "Client", "Run"):
+    if name in ("connect", "Client", "Run", "diff"):
         from .core.gcpause import paused_gc
 
         with paused_gc():  # the client imports torch: a second of imports, see core/gcpause.py
-            from .client import Client, Run, connect
+            from .client import Client, Run, connect, diff
 
-        return {"connect": connect, "Client": Client, "Run": Run}[name]
+        return {"connect": connect, "Client": Client, "Run": Run, "diff": diff}[name]
     if name in ("causal_trace", "plot_causal_trace"):
         from .notebook import tracing
 

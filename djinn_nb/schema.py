@@ -1,4 +1,4 @@
-"""What crosses the wire, typed: run states, run summaries, listing rows and requests.
+"""What crosses the wire, typed: run states, run summaries, listing rows, history, lens and requests.
 
 Server and client share these dataclasses. Each has one ``from_json`` that
 validates a decoded JSON object (unknown or missing keys, wrong types) and
@@ -191,6 +191,74 @@ class RunSummary(_Message):
 
 
 @dataclass
+class HistoryRecord(_Message):
+    """One generated token of ``run.history()``: its step, id, the top-k ``(id, prob)`` when it was
+    picked, the entropy (nats), ``time_s`` (after the run's first timed token; None for tokens a fork
+    or rewind took over), and with a tokenizer the texts ``token`` and ``topk_tokens``."""
+
+    step: int
+    token_id: int
+    topk: list[Any]
+    entropy: float | None
+    time_s: float | None = None
+    token: str | None = None
+    topk_tokens: list[str] | None = None
+
+    _types = {"step": (int,), "token_id": (int,), "topk": (list,), "entropy": (int, float), "time_s": (int, float),
+              "token": (str,), "topk_tokens": (list,)}
+    _optional = frozenset({"entropy", "time_s", "token", "topk_tokens"})
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(e, (list, tuple)) and len(e) == 2 and type(e[0]) is int and type(e[1]) in (int, float)
+                   for e in self.topk):
+            raise _fail(type(self), "topk must be a list of [token id, probability] pairs")
+        if self.topk_tokens is not None and not all(type(t) is str for t in self.topk_tokens):
+            raise _fail(type(self), "topk_tokens must be a list of strings")
+
+    def record(self) -> dict[str, Any]:
+        """The dict ``run.history()`` gives: top-k as tuples, texts only where the server sent them."""
+        rec: dict[str, Any] = {"step": self.step, "token_id": self.token_id}
+        if self.token is not None:
+            rec["token"] = self.token
+        rec["topk"] = [(int(t), float(p)) for t, p in self.topk]
+        rec["entropy"] = math.nan if self.entropy is None else float(self.entropy)
+        rec["time_s"] = None if self.time_s is None else float(self.time_s)
+        if self.topk_tokens is not None:
+            rec["topk_tokens"] = list(self.topk_tokens)
+        return rec
+
+
+def history_records(obj: Any) -> list[dict[str, Any]]:
+    """A ``history`` reply checked record by record (a ``BadRequestError`` naming the field)."""
+    if type(obj) is not list:
+        raise _fail(HistoryRecord, f"expected a list of records, got {type(obj).__name__}")
+    return [HistoryRecord.from_json(r).record() for r in obj]
+
+
+@dataclass
+class LensReply(_Message):
+    """``run.lens(k)``: per position the top-``k`` token ids and probabilities, and the texts of the
+    tokens it names (``text_ids`` → ``texts``, with a tokenizer)."""
+
+    ids: list[list[int]]
+    probs: list[list[float]]
+    text_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    _types = {"ids": (list,), "probs": (list,), "text_ids": (list,), "texts": (list,)}
+
+    def __post_init__(self) -> None:
+        rows_ok = len(self.ids) == len(self.probs) and all(
+            type(i) is list and type(p) is list and len(i) == len(p) and all(type(t) is int for t in i)
+            and all(type(x) in (int, float) for x in p) for i, p in zip(self.ids, self.probs))
+        if not rows_ok:
+            raise _fail(type(self), "ids and probs must be equal-shaped lists of rows (ints, numbers)")
+        if len(self.text_ids) != len(self.texts) or not all(type(t) is int for t in self.text_ids) or not all(
+                type(t) is str for t in self.texts):
+            raise _fail(type(self), "text_ids and texts must be equal-length lists of ints and strings")
+
+
+@dataclass
 class RunBrief:
     """What a step, fork or refresh answers: where the run is, and the token ids the client lacks.
 
@@ -342,3 +410,70 @@ class ForkRequest(_Message):
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "edit": self.edit.to_json()}
+
+
+@dataclass
+class DiffRequest(_Message):
+    """``diff``: runs ``a`` and ``b`` (one prompt), the layers (default all) and site compared, the
+    top-k at the divergence, and ``steps`` ``[start, stop)`` (default every step both finished)."""
+
+    a: str
+    b: str
+    layers: list[int] | None = None
+    site: str = "resid_post"
+    k: int = 5
+    steps: list[int] | None = None
+
+    _types = {"a": (str,), "b": (str,), "layers": (list,), "site": (str,), "k": (int,), "steps": (list,)}
+    _optional = frozenset({"layers", "steps"})
+
+
+@dataclass
+class DiffReply(_Message):
+    """Two branches compared (see ``djinn_nb.core.branches``). ``distance``/``norm`` are
+    ``[layer index][step index]`` (``norm``: of run a's state); ``kl[i]`` is KL(a ‖ b) at
+    ``steps[i]``; None where a value is not known (an unreproduced step: ``unreproduced_a/_b``).
+    ``source[i]``: ``watched`` or ``recomputed``. At the ``divergence`` (the first step whose
+    tokens differ, or None), each run's top-k ``[id, prob]`` and, at a residual site, its logit
+    lens per layer. ``text_ids``/``texts``: the texts of the tokens named, with a tokenizer."""
+
+    a: str
+    b: str
+    prompt_len: int
+    tokens_a: list[int]
+    tokens_b: list[int]
+    layers: list[int]
+    steps: list[int]
+    site: str
+    divergence: int | None
+    distance: list[list[float | None]]
+    norm: list[list[float | None]]
+    kl: list[float | None]
+    source: list[str]
+    unreproduced_a: list[int] = field(default_factory=list)
+    unreproduced_b: list[int] = field(default_factory=list)
+    topk_a: list[list[float]] | None = None
+    topk_b: list[list[float]] | None = None
+    lens_a: list[list[list[float]]] | None = None
+    lens_b: list[list[list[float]]] | None = None
+    text_ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    _types = {"a": (str,), "b": (str,), "prompt_len": (int,), "tokens_a": (list,), "tokens_b": (list,),
+              "layers": (list,), "steps": (list,), "site": (str,), "divergence": (int,), "distance": (list,),
+              "norm": (list,), "kl": (list,), "source": (list,), "unreproduced_a": (list,), "unreproduced_b": (list,),
+              "topk_a": (list,), "topk_b": (list,), "lens_a": (list,), "lens_b": (list,), "text_ids": (list,),
+              "texts": (list,)}
+    _optional = frozenset({"divergence", "topk_a", "topk_b", "lens_a", "lens_b"})
+
+    def __post_init__(self) -> None:
+        cls, rows, cols = type(self), len(self.layers), len(self.steps)
+        for name in ("tokens_a", "tokens_b", "layers", "steps", "unreproduced_a", "unreproduced_b", "text_ids"):
+            if any(type(t) is not int for t in getattr(self, name)):
+                raise _fail(cls, f"{name} must be a list of ints")
+        for name in ("distance", "norm"):
+            grid = getattr(self, name)
+            if len(grid) != rows or any(type(row) is not list or len(row) != cols for row in grid):
+                raise _fail(cls, f"{name} must be {rows} rows of {cols} values")
+        if len(self.kl) != cols or len(self.source) != cols or len(self.texts) != len(self.text_ids):
+            raise _fail(cls, "kl and source have a value per step, texts one per text id")

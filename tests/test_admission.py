@@ -30,12 +30,14 @@ def peak_growth(body: str) -> dict:
     return json.loads(p.stdout.split("PEAK ", 1)[1])
 
 
+@pytest.mark.attack(cls="admission", tried="token_probs of one run listed 4,096 times", held="read once")
 def test_a_run_listed_many_times_is_read_once():
     got = peak_growth("ps = client.token_probs([run] * 4096, 7042)\nout = [len(ps), len(set(ps))]")
     assert got["out"] == [4096, 1]
     assert got["grown_mb"] < 200, got  # was ~1,600 MB: 4096 x 49152 floats, twice
 
 
+@pytest.mark.attack(cls="admission", tried="8 MB of text to tokenize", held="refused before tokenizing")
 def test_a_text_longer_than_the_model_could_take_is_refused_before_tokenizing():
     got = peak_growth("""
 try:
@@ -72,6 +74,7 @@ def test_generate_with_too_long_a_text_says_so_and_starts_nothing(client):
     assert len(client.runs()) == count
 
 
+@pytest.mark.attack(cls="admission", tried="a lens_grid over a long prompt (layers x positions x vocabulary)", held="only the top-k of each layer kept")
 def test_the_lens_grid_of_a_long_prompt_keeps_only_the_top_k_of_each_layer():
     """layers x positions x vocabulary logits at once: 6.8 GB of peak memory here for 600 positions, before."""
     got = peak_growth("""

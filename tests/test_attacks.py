@@ -25,6 +25,7 @@ from djinn_nb.errors import BadRequestError, DjinnError, QuotaError
 from djinn_nb import wire
 from djinn_nb.wire import sidechannel
 from djinn_nb.wire.protocol import PROTOCOL
+from djinn_nb.serving.objects import MAX_OBJECTS
 from djinn_nb.serving.service import DjinnService
 from djinn_nb.wire.transport import RPYC_CONFIG, open_connection
 from server_proc import start
@@ -32,6 +33,7 @@ from server_proc import start
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 TOKEN = "fortress-token"
 NOFILE = 160
+OBJECTS_TRIED = 20 * 1024
 
 
 def _low_nofile() -> None:
@@ -85,6 +87,7 @@ def _closed_by_server(sock: socket.socket, within: float) -> bool:
         return False
 
 
+@pytest.mark.attack(cls="door", tried="24 silent sockets and a 1-byte trickle before hello", held="all cut off by the 1.5 s hello deadline; a client with a token served throughout")
 def test_silent_and_trickling_peers_are_cut_off_at_the_hello_deadline(fortress, keeper):
     socks = [socket.create_connection(("127.0.0.1", fortress.port)) for _ in range(24)]
     trickle = socket.create_connection(("127.0.0.1", fortress.port))
@@ -109,6 +112,7 @@ def test_silent_and_trickling_peers_are_cut_off_at_the_hello_deadline(fortress, 
     djinn_nb.connect(fortress.address, token=TOKEN).close()  # newcomers are served again
 
 
+@pytest.mark.attack(cls="door", tried="16 idle sockets fill every hello slot, plus a reconnect loop", held="a client with a token gets in 5 of 5 times (the oldest idle socket is hung up)")
 def test_a_client_with_a_token_gets_in_past_a_peer_holding_every_hello_slot(fortress, keeper):
     """A peer's idle sockets (and a loop reconnecting) fill the 16 hello slots; a client with a
     token connecting then is served (it was refused: the door was locked for everyone)."""
@@ -140,6 +144,7 @@ def test_a_client_with_a_token_gets_in_past_a_peer_holding_every_hello_slot(fort
     assert churned[0] > 5
 
 
+@pytest.mark.attack(cls="door", tried="12 garbage or forged frames before hello", held="no traceback logged; at most one short line per address a minute")
 def test_unreadable_frames_before_hello_log_one_short_line_per_address(fortress, keeper):
     """A regression guard: whatever a peer sends before hello, the log gets no traceback and at
     most one short line per address a minute."""
@@ -164,6 +169,7 @@ def test_unreadable_frames_before_hello_log_one_short_line_per_address(fortress,
     assert len(lines) <= 1 and all(len(line) < 300 for line in lines), lines
 
 
+@pytest.mark.attack(cls="wire", tried="a client object passed to each exposed call, in each position", held="every call refused as BadRequestError; the object never touched")
 def test_remote_objects_are_refused_without_being_touched(fortress, keeper):
     touched = []
 
@@ -206,6 +212,7 @@ def test_remote_objects_are_refused_without_being_touched(fortress, keeper):
         conn.close()
 
 
+@pytest.mark.attack(cls="door", tried="20 silent sockets and a trickle on the side channel", held="a 1.2 MB upload goes through meanwhile; all cut off at the ticket deadline")
 def test_side_channel_silent_and_trickling_peers_block_nobody(fortress, keeper):
     slot = keeper._call("expect", wire.dumps({"dtype": "float32", "shape": [4]}))
     port = slot["port"]
@@ -228,6 +235,7 @@ def test_side_channel_silent_and_trickling_peers_block_nobody(fortress, keeper):
 SLOT = wire.dumps({"dtype": "float32", "shape": [100_000]})  # 0.4 MB: four fit the fortress's 2 MB, five do not
 
 
+@pytest.mark.attack(cls="counting", tried="side-channel reservations left behind by 3 closed connections", held="released with their connection; a fifth 0.4 MB slot over 2 MB refused")
 def test_reserved_side_channel_slots_are_released_when_their_connection_ends(fortress, keeper):
     for _ in range(3):  # would be refused the second time if the first reservations had been kept
         conn = open_connection("127.0.0.1", fortress.port)
@@ -247,6 +255,7 @@ def test_reserved_side_channel_slots_are_released_when_their_connection_ends(for
         conn.close()
 
 
+@pytest.mark.attack(cls="counting", tried="an upload that breaks off", held="its slot is freed; four fit again")
 def test_a_broken_upload_frees_its_slot(fortress, keeper):
     up = keeper._call("expect", SLOT)
     with pytest.raises(DjinnError, match="upload failed"):
@@ -256,6 +265,7 @@ def test_a_broken_upload_frees_its_slot(fortress, keeper):
     assert up["ticket"] not in tickets
 
 
+@pytest.mark.attack(cls="admission", tried="a 201-step call against a 200-step cap", held="refused with nothing made")
 def test_call_caps_stop_a_long_call_and_refuse_a_huge_one(fortress, keeper):
     before = len(keeper.runs())
     with pytest.raises(QuotaError, match="max_call_steps"):
@@ -274,6 +284,7 @@ def hurried():
     server.stop()
 
 
+@pytest.mark.attack(cls="admission", tried="a call recording every site of every block past a 0.05 s call limit", held="stopped within 3 s, its run closed, the server serves on")
 def test_a_call_past_max_call_seconds_is_stopped_and_its_run_closed(hurried):
     client = djinn_nb.connect(hurried.address, token=TOKEN)
     try:
@@ -290,6 +301,7 @@ def test_a_call_past_max_call_seconds_is_stopped_and_its_run_closed(hurried):
         client.close()
 
 
+@pytest.mark.attack(cls="admission", tried="a run with watches needing ~2.3 MB under a 2 MB cap", held="refused before allocating; the run list unchanged")
 def test_what_runs_hold_is_bounded_with_a_clear_refusal(fortress, keeper):
     before = sorted(r["id"] for r in keeper.runs())
     with pytest.raises(QuotaError, match="max_held_bytes"):  # ~2.3 MB of cache and watches, over the 2 MB cap
@@ -298,6 +310,7 @@ def test_what_runs_hold_is_bounded_with_a_clear_refusal(fortress, keeper):
     assert sorted(r["id"] for r in keeper.runs()) == before
 
 
+@pytest.mark.attack(cls="door", tried="180 connections against 160 descriptors", held="newcomers refused, the connected client served, newcomers served again after")
 def test_running_out_of_descriptors_refuses_newcomers_and_keeps_serving(fortress, keeper):
     conns, refused = [], 0
     try:
@@ -317,6 +330,7 @@ def test_running_out_of_descriptors_refuses_newcomers_and_keeps_serving(fortress
     djinn_nb.connect(fortress.address, token=TOKEN).close()
 
 
+@pytest.mark.attack(cls="wire", tried="a fake server announcing a 4 GiB frame and a 1 TiB tensor", held="the client hangs up within 2 s without allocating")
 def test_client_does_not_trust_sizes_the_server_announces():
     """A fake server announcing a 4 GiB frame: the client hangs up without allocating it."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -339,6 +353,7 @@ def test_client_does_not_trust_sizes_the_server_announces():
                           max_bytes=1 << 30)
 
 
+@pytest.mark.attack(cls="door", tried="12 wrong tokens from loopback", held="throttled after 5, one log line; a correct token still admitted")
 def test_failed_authentications_are_throttled_and_logged_once(fortress, keeper):
     """Last in this module: it throttles loopback's wrong hellos for a minute. A correct token is
     still admitted then (on an SSH tunnel every user is 127.0.0.1: a lockout would be everyone's)."""
@@ -364,6 +379,7 @@ def test_failed_authentications_are_throttled_and_logged_once(fortress, keeper):
 
 
 # ----- on the shared server ----------------------------------------------------------------------
+@pytest.mark.attack(cls="counting", tried="32 clients fetching a 1.2 MB activation at once", held="all 32 equal the original")
 def test_32_clients_fetching_large_tensors_at_once_all_succeed(lab):
     owner = lab.connect("bob")
     run = owner.generate([(7 * i) % 500 for i in range(600)], max_new_tokens=2, breakpoints=[1])
@@ -395,6 +411,7 @@ def test_32_clients_fetching_large_tensors_at_once_all_succeed(lab):
         owner.close()
 
 
+@pytest.mark.attack(cls="counting", tried="12 runs holding > 120 MB, then closed", held="the server's RSS returns within 15 % of what they held")
 def test_memory_of_closed_runs_goes_back_to_the_os(lab):
     bob = lab.connect("bob")
     try:
@@ -418,6 +435,7 @@ def test_memory_of_closed_runs_goes_back_to_the_os(lab):
         bob.close()
 
 
+@pytest.mark.attack(cls="admission", tried="a peer stalling halfway through a 1 MiB frame", held="another large request waits 0.5 s then its connection drops; room back once the staller leaves")
 def test_large_inline_requests_share_a_bounded_in_flight_budget():
     """An authenticated peer stalls halfway through a 1 MiB frame (its bytes reserved) in a 1.5 MiB
     budget: another 1 MiB request waits, then its connection is dropped; once the staller is gone,
@@ -447,6 +465,7 @@ def test_large_inline_requests_share_a_bounded_in_flight_budget():
         served.server.close()
 
 
+@pytest.mark.attack(cls="door", tried="60 stalled TLS handshakes against 4 hello slots", held="at most 4 held open; a client with a token and the CA gets in")
 def test_stalled_tls_handshakes_count_against_the_hello_slots():
     """Sockets that never finish a TLS handshake hold a hello slot from accept: 60 of them against
     4 slots keep at most 4 open on the server (they escaped the cap, each holding a descriptor and
@@ -485,3 +504,26 @@ def test_stalled_tls_handshakes_count_against_the_hello_slots():
                 s.close()
     finally:
         server.stop()
+
+
+@pytest.mark.attack(cls="wire", tried="20,480 call lookups never released (server memory growth)", held="that connection ends past 1,024 objects; 3,000 honest calls are never cut off")
+def test_a_peer_that_never_releases_what_it_looks_up_is_cut_off_alone(fortress, keeper):
+    """Each ``conn.root.<call>`` lookup makes the server hold a bound method until the peer
+    releases it; a peer that never does is disconnected past the bound, nobody else is, and an
+    honest client looking up thousands of calls (and releasing them) is never cut off."""
+    honest = djinn_nb.connect(fortress.address, token=TOKEN)
+    for _ in range(3000):
+        honest._call("runs")
+    honest.close()
+    conn = rpyc.connect("127.0.0.1", fortress.port, config=RPYC_CONFIG)
+    held = []
+    try:
+        assert wire.loads(conn.root.hello(PROTOCOL, TOKEN))["ok"]
+        with pytest.raises(EOFError):
+            for _ in range(OBJECTS_TRIED):
+                held.append(conn.root.runs)  # kept: never released
+        assert len(held) < MAX_OBJECTS + 2
+    finally:
+        held.clear()
+        conn.close()
+    keeper.check()

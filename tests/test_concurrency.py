@@ -98,6 +98,7 @@ def test_listing_runs_while_others_execute_changes_nothing(saved_models):
     assert not errors and all(g == want for g in got)
 
 
+@pytest.mark.attack(cls="fairness", tried="lens, attention, lens_grid, offload and restore calls", held="each queues as its caller, not as one anonymous user")
 def test_every_call_that_takes_the_device_turn_queues_as_its_caller(monkeypatch):
     """A lens, an attention read, a lens_grid, an offload and a restore all take the device turn
     as the user who asked (they queued as one anonymous user, so one user's lens_grids made

@@ -152,6 +152,7 @@ def test_a_model_without_a_tokenizer_says_so(saved_models):
     run.close()
 
 
+@pytest.mark.attack(cls="fairness", tried="4,097 breakpoints, or conditions of more than 1,000 parts, on one run (150,000 made another user's fork wait 1.9 s)", held="refused when the run is asked for")
 def test_a_runs_breakpoints_and_condition_parts_are_bounded():
     """Each breakpoint is looked at, and each condition part tested, at every step it covers: a run
     may not inflate the shared device's steps with thousands of them (150,000 never-true conditions

@@ -259,6 +259,7 @@ def test_generation_settings_the_engine_does_not_apply_are_reported():
     assert Engine(build_random("gpt2-tiny")).info()["generation_config_ignored"] == []
 
 
+@pytest.mark.attack(cls="leaks", tried="a prompt with a lone surrogate", held="a BadRequestError, no traceback")
 def test_a_text_that_is_not_valid_unicode_is_a_bad_request_not_an_internal_error():
     """JSON carries lone surrogates; the tokenizer took them as an internal error with a traceback."""
     import json

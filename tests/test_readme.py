@@ -34,6 +34,7 @@ def test_the_api_block_runs_as_written():
     assert (run.paused, run.layer, run.step) == (True, 10, 3)  # "on to the next breakpoint (10, 3)"
     assert (back.paused, back.step, back.layer, back.site) == (True, 4, 6, "resid_post")
     assert cond.paused and cond.site == "mlp_out"
+    assert scope["branches"].steps == [0, 1, 2] and len(scope["branches"].layers) == scope["client"].info["num_layers"]
     assert grid.shape[0] == scope["client"].info["num_layers"] and 0 < grid.attrs["clean_prob"] <= 1
     for r in (run, steered, back, cond):
         r.close()
@@ -67,3 +68,25 @@ def test_no_product_document_speaks_of_sessions(page):
     text = page.read_text()
     found = re.findall(r"(?i)\b(?:this|previous|last|next|second|third) session\b", text)
     assert not found, f"{page.relative_to(REPO)}: {found}"
+
+
+def test_the_attack_tables_are_the_test_suites():
+    """README.md's and docs/server.md's attack tables are written from the tests' ``attack`` marks
+    (scripts/attack_table.py), never typed: a new or changed mark makes them stale, and this fails."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("attack_table", REPO / "scripts" / "attack_table.py")
+    assert spec is not None and spec.loader is not None
+    table = importlib.util.module_from_spec(spec)
+    sys.modules["attack_table"] = table  # dataclasses look their module up
+    spec.loader.exec_module(table)
+    found = table.attacks()
+    assert len(found) >= 50 and {a.cls for a in found} == set(table.CLASSES)
+    for page in (README, REPO / "docs" / "server.md"):
+        text = page.read_text()
+        assert text.count("<!-- attacks:") == 2, page.name
+        assert table.rewrite(text, found) == text, f"{page.name}: run python scripts/attack_table.py"
+    assert f"| all | | {len(found)} | {len(found)} |" in README.read_text()
+    shifted = [table.Attack(a.cls, a.tried + " (changed)", a.held, a.test) for a in found]
+    assert table.rewrite(README.read_text(), shifted) != README.read_text()  # the check can fail

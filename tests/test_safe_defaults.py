@@ -49,6 +49,7 @@ def test_a_server_with_no_flags_states_its_limits_at_start_up(plain):
     assert "max_call_seconds 600" in line
 
 
+@pytest.mark.attack(cls="defaults", tried="257 runs and a 257-step call on a server started with no flags", held="the 257th run and the call refused, nothing made")
 def test_a_server_with_no_flags_bounds_a_users_runs_and_a_calls_steps(plain):
     client = djinn_nb.connect(plain.address, token=TOKEN)
     try:
@@ -81,6 +82,7 @@ def shared():
     server.stop()
 
 
+@pytest.mark.attack(cls="admission", tried="fork_many of 63 forks (18.6 MB) over a 2 MB share", held="refused before any fork exists")
 def test_fork_many_is_admitted_on_its_estimate_before_any_fork_exists(shared):
     assert "user_max_held_bytes 2.0 MB (half of max_held_bytes: 2 users share it)" in shared.limits_line
     ann = shared.connect("ann", tls_ca=None)
@@ -100,6 +102,7 @@ def test_fork_many_is_admitted_on_its_estimate_before_any_fork_exists(shared):
         ann.close()
 
 
+@pytest.mark.attack(cls="isolation", tried="one user generating until refused", held="the other user's share is untouched; run ids reveal nothing of her")
 def test_one_user_cannot_take_another_users_share_nor_learn_of_their_activity(shared):
     ann, ben = shared.connect("ann", tls_ca=None), shared.connect("ben", tls_ca=None)
     try:
@@ -118,6 +121,7 @@ def test_one_user_cannot_take_another_users_share_nor_learn_of_their_activity(sh
             client.close()
 
 
+@pytest.mark.attack(cls="counting", tried="one user reserving side-channel slots until refused", held="the other user's upload goes through")
 def test_one_users_reservations_cannot_deny_another_users_uploads(shared):
     """Side-channel reservations count to their user's bytes: ann reserving all she may (2 MB)
     leaves ben his own share, and his upload goes through."""
@@ -137,6 +141,7 @@ def test_one_users_reservations_cannot_deny_another_users_uploads(shared):
         ben.close()
 
 
+@pytest.mark.attack(cls="leaks", tried="a refusal by the server-wide cap", held="states no byte counts of other users")
 def test_refusals_by_the_servers_total_do_not_state_other_users_holdings():
     workdir = Path(tempfile.mkdtemp(prefix="djinn-total-"))
     users = workdir / "users.yaml"

@@ -35,6 +35,7 @@ def guarded():
 
 
 @pytest.mark.parametrize("token", ["wrong", None, "", TOKEN + " "])
+@pytest.mark.attack(cls="isolation", tried="a wrong or missing token", held="refused at hello")
 def test_wrong_or_missing_token_is_refused_at_hello(guarded, token):
     served, _, _ = guarded
     env = dict(os.environ)
@@ -49,6 +50,7 @@ def test_wrong_or_missing_token_is_refused_at_hello(guarded, token):
 
 @pytest.mark.parametrize("call,args", [("runs", ()), ("status", ("r1",)), ("activation", ("r1",)),
                                        ("resume", ("r1", "{}")), ("close", ("r1",)), ("info", ())])
+@pytest.mark.attack(cls="isolation", tried="every call after a failed hello", held="refused")
 def test_a_connection_that_failed_hello_can_do_nothing(guarded, call, args):
     served, client, run = guarded
     conn = raw_connection(served.port, "wrong", hello=False)
@@ -61,6 +63,7 @@ def test_a_connection_that_failed_hello_can_do_nothing(guarded, call, args):
     assert run.refresh().paused and (run.layer, run.step) == (3, 0)
 
 
+@pytest.mark.attack(cls="isolation", tried="another token listing, reading, editing, forking, closing these runs", held="sees and touches none of them")
 def test_another_token_sees_and_touches_none_of_these_runs(guarded):
     """A second server over the same engine with token B: B's client is a different owner."""
     served, client, run = guarded
@@ -85,6 +88,7 @@ def test_non_loopback_bind_needs_a_token():
         DjinnServer(object(), "0.0.0.0", 0)  # refused before the engine is looked at
 
 
+@pytest.mark.attack(cls="defaults", tried="binding beyond loopback with no token", held="the server refuses to start")
 def test_server_cli_refuses_non_loopback_without_a_token():
     env = {k: v for k, v in os.environ.items() if k != "DJINN_TOKEN"}
     proc = subprocess.run([sys.executable, "-m", "djinn_nb.serving", "--host", "0.0.0.0", "--model", "random:gpt2-tiny"],
@@ -109,6 +113,7 @@ REACHES = {
 
 
 @pytest.mark.parametrize("name", sorted(REACHES))
+@pytest.mark.attack(cls="wire", tried="rpyc's private and dunder names", held="unreachable")
 def test_nothing_but_exposed_calls_is_reachable(guarded, name):
     served, client, run = guarded
     conn = raw_connection(served.port, TOKEN)
@@ -120,6 +125,7 @@ def test_nothing_but_exposed_calls_is_reachable(guarded, name):
         conn.close()
 
 
+@pytest.mark.attack(cls="wire", tried="pickle and rpyc classic requests", held="refused")
 def test_pickle_and_classic_requests_are_refused(guarded):
     served, _, _ = guarded
     conn = raw_connection(served.port, TOKEN)
@@ -160,6 +166,7 @@ def open_server():
     served.server.close()
 
 
+@pytest.mark.attack(cls="wire", tried="a client killed while its run is paused", held="the server serves on")
 def test_client_killed_while_paused_leaves_the_server_serving(open_server):
     conn = raw_connection(open_server.port)
     run = reply(conn.root.generate(wire.dumps({"prompt": PROMPT, "max_new_tokens": NEW_TOKENS, "breakpoints": [4]})))["result"]
@@ -179,6 +186,7 @@ def test_client_killed_mid_call_leaves_the_server_serving(open_server):
     _serves_others(open_server.port, open_server.reference)
 
 
+@pytest.mark.attack(cls="wire", tried="a half-sent frame, then a disconnect", held="the server serves on")
 def test_half_sent_frame_then_disconnect_leaves_the_server_serving(open_server):
     sock = socket.create_connection(("127.0.0.1", open_server.port))
     sock.sendall(struct.pack("!LB", 1 << 20, 0) + b"\x00" * 10)
@@ -187,6 +195,7 @@ def test_half_sent_frame_then_disconnect_leaves_the_server_serving(open_server):
     _serves_others(open_server.port, open_server.reference)
 
 
+@pytest.mark.attack(cls="door", tried="an oversize frame before hello", held="dropped unread")
 def test_oversize_frame_before_hello_is_dropped_unread(open_server):
     """A peer that claims a huge frame before authenticating gets disconnected, no buffer allocated."""
     sock = socket.create_connection(("127.0.0.1", open_server.port))

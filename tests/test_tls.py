@@ -40,6 +40,7 @@ def test_tls_client_moves_a_large_activation_over_the_side_channel(lab, monkeypa
         alice.close()
 
 
+@pytest.mark.attack(cls="door", tried="a plain client to a TLS server", held="refused within seconds")
 def test_plain_client_to_a_tls_server_is_refused_within_seconds(lab):
     t0 = time.monotonic()
     with pytest.raises(DjinnError, match="TLS"):
@@ -47,6 +48,7 @@ def test_plain_client_to_a_tls_server_is_refused_within_seconds(lab):
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.attack(cls="wire", tried="a server with a certificate from another CA", held="the client refuses it")
 def test_client_trusting_another_ca_refuses_the_server(lab, tmp_path):
     other, _ = make_cert(tmp_path, "other-ca")
     t0 = time.monotonic()
@@ -55,6 +57,7 @@ def test_client_trusting_another_ca_refuses_the_server(lab, tmp_path):
     assert time.monotonic() - t0 < 5
 
 
+@pytest.mark.attack(cls="door", tried="a plain peer on a TLS side channel", held="refused")
 def test_side_channel_refuses_a_plain_peer(lab):
     """A plain TCP peer on the TLS side channel gets no byte; the server keeps serving."""
     alice = lab.connect("alice")

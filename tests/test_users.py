@@ -17,6 +17,7 @@ def _unknown_message(client, run_id: str) -> str:
     return str(e.value).replace(run_id, "<id>")
 
 
+@pytest.mark.attack(cls="isolation", tried="two users reaching for each other's runs", held="neither sees nor touches the other's")
 def test_two_users_cannot_see_or_touch_each_others_runs(lab):
     alice, bob = lab.connect("alice"), lab.connect("bob")
     try:
@@ -57,6 +58,7 @@ def test_admin_lists_every_run_and_closes_any(lab):
         root.close()
 
 
+@pytest.mark.attack(cls="admission", tried="a call over a user's run quota", held="refused by name, nothing changed")
 def test_quota_refusal_names_the_quota_and_changes_nothing(lab):
     alice, bob = lab.connect("alice"), lab.connect("bob")
     try:
@@ -79,6 +81,7 @@ def test_quota_refusal_names_the_quota_and_changes_nothing(lab):
         bob.close()
 
 
+@pytest.mark.attack(cls="admission", tried="a run that would hold more than the user's bytes", held="refused before allocating")
 def test_byte_quota_refuses_a_run_that_would_hold_too_much(lab):
     carol = lab.connect("carol")  # max_paused_bytes: 1000, less than any paused run holds
     try:

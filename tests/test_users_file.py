@@ -21,6 +21,7 @@ from server_proc import ROOT, start
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 
 
+@pytest.mark.attack(cls="users file", tried="8 odd user names (empty, spaces, a newline, ../etc, -flag, 65 characters)", held="each refused, nothing written; josé kept")
 def test_add_user_refuses_odd_names_and_keeps_non_ascii_ones(tmp_path):
     users = tmp_path / "users.yaml"
     for bad in ("", " alice", "a b", "x" * 65, "ann\n", "../etc", "-flag", "a:b"):
@@ -32,6 +33,7 @@ def test_add_user_refuses_odd_names_and_keeps_non_ascii_ones(tmp_path):
     assert os.stat(users).st_mode & 0o777 == 0o600
 
 
+@pytest.mark.attack(cls="users file", tried="symlinks planted at the temporary names add-user could use", held="never followed (mkstemp + rename)")
 def test_add_user_never_follows_a_planted_temporary_file(tmp_path):
     users = tmp_path / "users.yaml"
     add_user(users, "ann")
@@ -44,6 +46,7 @@ def test_add_user_never_follows_a_planted_temporary_file(tmp_path):
     assert set(load_users(users)) == {"ann", "ben"}
 
 
+@pytest.mark.attack(cls="users file", tried="a users file writable by group or others", held="refused at load")
 def test_a_users_file_others_can_write_is_refused(tmp_path):
     users = tmp_path / "users.yaml"
     add_user(users, "ann")
@@ -56,6 +59,7 @@ def test_a_users_file_others_can_write_is_refused(tmp_path):
     assert out.returncode == 2 and "writable by others" in out.stderr
 
 
+@pytest.mark.attack(cls="users file", tried="no token against an all-zero digest entry", held="matches nothing")
 def test_a_missing_token_matches_no_entry_not_even_an_all_zero_digest():
     auth = Authenticator({"z": User("z", b"\0" * 32)}, limit=100)
     for token in (None, "", 0, b""):
@@ -63,6 +67,7 @@ def test_a_missing_token_matches_no_entry_not_even_an_all_zero_digest():
             auth.authenticate(token, "1.2.3.4")
 
 
+@pytest.mark.attack(cls="door", tried="wrong hellos locking out a shared address (an SSH tunnel)", held="a correct token is never refused")
 def test_the_throttle_never_refuses_a_correct_token():
     auth = Authenticator({"ann": User("ann", digest("right"))}, limit=3)
     for _ in range(3):
@@ -73,6 +78,7 @@ def test_the_throttle_never_refuses_a_correct_token():
     assert auth.authenticate("right", "127.0.0.1").name == "ann"  # same address, e.g. an SSH tunnel
 
 
+@pytest.mark.attack(cls="users file", tried="a leaked token revoked by SIGHUP", held="its connections refused at their next call; every run kept")
 def test_sighup_reloads_the_users_file_revoking_a_token_and_keeping_everyones_runs():
     workdir = Path(tempfile.mkdtemp(prefix="djinn-reload-"))
     users = workdir / "users.yaml"
@@ -116,6 +122,7 @@ def test_sighup_reloads_the_users_file_revoking_a_token_and_keeping_everyones_ru
         server.stop()
 
 
+@pytest.mark.attack(cls="users file", tried="SIGHUP to a server with no users file", held="the server serves on")
 def test_sighup_without_a_users_file_does_not_end_the_server():
     workdir = Path(tempfile.mkdtemp(prefix="djinn-hup-"))
     server = start(["--model", "random:gpt2-tiny"], workdir)
@@ -128,6 +135,7 @@ def test_sighup_without_a_users_file_does_not_end_the_server():
         server.stop()
 
 
+@pytest.mark.attack(cls="users file", tried="an upload by user \"josé\"", held="goes through (was an internal error)")
 def test_a_user_with_a_non_ascii_name_uploads_on_the_side_channel(monkeypatch):
     from djinn_nb.wire import sidechannel
 
@@ -146,6 +154,7 @@ def test_a_user_with_a_non_ascii_name_uploads_on_the_side_channel(monkeypatch):
         server.stop()
 
 
+@pytest.mark.attack(cls="isolation", tried="one user opening every connection after a reload added users", held="refused at half of max_connections; shares recomputed")
 def test_a_reload_that_adds_users_gives_each_their_share_and_one_user_cannot_hold_every_connection():
     workdir = Path(tempfile.mkdtemp(prefix="djinn-share-"))
     users = workdir / "users.yaml"

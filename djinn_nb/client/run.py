@@ -22,7 +22,7 @@ import torch
 
 from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
-from ..schema import EditRequest, ForkRequest, RunBrief, RunState, RunSummary
+from ..schema import EditRequest, ForkRequest, LensReply, RunBrief, RunState, RunSummary, history_records
 from .. import wire
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -303,11 +303,12 @@ class Run:
         position, the top-``k`` ``(token_id, probability)`` of ``softmax(head(final_norm(activation)))``,
         computed on the server (edits applied). A list of lists; shown with 4 significant digits,
         the values themselves are exact."""
-        reply = self._client._call("lens", self.id, k)
-        ids, texts = reply.get("text_ids"), reply.get("texts")
-        if type(ids) is list and type(texts) is list and len(ids) == len(texts):  # the table's next read
-            self._client._remember((), None, dict(zip(ids, texts)))
-        return LensRows([(int(i), float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply["ids"], reply["probs"]))
+        try:
+            reply = LensReply.from_json(self._client._call("lens", self.id, k))
+        except BadRequestError as e:
+            raise ProtocolError(f"lens: {e}") from None
+        self._client._remember((), None, dict(zip(reply.text_ids, reply.texts)))  # the table's next read
+        return LensRows([(i, float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply.ids, reply.probs))
 
     def attention(self) -> torch.Tensor:
         """Block ``layer``'s attention probabilities at the paused step, (batch, heads, queries, keys):
@@ -414,6 +415,17 @@ class Run:
         """Pause at the same layer and site one step later (or run to the end if there is none)."""
         return self._update(self._client._call("next_step", self.id, self._since()))
 
+    def step_through(self, steps: int, **edit: Any) -> "Run":
+        """Apply ``edit`` (``resume``'s keywords: scale, add, activation, heads, positions, …; none:
+        no edit) at this pause and go on to the same layer and site of the next step, ``steps``
+        times, all on the server in one call: the per-step experiment without a round trip per step."""
+        if not edit:
+            return self._update(self._client._call("step_through", self.id, steps, self._since()))
+        req, act, add_b = _edit_request(self._client, edit.pop("activation", None), edit.pop("scale", None),
+                                        edit.pop("add", None), **edit)
+        return self._update(self._client._call("step_through", self.id, steps, self._since(),
+                                               wire.dumps(req.to_json()), act, add_b))
+
     def rewind(self, step: int, layer: int | None = None, site: str | None = None) -> "Run":
         """A new run paused at (``layer``, ``site``) of an earlier ``step`` of this run, paused or
         finished; this run is left as it is. Defaults: where this run is (or last was) paused.
@@ -429,19 +441,10 @@ class Run:
         One call, texts included; none for a fork made with ``close=True`` (its reply carried it)."""
         cached = self._history
         records = cached[1] if cached is not None and cached[0] == self._v else self._client._call("history", self.id)
-        if type(records) is not list or not all(type(r) is dict for r in records):
-            raise ProtocolError("history: expected a list of records")
-        out = []
-        for r in records:
-            rec: dict[str, Any] = {"step": r["step"], "token_id": r["token_id"]}
-            if "token" in r:
-                rec["token"] = r["token"]
-            rec["topk"] = [(int(t), float(p)) for t, p in r["topk"]]
-            rec["entropy"] = float(r["entropy"])
-            rec["time_s"] = None if r.get("time_s") is None else float(r["time_s"])
-            if "topk_tokens" in r:
-                rec["topk_tokens"] = list(r["topk_tokens"])
-            out.append(rec)
+        try:
+            out = history_records(records)  # checked field by field (djinn_nb.schema.HistoryRecord)
+        except BadRequestError as e:
+            raise ProtocolError(f"history: {e}") from None
         _take_texts(self._client, records)
         return out
 

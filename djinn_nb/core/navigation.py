@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BadRequestError, BreakpointError, RunStateError
-from ..schema import RunState
+from ..schema import HistoryRecord, RunState
 from .host import RunHost
 from .runs import Run
 from .sites import DEFAULT_SITE
@@ -101,8 +101,8 @@ class Navigator:
             times = run.token_times
             untimed = len(run.token_ids) - len(times)
             return [
-                {"step": i, "token_id": t, "topk": [(int(j), math.exp(lp)) for j, lp in top], "entropy": h,
-                 "time_s": None if i < untimed else round(times[i - untimed] - times[0], 7)}
+                HistoryRecord(i, t, [(int(j), math.exp(lp)) for j, lp in top], h,
+                              None if i < untimed else round(times[i - untimed] - times[0], 7)).to_json()
                 for i, (t, top, h) in enumerate(zip(run.token_ids, run.topk, run.entropies))
             ]
 

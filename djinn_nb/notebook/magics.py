@@ -489,12 +489,12 @@ class DjinnMagics(Magics):
 
 def register(ipython: Any) -> DjinnMagics:
     """Register the djinn magics with an IPython shell (``%load_ext djinn_nb`` calls this)."""
+    from .branches import BranchMagics
+    from .debug_magics import NavigationMagics
     from .formatters import register as show_as_html
 
-    from .debug_magics import NavigationMagics
-
-    magics = DjinnMagics(ipython)
-    ipython.register_magics(magics)
-    ipython.register_magics(NavigationMagics(ipython, magics))
+    ipython.register_magics(magics := DjinnMagics(ipython))
+    for more in (NavigationMagics, BranchMagics):  # the stepping and the branches' magics share its run
+        ipython.register_magics(more(ipython, magics))
     show_as_html(ipython)
     return magics

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 from ..core.forking import ForkSpec
 from ..core.runs import Run
 from ..core.patchgrid import grid_spec
+from ..core.stepthrough import step_through
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
-from ..schema import ForkRequest
+from ..schema import EditRequest, ForkRequest
 from .. import wire
 from .replies import _reply, _since, _str
 
 if TYPE_CHECKING:
     from ..core.engine import Engine
     from ..core.specs import Edit
-    from ..schema import EditRequest
     from .state import ServerState
 
 __all__ = ["DebugCalls", "ServiceParts"]
@@ -60,7 +60,7 @@ class ServiceParts(Protocol):
 
 
 class DebugCalls:
-    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``rewind``, ``history``."""
+    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``step_through``, ``rewind``, ``history``."""
 
     @_reply
     def exposed_fork_many(self: ServiceParts, run_id: Any, requests_json: Any, payloads: Any = (),
@@ -124,6 +124,23 @@ class DebugCalls:
         self._check_quota(new_runs=0)
         with self._scope():
             return _stepped(self, self._engine.next_step(_str(run_id, "run id"), self._who()), since)
+
+    @_reply
+    def exposed_step_through(self: ServiceParts, run_id: Any, steps: Any, since: Any = None, request_json: Any = None,
+                             act: Any = None, add: Any = None) -> dict[str, Any]:
+        """The ``EditRequest`` (or none) applied at the paused site in each of the next ``steps`` steps,
+        on the server (core/stepthrough.py); the run's ``RunBrief`` there, or at its end."""
+        owner = self._who()
+        edit = None if request_json is None else self._edit(EditRequest.from_json(wire.loads(request_json, "edit")),
+                                                             act, add)
+        since = _since(since)
+        if isinstance(steps, bool) or type(steps) is not int or steps < 1:
+            raise BadRequestError(f"steps must be a positive integer, not {steps!r}"[:200])
+        run = self._engine.get(_str(run_id, "run id"), owner)
+        self._check_quota(steps, new_runs=0, adding=self._state.kv_bytes(max(0, min(steps, run.max_new_tokens - run.step))))
+        with self._scope():
+            run = step_through(self._engine, self._engine.forks, run.id, steps, edit, owner)
+        return _stepped(self, run, since)
 
     @_reply
     def exposed_rewind(self: ServiceParts, run_id: Any, step: Any, layer: Any = None, site: Any = None,

@@ -21,11 +21,13 @@ from ..core.runs import Run, activation_stats
 from ..core.scheduler import call_scope
 from ..core.specs import Edit, Sampling
 from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError, QuotaError
-from ..schema import EditRequest, ForkRequest, GenerateRequest
+from ..schema import EditRequest, ForkRequest, GenerateRequest, LensReply
 from ..version import __version__
 from .. import wire
 from ..wire import sidechannel
+from .branch_calls import BranchCalls
 from .debug_calls import DebugCalls
+from .objects import bound_objects
 from .patching_calls import PatchingCalls
 from .state import ServerState
 from .text_calls import TextCalls
@@ -45,7 +47,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, PatchingCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, BranchCalls, PatchingCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):
@@ -57,6 +59,7 @@ class DjinnService(TextCalls, DebugCalls, PatchingCalls, rpyc.Service):
         self._peer = "?"
 
     def on_connect(self, conn: rpyc.Connection) -> None:
+        bound_objects(conn)  # a peer that never releases what it looks up cannot grow the server without end
         channel = getattr(conn, "_channel", None)
         self._channel = channel if isinstance(channel, FastChannel) else None
         self._conn = conn
@@ -357,7 +360,7 @@ class DjinnService(TextCalls, DebugCalls, PatchingCalls, rpyc.Service):
         top_ids, probs = self._engine.lens(run.id, k, self._who())
         ids = top_ids.tolist()
         texts = self._token_texts([i for row in ids for i in row] + list(run.prompt_ids) + list(run.token_ids))
-        return {"ids": ids, "probs": probs.tolist(), "text_ids": list(texts), "texts": list(texts.values())}
+        return LensReply(ids, probs.tolist(), list(texts), list(texts.values())).to_json()
 
     @_reply
     def exposed_lens_grid(self, request_json: Any) -> dict[str, Any]:
