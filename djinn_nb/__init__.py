@@ -28,13 +28,15 @@ if TYPE_CHECKING:
     from .client import Client, Run, connect, diff
 
 __all__ = ["connect", "Client", "Run", "DjinnError", "__version__", "load_ipython_extension", "causal_trace",
-           "plot_causal_trace", "diff"]
+           "plot_causal_trace", "diff", "attribution_patching", "top_k_of", "rank_agreement", "plot_trace_panels",
+           "plot_grids_side_by_side"]
+_PATCHING = ("attribution_patching", "top_k_of", "rank_agreement", "plot_trace_panels", "plot_grids_side_by_side")
 
 
 def __getattr__(name: str) -> Any:
     """The client API, imported on first use: ``djinn_nb.core`` alone (an in-process engine
-    on a machine without rpyc, say) then needs neither rpyc nor the client. ``causal_trace``
-    and ``plot_causal_trace`` live in the notebook layer (pandas, matplotlib)."""
+    on a machine without rpyc, say) then needs neither rpyc nor the client. ``causal_trace``,
+    ``attribution_patching`` and their plots live in the notebook layer (pandas, matplotlib)."""
     if name in ("connect", "Client", "Run", "diff"):
         from .core.gcpause import paused_gc
 
@@ -46,6 +48,10 @@ def __getattr__(name: str) -> Any:
         from .notebook import tracing
 
         return getattr(tracing, name)
+    if name in _PATCHING:
+        from .notebook import patching
+
+        return getattr(patching, name)
     raise AttributeError(f"module 'djinn_nb' has no attribute {name!r}")
 
 

@@ -32,7 +32,7 @@ device = "cpu"    # where an embedded model runs: "cpu", "cuda:0"
 address = None    # "host:port" of a running djinn-server; then model and device are the server's
 clean = "The Eiffel Tower is located in the city of"
 corrupted = "The Colosseum is located in the city of"   # same number of tokens, another subject
-site = "resid_post"   # where the clean state is restored: resid_pre, attn_out, resid_mid, mlp_out, resid_post
+site = "resid_post"   # where the clean state is restored in sections 2, 3 and 6: resid_pre, resid_mid, resid_post, ...
 
 # %%
 import time
@@ -102,7 +102,70 @@ for col, layer, p in sorted(summary, key=lambda r: -r[2])[:4]:
     print(f"{col!r:>16}: best at layer {layer:2d}, p(answer) = {p:.3f}")
 
 # %% [markdown]
-# Nothing is left on the server: `causal_trace` closes every run it started.
+# ## 4. Three panels: the residual stream, the MLPs, the attention
+#
+# ROME's figure shows the same grid at three sites: restoring the whole residual stream, only a
+# block's MLP output (`mlp_out`), or only its attention output (`attn_out`) at one (layer, position).
+# In ROME's picture the MLPs carry the fact at the last subject token in early-to-middle layers,
+# and attention moves it to the last token late. (ROME restores a window of ten layers per cell;
+# these cells restore one layer each, so the MLP and attention panels are fainter.)
+
+# %%
+panels = [trace] + [djinn_nb.causal_trace(client, clean, corrupted, site=s, progress=False)
+                    for s in ("mlp_out", "attn_out")]
+fig = djinn_nb.plot_trace_panels(panels)
+show(fig)
+plt.close(fig)
+
+# %% [markdown]
+# ## 5. Which heads?
+#
+# At `z` (each head's output before the attention's output projection) the grid is layers × heads:
+# a cell restores one head's clean `z` at every position, the layer's other heads left corrupted.
+
+# %%
+heads = djinn_nb.causal_trace(client, clean, corrupted, site="z", heads="all", progress=False)
+fig = djinn_nb.plot_causal_trace(heads, title="restoring one head's clean z (all positions)")
+show(fig)
+plt.close(fig)
+best_heads = djinn_nb.top_k_of(heads, 3)
+print("heads that restore most (layer, head):", best_heads)
+
+# %% [markdown]
+# ## 6. A cheap first pass: attribution patching
+#
+# `attribution_patching` estimates every cell at once from one clean and one corrupted forward
+# and one backward on the server: (clean − corrupted activation) · ∂metric/∂activation in the
+# corrupted run. With `metric="prob"` each cell estimates the change in p(answer). Beside it, the
+# exact grid (its ten highest cells outlined on both): how well does the estimate rank them?
+
+# %%
+t0 = time.perf_counter()
+estimate = djinn_nb.attribution_patching(client, clean, corrupted, site=site, metric="prob")
+estimate_s = time.perf_counter() - t0
+agreement = djinn_nb.rank_agreement(estimate, trace, k=20)
+print(f"estimate of {estimate.size} cells in {estimate_s:.2f} s (the exact grid: {seconds:.1f} s); "
+      f"Spearman {agreement['spearman']:.2f}; the exact top 10 within the estimate's top 20: {agreement['recall']:.0%}")
+fig = djinn_nb.plot_grids_side_by_side(estimate, trace)
+show(fig)
+plt.close(fig)
+
+# %% [markdown]
+# Then patch exactly only the cells the estimate ranks highest: `cells=` computes those and leaves
+# every other cell NaN.
+
+# %%
+cells = djinn_nb.top_k_of(estimate, 20)
+t0 = time.perf_counter()
+chosen = djinn_nb.causal_trace(client, clean, corrupted, site=site, cells=cells, progress=False)
+print(f"{int(chosen.notna().sum().sum())} cells patched exactly in {time.perf_counter() - t0:.1f} s")
+found = chosen.stack().sort_values(ascending=False).head(5)
+print(f"best cell found this way: p = {found.iloc[0]:.4f}; best of the whole grid: p = {trace.max().max():.4f}")
+found.to_frame("p(answer)")
+
+# %% [markdown]
+# Nothing is left on the server: `causal_trace` and `attribution_patching` close every run they
+# started (the estimate makes none, and leaves no gradient behind).
 
 # %%
 left = [r for r in client.runs() if r["id"] not in mine_before]

@@ -90,8 +90,8 @@ def test_bad_input_is_refused_and_leaves_no_runs(setup):
         djinn_nb.causal_trace(client, CLEAN, CORRUPT, layers=[99], progress=False)
     with pytest.raises(BadRequestError, match="positions must be integers"):
         djinn_nb.causal_trace(client, CLEAN, CORRUPT, positions=[8], progress=False)
-    with pytest.raises(BadRequestError, match="not 'z'"):
-        djinn_nb.causal_trace(client, CLEAN, CORRUPT, site="z", progress=False)
+    with pytest.raises(BadRequestError, match="not 'attn'"):
+        djinn_nb.causal_trace(client, CLEAN, CORRUPT, site="attn", progress=False)
     with pytest.raises(BadRequestError, match="answer must be a token id"):
         djinn_nb.causal_trace(client, CLEAN, CORRUPT, answer=10**9, layers=[0], progress=False)
     assert ids(client) == before

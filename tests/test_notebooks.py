@@ -29,7 +29,7 @@ EXPECTED = {
     "02_steering.ipynb": (2, 4),
     "03_reproduce_exp3.ipynb": (3, 5),
     "04_inside_a_block.ipynb": (5, 5),
-    "05_causal_tracing.ipynb": (1, 1),
+    "05_causal_tracing.ipynb": (4, 2),
     "06_control_flow.ipynb": (0, 2),
 }
 

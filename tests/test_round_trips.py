@@ -182,3 +182,16 @@ def test_causal_trace_costs_at_most_three_requests_whatever_the_grids_size(clien
         counts.append(sent.n)
     assert counts[0] == counts[1]
     assert client.runs() == []  # every run it made is closed
+
+
+def test_attribution_patching_and_a_trace_of_its_top_cells_cost_one_request_each(client):
+    """The estimate (two forwards and a backward) is one server call at any grid size, and so is the
+    exact trace of the cells it ranks highest, progress bar or not."""
+    clean, corrupted = "The Eiffel Tower is in", "The Colosseum is in"
+    with count_requests(client) as sent:
+        estimate = djinn_nb.attribution_patching(client, clean, corrupted, site="z", metric="prob")
+    assert sent.n == 1 and estimate.shape == (client.info["num_layers"], client.info["num_heads"])
+    with count_requests(client) as sent:
+        chosen = djinn_nb.causal_trace(client, clean, corrupted, site="z", cells=djinn_nb.top_k_of(estimate, 4))
+    assert sent.n == 1 and int(chosen.notna().sum().sum()) == 4
+    assert client.runs() == []

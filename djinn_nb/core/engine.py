@@ -379,14 +379,14 @@ class Engine:
     def causal_trace(self, clean: str | Sequence[int], corrupted: str | Sequence[int], answer: int | None = None,
                      layers: Sequence[int] | None = None, positions: Sequence[int] | None = None,
                      site: str = "resid_post", owner: str = "",
-                     on_row: Callable[[int], None] = lambda done: None) -> tracing.TraceGrid:
-        """ROME's grid in one call, no run made per cell (tracing.py); its two runs are closed after."""
+                     on_row: Callable[[int], None] = lambda done: None, **grid: Any) -> tracing.TraceGrid:
+        """ROME's grid in one call, no run made per cell (tracing.py: ``grid`` is its ``spec``); its two runs closed after."""
         clean_ids, corrupt_ids = self.encode(clean), self.encode(corrupted)
         layers, positions = tracing.check_grid(self.num_layers, len(clean_ids), layers, positions)
         return tracing.causal_trace(
             self, lambda ids, n, bps, **kw: self.generate(ids, n, bps, owner=owner, **kw),
             lambda run_id: self.resume(run_id, owner=owner), lambda run_id: self.close(run_id, owner),
-            clean_ids, corrupt_ids, layers, positions, site, answer, on_row)
+            clean_ids, corrupt_ids, layers, positions, site, answer, on_row, **grid)
 
     def _check_k(self, k: Any) -> int:
         vocab = int(getattr(self.model.config, "vocab_size", 0)) or 1

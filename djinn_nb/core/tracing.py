@@ -11,6 +11,8 @@ the layers after it: the checkpoint holds everything before), and only the answe
 at the last position is kept. The clean pass records its traced layers as watches, without
 pausing (only the corrupted pass needs a checkpoint per layer). The corrupted run's own next-token distribution rides in the first
 layer's batch, so a cell whose patched input equals the corrupted one shows the same number.
+A grid's columns (positions, or heads at ``z``), the cells to compute and each row's patch are
+``patchgrid.py``'s, shared with the attribution estimate (``attribution.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from ..errors import BadRequestError, RunStateError
 from .batch import repeated_state
 from .host import RunHost
+from .patchgrid import GridSpec, patched_starts
 from .runs import Checkpoint, Run
 
 #: Sites a trace restores: the residual stream and each block's two outputs.
@@ -78,12 +81,18 @@ def causal_trace(
     site: str = "resid_post",
     answer: int | None = None,
     on_row: Callable[[int], None] = lambda done: None,
+    spec: GridSpec | None = None,
 ) -> TraceGrid:
     """The grid (see the module's docstring). ``generate``/``resume``/``close`` are the engine's,
     bound to the caller (its runs, its device turns); both runs are closed however it ends.
-    ``on_row(i)`` is told after each row (progress; it may raise to stop the trace)."""
-    if site not in TRACE_SITES:
-        raise BadRequestError(f"causal_trace patches one of {list(TRACE_SITES)}, not {site!r}")
+    ``on_row(i)`` is told after each row (progress; it may raise to stop the trace). ``spec``
+    (patchgrid.py) gives per-head columns at ``z`` and the cells to compute; its rows are only
+    the layers with a cell, a cell not computed is NaN."""
+    if spec is None:
+        if site not in TRACE_SITES:
+            raise BadRequestError(f"causal_trace patches one of {list(TRACE_SITES)}, not {site!r}")
+        spec = GridSpec(site, list(layers), list(positions), [], {layer: list(range(len(positions))) for layer in layers})
+    site, layers = spec.site, spec.traced_layers()
     if len(clean_ids) != len(corrupt_ids):
         raise BadRequestError(f"the clean and corrupted prompts must have the same number of tokens: "
                               f"{len(clean_ids)} vs {len(corrupt_ids)}")
@@ -93,7 +102,7 @@ def causal_trace(
         # the clean pass records every traced layer without pausing: one forward, no pause per layer
         clean = generate(clean_ids, 1, [], record_logits=True, watches=bps)
         opened.append(clean.id)
-        restored = {hit.layer: hit.tensor[:, list(positions)] for hit in clean.watch_log if hit.step == 0}
+        restored = {hit.layer: hit.tensor for hit in clean.watch_log if hit.step == 0}
         if clean.last_logits is None or sorted(restored) != sorted(layers):
             raise RunStateError(f"the clean pass recorded layers {sorted(restored)} of {list(layers)}")
         if answer is None:
@@ -108,7 +117,7 @@ def causal_trace(
         corrupt_prob = float("nan")
         while corrupt.checkpoint is not None:
             cp = corrupt.checkpoint
-            probs = _row(host, corrupt, cp, restored[cp.layer], positions, answer, with_reference=not rows)
+            probs = _row(host, corrupt, cp, restored[cp.layer], spec, answer, with_reference=not rows)
             if not rows:
                 *probs, corrupt_prob = probs
             rows.append(probs)
@@ -123,19 +132,20 @@ def causal_trace(
                 pass
 
 
-def _row(host: RunHost, run: Run, cp: Checkpoint, clean: torch.Tensor, positions: Sequence[int], answer: int,
+def _row(host: RunHost, run: Run, cp: Checkpoint, clean: torch.Tensor, spec: GridSpec, answer: int,
          with_reference: bool) -> list[float]:
-    """One layer's cells: the paused activation with the clean one restored at one position per
-    row (plus the unpatched activation, ``with_reference``), the rest of the step as one batch."""
-    n = len(positions) + int(with_reference)
+    """One layer's cells: the paused activation with one column's clean value restored per row
+    (plus the unpatched activation, ``with_reference``, last), the rest of the step as one batch;
+    NaN in the columns the spec does not compute at this layer."""
+    chosen = spec.cells[cp.layer]
     with run.lock, host.device_turn(), torch.inference_mode():
         host.paused(run)
-        starts = cp.pending.repeat(n, *([1] * (cp.pending.dim() - 1)))
-        rows = torch.arange(len(positions), device=starts.device)
-        cols = torch.tensor(list(positions), device=starts.device)
-        starts[rows, cols] = clean[0]
-        logits = tail_logits(host, run, starts)
-        return logits.float().softmax(-1)[:, answer].tolist()
+        starts = patched_starts(cp.pending, clean.to(cp.pending.device), spec, chosen, with_reference)
+        probs = tail_logits(host, run, starts).float().softmax(-1)[:, answer].tolist()
+    row = [float("nan")] * len(spec.columns)
+    for j, p in zip(chosen, probs):
+        row[j] = p
+    return row + probs[len(chosen):]
 
 
 __all__ = ["TRACE_SITES", "TraceGrid", "causal_trace", "check_grid", "tail_logits"]

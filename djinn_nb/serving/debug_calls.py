@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from ..core.forking import ForkSpec
 from ..core.runs import Run
+from ..core.patchgrid import grid_spec
 from ..core.stepthrough import step_through
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
@@ -166,11 +167,12 @@ class DebugCalls:
     @_reply
     def exposed_causal_trace(self: ServiceParts, request_json: Any) -> dict[str, Any]:
         """ROME's grid in one call: {clean, corrupted (texts or ids), answer (id, text of one token,
-        or null), layers, positions (lists or null), site}. Answers the rows, both runs' own
-        probabilities, the answer and the clean prompt's ids, with the texts a plot labels."""
+        or null), layers, positions (lists or null), site, heads ("all", a list or null: site z),
+        cells ([layer, column] pairs or null)}. Answers the rows (null: a cell not computed), both runs'
+        own probabilities, the answer and the clean prompt's ids, with the texts a plot labels."""
         owner = self._who()
         req = wire.loads(request_json, "causal_trace request")
-        keys = {"clean", "corrupted", "answer", "layers", "positions", "site"}
+        keys = {"clean", "corrupted", "answer", "layers", "positions", "site", "heads", "cells"}
         if not isinstance(req, dict) or not set(req) <= keys or not {"clean", "corrupted"} <= set(req):
             raise BadRequestError(f"causal_trace takes an object with {sorted(keys)} (clean and corrupted required)")
         engine = self._engine
@@ -184,13 +186,16 @@ class DebugCalls:
                 raise BadRequestError(f"answer {answer!r} is {len(ids)} tokens; pass one token (or its id)")
             answer = ids[0]
         layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
-        # two runs, and a batch of every position's start with its own copy of the cache, at once
-        self._check_quota(1, new_runs=2, adding=(len(positions) + 3) * self._state.kv_bytes(len(clean) + 1))
+        spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), req.get("cells"),
+                         engine.parts[0].num_heads)
+        # two runs, and a batch of every column's start with its own copy of the cache, at once
+        self._check_quota(1, new_runs=2, adding=(len(spec.columns) + 3) * self._state.kv_bytes(len(clean) + 1))
         with self._scope():
-            grid = engine.causal_trace(clean, corrupted, answer, layers, positions, req.get("site", "resid_post"), owner)
+            grid = engine.causal_trace(clean, corrupted, answer, layers, positions, spec.site, owner, spec=spec)
         texts = self._token_texts([grid.answer] + clean)
         return {"rows": grid.rows, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
-                "answer": grid.answer, "layers": layers, "positions": positions, "clean_ids": clean,
+                "answer": grid.answer, "layers": spec.traced_layers(), "positions": positions, "heads": spec.heads,
+                "clean_ids": clean,
                 "text_ids": list(texts), "texts": list(texts.values())}
 
     @_reply

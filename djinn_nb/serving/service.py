@@ -28,6 +28,7 @@ from ..wire import sidechannel
 from .branch_calls import BranchCalls
 from .debug_calls import DebugCalls
 from .objects import bound_objects
+from .patching_calls import PatchingCalls
 from .sae_calls import SaeCalls
 from .state import ServerState
 from .text_calls import TextCalls
@@ -47,7 +48,7 @@ def prompt_positions(prompt: Any) -> int:
     return len(prompt) if isinstance(prompt, list) else 0
 
 
-class DjinnService(TextCalls, DebugCalls, BranchCalls, SaeCalls, rpyc.Service):
+class DjinnService(TextCalls, DebugCalls, BranchCalls, SaeCalls, PatchingCalls, rpyc.Service):
     """One instance per connection; ``hello`` must come first."""
 
     def __init__(self, state: ServerState):

@@ -1,0 +1,86 @@
+"""The exposed call that estimates a patching grid: ``attribution_patching`` (core/attribution.py).
+
+A mixin of :class:`~djinn_nb.serving.service.DjinnService`, kept apart so each module has one
+job. The call makes no run, but a forward kept for a backward holds every layer's activations
+at once, so it is admitted on an estimate of those bytes (``backward_bytes``) before anything
+is computed, as a call that makes runs is admitted on its KV caches.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..core.attribution import attribution_patching, check_metric
+from ..core.patchgrid import grid_spec
+from ..core.tracing import check_grid
+from ..errors import BadRequestError
+from .. import wire
+from .debug_calls import ServiceParts
+from .replies import _reply
+
+__all__ = ["PatchingCalls", "backward_bytes", "resolve_answer"]
+
+KEYS = {"clean", "corrupted", "answer", "layers", "positions", "site", "heads", "metric", "foil"}
+
+
+def resolve_answer(engine: Any, answer: Any) -> Any:
+    """A text of one token as its id (other values are checked where they are used)."""
+    if isinstance(answer, str):
+        if engine.tokenizer is None:
+            raise BadRequestError("this model has no tokenizer: give the answer as a token id")
+        ids = engine.token_ids(answer)
+        if len(ids) != 1:
+            raise BadRequestError(f"answer {answer!r} is {len(ids)} tokens; pass one token (or its id)")
+        return ids[0]
+    return answer
+
+
+def backward_bytes(config: Any, dtype: torch.dtype, positions: int) -> int:
+    """About what one forward kept for a backward holds: per layer and position, a few dozen
+    hidden-size and a few intermediate-size vectors, the attention probabilities, and the same
+    again for the gradients in flight (fp32 products on top). An estimate to admit on, not a bound."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 0
+    vocab = getattr(cfg, "vocab_size", None) or 0
+    size = torch.empty((), dtype=dtype).element_size()
+    per_layer = positions * (24 * hidden + 6 * inner) + 3 * heads * positions * positions
+    return 2 * size * int(layers) * int(per_layer) + 8 * int(vocab)
+
+
+class PatchingCalls:
+    """``attribution_patching``."""
+
+    @_reply
+    def exposed_attribution_patching(self: ServiceParts, request_json: Any) -> dict[str, Any]:
+        """The AtP estimate of a causal-trace grid: {clean, corrupted (texts or ids), answer (id, text
+        of one token, or null), layers, positions (lists or null), site, heads ("all", a list or null:
+        site z), metric ("logit_diff" or "prob"), foil (id or null: logit_diff's other token)}. Answers
+        the rows (the estimated change of the metric per cell), the metric in both runs, both runs'
+        p(answer), the answer, the foil and the clean prompt's ids, with the texts a plot labels."""
+        req = wire.loads(request_json, "attribution_patching request")
+        if not isinstance(req, dict) or not set(req) <= KEYS or not {"clean", "corrupted"} <= set(req):
+            raise BadRequestError(f"attribution_patching takes an object with {sorted(KEYS)} "
+                                  "(clean and corrupted required)")
+        engine = self._engine
+        clean, corrupted = engine.encode(req["clean"]), engine.encode(req["corrupted"])
+        if len(clean) != len(corrupted):
+            raise BadRequestError(f"the clean and corrupted prompts must have the same number of tokens: "
+                                  f"{len(clean)} vs {len(corrupted)}")
+        engine.check_positions(len(clean), 1)
+        answer = resolve_answer(engine, req.get("answer"))
+        metric = check_metric(req.get("metric", "logit_diff"))
+        layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
+        spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), None,
+                         engine.parts[0].num_heads)
+        self._check_quota(1, new_runs=0, adding=backward_bytes(engine.model.config, engine.dtype, len(clean)))
+        with self._scope():
+            grid = attribution_patching(engine, clean, corrupted, spec, answer, metric, req.get("foil"))
+        texts = self._token_texts([grid.answer] + ([grid.foil] if grid.foil is not None else []) + clean)
+        return {"rows": grid.rows, "metric": grid.metric, "clean_metric": grid.clean_metric,
+                "corrupt_metric": grid.corrupt_metric, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
+                "answer": grid.answer, "foil": grid.foil, "layers": layers, "positions": positions, "heads": spec.heads,
+                "clean_ids": clean, "text_ids": list(texts), "texts": list(texts.values())}
