@@ -25,7 +25,8 @@ BLOCKS = {"gpt2-tiny": "transformer.h", "llama-tiny": "model.layers"}
 @pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
 def setup(request, saved_models):
     path = saved_models[request.param]
-    return djinn_nb.connect(model=path, device="cpu"), hf_model(path), request.param
+    # in-process (embedded=True): test_cells_... spies on the server's tracing module in this process
+    return djinn_nb.connect(model=path, device="cpu", embedded=True), hf_model(path), request.param
 
 
 def ids(client):
