@@ -199,9 +199,12 @@ class Client(SaeClient):
         if not isinstance(prompt, str):
             prompt = [int(t) for t in prompt]
         reply = self._call("lens_grid", wire.dumps({"prompt": prompt, "k": k, "site": site}))
-        import torch
-
-        return {"ids": torch.tensor(reply["ids"], dtype=torch.long), "probs": torch.tensor(reply["probs"])}
+        if not (type(reply) is tuple and len(reply) == 2 and type(reply[0]) is dict and reply[0].keys() == {"ids", "probs"}
+                and type(reply[1]) is bytes):
+            raise ProtocolError("lens_grid: expected the ids' and probabilities' headers and one payload")
+        (meta, data), cut = reply, wire.check_header(reply[0]["ids"], self.max_download_bytes)[2]
+        ids = wire.decode_tensor(meta["ids"], data[:cut], max_bytes=self.max_download_bytes)
+        return {"ids": ids.long(), "probs": wire.decode_tensor(meta["probs"], data[cut:], max_bytes=self.max_download_bytes)}
 
     def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
         """Each run's probability of ``token`` at its last finished step, computed on the server."""
