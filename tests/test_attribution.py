@@ -29,7 +29,7 @@ BLOCKS = {"gpt2-tiny": "transformer.h", "llama-tiny": "model.layers"}
 @pytest.fixture(scope="module", params=["gpt2-tiny", "llama-tiny"])
 def setup(request, saved_models):
     path = saved_models[request.param]
-    client = djinn_nb.connect(model=path, device="cpu")
+    client = djinn_nb.connect(model=path, device="cpu", embedded=True)  # the tests read the server's engine
     engine = connection._embedded[(path, "cpu", None)].state.engine
     return client, hf_model(path), request.param, engine
 

@@ -228,3 +228,22 @@ def test_embedded_true_keeps_the_server_in_this_process(local_home, monkeypatch)
 
     assert any(s.port == int(client.address.rpartition(":")[2]) for s in connection._embedded.values())
     assert not local_home.exists() or localhome.servers(local_home) == []
+
+
+def test_a_local_server_of_another_version_is_named_not_orphaned(local_home, saved_models, monkeypatch):
+    """After an upgrade the running local server speaks another protocol: connect says so and how to
+    stop it, and leaves it (and its paused runs) running rather than starting a second one beside it."""
+    from djinn_nb.client import connection as conn_module
+    from djinn_nb.errors import ProtocolError
+
+    path = saved_models["gpt2-tiny"]
+    old = djinn_nb.connect(model=path, embedded=False)
+    kept = old.generate(PROMPT, max_new_tokens=4, breakpoints=[2])
+    files, running = only_server(local_home)
+    monkeypatch.setattr(conn_module, "PROTOCOL", conn_module.PROTOCOL + 1)  # this client: a newer djinn_nb
+    with pytest.raises(ProtocolError, match=rf"the local server \(pid {running['pid']}, .*`djinn-server stop`"):
+        djinn_nb.connect(model=path, embedded=False)
+    monkeypatch.undo()
+    _, still = only_server(local_home)
+    assert still["pid"] == running["pid"] and kept.refresh().paused
+    old.close()

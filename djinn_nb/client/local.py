@@ -19,7 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import AuthenticationError, BadRequestError, DjinnError
+from ..errors import AuthenticationError, BadRequestError, DjinnError, ProtocolError
 from ..serving import localhome
 
 if TYPE_CHECKING:
@@ -62,6 +62,9 @@ def _reach(files: localhome.Files, open_client: Opener, must: bool = False) -> t
         return None, {}
     try:
         client = open_client(port, token)
+    except ProtocolError as e:  # alive and ours, but another djinn_nb: never orphan it and its paused runs
+        raise ProtocolError(f"the local server (pid {pid}, 127.0.0.1:{port}) runs another djinn_nb version ({e}); "
+                            "`djinn-server stop` ends it and its paused runs, then connect again"[:500]) from None
     except (OSError, AuthenticationError, DjinnError) as e:
         if must:
             raise DjinnError(f"the local server at 127.0.0.1:{port} did not answer: {e}") from None

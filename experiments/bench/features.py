@@ -39,7 +39,7 @@ def write_sae(path: Path, d_in: int, d_sae: int, hook: str) -> None:
     cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
            "normalize_activations": "none", "reshape_activations": "none", "architecture": "standard",
            "metadata": {"sae_lens_version": "6.0.0", "hook_name": hook}}
-    (path / "cfg.json").write_text(json.dumps(cfg))
+    (path / "cfg.json").write_bytes(json.dumps(cfg).encode())  # the SAE's own file, not a result (write_json)
 
 
 def medians(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
