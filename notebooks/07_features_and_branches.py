@@ -329,7 +329,7 @@ d = djinn_nb.diff(original, clamped)
 first = next(i for i, (a, b) in enumerate(zip(original.token_ids, clamped.token_ids)) if a != b)
 assert d.divergence == first >= step
 js = d.steps.index(step)
-for j, s in enumerate(d.steps[:js]):  # the shared past: the same states, the same distributions
+for j in range(js):  # the shared past: the same states, the same distributions
     assert all(row[j] == 0 for row in d.distance) and d.kl[j] == 0
 at_step = [row[js] for row in d.distance]
 assert all(x == 0 for x in at_step[:layer]) and all(x > 0 for x in at_step[layer:])
