@@ -148,16 +148,16 @@ def test_refusals_by_the_servers_total_do_not_state_other_users_holdings():
     tokens = {name: add_user(users, name) for name in ("ann", "ben")}
     server = start(["--model", "random:gpt2-tiny", "--users", str(users), "--max-held-bytes", "1000000",
                     "--user-max-held-bytes", "none"], workdir)
-    ann = djinn_nb.connect(server.address, token=tokens["ann"])
-    ben = djinn_nb.connect(server.address, token=tokens["ben"])
-    try:
+    try:  # the server stops whatever fails, connecting included
+        ann = djinn_nb.connect(server.address, token=tokens["ann"])
+        ben = djinn_nb.connect(server.address, token=tokens["ben"])
         ann.generate([i % 500 for i in range(100)], max_new_tokens=40, breakpoints=[(6, 30)])  # 0.8 MB kept
         with pytest.raises(QuotaError, match="max_held_bytes") as refused:
             ben.generate(PROMPT, max_new_tokens=40, breakpoints=[2])  # admitted on 48 positions: 0.3 MB
         assert not re.search(r"\d{4,}", str(refused.value)), str(refused.value)  # no byte counts of others
-    finally:
         ann.close()
         ben.close()
+    finally:
         server.stop()
 
 
