@@ -1,4 +1,4 @@
-"""``make demo``: a paused run on the embedded default model, inspected, steered and resumed.
+"""``make demo``: a paused run on the default model, inspected, steered and resumed.
 
 Everything goes through the public client API, over the same rpyc protocol a
 remote ``djinn-server`` speaks. ``python -m djinn_nb.demo --help`` for options.
@@ -10,12 +10,13 @@ import time
 
 from .client import connect
 from .notebook.compare import tokens_changed
+from .serving import localhome
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--address", default=None, help="host:port of a djinn-server (default: embedded)")
-    p.add_argument("--model", default=None, help="model for the embedded server (default: SmolLM2)")
+    p.add_argument("--address", default=None, help="host:port of a djinn-server (default: your local server)")
+    p.add_argument("--model", default=None, help="model for the local server (default: SmolLM2)")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--layer", type=int, default=None, help="breakpoint layer (default: a third of the depth)")
     p.add_argument("--max-new-tokens", type=int, default=12)
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     plain.close()
     client.close()
     print(f"\nDone in {time.perf_counter() - t0:.1f} s.")
+    if not args.address:
+        print("Your local djinn-server keeps the model loaded for the next connect() and exits after "
+              f"{localhome.idle_seconds() / 60:g} idle minutes (`djinn-server status`, `djinn-server stop`).")
     return 0 if same else 1
 
 

@@ -177,14 +177,7 @@ class DebugCalls:
             raise BadRequestError(f"causal_trace takes an object with {sorted(keys)} (clean and corrupted required)")
         engine = self._engine
         clean, corrupted = engine.encode(req["clean"]), engine.encode(req["corrupted"])
-        answer = req.get("answer")
-        if isinstance(answer, str):
-            if engine.tokenizer is None:
-                raise BadRequestError("this model has no tokenizer: give the answer as a token id")
-            ids = engine.token_ids(answer)
-            if len(ids) != 1:
-                raise BadRequestError(f"answer {answer!r} is {len(ids)} tokens; pass one token (or its id)")
-            answer = ids[0]
+        answer = resolve_answer(engine, req.get("answer"))
         layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
         spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), req.get("cells"),
                          engine.parts[0].num_heads)
@@ -204,6 +197,18 @@ class DebugCalls:
         a tokenizer the texts ``token`` and ``topk_tokens``."""
         return self._history_texts(self._engine.history(_str(run_id, "run id"), self._who()))
 
+
+
+def resolve_answer(engine: Any, answer: Any) -> Any:
+    """A text of one token as its id (other values are checked where they are used)."""
+    if isinstance(answer, str):
+        if engine.tokenizer is None:
+            raise BadRequestError("this model has no tokenizer: give the answer as a token id")
+        ids = engine.token_ids(answer)
+        if len(ids) != 1:
+            raise BadRequestError(f"answer {answer!r} is {len(ids)} tokens; pass one token (or its id)")
+        return ids[0]
+    return answer
 
 
 def _stepped(service: ServiceParts, run: Run, since: int | None) -> dict[str, Any]:

@@ -16,24 +16,12 @@ from ..core.patchgrid import grid_spec
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
 from .. import wire
-from .debug_calls import ServiceParts
+from .debug_calls import ServiceParts, resolve_answer
 from .replies import _reply
 
 __all__ = ["PatchingCalls", "backward_bytes", "resolve_answer"]
 
 KEYS = {"clean", "corrupted", "answer", "layers", "positions", "site", "heads", "metric", "foil"}
-
-
-def resolve_answer(engine: Any, answer: Any) -> Any:
-    """A text of one token as its id (other values are checked where they are used)."""
-    if isinstance(answer, str):
-        if engine.tokenizer is None:
-            raise BadRequestError("this model has no tokenizer: give the answer as a token id")
-        ids = engine.token_ids(answer)
-        if len(ids) != 1:
-            raise BadRequestError(f"answer {answer!r} is {len(ids)} tokens; pass one token (or its id)")
-        return ids[0]
-    return answer
 
 
 def backward_bytes(config: Any, dtype: torch.dtype, positions: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import statistics
 import struct
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import djinn_nb
 from djinn_nb import wire
 from djinn_nb.errors import DjinnError
+from djinn_nb.serving.limits import parse_bytes
 from djinn_nb.wire.protocol import PROTOCOL
 from djinn_nb.wire.transport import RPYC_CONFIG, open_connection
 
@@ -196,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     server = start(["--model", save_model(workdir), "--users", str(users)], workdir)
     server.tokens = tokens
     limits = next((line for line in server.log.read_text().splitlines() if "limits:" in line), "")
+    cap = re.search(r"max_held_bytes ([0-9.]+) ([KMGT]?)B", limits)
+    max_held = parse_bytes(cap.group(1) + cap.group(2)) if cap else None
     out: dict[str, Any] = {"environment": environment("cpu", "float32"), "model": "gpt2 4 blocks x 512 (tests)",
                            "server_flags": "none but --users (3 users: vera, mal, root admin)", "limits_line": limits,
-                           "rss_margin": "growth <= 1.5 x counted bytes + 300 MB", "attacks": {}}
+                           "max_held_bytes": max_held, "rss_margin": "peak growth over the idle baseline <= 1.25 x max_held_bytes",
+                           "attacks": {}}
     try:
         vera, root = server.connect("vera", tls_ca=None), server.connect("root", tls_ca=None)
         parked = vera.generate(PROMPT, max_new_tokens=4, breakpoints=[2])
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                    "fork_ratio": statistics.median(forks) / statistics.median(idle) if forks else None,
                    "connect_ratio": statistics.median(connects) / statistics.median(idle_connect) if connects else None,
                    "attacker": tally, "mal_counted_mb": counted / 1e6, "rss_growth_mb": grown / 1e6,
-                   "rss_within_margin": grown <= 1.5 * counted + 300e6, "server_alive": server.alive()}
+                   "rss_growth_over_max_held": grown / max_held if max_held else None,
+                   "rss_within_margin": max_held is None or grown <= 1.25 * max_held, "server_alive": server.alive()}
             out["attacks"][name] = row
             print(name, row, flush=True)
             mine = {r["id"] for r in vera.runs()}
