@@ -208,7 +208,7 @@ def test_the_call_is_admitted_on_its_backwards_bytes_before_it_runs():
     try:
         client = djinn_nb.connect(f"127.0.0.1:{served.server.port}")
         state = model_state(served.engine)
-        with pytest.raises(QuotaError, match="max_held_bytes"):  # ~2.4 MB of activations kept for the backward
+        with pytest.raises(QuotaError, match="max_held_bytes"):  # ~4.8 MB of activations (two rows) kept for the backward
             djinn_nb.attribution_patching(client, CLEAN, CORRUPT)
         assert_unchanged(served.engine, state)
         client.close()

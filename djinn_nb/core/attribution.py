@@ -9,11 +9,12 @@ ranks highest (``causal_trace(..., cells=...)``). The grid is the exact one's (p
 each cell's estimate is the sum of that product over the cell's hidden units (at ``z``: over the
 head's dimensions at every position of the grid).
 
-How, on the server: one clean forward records the grid's site at every layer (no graph); one
-corrupted forward records the same tensors inside an autograd graph — the input embeddings'
+How, on the server: one forward of the clean and the corrupted prompt as a batch of two rows
+records the grid's site at every layer inside an autograd graph (two rows cost about one forward
+where a step is memory-bound, as a large model's short prompt is) — the input embeddings'
 output made to require a gradient, every parameter's ``requires_grad`` switched off for the call
 (no parameter gradient is computed or stored) and restored after, whatever happens — and
-``torch.autograd.grad`` of the metric gives the gradients at those tensors alone (nothing
+``torch.autograd.grad`` of the metric (the corrupted row's) gives the gradients at those tensors alone (nothing
 accumulates in ``.grad``). Plain forwards of the model under hooks that only read: no cache, no
 run, the weights untouched; the device held for the call, as any step holds it.
 """
@@ -81,28 +82,26 @@ def attribution_patching(engine: "Engine", clean_ids: Sequence[int], corrupt_ids
         raise BadRequestError("foil is the other token of metric='logit_diff'; metric 'prob' takes none")
     for layer in spec.layers:
         engine.check_site(layer, spec.site)
-    model, device = engine.model, engine.device
+    model = engine.model
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     with engine.device_turn(), torch.inference_mode(False):
         try:
             for p in params:
                 p.requires_grad_(False)
-            with torch.no_grad():
-                clean_acts, clean_logits = _forward(engine, clean_ids, spec, grad=False)
-            with torch.enable_grad():
-                acts, logits = _forward(engine, corrupt_ids, spec, grad=True)
-                clean_lp, corrupt_lp = clean_logits.float(), logits.float()
+            with torch.enable_grad():  # both prompts as one batch of two rows: one forward, not two
+                both, logits = _forward(engine, [clean_ids, corrupt_ids], spec, grad=True)
+                clean_lp, corrupt_lp = logits[0].detach().float(), logits[1].float()
                 if answer is None:
                     answer = int(clean_lp.argmax())
                 if metric == "logit_diff" and foil is None:
                     top2 = corrupt_lp.detach().topk(2).indices.tolist()
                     foil = top2[1] if top2[0] == answer else top2[0]
-                value = _metric(corrupt_lp, metric, answer, foil)
-                grads = torch.autograd.grad(value, acts)
+                value = _metric(corrupt_lp, metric, answer, foil)  # of the corrupted row alone
+                grads = torch.autograd.grad(value, both)
             heads = engine.parts[0].num_heads
-            rows = [_cells(spec, clean.to(device), act.detach(), grad, heads)
-                    for clean, act, grad in zip(clean_acts, acts, grads)]
+            rows = [_cells(spec, rec[0:1].detach(), rec[1:2].detach(), grad[1:2], heads)
+                    for rec, grad in zip(both, grads)]
             return AttributionGrid(rows, metric, float(_metric(clean_lp, metric, answer, foil)), float(value.detach()),
                                    float(clean_lp.softmax(-1)[answer]), float(corrupt_lp.detach().softmax(-1)[answer]),
                                    answer, foil)
@@ -118,9 +117,10 @@ def _metric(logits: torch.Tensor, metric: str, answer: int, foil: int | None) ->
     return logits[answer] - logits[foil]
 
 
-def _forward(engine: "Engine", ids: Sequence[int], spec: GridSpec, grad: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One plain forward of the whole prompt: the site's value at each of the grid's layers (the
-    tensors themselves, in the graph, when ``grad``) and the last position's logits."""
+def _forward(engine: "Engine", rows: Sequence[Sequence[int]], spec: GridSpec,
+             grad: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One plain forward of prompts of one length as a batch: the site's value at each of the grid's
+    layers (the tensors themselves, in the graph, when ``grad``) and each row's last logits."""
     recorded: dict[int, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
         for layer in spec.layers:
@@ -133,8 +133,8 @@ def _forward(engine: "Engine", ids: Sequence[int], spec: GridSpec, grad: bool) -
         kw: dict[str, Any] = {"use_cache": False}
         if engine.anatomy.logits_to_keep:
             kw["logits_to_keep"] = 1
-        x = torch.tensor([list(ids)], dtype=torch.long, device=engine.device)
-        logits = engine.model(input_ids=x, **kw).logits[0, -1]
+        x = torch.tensor([list(ids) for ids in rows], dtype=torch.long, device=engine.device)
+        logits = engine.model(input_ids=x, **kw).logits[:, -1]
     return [recorded[layer] for layer in spec.layers], logits
 
 

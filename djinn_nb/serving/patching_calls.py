@@ -64,7 +64,8 @@ class PatchingCalls:
         layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
         spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), None,
                          engine.parts[0].num_heads)
-        self._check_quota(1, new_runs=0, adding=backward_bytes(engine.model.config, engine.dtype, len(clean)))
+        # two rows (clean, corrupted) in one graph
+        self._check_quota(1, new_runs=0, adding=2 * backward_bytes(engine.model.config, engine.dtype, len(clean)))
         with self._scope():
             grid = attribution_patching(engine, clean, corrupted, spec, answer, metric, req.get("foil"))
         texts = self._token_texts([grid.answer] + ([grid.foil] if grid.foil is not None else []) + clean)
