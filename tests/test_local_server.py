@@ -19,7 +19,7 @@ import pytest
 
 import djinn_nb
 from djinn_nb.core.reference import generate, hf_model
-from djinn_nb.errors import BadRequestError
+from djinn_nb.errors import BadRequestError, DjinnError
 from djinn_nb.serving import localhome
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,11 +153,13 @@ def test_a_stale_state_is_replaced(local_home, saved_models):
     imposter = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
+    accepted = []
+
     def hang_up() -> None:
         imposter.settimeout(0.2)
         while not stop.is_set():
             try:
-                imposter.accept()[0].close()
+                accepted.append(imposter.accept()[0].recv(65536))  # what a client would send it: its token
             except OSError:
                 pass
 
@@ -169,6 +171,7 @@ def test_a_stale_state_is_replaced(local_home, saved_models):
         assert third["pid"] not in (second["pid"], crashed["pid"]) and client.address.endswith(f":{third['port']}")
         assert client.generate(PROMPT, max_new_tokens=2).done
         client.close()
+        assert accepted == []  # the port was not the server's: nothing, the token least of all, went there
     finally:
         stop.set()
         imposter.close()
@@ -247,3 +250,28 @@ def test_a_local_server_of_another_version_is_named_not_orphaned(local_home, sav
     _, still = only_server(local_home)
     assert still["pid"] == running["pid"] and kept.refresh().paused
     old.close()
+
+
+def test_a_live_local_server_whose_hello_fails_once_is_kept_not_orphaned(local_home, saved_models, monkeypatch):
+    """A hello that fails (a slow machine, a flood of other local users' sockets) against the live
+    server on its own port is an error to retry, never a reason to start a second server beside it."""
+    from djinn_nb.client import local
+
+    path = saved_models["gpt2-tiny"]
+    client = djinn_nb.connect(model=path, embedded=False)
+    kept = client.generate(PROMPT, max_new_tokens=4, breakpoints=[2])
+    _, running = only_server(local_home)
+    real = local._reach
+
+    def failing_hello(files, open_client, must=False):
+        def refuse(port, token):
+            raise ConnectionResetError("the hello was dropped")
+        return real(files, refuse, must)
+
+    monkeypatch.setattr(local, "_reach", failing_hello)
+    with pytest.raises(DjinnError, match=rf"the local server \(pid {running['pid']}\) .* did not answer"):
+        djinn_nb.connect(model=path, embedded=False)
+    monkeypatch.undo()
+    assert [state["pid"] for _, state in localhome.servers(local_home)] == [running["pid"]]
+    assert kept.refresh().paused
+    client.close()

@@ -56,19 +56,25 @@ def _reach(files: localhome.Files, open_client: Opener, must: bool = False) -> t
     state = localhome.read_json(files.state)
     token = localhome.read_token(files.token)
     pid, port = (state or {}).get("pid"), (state or {}).get("port")
-    if state is None or token is None or type(port) is not int or not localhome.pid_alive(pid):
+    if state is None or token is None or type(port) is not int or not localhome.is_local_server(pid):
         if must:
             raise DjinnError(f"the local server did not leave a state file ({files.state})")
-        return None, {}
+        return None, {}  # none, or a dead (or recycled) pid: stale, to be replaced
+    if localhome.listens_on(pid, port) is False:
+        if must:
+            raise DjinnError(f"the local server (pid {pid}) does not listen on 127.0.0.1:{port}")
+        return None, {}  # the port is someone else's now: the token is not sent there
     try:
         client = open_client(port, token)
     except ProtocolError as e:  # alive and ours, but another djinn_nb: never orphan it and its paused runs
         raise ProtocolError(f"the local server (pid {pid}, 127.0.0.1:{port}) runs another djinn_nb version ({e}); "
                             "`djinn-server stop` ends it and its paused runs, then connect again"[:500]) from None
     except (OSError, AuthenticationError, DjinnError) as e:
-        if must:
-            raise DjinnError(f"the local server at 127.0.0.1:{port} did not answer: {e}") from None
-        return None, {}
+        if must or not isinstance(e, AuthenticationError):
+            # alive, ours, on its port: a slow or dropped hello must not orphan it (and its paused runs)
+            raise DjinnError(f"the local server (pid {pid}) at 127.0.0.1:{port} did not answer: {e}; try again, or "
+                             "`djinn-server stop` it"[:500]) from None
+        return None, {}  # a token that is not its: a stale token file
     return client, state
 
 

@@ -43,7 +43,8 @@ START_SECONDS = 600.0
 
 
 def home() -> Path:
-    """The private directory (created 0700; one another user owns, or others may read, is refused)."""
+    """The private directory (created 0700; one another user owns, or others may write, is refused;
+    one others may only read is made 0700)."""
     env = os.environ.get("DJINN_HOME")
     if env:
         path = Path(env)
@@ -54,6 +55,9 @@ def home() -> Path:
     st = path.stat()
     if st.st_uid != os.getuid():
         raise DjinnError(f"{path} belongs to another user: refusing to keep a server token there (set DJINN_HOME)")
+    if stat.S_IMODE(st.st_mode) & 0o022:  # others could have planted a state or token file in it
+        raise DjinnError(f"{path} is writable by others: refusing to trust what is in it (chmod 700 it, or set "
+                         "DJINN_HOME)")
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path
@@ -141,6 +145,29 @@ def is_local_server(pid: int) -> bool:
     except OSError:
         return pid_alive(pid)  # no /proc: trust the pid
     return b"djinn_nb.serving" in args and b"local" in args
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds the socket listening on 127.0.0.1:``port`` (None: no /proc to
+    tell). A client checks it before saying hello: its token goes only to its own server's socket,
+    never to whoever took a dead server's port."""
+    inodes = set()
+    try:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and local == f"0100007F:{port:04X}":
+                inodes.add(f"socket:[{inode}]")
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (OSError, IndexError, ValueError):
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @contextlib.contextmanager
