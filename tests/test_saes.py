@@ -398,3 +398,39 @@ def test_a_shared_server_loads_saes_only_from_directories_its_admin_names(tmp_pa
         client.close()
     finally:
         served.server.close()
+
+
+@pytest.mark.attack(cls="admission", tried="an SAE file swapped for a larger one between the header check and the load; "
+                    "cfg/weights files that are links out of --sae-dir",
+                    held="refused before the tensors are read; links refused; nothing loaded")
+def test_a_swapped_or_linked_sae_file_is_refused_before_its_tensors_are_read(tmp_path, monkeypatch):
+    from djinn_nb.core import saes
+    from djinn_nb.serving.limits import Limits
+    from serving import serve
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    write_sae(allowed / "a", 64, f"blocks.{LAYER}.hook_resid_post")
+    write_sae(outside / "big", 64, f"blocks.{LAYER}.hook_resid_post", d_sae=4 * D_SAE)
+    (allowed / "linked").mkdir()
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        (allowed / "linked" / name).symlink_to(outside / "big" / name)
+    served = serve(limits=Limits(sae_dirs=(str(allowed),)))
+    try:
+        client = djinn_nb.connect(f"127.0.0.1:{served.port}")
+        with pytest.raises(SaeError, match="must be files, not links"):
+            client.load_sae(str(allowed / "linked"))
+        real = saes.inspect_dir
+
+        def swap_after_check(path, roots=None):
+            files = real(path, roots)  # admitted on this header; then the file changes
+            os.replace(outside / "big" / "sae_weights.safetensors", allowed / "a" / "sae_weights.safetensors")
+            return files
+
+        monkeypatch.setattr(saes, "inspect_dir", swap_after_check)
+        monkeypatch.setattr("djinn_nb.serving.sae_calls.inspect_dir", swap_after_check, raising=False)
+        with pytest.raises(SaeError, match="changed while it was loaded; nothing was loaded"):
+            client.load_sae(str(allowed / "a"))
+        assert client.saes() == []
+        client.close()
+    finally:
+        served.server.close()

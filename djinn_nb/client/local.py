@@ -56,7 +56,8 @@ def _reach(files: localhome.Files, open_client: Opener, must: bool = False) -> t
     state = localhome.read_json(files.state)
     token = localhome.read_token(files.token)
     pid, port = (state or {}).get("pid"), (state or {}).get("port")
-    if state is None or token is None or type(port) is not int or not localhome.is_local_server(pid):
+    if (state is None or token is None or type(port) is not int or type(pid) is not int
+            or not localhome.is_local_server(pid)):
         if must:
             raise DjinnError(f"the local server did not leave a state file ({files.state})")
         return None, {}  # none, or a dead (or recycled) pid: stale, to be replaced

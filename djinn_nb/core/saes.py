@@ -117,6 +117,8 @@ def inspect_dir(path: Any, roots: tuple[str, ...] | None = None) -> SaeFiles:
         raise SaeError("this server loads SAEs only from its SAE directories (djinn-server --sae-dir); "
                        f"{path!r} is not under one"[:300])
     cfg_path, weights = os.path.join(where, CFG_FILE), os.path.join(where, WEIGHTS_FILE)
+    if os.path.islink(cfg_path) or os.path.islink(weights):  # a link could lead out of the SAE directories
+        raise SaeError(f"{path!r}: {CFG_FILE} and {WEIGHTS_FILE} must be files, not links"[:300])
     if not (os.path.isdir(where) and os.path.isfile(cfg_path) and os.path.isfile(weights)
             and os.access(cfg_path, os.R_OK) and os.access(weights, os.R_OK)):
         raise SaeError(f"{path!r} is not a readable directory holding {CFG_FILE} and {WEIGHTS_FILE} "
@@ -170,6 +172,9 @@ def files_from(cfg: Any, shapes: dict[str, tuple[int, ...]], where: str) -> SaeF
                     {n: shapes[n] for n in want})
 
 
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
 def _header(weights: str, path: str) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -178,7 +183,7 @@ def _header(weights: str, path: str) -> dict[str, tuple[int, ...]]:
             out = {}
             for name in f.keys():
                 s = f.get_slice(name)
-                if s.get_dtype() not in ("F64", "F32", "F16", "BF16"):
+                if s.get_dtype() not in _FLOATS:
                     raise SaeError(f"{WEIGHTS_FILE}: tensor {name[:64]!r} is not floating point")
                 out[name] = tuple(int(n) for n in s.get_shape())
             return out
@@ -194,7 +199,17 @@ def load_tensors(files: SaeFiles) -> dict[str, torch.Tensor]:
 
     try:
         with safe_open(os.path.join(files.path, WEIGHTS_FILE), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in files.shapes}
+            out = {}
+            for name, shape in files.shapes.items():
+                # the file is opened again: each tensor is checked before it is read, so a file swapped
+                # since the header was admitted cannot bring tensors of other sizes in
+                part = f.get_slice(name)
+                if tuple(int(n) for n in part.get_shape()) != tuple(shape) or part.get_dtype() not in _FLOATS:
+                    raise SaeError(f"{WEIGHTS_FILE} changed while it was loaded; nothing was loaded")
+                out[name] = f.get_tensor(name)
+            return out
+    except SaeError:
+        raise
     except Exception:  # noqa: BLE001 - as in _header
         raise SaeError(f"{WEIGHTS_FILE} could not be read") from None
 
