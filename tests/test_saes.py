@@ -434,3 +434,36 @@ def test_a_swapped_or_linked_sae_file_is_refused_before_its_tensors_are_read(tmp
         client.close()
     finally:
         served.server.close()
+
+
+@pytest.mark.attack(cls="admission", tried="features, clamps and feature conditions of a large SAE over many positions "
+                    "(positions x d_sae tensors on the way, never counted)",
+                    held="admitted on their working bytes before encoding: refused over the quota, nothing changed")
+def test_encoding_an_saes_features_is_admitted_on_its_working_bytes(tmp_path):
+    from djinn_nb.serving.limits import Limits
+    from serving import serve
+
+    d_sae = 8192
+    write_sae(tmp_path / "wide", 64, f"blocks.{LAYER}.hook_resid_post", d_sae=d_sae)
+    served = serve(limits=Limits())
+    try:
+        client = djinn_nb.connect(f"127.0.0.1:{served.port}")
+        sae = client.load_sae(str(tmp_path / "wide"))
+        prompt = [i % 500 for i in range(200)]
+        run = client.generate(prompt, max_new_tokens=2, breakpoints=[(LAYER, 0)])
+        work = 4 * len(prompt) * d_sae * 4  # 26 MB for 200 positions of an 8,192-feature SAE in fp32
+        served.server.state.limits.max_held_bytes = sae.bytes + run.refresh().bytes_held + work // 2
+        before = run.activation()
+        with pytest.raises(QuotaError, match="max_held_bytes"):
+            run.features(sae, k=5)
+        with pytest.raises(QuotaError, match="max_held_bytes"):
+            run.fork(clamp={3: 0.0}, sae=sae)
+        with pytest.raises(QuotaError, match="max_held_bytes"):
+            client.generate(prompt, max_new_tokens=2, breakpoints=[
+                {"layer": LAYER, "step": "all", "when": f"feature({sae.id}, 3) > 1"}])
+        assert torch.equal(run.activation(), before) and len(client.runs()) == 1
+        served.server.state.limits.max_held_bytes = None
+        assert len(run.features(sae, k=5)) == len(prompt)  # with room, it is served
+        client.close()
+    finally:
+        served.server.close()

@@ -256,6 +256,12 @@ class SAE:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def work_bytes(self, positions: int) -> int:
+        """What encoding ``positions`` activations allocates on the way (the pre-activations, the
+        features, a clamp's copy and two decodes: about four positions × d_sae tensors), to admit
+        before it happens."""
+        return 4 * max(1, int(positions)) * self.d_sae * self.W_enc.element_size()
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.W_enc, self.W_dec, self.b_enc, self.b_dec, self.threshold) if t is not None]
 

@@ -54,7 +54,10 @@ class SaeCalls:
         """An edit's ``clamp`` resolved to the caller's SAE, its features checked."""
         if clamp is None:
             return None
-        return Clamp.of(self._saes.get(self._who(), clamp["sae"]), clamp["features"])
+        owner = self._who()
+        sae = self._saes.get(owner, clamp["sae"])
+        self._check_bytes(owner, adding=sae.work_bytes(self._engine.max_positions or 1))  # at most every position
+        return Clamp.of(sae, clamp["features"])
 
     def _check_features(self, breakpoints: Any) -> None:
         """Refuse, before a run is made, a condition naming an SAE the caller has not loaded, at
@@ -73,6 +76,8 @@ class SaeCalls:
                 sae = self._saes.get(owner, sae_id)
                 check_place(sae, bp.layer, bp.site, f"the breakpoint reading feature({sae_id}, {n})")
                 check_feature(sae, n)
+                # each step encodes that step's positions (the prompt's at step 0): at most every position
+                self._check_bytes(owner, adding=sae.work_bytes(self._engine.max_positions or 1))
 
     # ----- exposed calls ----------------------------------------------------------
     @_reply
@@ -149,6 +154,9 @@ class SaeCalls:
             raise SaeError("features takes {'sae': an SAE id, 'k': int} or {'sae': id, 'ids': [feature ids]}")
         sae = self._saes.get(owner, req["sae"])
         run = self._engine.get(_str(run_id, "run id"), owner)
+        cp = run.checkpoint
+        positions = int(cp.pending.shape[1]) if cp is not None and cp.pending.dim() >= 2 else 1  # (batch, positions, ...)
+        self._check_bytes(owner, adding=sae.work_bytes(positions))  # admitted before it is encoded
         ids, values = read_features(self._engine, run.id, owner, sae, req.get("k"), req.get("ids"))
         seq = list(run.prompt_ids) + list(run.token_ids)
         step = run.checkpoint.step if run.checkpoint is not None else run.step
