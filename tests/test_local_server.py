@@ -114,7 +114,23 @@ def test_the_server_exits_by_itself_once_idle(local_home, saved_models, monkeypa
     time.sleep(3)  # a client, no run: it stays while someone is connected
     assert localhome.pid_alive(state["pid"])
     client.close()
-    assert wait_gone(state["pid"], 15), "no client, no paused run for the idle time: the server exits"
+    stop, socks = threading.Event(), []
+
+    def knock() -> None:  # another local user's sockets that never say hello must not keep it up
+        while not stop.is_set():
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", state["port"]), timeout=1))
+            except OSError:
+                pass
+            stop.wait(0.3)
+
+    threading.Thread(target=knock, daemon=True).start()
+    try:
+        assert wait_gone(state["pid"], 15), "no client, no paused run for the idle time: the server exits"
+    finally:
+        stop.set()
+        for sock in socks:
+            sock.close()
     assert not files.state.exists() and not files.token.exists()
     assert "no client and no paused run for 1.5 s: exiting" in files.log.read_text()
 

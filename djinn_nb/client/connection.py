@@ -202,9 +202,13 @@ class Client(SaeClient):
         if not (type(reply) is tuple and len(reply) == 2 and type(reply[0]) is dict and reply[0].keys() == {"ids", "probs"}
                 and type(reply[1]) is bytes):
             raise ProtocolError("lens_grid: expected the ids' and probabilities' headers and one payload")
-        (meta, data), cut = reply, wire.check_header(reply[0]["ids"], self.max_download_bytes)[2]
-        ids = wire.decode_tensor(meta["ids"], data[:cut], max_bytes=self.max_download_bytes)
-        return {"ids": ids.long(), "probs": wire.decode_tensor(meta["probs"], data[cut:], max_bytes=self.max_download_bytes)}
+        try:
+            (meta, data), cut = reply, wire.check_header(reply[0]["ids"], self.max_download_bytes)[2]
+            ids = wire.decode_tensor(meta["ids"], data[:cut], max_bytes=self.max_download_bytes)
+            probs = wire.decode_tensor(meta["probs"], data[cut:], max_bytes=self.max_download_bytes)
+        except BadRequestError as e:  # the server's reply, not this caller's request, is at fault
+            raise ProtocolError(f"lens_grid: {e}") from None
+        return {"ids": ids.long(), "probs": probs}
 
     def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
         """Each run's probability of ``token`` at its last finished step, computed on the server."""

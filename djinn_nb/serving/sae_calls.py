@@ -119,6 +119,10 @@ class SaeCalls:
         self._saes.add(sae)
         try:
             self._check_bytes(owner)  # another call may have taken the room meanwhile
+            now = len(self._saes.owned(owner))
+            if cap is not None and now > cap:  # or the last slot, from another connection of this user
+                raise QuotaError(f"quota user_max_saes: you have {now - 1} SAEs loaded, of {cap}; unload one first",
+                                 quota="user_max_saes")
         except QuotaError:
             self._saes.remove(owner, sae_id)
             raise

@@ -333,8 +333,9 @@ class DjinnServer:
                 last_trim = now
 
     def open_connections(self) -> int:
-        """Sockets accepted and not closed yet, past hello or not (the local server's idle clock)."""
-        return len(self._server._doors)
+        """Connections past hello and not closed yet (the local server's idle clock: a socket that
+        never says hello, another local user's say, must not keep the server up forever)."""
+        return sum(1 for d in list(self._server._doors.values()) if d.deadline is None)
 
     def start(self) -> "DjinnServer":
         self._reaper.start()

@@ -376,6 +376,8 @@ class DjinnService(TextCalls, DebugCalls, BranchCalls, SaeCalls, PatchingCalls, 
             raise BadRequestError("lens_grid takes {'prompt': text or ids, 'k': int, 'site': str}")
         if not isinstance(req["prompt"], (str, list)):
             raise BadRequestError("prompt must be a string or a list of token ids")
+        # admitted on its prompt pass's cache (one hidden state per layer rides with it)
+        self._check_quota(1, new_runs=0, adding=self._state.kv_bytes(max(1, prompt_positions(req["prompt"]))))
         ids, probs = self._engine.lens_grid(req["prompt"], req.get("k", 1), req.get("site", "resid_post"))
         # as tensors, not JSON lists: layers x positions x k numbers cost ~6 ms of JSON a call
         (ids_meta, ids_bytes), (probs_meta, probs_bytes) = wire.encode_tensor(ids), wire.encode_tensor(probs)
