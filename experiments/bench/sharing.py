@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.attacker:
         print(wire.dumps(attack(args.attacker, args.address, os.environ["DJINN_TOKEN"], time.monotonic() + args.seconds)))
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-    from server_proc import save_model, start  # noqa: E402 - the tests' server helpers
+    from tests.server_proc import save_model, start  # the tests' server helpers (run as python -m experiments...)
     from djinn_nb.serving.users import add_user
 
     workdir = Path(tempfile.mkdtemp(prefix="djinn-sharing-"))
