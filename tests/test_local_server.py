@@ -100,6 +100,8 @@ def test_connect_in_a_fresh_process_is_ready_in_under_a_second(local_home, saved
     assert "djinn_nb.client.connection" in imported and not {"torch", "transformers"} & imported
 
 
+@pytest.mark.attack(cls="door", tried="sockets that never say hello, reconnecting to keep a local server up",
+                    held="it exits at its idle time all the same")
 def test_the_server_exits_by_itself_once_idle(local_home, saved_models, monkeypatch):
     monkeypatch.setenv("DJINN_LOCAL_IDLE_SECONDS", "1.5")
     client = djinn_nb.connect(model=saved_models["gpt2-tiny"], embedded=False)
@@ -155,6 +157,8 @@ def test_concurrent_first_connects_start_one_server(local_home, saved_models):
     assert files.log.read_text().count("djinn-server local: ") == 1, "one server started, two connects waited"
 
 
+@pytest.mark.attack(cls="isolation", tried="a dead local server's port taken by another local user",
+                    held="the client sends nothing there, its token least of all; a new server is started")
 def test_a_stale_state_is_replaced(local_home, saved_models):
     path = saved_models["gpt2-tiny"]
     djinn_nb.connect(model=path, embedded=False).close()
@@ -268,6 +272,8 @@ def test_a_local_server_of_another_version_is_named_not_orphaned(local_home, sav
     old.close()
 
 
+@pytest.mark.attack(cls="door", tried="a failed hello to a live local server (a flood of others' sockets, a slow machine)",
+                    held="an error to retry; the server and its paused runs are kept, no second server")
 def test_a_live_local_server_whose_hello_fails_once_is_kept_not_orphaned(local_home, saved_models, monkeypatch):
     """A hello that fails (a slow machine, a flood of other local users' sockets) against the live
     server on its own port is an error to retry, never a reason to start a second server beside it."""
