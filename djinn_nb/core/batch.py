@@ -24,7 +24,12 @@ from ..schema import RunState
 from . import graphs, kvcache
 from .runs import Checkpoint, Run
 from .nanguard import logits_finite
-from .stepping import Stepper
+from .stepping import SLICE_TOKENS, Stepper
+
+#: a batch whose rest of step covers more positions than this (rows x positions) runs it in groups
+#: of rows, handing the device on between groups as between blocks (64 forks of a 900-token prompt
+#: pass were one 57,600-position step that another user's one-token fork waited behind)
+GROUP_TOKENS = 4096
 
 
 def repeated_state(cp: Checkpoint, cache: Any, n: int) -> tuple[Any, tuple, dict, dict[str, torch.Tensor]]:
@@ -104,15 +109,18 @@ class ForkBatch:
             return logits, cache, "cuda-graph"
         cache, args, kwargs, saved = repeated_state(cp, self.parent_cache, n)
 
-        def tail(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
-            return self.stepper.continue_from(cp.layer, cp.site, h, a, kw, saved)
+        def tail(h: torch.Tensor, a: tuple, kw: dict, turn: bool = False) -> torch.Tensor:
+            return self.stepper.continue_from(cp.layer, cp.site, h, a, kw, saved, turn=turn)
 
         seen = slot.batches.get(n, 0)
         slot.batches[n] = seen + 1
         capture = (self.stepper.cuda_graphs and seen >= graphs.CAPTURE_AFTER and n <= graphs.MAX_BATCH_CAPTURE
                    and n not in slot.batched_disabled)
+        per = max(1, GROUP_TOKENS // start.shape[1])
+        if n > per and not capture:
+            return self._in_groups(n, per, start)
         before = kvcache.fork_cache(cache) if capture else None  # the eager run below writes ``cache``
-        logits = tail(start, args, kwargs)
+        logits = tail(start, args, kwargs, turn=start.shape[0] * start.shape[1] >= SLICE_TOKENS)  # never while capturing
         if not capture:
             return logits, cache, "eager"
         try:
@@ -127,6 +135,21 @@ class ForkBatch:
         except Exception as e:  # noqa: BLE001 - any capture failure keeps the eager path
             slot.batched_disabled[n] = f"capture failed: {type(e).__name__}: {e}"
         return logits, cache, "eager"
+
+    def _in_groups(self, n: int, per: int, start: torch.Tensor) -> tuple[torch.Tensor, Any, str]:
+        """The rest of the paused step ``per`` rows at a time, the device handed on between groups
+        (and between blocks); the groups' caches joined into the batch's."""
+        cp, logits, caches, rows = self.checkpoint, [], [], []
+        for lo in range(0, n, per):
+            m = min(per, n - lo)
+            cache, args, kwargs, saved = repeated_state(cp, self.parent_cache, m)
+            if lo:
+                self.stepper.between_blocks()
+            logits.append(self.stepper.continue_from(cp.layer, cp.site, start[lo:lo + m], args, kwargs, saved,
+                                                     turn=True))
+            caches.append(cache)
+            rows.append(m)
+        return torch.cat(logits), kvcache.cat_rows(caches, rows), f"in groups of {per}"
 
     @staticmethod
     def _needs_own_step(run: Run) -> bool:

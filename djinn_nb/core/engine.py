@@ -67,9 +67,7 @@ class Engine:
         check_exact: bool = True,
         cuda_graphs: bool | None = None,
     ):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.anatomy: Anatomy = find_anatomy(model)
         self.parts = [block_parts(model, self.anatomy.blocks, i) for i in range(self.anatomy.num_layers)]
         self.device: torch.device = next(self.anatomy.lm_head.parameters()).device
@@ -90,7 +88,7 @@ class Engine:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
         self.stepper = Stepper(model, self.anatomy, self.parts, self.eos_ids, self.cuda_graphs)
         self.stepper.keep_finished = True  # finished runs keep their KV cache for rewind (navigation.py)
-        self.stepper.between_steps = self._device_lock.between_steps
+        self.stepper.between_steps, self.stepper.between_blocks = self._device_lock.between_steps, self._device_lock.yield_turn
         self.forks = Forks(self)
         self.fork, self.fork_many = self.forks.fork, self.forks.fork_many
         self.navigator = Navigator(self)
@@ -340,9 +338,10 @@ class Engine:
         seen: list[torch.Tensor] = []
         with self._device_lock, torch.inference_mode():
             x = torch.tensor([ids], dtype=torch.long, device=self.device)
-            self.stepper.forward(x, DynamicCache(config=self.model.config), None, [b.point for b in watches],
-                                 lambda _layer, _site, value: seen.append(value[0]))
-            return views.lens_topk_layers(self.anatomy, [h.to(self.device) for h in seen], k)
+            self.stepper.sliced_forward(x, DynamicCache(config=self.model.config), (), [b.point for b in watches],
+                                        lambda _layer, _site, value: seen.append(value[0]))
+            return views.lens_topk_layers(self.anatomy, [h.to(self.device) for h in seen], k,
+                                          self._device_lock.yield_turn)
 
     def attention(self, run_id: str, owner: str = "") -> torch.Tensor:
         """Block N's attention probabilities at the paused step, (batch, heads, queries, keys), fp32."""

@@ -80,6 +80,18 @@ def row_of(cache: Cache, row: int, rows: int) -> Cache:
     return new
 
 
+def cat_rows(caches: list[Cache], rows: list[int]) -> Cache:
+    """One cache holding the rows of ``caches`` in order (``rows[i]`` rows each, same layers and
+    lengths): how a batch that ran its step in groups of rows goes on as one batch."""
+    new = fork_cache(caches[0])
+    for i, layer in enumerate(new.layers):
+        for name, t in _tensors(layer):
+            parts = [getattr(c.layers[i], name) for c in caches]
+            if t.dim() > 0 and all(p.shape[0] == r for p, r in zip(parts, rows)):
+                setattr(layer, name, torch.cat(parts, 0))
+    return new
+
+
 def map_cache_tensors(
     cache: Cache, fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device | None = None
 ) -> None:

@@ -10,6 +10,9 @@ device is a *turn* that a run hands on between two of its steps
   order owners started waiting, and within an owner to its oldest waiter. A call
   that yields queues again behind everyone already waiting. So a fork, resume or
   short generation waits for about one step of each other owner's work.
+- **A long step hands the turn on between its blocks** (``yield_turn``): a 900-token prompt pass
+  or a wide batch is split where a breakpoint would split it, exactly, so a one-token fork waits
+  for about one block of it rather than all of it.
 - **Calls are stopped between steps** when their client has gone away or they
   ran past the server's per-call time cap (:class:`CallStopped`); a run cannot
   pause between steps (a pause needs a breakpoint's checkpoint), so the engine
@@ -178,10 +181,22 @@ class FairScheduler:
                     f"run {run.id} stopped at step {run.step}: the call ran past the server's max_call_seconds "
                     f"({call.max_seconds:g} s) and its run was closed; use breakpoints or fewer max_new_tokens",
                     quota="max_call_seconds"))
+        self.yield_turn(run.owner)
+
+    def yield_turn(self, owner: str | None = None) -> None:
+        """Let the next waiter have the device, then wait for a turn again (FIFO among ``owner``'s
+        calls, after every other waiting owner); nothing when no one waits. Called between two
+        steps, and inside a long step between two blocks (``Stepper.between_blocks``), where no
+        trace is active and the run's own cache is all it has half-written."""
+        if not self._order:  # read without the lock: a waiter missed here is seen at the next block
+            return
+        if owner is None:
+            call = _current()
+            owner = call.owner if call else ""
         with self._lock:
             if not self._order:
                 return
-            me = _Ticket(run.owner)
+            me = _Ticket(owner)
             self._holder = None
             self._enqueue(me)
             self._grant_next()

@@ -44,6 +44,10 @@ OnWatch = Callable[[int, str, torch.Tensor], None]
 #: how many stop points keep their traces standing between steps (least recently used go)
 STANDING = 4
 
+#: a step over at least this many positions (rows x new tokens) hands the device on between its
+#: blocks (``between_blocks``), split at block 0's input (``ORIGIN``) as a breakpoint there splits it
+SLICE_TOKENS, ORIGIN = 64, Point.at(0, "resid_pre")
+
 
 class Paused(Exception):
     """The step stopped at a breakpoint: the site's value and what continuing needs."""
@@ -81,6 +85,9 @@ class Stepper:
         #: called between two steps of one ``advance`` (the run's lock held, no device work in
         #: flight): where a scheduler may hand the device to another run, or cancel this call
         self.between_steps: Callable[[Run], None] = lambda run: None
+        #: called between two blocks of a long step (``SLICE_TOKENS``): where the scheduler may
+        #: hand the device on (no trace active; only this step's own cache is half-written)
+        self.between_blocks: Callable[[], None] = lambda: None
         #: finished runs keep their KV cache (for ``rewind``) until closed
         self.keep_finished = False
         self.saes = SaeRegistry()  # the loaded SAEs, whose features conditions read (saes.py)
@@ -201,6 +208,18 @@ class Stepper:
                 t.forget()
         raise ExecutionError(f"the forward finished without reaching block {stop.layer}")
 
+    def sliced_forward(self, ids: torch.Tensor, cache: Any, stops: Sequence[Point] = (),
+                       watches: Sequence[Point] = (), on_watch: OnWatch | None = None) -> torch.Tensor:
+        """``forward`` for a long step, handing the device on between blocks: the model's own
+        forward paused at block 0's input, the blocks continued by hand from there (``turn``)."""
+        try:
+            self.forward(ids, cache, ORIGIN, [w for w in watches if w <= ORIGIN], on_watch)
+            raise ExecutionError("the forward finished without reaching block 0")
+        except Paused as p:
+            start = p
+        return self.continue_from(0, "resid_pre", start.value, start.args, start.kwargs, start.saved, stops,
+                                  watches, on_watch, turn=True)
+
     def release_traces(self, point: Point | None = None) -> None:
         """Unhook the standing traces of ``point`` (``None``: of every point)."""
         for p in [point] if point is not None else list(self._standing):
@@ -224,9 +243,10 @@ class Stepper:
 
     def continue_from(self, layer: int, site: str, h: torch.Tensor, args: tuple, kwargs: dict,
                       saved: dict[str, torch.Tensor], stops: Sequence[Point] = (), watches: Sequence[Point] = (),
-                      on_watch: OnWatch | None = None) -> torch.Tensor:
+                      on_watch: OnWatch | None = None, turn: bool = False) -> torch.Tensor:
         """From ``site`` of block ``layer`` (value ``h``) to the next-token logits, nothing before it
-        recomputed; ``Paused`` at the first of ``stops`` after it, watches recorded on the way."""
+        recomputed; ``Paused`` at the first of ``stops`` after it, watches recorded on the way.
+        ``turn``: call ``between_blocks`` before each later block (a long step)."""
         here = Point.at(layer, site)
         first = min((p for p in stops if p > here), default=None)
         watched = [w for w in watches if w > here and (first is None or w <= first)]
@@ -235,6 +255,8 @@ class Stepper:
             if site != "resid_post":
                 h = self._finish(layer, site, h, saved, args, kwargs, None, (), None)
             for block in self._blocks[layer + 1:]:
+                if turn:
+                    self.between_blocks()
                 h = block(h, *args, **kwargs)
                 if type(h) is not torch.Tensor:  # output_hidden inline: no call per block
                     h = output_hidden(h)
@@ -243,6 +265,8 @@ class Stepper:
             inner_stop = first.site if first is not None and first.layer == i and first.site != "resid_post" else None
             inner_watch = [w.site for w in watched if w.layer == i and w.site not in ("resid_pre", "resid_post")]
             if i > layer:
+                if turn:
+                    self.between_blocks()
                 if any(w.layer == i and w.site == "resid_pre" for w in watched):
                     _watcher(on_watch)(i, "resid_pre", h)
                 if inner_stop == "resid_pre":
@@ -359,19 +383,23 @@ class Stepper:
                     start = cp.pending if start is None else start
                     here = Point.at(cp.layer, cp.site)
                     later = [p for p in stops + watches if p > here]
-                    if run.parent is not None and not later and test is None and self.cuda_graphs:
+                    long = start.shape[0] * start.shape[1] >= SLICE_TOKENS
+                    if run.parent is not None and not later and test is None and self.cuda_graphs and not long:
                         logits = self._continue_fork(run, cp, start)
                     else:
                         run.continued_by = "eager"
                         logits = self.continue_from(cp.layer, cp.site, start, cp.args, cp.kwargs, cp.saved,
-                                                    stops, watches, record)
+                                                    stops, watches, record, turn=long)
                     run.checkpoint = None
                 else:
                     ids = run.prompt_ids if step == 0 else run.token_ids[-1:]
                     x = torch.tensor([ids], dtype=torch.long, device=self.device)
-                    if stops and not watches:  # an armed step: its traces stand, its pause returns
+                    if len(ids) >= SLICE_TOKENS and ORIGIN not in stops:
+                        logits = self.sliced_forward(x, run.cache, stops, watches, record)
+                    elif stops and not watches:  # an armed step: its traces stand, its pause returns
                         return self._pause(run, step, self._forward_standing(x, run.cache, min(stops)))
-                    logits = self.forward(x, run.cache, min(stops, default=None), watches, record)
+                    else:
+                        logits = self.forward(x, run.cache, min(stops, default=None), watches, record)
             except Paused as p:
                 return self._pause(run, step, p)
             used, start = start, None

@@ -47,15 +47,20 @@ def lens_topk(anatomy: Anatomy, h: torch.Tensor, k: int) -> tuple[torch.Tensor, 
 LENS_CHUNK_BYTES = 256 << 20
 
 
-def lens_topk_layers(anatomy: Anatomy, layers: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lens_topk_layers(anatomy: Anatomy, layers: list[torch.Tensor], k: int,
+                     between: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lens_topk` of each layer's (positions, hidden) value, a layer (or a chunk of
-    positions) at a time: (layers, positions, k) ids and probabilities. A layer that fits in
-    ``LENS_CHUNK_BYTES`` is computed exactly as ``run.lens`` computes it at a pause there."""
+    positions) at a time, calling ``between`` before each (where the device may be handed on):
+    (layers, positions, k) ids and probabilities. A layer that fits in ``LENS_CHUNK_BYTES`` is
+    computed exactly as ``run.lens`` computes it at a pause there."""
     vocab = int(anatomy.head_weight.shape[0])
     per = max(1, LENS_CHUNK_BYTES // (8 * vocab))  # the float logits and their softmax
     ids, probs = [], []
     for h in layers:
-        parts = [lens_topk(anatomy, h[i:i + per], k) for i in range(0, h.shape[0], per)]
+        parts = []
+        for i in range(0, h.shape[0], per):
+            between()
+            parts.append(lens_topk(anatomy, h[i:i + per], k))
         ids.append(torch.cat([p[0] for p in parts]))
         probs.append(torch.cat([p[1] for p in parts]))
     return torch.stack(ids), torch.stack(probs)

@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--samples", type=int, default=15)
     p.add_argument("--attacks", nargs="+", default=ATTACKS)
+    p.add_argument("--model", default=None, help="djinn-server's --model (default: the tests' 4-block GPT-2), "
+                   "e.g. random:gpt2 or random:llama-7b")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="djinn-server's --dtype (default: the model's own; fp32 on CPU)")
     p.add_argument("--attacker", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -194,12 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     users = workdir / "users.yaml"
     tokens = {name: add_user(users, name) for name in ("vera", "mal")}
     tokens["root"] = add_user(users, "root", admin=True)
-    server = start(["--model", save_model(workdir), "--users", str(users)], workdir)
+    model_flags = ["--model", args.model or save_model(workdir), "--device", args.device]
+    model_flags += ["--dtype", args.dtype] if args.dtype else []
+    server = start([*model_flags, "--users", str(users)], workdir, timeout=900)
     server.tokens = tokens
     limits = next((line for line in server.log.read_text().splitlines() if "limits:" in line), "")
     cap = re.search(r"max_held_bytes ([0-9.]+) ([KMGT]?)B", limits)
     max_held = parse_bytes(cap.group(1) + cap.group(2)) if cap else None
-    out: dict[str, Any] = {"environment": environment("cpu", "float32"), "model": "gpt2 4 blocks x 512 (tests)",
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") and args.model else "float32")
+    out: dict[str, Any] = {"environment": environment(args.device, dtype),
+                           "model": args.model or "gpt2 4 blocks x 512 (tests)",
                            "server_flags": "none but --users (3 users: vera, mal, root admin)", "limits_line": limits,
                            "max_held_bytes": max_held, "rss_margin": "peak growth over the idle baseline <= 1.25 x max_held_bytes",
                            "attacks": {}}
