@@ -18,6 +18,7 @@ from djinn_nb.core.forking import ForkSpec
 from djinn_nb.core.models import build_random
 from djinn_nb.core.reference import generate as hf_generate
 from djinn_nb.core.pause import output_hidden
+from djinn_nb.core.scheduler import FairScheduler
 from djinn_nb.core.specs import Edit
 from djinn_nb.core.stepping import SLICE_TOKENS
 
@@ -32,6 +33,7 @@ def tiny():
 
 
 def _counting(engine: Engine) -> list[int]:
+    engine._device_lock.contended_until = 0.0  # no one has waited: whole blocks
     calls: list[int] = []
     handed = engine.stepper.between_blocks
 
@@ -59,6 +61,54 @@ def test_a_long_prompt_pass_is_split_between_blocks_and_equals_plain_hf(tiny):
     assert torch.equal(run.logits[0].reshape(-1).to(ref_logits.dtype), ref_logits)
     assert list(run.token_ids) == hf_generate(model, LONG, 5)
     engine.close(run.id)
+
+
+def test_while_others_wait_a_long_step_also_hands_the_device_on_inside_each_block(tiny, monkeypatch):
+    """Split at resid_mid (between attention and MLP) as a breakpoint there splits it: the same
+    logits and tokens as plain HF, bit for bit, and a turn offered twice per block."""
+    engine, model = tiny
+    calls = _counting(engine)
+    monkeypatch.setattr(engine.stepper, "contended", lambda: True)
+    try:
+        run = engine.generate(LONG, max_new_tokens=4, record_logits=True)
+    finally:
+        engine.stepper.between_blocks = engine._device_lock.yield_turn
+    assert len(calls) == 2 * (engine.num_layers - 1)  # before and inside blocks 1..11 (block 0 runs whole)
+    with torch.inference_mode():
+        ref_logits = model(torch.tensor([LONG]), logits_to_keep=1).logits[0, -1]
+    assert torch.equal(run.logits[0].reshape(-1).to(ref_logits.dtype), ref_logits)
+    assert list(run.token_ids) == hf_generate(model, LONG, 4)
+    engine.close(run.id)
+
+
+def test_a_llama_long_step_split_inside_its_blocks_equals_plain_hf():
+    model = build_random("llama-tiny", seed=5)
+    engine = Engine(model, None, "llama-tiny")
+    engine.stepper.contended = lambda: True
+    run = engine.generate(LONG, max_new_tokens=4, record_logits=True)
+    with torch.inference_mode():
+        ref_logits = model(torch.tensor([LONG]), logits_to_keep=1).logits[0, -1]
+    assert torch.equal(run.logits[0].reshape(-1).to(ref_logits.dtype), ref_logits)
+    assert list(run.token_ids) == hf_generate(model, LONG, 4)
+
+
+def test_the_device_counts_as_contended_only_after_someone_waited():
+    sched = FairScheduler()
+    assert not sched.contended()
+    sched.acquire("a")
+    waiter = threading.Thread(target=lambda: (sched.acquire("b"), sched.release()))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while sched.waiting() < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert sched.contended()
+    sched.yield_turn("a")  # b takes its turn and gives it back
+    waiter.join(10)
+    sched.release()
+    sched.contended_until = time.monotonic() - 1
+    sched.acquire("a")  # a free device: no wait, no contention
+    sched.release()
+    assert not sched.contended()
 
 
 def test_a_breakpoint_and_a_watch_inside_a_split_step_equal_torch_hooks(tiny):

@@ -29,7 +29,7 @@ from .stepping import SLICE_TOKENS, Stepper
 #: a batch whose rest of step covers more positions than this (rows x positions) runs it in groups
 #: of rows, handing the device on between groups as between blocks (64 forks of a 900-token prompt
 #: pass were one 57,600-position step that another user's one-token fork waited behind)
-GROUP_TOKENS = 4096
+GROUP_TOKENS = 1024
 
 
 def repeated_state(cp: Checkpoint, cache: Any, n: int) -> tuple[Any, tuple, dict, dict[str, torch.Tensor]]:

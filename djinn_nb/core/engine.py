@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence
 
 import torch
@@ -34,6 +35,7 @@ from .trajectory import WatchHit
 from .sites import SITES, block_parts
 from .specs import Breakpoint, Edit, Sampling, check_text, parse_breakpoints
 from .threads import describe as describe_threads
+from .splitprobe import split_probe
 from .stepping import Stepper
 
 if TYPE_CHECKING:
@@ -88,7 +90,7 @@ class Engine:
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda" and len(devices) == 1
         self.stepper = Stepper(model, self.anatomy, self.parts, self.eos_ids, self.cuda_graphs)
         self.stepper.keep_finished = True  # finished runs keep their KV cache for rewind (navigation.py)
-        self.stepper.between_steps, self.stepper.between_blocks = self._device_lock.between_steps, self._device_lock.yield_turn
+        self.stepper.take_turns(self._device_lock)
         self.forks = Forks(self)
         self.fork, self.fork_many = self.forks.fork, self.forks.fork_many
         self.navigator = Navigator(self)
@@ -104,10 +106,9 @@ class Engine:
             )
         probe_layer = self.parts[max(0, self.num_layers // 2 - 1)]
         self.sites = [s for s in SITES if probe_layer.missing(s) is None]
-        #: sites whose hand-run finish failed the load-time probe, and why
-        self.inexact_sites: dict[str, str] = {}
+        self.inexact_sites: dict[str, str] = {}  # sites whose hand-run finish failed the load-time probe, and why
         if check_exact:
-            self.inexact_sites = check_split_is_exact(model, self.anatomy, self.stepper.probe, self.sites)
+            self.inexact_sites = check_split_is_exact(model, self.anatomy, partial(split_probe, self.stepper), self.sites)
             for site, why in self.inexact_sites.items():
                 log.warning("%s: breakpoints at %s are refused: %s", name, site, why)
 

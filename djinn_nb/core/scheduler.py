@@ -34,6 +34,9 @@ from ..errors import QuotaError
 
 __all__ = ["FairScheduler", "CallStopped", "call_scope"]
 
+#: how long after someone last waited for the device it counts as contended
+CONTENDED_SECONDS = 2.0
+
 
 @dataclass
 class _Call:
@@ -113,6 +116,9 @@ class FairScheduler:
     _waiting: dict[str, deque] = field(default_factory=dict)  # owner -> FIFO of tickets
     _order: deque = field(default_factory=deque)  # owners with waiters, in round-robin order
     handoffs: int = 0
+    #: until when the device counts as contended: someone had to wait for it in the last
+    #: ``CONTENDED_SECONDS`` (long steps then hand it on inside their blocks too)
+    contended_until: float = 0.0
 
     def __post_init__(self) -> None:
         self._cv = threading.Condition(self._lock)
@@ -134,7 +140,11 @@ class FairScheduler:
             if self._order:
                 self._grant_next()
 
+    def contended(self) -> bool:
+        return time.monotonic() < self.contended_until
+
     def _enqueue(self, t: _Ticket) -> None:
+        self.contended_until = time.monotonic() + CONTENDED_SECONDS
         q = self._waiting.get(t.owner)
         if q is None:
             q = self._waiting[t.owner] = deque()

@@ -10,7 +10,7 @@ the probe found that the same computation (``entry.py``: fewer frames to unwind)
 and hands its pause back as a value. Continuing from a checkpoint finishes that block by hand
 (:func:`~djinn_nb.core.sites.finish_block`), calls the later blocks with the
 arguments the model gave the paused one, then the final norm and head — the
-split the load-time probe (:meth:`Stepper.probe`) checks bit for bit against the
+split the load-time probe (``splitprobe.py``) checks bit for bit against the
 model's own forward. Later breakpoints and watches of the same step are met on
 the way. A fork's continuation may replay as a CUDA graph (``graphs.py``).
 """
@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import ExecutionError
 from ..schema import RunState
-from . import entry, graphs, kvcache
+from . import graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden
 from .conditional import StepTest
@@ -88,6 +88,10 @@ class Stepper:
         #: called between two blocks of a long step (``SLICE_TOKENS``): where the scheduler may
         #: hand the device on (no trace active; only this step's own cache is half-written)
         self.between_blocks: Callable[[], None] = lambda: None
+        #: whether others have waited for the device lately: a long step then splits each block at
+        #: ``resid_mid`` too, handing the device on between its attention and its MLP
+        self.contended: Callable[[], bool] = lambda: False
+        self._halvable = [p.missing("resid_mid") is None for p in self.parts]
         #: finished runs keep their KV cache (for ``rewind``) until closed
         self.keep_finished = False
         self.saes = SaeRegistry()  # the loaded SAEs, whose features conditions read (saes.py)
@@ -254,9 +258,11 @@ class Stepper:
         if first is None and not watched:  # nothing to meet on the way: the blocks back to back
             if site != "resid_post":
                 h = self._finish(layer, site, h, saved, args, kwargs, None, (), None)
+            if turn:
+                for i in range(layer + 1, len(self._blocks)):
+                    h = self._turn_block(i, h, args, kwargs)
+                return run_tail(self.anatomy, h)
             for block in self._blocks[layer + 1:]:
-                if turn:
-                    self.between_blocks()
                 h = block(h, *args, **kwargs)
                 if type(h) is not torch.Tensor:  # output_hidden inline: no call per block
                     h = output_hidden(h)
@@ -282,6 +288,25 @@ class Stepper:
                 raise Paused(i, "resid_post", h, args, kwargs, {"resid_pre": block_input})
         return run_tail(self.anatomy, h)
 
+    def _turn_block(self, i: int, h: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Block ``i`` of a long step, the device handed on before it and, while others wait for
+        turns, between its attention and its MLP (paused at ``resid_mid`` and finished from there,
+        as a breakpoint there does)."""
+        self.between_blocks()
+        if not (self._halvable[i] and self.contended()):
+            return output_hidden(self._blocks[i](h, *args, **kwargs))
+        try:
+            self._block(i, h, args, kwargs, "resid_mid", (), None)
+        except Paused as p:
+            self.between_blocks()
+            return self._finish(i, "resid_mid", p.value, p.saved, args, kwargs, None, (), None)
+        raise ExecutionError(f"block {i} finished without reaching resid_mid")
+
+    def take_turns(self, turns: Any) -> None:
+        """Share the device through ``turns`` (a ``FairScheduler``): hand it on between steps,
+        between the blocks of a long step, and inside them while others are waiting."""
+        self.between_steps, self.between_blocks, self.contended = turns.between_steps, turns.yield_turn, turns.contended
+
     def _finish(self, layer: int, site: str, h: torch.Tensor, saved: dict, args: tuple, kwargs: dict,
                 stop: str | None, watches: Sequence[str], on_watch: OnWatch | None) -> torch.Tensor:
         parts = self.parts[layer]
@@ -296,62 +321,6 @@ class Stepper:
             return self._block(layer, x, args, kwargs, stop, watches, on_watch)
 
         return finish_block(parts, site, h, saved, call_block, after)
-
-    def probe(self, ids: torch.Tensor, cache: Any, points: Sequence[tuple[int, str]]) -> torch.Tensor:
-        """The exactness probe's split forward: pause at each of ``points`` (in forward order) and
-        continue by hand from it, as a run with these breakpoints in one step would; the logits.
-
-        The probe's forwards enter the whole model; its first two (a prompt pass and a decoding
-        step) also decide where armed steps enter later (:meth:`_check_entry`)."""
-        stops = [Point.at(layer, site) for layer, site in points]
-        chosen = self._entry, self._entry_kw
-        self._entry, self._entry_kw = self.model, self._model_kwargs(None)
-        trial = kvcache.fork_cache(cache) if self._entry_checks < 2 else None
-        try:
-            try:
-                self.forward(ids, cache, stops[0])
-                raise ExecutionError(f"probe did not pause at {points[0]}")
-            except Paused as p:
-                paused = p
-            if trial is not None:
-                chosen = self._check_entry(ids, trial, cache, paused)
-            for expected in [*stops[1:], None]:
-                try:
-                    logits = self.continue_from(paused.layer, paused.site, paused.value, paused.args, paused.kwargs,
-                                                paused.saved, stops)
-                except Paused as p:
-                    if Point.at(p.layer, p.site) != expected:
-                        raise ExecutionError(f"probe paused at {(p.layer, p.site)}, expected {expected}") from None
-                    paused = p
-                    continue
-                if expected is not None:
-                    raise ExecutionError(f"probe did not pause at {(expected.layer, expected.site)}")
-                return logits
-            raise AssertionError("unreachable")
-        finally:
-            self._entry, self._entry_kw = chosen
-            self.release_traces()
-
-    def _check_entry(self, ids: torch.Tensor, trial: Any, cache: Any, full: Paused) -> tuple[nn.Module, dict]:
-        """Where armed steps enter: the base model if, run on ``trial`` (a copy of ``cache`` as it was),
-        it pauses where the whole model's forward paused (``full``) with the same block arguments and
-        values, here and at every earlier check (see entry.py); else the whole model."""
-        self._entry_checks += 1
-        base = entry.base_entry(self.model, self.anatomy.cache_arg) if self._base_ok is not False else None
-        self._base_ok = False
-        if base is not None:
-            self._entry, self._entry_kw = base, {"use_cache": True}
-            try:
-                b = self._forward_standing(ids, trial, Point.at(full.layer, full.site))
-                self._base_ok = entry.same_call((full.value, full.saved, full.args, full.kwargs),
-                                                (b.value, b.saved, b.args, b.kwargs), cache, trial)
-            except Exception:  # noqa: BLE001 - any difference keeps the whole model as the entry
-                pass
-            finally:
-                self._entry, self._entry_kw = self.model, self._model_kwargs(None)
-        if self._base_ok and base is not None:  # only a base entry is ever found ok
-            return base, {"use_cache": True}
-        return self.model, self._model_kwargs(None)
 
     # ----- the step loop -------------------------------------------------------------
     def advance(self, run: Run, start: torch.Tensor | None) -> None:
