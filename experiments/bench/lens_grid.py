@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from contextlib import nullcontext
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import djinn_nb
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 from djinn_nb.core.threads import apply_thread_setting
+from djinn_nb.serving.embedded import start_embedded_server
 
 from ..exp3_whitebox.exp3lib.env import environment, write_json
 from ..server_process import djinn_server
@@ -40,18 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", type=int, default=128)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--embedded", action="store_true",
+                   help="serve the bench's own engine from this process: the client and the engine it is "
+                        "compared with are one engine, so the difference is the call's own cost")
     p.add_argument("--out", default="experiments/out/lens_grid")
     a = p.parse_args(argv)
     apply_thread_setting()  # as djinn-server does, so both sides use the same CPU threads
-    loaded = load_model(a.model, device=a.device, dtype=a.dtype)
-    model = loaded.model
-    engine = Engine(model, tokenizer=loaded.tokenizer)
+    embedded = start_embedded_server(a.model, a.device, a.dtype) if a.embedded else None
+    if embedded is not None:
+        engine = embedded.state.engine
+        model = engine.model
+    else:
+        loaded = load_model(a.model, device=a.device, dtype=a.dtype)
+        model = loaded.model
+        engine = Engine(model, tokenizer=loaded.tokenizer)
     device = engine.device
     vocab = int(model.config.vocab_size)
     prompt = [(31 * i + 7) % (vocab - 10) + 10 for i in range(a.positions)]
     ids = torch.tensor([prompt], device=device)
     times: dict[str, list[float]] = {"engine": [], "client": [], "plain_forward": []}
-    with djinn_server(a.model, a.device, a.dtype) as address:
+    with (nullcontext(embedded.address) if embedded else djinn_server(a.model, a.device, a.dtype)) as address:
         client = djinn_nb.connect(address)
         remote = client.lens_grid(prompt, a.k)
         local_ids, _ = engine.lens_grid(prompt, a.k)
@@ -86,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
            "median_ms": med, "client_over_engine": med["client"] / med["engine"],
            "engine_over_plain_forward": med["engine"] / med["plain_forward"],
            "client_over_plain_forward": med["client"] / med["plain_forward"], "ids_equal_engine": same,
-           "goal": "client <= 1.1 x engine"}
+           "goal": "client <= 1.1 x engine",
+           "server": "this process's engine, embedded" if embedded else "a djinn-server child process"}
+    if embedded is not None:
+        embedded.close()
     print(out)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(a.out) / f"lens_grid_{a.model.replace(':', '_').replace('/', '_')}_{out['environment']['dtype']}.json", out)
+    tag = "_embedded" if embedded else ""
+    write_json(Path(a.out) / f"lens_grid{tag}_{a.model.replace(':', '_').replace('/', '_')}_{out['environment']['dtype']}.json",
+               out)
     return 0
 
 

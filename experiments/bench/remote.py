@@ -25,15 +25,22 @@ from ..round_trips import count_requests  # the counter tests/test_round_trips.p
 PROMPT = "The Eiffel Tower is located in the city of"
 
 
-def actions(client: Any) -> dict[str, Callable[[], Any]]:
-    paused = client.generate(PROMPT, max_new_tokens=4, breakpoints=[(10, 1)])
+def actions(client: Any, text: bool = True) -> dict[str, Callable[[], Any]]:
+    """The actions; ``text=False`` (a random model: no tokenizer) gives token ids for its prompts."""
+    layers = client.info["num_layers"]
+    mid = min(10, layers - 2)
+    prompt: Any = PROMPT if text else [(37 * i + 11) % 500 + 10 for i in range(11)]
+    clean: Any = "The Eiffel Tower is in" if text else prompt[:6]
+    corrupted: Any = "The Colosseum is in" if text else [prompt[0] + 1, *prompt[1:6]]
+    paused = client.generate(prompt, max_new_tokens=4, breakpoints=[(mid, 1)])
     return {
-        "generate_to_a_pause": lambda: client.generate(PROMPT, max_new_tokens=4, breakpoints=[(10, 1)]).close(),
-        "fork_text": lambda: paused.fork(scale=0.9, breakpoints=[], close=True).text,
+        "generate_to_a_pause": lambda: client.generate(prompt, max_new_tokens=4, breakpoints=[(mid, 1)]).close(),
+        "fork_text": (lambda: paused.fork(scale=0.9, breakpoints=[], close=True).text) if text else
+                     (lambda: paused.fork(scale=0.9, breakpoints=[], close=True).token_ids),  # no tokenizer: ids
         "lens_k5": lambda: paused.lens(k=5),
         "runs": lambda: client.runs(),
-        "causal_trace_3_layers": lambda: djinn_nb.causal_trace(client, "The Eiffel Tower is in", "The Colosseum is in",
-                                                               layers=[0, 10, 20], progress=False),
+        "causal_trace_3_layers": lambda: djinn_nb.causal_trace(client, clean, corrupted, answer=None if text else 7,
+                                                               layers=[0, mid, layers - 1], progress=False),
     }
 
 
@@ -41,16 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rtt", type=float, nargs="+", default=[0.0, 5.0, 25.0])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--model", default=None, help="djinn-server's --model (default: the embedded SmolLM2)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
     p.add_argument("--out", default="experiments/out/remote")
     args = p.parse_args(argv)
-    server = start_embedded_server(None, "cpu", None)
+    server = start_embedded_server(args.model, args.device, args.dtype)
+    text = server.state.engine.tokenizer is not None
     near = djinn_nb.connect(server.address)
-    local = actions(near)
+    local = actions(near, text)
     results: dict[str, Any] = {}
     for rtt in args.rtt:
         with DelayedServer(server.address, server.state.bulk.port, rtt_ms=rtt) as address:
             far = djinn_nb.connect(address)
-            remote = actions(far)
+            remote = actions(far, text)
             for name in local:
                 local[name](), remote[name]()  # warm
                 with count_requests(far) as sent:
@@ -70,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     near.close()
     server.close()
     out = {"benchmark": "notebook actions over an injected round-trip delay (both channels)",
-           "model": "embedded SmolLM2-135M", "rounds": args.rounds, "goal": "linked <= loopback + 3 x RTT",
-           "environment": environment("cpu", "float32"), "actions": results}
+           "model": args.model or "embedded SmolLM2-135M", "rounds": args.rounds, "goal": "linked <= loopback + 3 x RTT",
+           "environment": environment(server.state.engine.device, server.state.engine.dtype), "actions": results}
     write_json(Path(args.out) / "remote.json", out)
     for name, by_rtt in results.items():
         print(name, "; ".join(f"{k}: {v['requests']} req, {v['linked_ms']:.1f} ms"
