@@ -268,6 +268,7 @@ def _record(moves: list[dict]) -> None:
         "compute_ms": {"median": statistics.median(m["compute_ms"] for m in moves),
                        "worst": max(m["compute_ms"] for m in moves)},
         "requests_per_move": max(len(m["requests"]) for m in moves),
+        "load_average_1min_at_end": os.getloadavg()[0],  # other processes on the machine
         "environment": environment("cpu", "float32"),
         "moves": [{k: m[k] for k in keys} for m in moves],
     })
