@@ -137,6 +137,8 @@ def test_a_breakpoint_and_a_watch_inside_a_split_step_equal_torch_hooks(tiny):
     assert list(run.token_ids) == hf_generate(model, LONG, 4)
 
 
+@pytest.mark.attack(cls="fairness", tried="a fork queued during another user's 150-position prompt pass",
+                    held="it runs before that pass's next block, not after the whole step")
 def test_another_owners_fork_runs_between_two_blocks_of_a_long_prompt_pass(tiny):
     """Without the split, the fork queued during block 1 would wait for all 12 blocks."""
     engine, model = tiny

@@ -11,7 +11,8 @@ connect, idle and then while mal runs each attack in a process of its own for
 bytes its runs are counted to hold (the stated margin: growth ≤ 1.5 × counted bytes + 300 MB).
 
 The model is the tests' 4-block GPT-2 512 wide (``tests/server_proc.save_model``), so a step
-takes milliseconds and an attack makes many requests. On a 2-core machine the attacker's own
+takes milliseconds and an attack makes many requests; ``--model random:gpt2 --device cuda --dtype
+bfloat16`` (or ``random:llama-7b``) runs the same on a GPU. On a 2-core machine the attacker's own
 process competes with the server and the victim for the cores; the figures include that.
 """
 from __future__ import annotations

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in a.lengths:
         prompt = [(31 * i + 7) % (vocab - 10) + 10 for i in range(n)]
 
-        def gen() -> torch.Tensor:
+        def gen(prompt: list[int] = prompt) -> torch.Tensor:
             run = engine.generate(prompt, max_new_tokens=1, record_logits=True)
             logits = run.logits[0]
             engine.close(run.id)
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         cases: dict[str, tuple[bool, bool, Callable[[], Any]]] = {
             "model_forward": (False, False, gen), "split_between_blocks": (True, False, gen),
             "split_inside_blocks": (True, True, gen),
-            "lens_grid_unsplit": (False, False, lambda: engine.lens_grid(prompt, 1)),
-            "lens_grid_split": (True, False, lambda: engine.lens_grid(prompt, 1)),
+            "lens_grid_unsplit": (False, False, lambda prompt=prompt: engine.lens_grid(prompt, 1)),
+            "lens_grid_split": (True, False, lambda prompt=prompt: engine.lens_grid(prompt, 1)),
         }
         logits = {}
         for name, (split, halves, fn) in cases.items():
