@@ -4,8 +4,9 @@ Why here and not in the client: the grid is the field's most-asked patching expe
 built from the client API it cost a chain of forks, a ``fork_many`` of P runs per layer (each
 with its own KV cache, sampler and bookkeeping), a ``token_probs`` and P closes per layer —
 hundreds of round trips and run creations for a 12 × 16 grid, which made a careful researcher's
-batched hook loop faster than djinn_nb. Here each prompt passes once, pausing at every traced
-layer; at each pause of the corrupted pass the P patched starts (the clean activation restored
+batched hook loop faster than djinn_nb. Here each prompt passes once; at the residual
+stream every layer's patched rows go through the blocks as one growing batch (``tracewave.py``);
+at the other sites the corrupted pass pauses at every traced layer, and at each pause of the corrupted pass the P patched starts (the clean activation restored
 at one position each) run the remaining layers as one batch from that layer's checkpoint (only
 the layers after it: the checkpoint holds everything before), and only the answer's probability
 at the last position is kept. The clean pass records its traced layers as watches, without
@@ -26,6 +27,7 @@ from .batch import repeated_state
 from .host import RunHost
 from .patchgrid import GridSpec, patched_starts
 from .runs import Checkpoint, Run
+from .tracewave import WAVE_SITES, wave_grid
 
 #: Sites a trace restores: the residual stream and each block's two outputs.
 TRACE_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -111,6 +113,11 @@ def causal_trace(
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < vocab:
             raise BadRequestError(f"answer must be a token id in 0..{vocab - 1}, got {answer!r}"[:200])
         clean_prob = float(clean.last_logits.float().softmax(-1)[answer])
+        if site in WAVE_SITES:  # the residual stream: every layer's rows in one wave (tracewave.py)
+            with host.device_turn(), torch.inference_mode():
+                by_layer, corrupt_prob = wave_grid(host.stepper, host.new_cache(), corrupt_ids, restored, spec, answer,
+                                                   host.stepper.between_blocks, on_row)
+            return TraceGrid([by_layer[layer] for layer in layers], clean_prob, corrupt_prob, answer)
         corrupt = generate(corrupt_ids, 1, bps)
         opened.append(corrupt.id)
         rows: list[list[float]] = []
