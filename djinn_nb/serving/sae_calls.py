@@ -45,7 +45,7 @@ class SaeCalls:
     def _saes(self) -> SaeRegistry:
         return self._engine.stepper.saes
 
-    # ----- exposed calls ----------------------------------------------------------
+    # ----- calls (the service's exposed_<name>) -------------------------------------
     def load_sae(self, request_json: Any) -> dict[str, Any]:
         """{path, site (null: the cfg's hook), id (null: saeN)}: an SAE in SAELens's format read
         from a directory on the server, on the model's device and dtype; its description."""

@@ -94,7 +94,7 @@ class TextCalls:
                 r["topk_tokens"] = [texts[t] for t, _ in r["topk"]]
         return records
 
-    # ----- exposed calls ----------------------------------------------------------
+    # ----- calls (the service's exposed_<name>) -------------------------------------
     def tokenize(self, text: Any) -> list[int]:
         self._caller.who()
         if type(text) is not str:

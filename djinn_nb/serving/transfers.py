@@ -52,7 +52,7 @@ class Transfers:
             return {"bulk": channel.offer(t, self._caller.who(), self._key)}
         return wire.encode_tensor(t)
 
-    # ----- exposed calls ----------------------------------------------------------
+    # ----- calls (the service's exposed_<name>) -------------------------------------
     def expect(self, meta_json: Any) -> dict[str, Any]:
         """Reserve a side-channel upload of a tensor with this header; returns {port, ticket}."""
         state = self._caller.state
