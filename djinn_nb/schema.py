@@ -1,9 +1,11 @@
-"""What crosses the wire, typed: run states, run summaries, listing rows, history, lens and requests.
+"""What crosses the wire, typed: run states, run summaries, listing rows, history, lens, server info,
+watch hits and requests.
 
 Server and client share these dataclasses. Each has one ``from_json`` that
-validates a decoded JSON object (unknown or missing keys, wrong types) and
-raises ``BadRequestError`` naming the field, so neither side reads a run
-through string keys. No torch, no rpyc: every layer may import this module.
+validates a decoded JSON object (unknown or missing keys, wrong types, as its
+fields' annotations say: see :mod:`djinn_nb.messages`) and raises
+``BadRequestError`` naming the field, so neither side reads a run through
+string keys. No torch, no rpyc: every layer may import this module.
 Tensors are not part of a request's JSON; they travel beside it as a header
 plus bytes, or as a side-channel ticket (``TensorRef``).
 """
@@ -13,9 +15,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Union
+from typing import Any
 
-from .errors import BadRequestError
+from .messages import Message, fail
 
 
 class RunState(str, Enum):
@@ -35,73 +37,9 @@ class RunState(str, Enum):
 #: or an uploaded one (``{"ticket"}``); validated where the bytes are decoded.
 TensorRef = dict
 
-_Plain = Union[int, float, str, bool, None, list, dict]
-
-
-def _fail(cls: type, message: str) -> BadRequestError:
-    return BadRequestError(f"{cls.__name__}: {message}"[:300])
-
-
-def _check(cls: type, name: str, value: Any, kinds: tuple, optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok:
-        want = "/".join(k.__name__ for k in kinds) + (" or null" if optional else "")
-        raise _fail(cls, f"{name} must be {want}, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _fail(cls, f"{name} must be finite")
-    return value
-
-
-#: a message class's field names, and ``(name, required, kinds, optional)`` per field
-_Spec = tuple[frozenset[str], tuple[tuple[str, bool, "tuple | None", bool], ...]]
-
-
-class _Message:
-    """``from_json``/``to_json`` for a dataclass whose fields are plain JSON values."""
-
-    _types: dict[str, tuple] = {}
-    _optional: frozenset[str] = frozenset()
-    #: what ``_spec`` worked out, in each class's own ``__dict__`` (never inherited)
-    _spec_cache: ClassVar[_Spec]
-
-    @classmethod
-    def _spec(cls) -> _Spec:
-        """Field names and ``(name, required, kinds, optional)`` per field, worked out once per class."""
-        spec = cls.__dict__.get("_spec_cache")
-        if spec is None:
-            if not dataclasses.is_dataclass(cls):
-                raise TypeError(f"{cls.__name__} is a message only as a dataclass")
-            fields = dataclasses.fields(cls)
-            spec = (frozenset(f.name for f in fields), tuple(
-                (f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-                 cls._types.get(f.name), f.name in cls._optional) for f in fields))
-            cls._spec_cache = spec
-        return spec
-
-    @classmethod
-    def from_json(cls, obj: Any):
-        if not isinstance(obj, dict):
-            raise _fail(cls, f"expected an object, got {type(obj).__name__}")
-        names, spec = cls._spec()
-        if not names.issuperset(obj):
-            raise _fail(cls, f"unknown field(s) {sorted(map(str, set(obj) - names))}; known: {sorted(names)}")
-        values = {}
-        for name, required, kinds, optional in spec:
-            if name not in obj:
-                if required:
-                    raise _fail(cls, f"missing field {name!r}")
-                continue
-            values[name] = obj[name] if kinds is None else _check(cls, name, obj[name], kinds, optional)
-        return cls(**values)
-
-    def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name, *_ in self._spec()[1]}
-
 
 @dataclass
-class RunRow(_Message):
+class RunRow(Message):
     """One line of ``client.runs()``: where a run is and what it holds, without its tokens."""
 
     id: str
@@ -114,10 +52,6 @@ class RunRow(_Message):
     offloaded: bool
     parent: str | None
     idle_s: float
-
-    _types = {"id": (str,), "layer": (int,), "site": (str,), "step": (int,), "tokens": (int,),
-              "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "idle_s": (int, float)}
-    _optional = frozenset({"layer", "site", "parent"})
 
     def __post_init__(self) -> None:
         self.state = _state(type(self), self.state)
@@ -137,7 +71,7 @@ class RunRow(_Message):
 
 
 @dataclass
-class RunSummary(_Message):
+class RunSummary(Message):
     """A run as a client sees it after each call: tokens, where it paused, what it holds.
 
     ``activation`` (at a pause) has the paused tensor's shape, dtype, ``edited`` and
@@ -170,20 +104,11 @@ class RunSummary(_Message):
     #: the text of ``token_ids`` (what the run card shows), with a tokenizer
     text: str | None = None
 
-    _types = {
-        "id": (str,), "step": (int,), "layer": (int,), "site": (str,), "token_ids": (list,),
-        "prompt_ids": (list,), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
-        "watched": (int,), "bytes_held": (int,), "offloaded": (bool,), "parent": (str,), "error": (str,),
-        "timings_ms": (dict,), "continued_by": (str,), "topk": (list,), "activation": (dict,),
-        "idle_s": (int, float), "v": (int,), "held": (dict,), "text": (str,),
-    }
-    _optional = frozenset({"layer", "site", "parent", "error", "continued_by", "topk", "activation", "held", "text"})
-
     def __post_init__(self) -> None:
         self.state = _state(type(self), self.state)
         for name in ("token_ids", "prompt_ids"):
             if any(type(t) is not int for t in getattr(self, name)):
-                raise _fail(type(self), f"{name} must be a list of ints")
+                raise fail(type(self), f"{name} must be a list of ints")
 
     @property
     def prompt_len(self) -> int:
@@ -191,7 +116,7 @@ class RunSummary(_Message):
 
 
 @dataclass
-class HistoryRecord(_Message):
+class HistoryRecord(Message):
     """One generated token of ``run.history()``: its step, id, the top-k ``(id, prob)`` when it was
     picked, the entropy (nats), ``time_s`` (after the run's first timed token; None for tokens a fork
     or rewind took over), and with a tokenizer the texts ``token`` and ``topk_tokens``."""
@@ -204,16 +129,12 @@ class HistoryRecord(_Message):
     token: str | None = None
     topk_tokens: list[str] | None = None
 
-    _types = {"step": (int,), "token_id": (int,), "topk": (list,), "entropy": (int, float), "time_s": (int, float),
-              "token": (str,), "topk_tokens": (list,)}
-    _optional = frozenset({"entropy", "time_s", "token", "topk_tokens"})
-
     def __post_init__(self) -> None:
         if not all(isinstance(e, (list, tuple)) and len(e) == 2 and type(e[0]) is int and type(e[1]) in (int, float)
                    for e in self.topk):
-            raise _fail(type(self), "topk must be a list of [token id, probability] pairs")
+            raise fail(type(self), "topk must be a list of [token id, probability] pairs")
         if self.topk_tokens is not None and not all(type(t) is str for t in self.topk_tokens):
-            raise _fail(type(self), "topk_tokens must be a list of strings")
+            raise fail(type(self), "topk_tokens must be a list of strings")
 
     def record(self) -> dict[str, Any]:
         """The dict ``run.history()`` gives: top-k as tuples, texts only where the server sent them."""
@@ -231,12 +152,12 @@ class HistoryRecord(_Message):
 def history_records(obj: Any) -> list[dict[str, Any]]:
     """A ``history`` reply checked record by record (a ``BadRequestError`` naming the field)."""
     if type(obj) is not list:
-        raise _fail(HistoryRecord, f"expected a list of records, got {type(obj).__name__}")
+        raise fail(HistoryRecord, f"expected a list of records, got {type(obj).__name__}")
     return [HistoryRecord.from_json(r).record() for r in obj]
 
 
 @dataclass
-class LensReply(_Message):
+class LensReply(Message):
     """``run.lens(k)``: per position the top-``k`` token ids and probabilities, and the texts of the
     tokens it names (``text_ids`` → ``texts``, with a tokenizer)."""
 
@@ -245,17 +166,79 @@ class LensReply(_Message):
     text_ids: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
 
-    _types = {"ids": (list,), "probs": (list,), "text_ids": (list,), "texts": (list,)}
-
     def __post_init__(self) -> None:
         rows_ok = len(self.ids) == len(self.probs) and all(
             type(i) is list and type(p) is list and len(i) == len(p) and all(type(t) is int for t in i)
             and all(type(x) in (int, float) for x in p) for i, p in zip(self.ids, self.probs))
         if not rows_ok:
-            raise _fail(type(self), "ids and probs must be equal-shaped lists of rows (ints, numbers)")
+            raise fail(type(self), "ids and probs must be equal-shaped lists of rows (ints, numbers)")
         if len(self.text_ids) != len(self.texts) or not all(type(t) is int for t in self.text_ids) or not all(
                 type(t) is str for t in self.texts):
-            raise _fail(type(self), "text_ids and texts must be equal-length lists of ints and strings")
+            raise fail(type(self), "text_ids and texts must be equal-length lists of ints and strings")
+
+
+@dataclass
+class ServerInfo(Message):
+    """``info`` (``client.info``): the model served (its name, architecture, sizes, the sites a breakpoint
+    may name, the positions it takes, the generation settings ignored), where and how (device, dtype,
+    tokenizer, CPU threads)."""
+
+    model: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    device: str
+    dtype: str
+    has_tokenizer: bool
+    block_path: str
+    sites: list[str]
+    parameters: int
+    max_positions: int | None
+    generation_config_ignored: list[str]
+    threads: int
+    omp_wait_policy: str
+
+    def __post_init__(self) -> None:
+        if not all(type(t) is str for t in self.sites + self.generation_config_ignored):
+            raise fail(type(self), "sites and generation_config_ignored must be lists of strings")
+
+
+@dataclass
+class HelloReply(ServerInfo):
+    """``hello``'s answer: the server's djinn_nb version and protocol, and its ``ServerInfo``."""
+
+    server_version: str
+    protocol: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server_version": self.server_version, "protocol": self.protocol, **ServerInfo.to_json(self)}
+
+
+@dataclass
+class WatchHit(Message):
+    """One hit of ``run.watched()``: its index, place (layer, site, step), the value's shape and its
+    statistics (norm/mean/std/max/min overall, norm/mean/max per position; null where not finite)."""
+
+    index: int
+    layer: int
+    site: str
+    step: int
+    shape: list[int]
+    norm: float | None
+    mean: float | None
+    std: float | None
+    max: float | None
+    min: float | None
+    position_norm: list[float | None]
+    position_mean: list[float | None]
+    position_max: list[float | None]
+
+    def __post_init__(self) -> None:
+        stats = self.position_norm + self.position_mean + self.position_max
+        if any(type(n) is not int for n in self.shape) or any(x is not None and type(x) not in (int, float) for x in stats):
+            raise fail(type(self), "shape must be a list of ints, the per-position statistics lists of numbers")
 
 
 @dataclass
@@ -296,28 +279,28 @@ class RunBrief:
     def from_json(cls, obj: Any) -> "RunBrief":
         """Checked field by field, by hand: this parse is on every step's path."""
         if type(obj) is not dict or not _BRIEF_REQUIRED <= obj.keys() <= _BRIEF_KEYS:
-            raise _fail(cls, f"expected an object with fields {list(cls._FIELDS)} (text and history optional)")
+            raise fail(cls, f"expected an object with fields {list(cls._FIELDS)} (text and history optional)")
         step, keep, limit, v = obj["step"], obj["keep"], obj["max_new_tokens"], obj["v"]
         if not (type(step) is int and type(keep) is int and type(limit) is int and type(v) is int and keep >= 0):
-            raise _fail(cls, "step, keep, max_new_tokens and v must be integers (keep >= 0)")
+            raise fail(cls, "step, keep, max_new_tokens and v must be integers (keep >= 0)")
         run_id, offloaded, tokens, state = obj["id"], obj["offloaded"], obj["tokens"], obj["state"]
         if type(run_id) is not str or type(offloaded) is not bool:
-            raise _fail(cls, "id must be a string and offloaded a boolean")
+            raise fail(cls, "id must be a string and offloaded a boolean")
         layer, site, parent, error = obj["layer"], obj["site"], obj["parent"], obj["error"]
         for name, value, kind in (("layer", layer, int), ("site", site, str), ("parent", parent, str),
                                   ("error", error, str)):
             if value is not None and type(value) is not kind:
-                raise _fail(cls, f"{name} must be {kind.__name__} or null")
+                raise fail(cls, f"{name} must be {kind.__name__} or null")
         if type(tokens) is not list or (tokens and not all(type(t) is int for t in tokens)):
-            raise _fail(cls, "tokens must be a list of ints")
+            raise fail(cls, "tokens must be a list of ints")
         timings = obj["timings_ms"]
         if type(timings) is not dict or len(timings) > 16 or not all(
                 type(k) is str and type(t) in (int, float) for k, t in timings.items()):
-            raise _fail(cls, "timings_ms must be an object of at most 16 numbers")
+            raise fail(cls, "timings_ms must be an object of at most 16 numbers")
         text, history = obj.get("text"), obj.get("history")
         if (text is not None and type(text) is not str) or (history is not None and (
                 type(history) is not list or not all(type(r) is dict for r in history))):
-            raise _fail(cls, "text must be a string or null, history a list of objects or null")
+            raise fail(cls, "text must be a string or null, history a list of objects or null")
         return cls(run_id, _STATES.get(state) or _state(cls, state), step, layer, site, keep, tokens, limit, parent,
                    offloaded, error, v, timings, text, history)
 
@@ -332,11 +315,11 @@ def _state(cls: type, value: Any) -> RunState:
     try:
         return RunState(value)
     except ValueError:
-        raise _fail(cls, f"state must be one of {[s.value for s in RunState]}, got {value!r}") from None
+        raise fail(cls, f"state must be one of {[s.value for s in RunState]}, got {value!r}") from None
 
 
 @dataclass
-class GenerateRequest(_Message):
+class GenerateRequest(Message):
     """Start a run: the prompt (text or token ids), its length, breakpoints, watches, sampling."""
 
     prompt: str | list[int]
@@ -348,13 +331,10 @@ class GenerateRequest(_Message):
     seed: int = 0
     record_logits: bool = False
 
-    _types = {"prompt": (str, list), "max_new_tokens": (int,), "breakpoints": (list,), "watches": (list,),
-              "temperature": (int, float), "top_k": (int,), "seed": (int,), "record_logits": (bool,)}
-    _optional = frozenset({"breakpoints", "watches"})
 
 
 @dataclass
-class EditRequest(_Message):
+class EditRequest(Message):
     """A change to a paused activation: replace (or patch), then scale, then add (``heads``: only
     those, at ``z``).
 
@@ -373,18 +353,14 @@ class EditRequest(_Message):
     positions: list[int] | None = None
     clamp: dict[str, Any] | None = None
 
-    _types = {"scale": (int, float), "activation": (dict,), "add": (dict,), "original": (bool,), "heads": (list,),
-              "patch_from": (str,), "positions": (list,), "clamp": (dict,)}
-    _optional = frozenset({"scale", "activation", "add", "heads", "patch_from", "positions", "clamp"})
-
     def __post_init__(self) -> None:
         for name in ("heads", "positions"):
             values = getattr(self, name)
             if values is not None and any(type(h) is not int for h in values):
-                raise _fail(type(self), f"{name} must be a list of ints")
+                raise fail(type(self), f"{name} must be a list of ints")
         if self.clamp is not None and (set(self.clamp) != {"sae", "features"} or type(self.clamp["sae"]) is not str
                                        or type(self.clamp["features"]) is not list):
-            raise _fail(type(self), "clamp must be {'sae': an SAE id, 'features': [[feature, value], ...]}")
+            raise fail(type(self), "clamp must be {'sae': an SAE id, 'features': [[feature, value], ...]}")
 
     @property
     def empty(self) -> bool:
@@ -392,7 +368,7 @@ class EditRequest(_Message):
 
 
 @dataclass
-class ForkRequest(_Message):
+class ForkRequest(Message):
     """A fork: an edit, and the new run's breakpoints (``None``: the parent's) and length;
     ``close``: closed on the server as soon as it stops, its reply carrying all a caller can read
     of it (tokens, text, history), for a look at a continuation that keeps nothing."""
@@ -402,15 +378,13 @@ class ForkRequest(_Message):
     max_new_tokens: int | None = None
     close: bool = False
 
-    _types = {"breakpoints": (list,), "max_new_tokens": (int,), "close": (bool,)}
-    _optional = frozenset({"breakpoints", "max_new_tokens"})
 
     @classmethod
     def from_json(cls, obj: Any) -> "ForkRequest":
         if isinstance(obj, dict) and isinstance(obj.get("edit", {}), dict):
             obj = {**obj, "edit": EditRequest.from_json(obj.get("edit", {}))}
         elif isinstance(obj, dict):
-            raise _fail(cls, "edit must be an object")
+            raise fail(cls, "edit must be an object")
         return super().from_json(obj)
 
     def to_json(self) -> dict[str, Any]:
@@ -418,7 +392,7 @@ class ForkRequest(_Message):
 
 
 @dataclass
-class DiffRequest(_Message):
+class DiffRequest(Message):
     """``diff``: runs ``a`` and ``b`` (one prompt), the layers (default all) and site compared, the
     top-k at the divergence, and ``steps`` ``[start, stop)`` (default every step both finished)."""
 
@@ -429,12 +403,10 @@ class DiffRequest(_Message):
     k: int = 5
     steps: list[int] | None = None
 
-    _types = {"a": (str,), "b": (str,), "layers": (list,), "site": (str,), "k": (int,), "steps": (list,)}
-    _optional = frozenset({"layers", "steps"})
 
 
 @dataclass
-class DiffReply(_Message):
+class DiffReply(Message):
     """Two branches compared (see ``djinn_nb.core.branches``). ``distance``/``norm`` are
     ``[layer index][step index]`` (``norm``: of run a's state); ``kl[i]`` is KL(a ‖ b) at
     ``steps[i]``; None where a value is not known (an unreproduced step: ``unreproduced_a/_b``).
@@ -464,21 +436,14 @@ class DiffReply(_Message):
     text_ids: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
 
-    _types = {"a": (str,), "b": (str,), "prompt_len": (int,), "tokens_a": (list,), "tokens_b": (list,),
-              "layers": (list,), "steps": (list,), "site": (str,), "divergence": (int,), "distance": (list,),
-              "norm": (list,), "kl": (list,), "source": (list,), "unreproduced_a": (list,), "unreproduced_b": (list,),
-              "topk_a": (list,), "topk_b": (list,), "lens_a": (list,), "lens_b": (list,), "text_ids": (list,),
-              "texts": (list,)}
-    _optional = frozenset({"divergence", "topk_a", "topk_b", "lens_a", "lens_b"})
-
     def __post_init__(self) -> None:
         cls, rows, cols = type(self), len(self.layers), len(self.steps)
         for name in ("tokens_a", "tokens_b", "layers", "steps", "unreproduced_a", "unreproduced_b", "text_ids"):
             if any(type(t) is not int for t in getattr(self, name)):
-                raise _fail(cls, f"{name} must be a list of ints")
+                raise fail(cls, f"{name} must be a list of ints")
         for name in ("distance", "norm"):
             grid = getattr(self, name)
             if len(grid) != rows or any(type(row) is not list or len(row) != cols for row in grid):
-                raise _fail(cls, f"{name} must be {rows} rows of {cols} values")
+                raise fail(cls, f"{name} must be {rows} rows of {cols} values")
         if len(self.kl) != cols or len(self.source) != cols or len(self.texts) != len(self.text_ids):
-            raise _fail(cls, "kl and source have a value per step, texts one per text id")
+            raise fail(cls, "kl and source have a value per step, texts one per text id")

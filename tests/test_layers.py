@@ -2,7 +2,8 @@
 
 core (no rpyc) → serving (no IPython) → client → notebook (only the client API), and wire (what
 both ends of the wire share: no model, no IPython) below serving and client;
-``errors``, ``schema``, ``conditions`` and ``version`` are shared vocabulary. Every import counts,
+``errors``, ``schema`` (with ``messages``, how its classes are checked), ``conditions`` and ``version`` are
+shared vocabulary. Every import counts,
 lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (never
 executed) are left out of the cycle check.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "djinn_nb"
-SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.version", "djinn_nb.conditions"}
+SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.messages", "djinn_nb.version", "djinn_nb.conditions"}
 ALLOWED = {  # layer → layers it may import: client → wire ← serving → core
     "core": {"core"},
     "wire": {"wire"},
@@ -166,3 +167,36 @@ def test_no_collaborator_is_a_mixin_of_the_engine():
     wanted = [name for name in vars(RunHost) if not name.startswith("_")] + list(RunHost.__annotations__)
     missing = [name for name in wanted if not hasattr(Engine, name) and name not in ("device", "residency", "stepper")]
     assert missing == []
+
+
+def test_no_call_group_is_a_mixin_of_the_service_or_the_client():
+    """The service's call groups and the client's SAE calls are classes given narrow, typed interfaces
+    (serving/parts.py; mypy checks that what they are given conforms), not mixins typed
+    ``self: ServiceParts``: the service is an rpyc.Service and nothing else, the client and a run
+    have no base class, and every call group is given only those interfaces, never the service."""
+    import inspect
+
+    import rpyc
+
+    from djinn_nb.client.connection import Client
+    from djinn_nb.client.run import Run
+    from djinn_nb.serving import parts
+    from djinn_nb.serving.service import DjinnService
+
+    typed_self = [m for m, p in MODULES.items() if m.startswith(("djinn_nb.serving", "djinn_nb.client"))
+                  and ('self: "' in p.read_text() or "self: Service" in p.read_text())]
+    assert typed_self == []
+    assert DjinnService.__bases__ == (rpyc.Service,) and Client.__bases__ == (object,) and Run.__bases__ == (object,)
+    service = DjinnService(object())  # type: ignore[arg-type]  # the groups only keep what they are given
+    found, todo = set(), list(vars(service).values())
+    while todo:  # the service's groups, and those they are given
+        v = todo.pop()
+        if type(v).__module__.startswith("djinn_nb.serving.") and type(v) not in found:
+            found.add(type(v))
+            todo += vars(v).values()
+    groups = found - {DjinnService}
+    assert len(groups) == 10, groups  # context, transfers, texts, requests and six groups of calls
+    given = set(parts.__all__) | {"ServerState", "Callable[[], bool]", "int"}
+    for group in groups:
+        for p in list(inspect.signature(group.__init__).parameters.values())[1:]:
+            assert p.annotation in given, (group.__name__, p.name, p.annotation)

@@ -384,3 +384,74 @@ def test_fuzzed_edits_on_the_real_run_either_apply_cleanly_or_change_nothing(cal
     finally:
         conn.close()
         served.server.close()
+
+
+# ----- typed replies ----------------------------------------------------------------------
+def test_info_runs_and_watched_are_built_and_read_as_their_schema_classes(monkeypatch):
+    """hello/info, runs and watched answer typed messages (schema.py), as lens and history do: the server
+    builds each reply through its class and nothing else, each parses back exactly, and the client reads
+    each through it (a field more or fewer, or of the wrong type, is a ProtocolError naming the call)."""
+    import djinn_nb
+    from djinn_nb.client import connection
+    from djinn_nb.errors import ProtocolError
+    from djinn_nb.messages import Message
+    from djinn_nb.schema import HelloReply, RunRow, ServerInfo, WatchHit
+    from djinn_nb.wire.protocol import PROTOCOL
+
+    served = serve()
+    built: list[type] = []
+    to_json = Message.to_json
+
+    def spied(self):
+        built.append(type(self))
+        return to_json(self)
+
+    monkeypatch.setattr(Message, "to_json", spied)
+    conn = raw_connection(served.port, hello=False)
+    client = djinn_nb.connect(f"127.0.0.1:{served.port}")
+
+    def sent(name, *args):
+        built.clear()
+        msg = reply(getattr(conn.root, name)(*args))
+        assert msg["ok"], msg
+        return msg["result"], set(built)
+
+    try:
+        hello, classes = sent("hello", PROTOCOL, None)
+        assert classes == {HelloReply} and HelloReply.from_json(hello).to_json() == hello == client.info
+        info, classes = sent("info")
+        assert classes == {ServerInfo} and ServerInfo.from_json(info).to_json() == info
+        assert info == {k: v for k, v in hello.items() if k not in ("server_version", "protocol")}
+        run_id = reply(conn.root.generate(wire.dumps({"prompt": PROMPT, "max_new_tokens": 3, "breakpoints": [[3, 2]],
+                                                      "watches": [[2, "all"]]})))["result"]["id"]
+        rows, classes = sent("runs")
+        assert classes == {RunRow} and [RunRow.from_json(r).to_json() for r in rows] == rows
+        assert [r["id"] for r in rows] == [run_id] and rows[0]["state"] == "paused" and rows[0]["step"] == 2
+        hits, classes = sent("watched", run_id)
+        assert classes == {WatchHit} and [WatchHit.from_json(h).to_json() for h in hits] == hits
+        assert [(h["index"], h["layer"], h["step"]) for h in hits] == [(0, 2, 0), (1, 2, 1), (2, 2, 2)]  # block 2 precedes 3
+        handle = client.attach(run_id)
+        assert handle.watched() == hits and [r["id"] for r in client.runs()] == [run_id]
+
+        doctored = [("runs", lambda rows: [{**rows[0], "extra": 1}]), ("runs", lambda rows: [{**rows[0], "tokens": "3"}]),
+                    ("watched", lambda hits: [{**hits[0], "extra": 1}]),
+                    ("watched", lambda hits: [{k: v for k, v in hits[0].items() if k != "norm"}]),
+                    ("watched", lambda hits: [{**hits[0], "shape": ["1"]}])]
+        for name, doctor in doctored:
+            real = client._remote(name)
+            client._methods[name] = lambda *a, real=real, doctor=doctor: wire.dumps(
+                {"ok": True, "result": doctor(reply(real(*a))["result"])})
+            with pytest.raises(ProtocolError, match=name):
+                client.runs() if name == "runs" else handle.watched()
+            del client._methods[name]
+        real_call = connection._call
+        for doctor in (lambda r: {**r, "extra": 1}, lambda r: {**r, "num_layers": "4"},
+                       lambda r: {k: v for k, v in r.items() if k != "sites"}):
+            monkeypatch.setattr(connection, "_call", lambda fn, *a, doctor=doctor: (
+                lambda r: doctor(r) if isinstance(r, dict) and "server_version" in r else r)(real_call(fn, *a)))
+            with pytest.raises(ProtocolError, match="hello: HelloReply"):
+                djinn_nb.connect(f"127.0.0.1:{served.port}")
+    finally:
+        conn.close()
+        client.close()
+        served.server.close()

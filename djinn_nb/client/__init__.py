@@ -3,7 +3,8 @@
 ``connection`` holds ``connect`` and ``Client`` (one rpyc connection, embedded servers); ``local``
 finds or starts the per-user local server; ``run`` holds ``Run``, a handle on a run whose state
 lives on the server; ``branches`` holds ``diff`` (two runs of one prompt compared on the server);
-``features`` the sparse-autoencoder calls both carry (``Sae``, ``client.load_sae``, ``run.features``).
+``features`` the sparse-autoencoder calls (``Sae``; ``Saes``, the collaborator behind ``client.load_sae``
+and ``run.features``); ``edits`` the edit and fork requests a run builds.
 """
 from .connection import Client, connect
 from .features import Sae

@@ -23,12 +23,13 @@ from rpyc.core import consts
 from .. import wire
 from ..wire import sidechannel
 from ..errors import BadRequestError, DjinnError, NoTokenizerError, ProtocolError, error_from_wire
-from ..schema import GenerateRequest, RunRow, RunSummary
+from ..schema import GenerateRequest, HelloReply, RunRow, RunSummary
 from ..wire.protocol import DEFAULT_PORT, PROTOCOL
 from ..wire.tls import client_context
 from ..wire.transport import default_spin_s, open_connection
-from .features import SaeClient
-from .run import Run, plain_breakpoints
+from .features import Sae, Saes
+from .edits import plain_breakpoints
+from .run import Run
 
 if TYPE_CHECKING:
     import torch  # imported at the first tensor: connecting and generating text need none
@@ -69,7 +70,15 @@ MAX_DOWNLOAD_BYTES = 8 << 30
 TEXT_CACHE = 4096
 
 
-class Client(SaeClient):
+def _hello(reply: Any) -> dict[str, Any]:
+    """hello's reply, checked (a ``HelloReply``): the server's version, protocol and info."""
+    try:
+        return HelloReply.from_json(reply).to_json()
+    except BadRequestError as e:  # the server's reply, not this caller's request, is at fault
+        raise ProtocolError(f"hello: {e}") from None
+
+
+class Client:
     """A connection to a djinn server (remote, or embedded in this process).
 
     ``tls=True`` verifies the server's certificate against the system CAs, ``tls_ca=FILE``
@@ -90,10 +99,11 @@ class Client(SaeClient):
         self._texts: OrderedDict[tuple[int, ...], str] = OrderedDict()  # decoded sequences
         self._token_texts: dict[int, str] = {}  # each token id's own text
         self._text_lock = threading.Lock()
+        self._saes = Saes(self)  # the SAE calls (client/features.py)
         config = self._conn._config
         try:
             config["sync_request_timeout"] = HELLO_SECONDS
-            self._info = _call(self._remote("hello"), PROTOCOL, token)
+            self._info = _hello(_call(self._remote("hello"), PROTOCOL, token))
         except TimeoutError:
             self._conn.close()
             raise DjinnError(f"the djinn server at {host}:{port} did not answer hello within {HELLO_SECONDS:g} s "
@@ -129,6 +139,10 @@ class Client(SaeClient):
         slot = _call(self._remote("expect"), wire.dumps(meta))
         sidechannel.push(self.host, slot, t, ssl_context=self._ssl)
         return {"ticket": slot["ticket"]}, None
+
+    def _run_id(self, run: Any) -> Any:
+        """A ``Run``'s id; anything else as it is (checked where it is used)."""
+        return run.id if isinstance(run, Run) else run
 
     def _call(self, name: str, *args: Any) -> Any:
         """Call the server's ``exposed_<name>``; its result, or its error raised here."""
@@ -191,7 +205,10 @@ class Client(SaeClient):
         rows = self._call("runs")
         if type(rows) is not list:
             raise ProtocolError(f"runs: expected a list of rows, got {type(rows).__name__}")
-        return [RunRow.checked(r) for r in rows]
+        try:
+            return [RunRow.checked(r) for r in rows]
+        except BadRequestError as e:  # the server's reply, not this caller's request, is at fault
+            raise ProtocolError(f"runs: {e}") from None
 
     def lens_grid(self, prompt: str | Sequence[int], k: int = 1, site: str = "resid_post") -> dict[str, torch.Tensor]:
         """The logit lens at ``site`` of every layer for one prompt pass, recorded without pausing:
@@ -212,8 +229,28 @@ class Client(SaeClient):
 
     def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
         """Each run's probability of ``token`` at its last finished step, computed on the server."""
-        ids = [r.id if isinstance(r, Run) else r for r in runs]
+        ids = [self._run_id(r) for r in runs]
         return self._call("token_probs", wire.dumps({"runs": ids, "token": token}))
+
+    # ----- sparse autoencoders (client/features.py) --------------------------------
+    def load_sae(self, path: str, site: Any = None, id: str | None = None, labels: Any = None) -> Sae:
+        """Load an SAE saved in SAELens's format (``cfg.json`` + ``sae_weights.safetensors``) from
+        ``path``, a directory on the *server's* disk, onto the model's device and dtype.
+
+        ``site``: ``(layer, site)`` or a hook name (``"blocks.8.hook_resid_pre"``); by default the
+        hook its ``cfg.json`` names. ``id``: the name conditions and clamps use (default ``saeN``).
+        ``labels``: feature labels for tables (a dict or a JSON file on this machine).
+        Its weights count to your bytes quota, like a run's.
+        """
+        return self._saes.load(path, site, id, labels)
+
+    def saes(self) -> list[Sae]:
+        """Your loaded SAEs (without labels: those stay with the handle ``load_sae`` returned)."""
+        return self._saes.loaded()
+
+    def unload_sae(self, sae: Any) -> None:
+        """Free an SAE on the server (refused while one of your runs has a condition reading it)."""
+        self._saes.unload(sae)
 
     def attach(self, run_id: str) -> Run:
         """A live handle on an existing run (after a kernel restart, say)."""

@@ -1,8 +1,9 @@
 """Sparse autoencoders from the client: ``client.load_sae``, ``run.features``, and the ``clamp=`` of an edit.
 
-Why apart from ``connection.py`` and ``run.py``: these are one feature's calls, mixed into
-:class:`~djinn_nb.client.connection.Client` (:class:`SaeClient`) and
-:class:`~djinn_nb.client.run.Run` (:class:`FeatureReads`). The SAE lives on the server
+Why apart from ``connection.py`` and ``run.py``: these are one feature's calls, made by
+:class:`Saes`, a collaborator each :class:`~djinn_nb.client.connection.Client` holds and is
+given only the client's way to call the server (:class:`Calls`); ``client.load_sae``,
+``client.saes``, ``client.unload_sae`` and ``run.features`` hand it their arguments. The SAE lives on the server
 (read there from a directory on the server's disk, counted to its user); the client holds
 a :class:`Sae` handle, and the feature labels if a label file was given (they are read
 here: they are for the notebook's tables, never sent).
@@ -13,15 +14,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from ..errors import BadRequestError, ProtocolError, SaeError
 from .. import wire
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .connection import Client
-
-__all__ = ["Sae", "SaeClient", "FeatureReads", "FeatureRows", "clamp_request", "read_labels"]
+__all__ = ["Calls", "Sae", "Saes", "FeatureRows", "clamp_request", "read_labels"]
 
 MAX_LABEL_FILE = 256 << 20
 
@@ -132,52 +130,35 @@ class FeatureRows(list):
         p.text(repr(self))
 
 
-class SaeClient:
-    """``load_sae``, ``saes``, ``unload_sae`` on a :class:`~djinn_nb.client.connection.Client`."""
+class Calls(Protocol):
+    """What :class:`Saes` is given of its client: one call to the server, its result or its error raised."""
 
-    if TYPE_CHECKING:
-        def _call(self, name: str, *args: Any) -> Any: ...
+    def _call(self, name: str, *args: Any) -> Any: ...
 
-    def load_sae(self, path: str, site: Any = None, id: str | None = None, labels: Any = None) -> Sae:
-        """Load an SAE saved in SAELens's format (``cfg.json`` + ``sae_weights.safetensors``) from
-        ``path``, a directory on the *server's* disk, onto the model's device and dtype.
 
-        ``site``: ``(layer, site)`` or a hook name (``"blocks.8.hook_resid_pre"``); by default the
-        hook its ``cfg.json`` names. ``id``: the name conditions and clamps use (default ``saeN``).
-        ``labels``: feature labels for tables (a dict or a JSON file on this machine).
-        Its weights count to your bytes quota, like a run's.
-        """
+class Saes:
+    """A connection's SAE calls: load, list, unload, read features (``Client.load_sae``, ``Client.saes``,
+    ``Client.unload_sae``, ``Run.features``: the docs are theirs)."""
+
+    def __init__(self, client: Calls):
+        self._client = client
+
+    def load(self, path: Any, site: Any = None, id: str | None = None, labels: Any = None) -> Sae:
         if not isinstance(path, (str, os.PathLike)):
             raise SaeError(f"path must be a directory on the server, got {type(path).__name__}")
         if isinstance(site, tuple):
             site = list(site)
         names = read_labels(labels)
-        return Sae.from_reply(self._call("load_sae", wire.dumps({"path": os.fspath(path), "site": site, "id": id})),
-                              names)
+        reply = self._client._call("load_sae", wire.dumps({"path": os.fspath(path), "site": site, "id": id}))
+        return Sae.from_reply(reply, names)
 
-    def saes(self) -> list[Sae]:
-        """Your loaded SAEs (without labels: those stay with the handle ``load_sae`` returned)."""
-        return [Sae.from_reply(r) for r in self._call("saes")]
+    def loaded(self) -> list[Sae]:
+        return [Sae.from_reply(r) for r in self._client._call("saes")]
 
-    def unload_sae(self, sae: Any) -> None:
-        """Free an SAE on the server (refused while one of your runs has a condition reading it)."""
-        self._call("unload_sae", sae_id(sae))
+    def unload(self, sae: Any) -> None:
+        self._client._call("unload_sae", sae_id(sae))
 
-
-class FeatureReads:
-    """``features`` on a :class:`~djinn_nb.client.run.Run`."""
-
-    if TYPE_CHECKING:
-        _client: Client
-
-        @property
-        def id(self) -> str: ...
-
-    def features(self, sae: Any, k: int | None = 10, ids: Sequence[int] | None = None) -> FeatureRows:
-        """At a pause at the SAE's layer and site: per position, the ``k`` most active features
-        ``(feature, activation)``, most active first, or with ``ids=[...]`` those features'
-        activations (``k`` ignored). Computed on the server from the paused activation (edits
-        applied), exactly as SAELens's ``encode``."""
+    def features(self, run_id: str, sae: Any, k: int | None = 10, ids: Sequence[int] | None = None) -> FeatureRows:
         req: dict[str, Any] = {"sae": sae_id(sae)}
         if ids is not None:
             if isinstance(ids, int):
@@ -187,7 +168,7 @@ class FeatureReads:
             req["ids"] = list(ids)
         else:
             req["k"] = k
-        reply = self._client._call("features", self.id, wire.dumps(req))
+        reply = self._client._call("features", run_id, wire.dumps(req))
         rows = FeatureRows([(int(f), float(a)) for f, a in zip(fs, acts)] for fs, acts in zip(reply["ids"], reply["values"]))
         rows.sae, rows.step = str(reply["sae"]), int(reply["step"])
         rows.token_ids, rows.tokens = list(reply["token_ids"]), reply.get("texts")

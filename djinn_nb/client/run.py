@@ -15,102 +15,19 @@ on the server in the same call, its tokens, text and history in the reply.
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from ..conditions import parse as parse_condition
-from ..errors import ActivationError, BadRequestError, BreakpointError, DjinnError, ProtocolError
-from ..schema import EditRequest, ForkRequest, LensReply, RunBrief, RunState, RunSummary, history_records
+from ..errors import BadRequestError, DjinnError, ProtocolError
+from ..schema import LensReply, RunBrief, RunState, RunSummary, WatchHit, history_records
 from .. import wire
-from .features import FeatureReads, clamp_request
+from .edits import FORK_ARGS, edit_request, fork_request
+from .features import FeatureRows
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch  # imported at the first tensor: text-only use never loads it
     from .connection import Client
 
-__all__ = ["Run", "plain_breakpoints"]
-
-
-def _edit_request(
-    client: "Client",
-    activation: torch.Tensor | None,
-    scale: float | None,
-    add: torch.Tensor | Sequence[float] | None,
-    original: bool = False,
-    heads: Sequence[int] | None = None,
-    patch_from: "Run | str | None" = None,
-    positions: int | Sequence[int] | None = None,
-    clamp: Any = None, sae: Any = None,
-) -> tuple[EditRequest, bytes | None, bytes | None]:
-    """The request plus the inline bytes of its tensors (large ones go ahead on the side channel)."""
-    req = EditRequest(original=bool(original), clamp=clamp_request(clamp, sae))
-    if patch_from is not None:
-        req.patch_from = patch_from.id if isinstance(patch_from, Run) else patch_from
-        if type(req.patch_from) is not str:
-            raise ActivationError(f"patch_from must be a Run or a run id, got {type(patch_from).__name__}")
-    if positions is not None:
-        if isinstance(positions, int) and not isinstance(positions, bool):
-            positions = [positions]
-        if not isinstance(positions, (list, tuple, range)) or any(type(p) is not int for p in positions):
-            raise ActivationError(f"positions must be a list of ints, got {positions!r}"[:200])
-        req.positions = list(positions)
-    act_bytes = add_bytes = None
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ActivationError(f"scale must be a finite number, got {scale!r}")
-        req.scale = float(scale)
-    if heads is not None:
-        if isinstance(heads, int):
-            heads = [heads]
-        if not isinstance(heads, (list, tuple, range)) or any(type(h) is not int for h in heads):
-            raise ActivationError(f"heads must be a list of ints, got {heads!r}"[:200])
-        req.heads = list(heads)
-    import torch
-
-    if activation is not None:
-        if not isinstance(activation, torch.Tensor):
-            raise BadRequestError(f"activation must be a torch.Tensor, got {type(activation).__name__}")
-        req.activation, act_bytes = client._tensor_in(activation)
-    if add is not None:
-        if not isinstance(add, torch.Tensor):
-            add = torch.tensor(add, dtype=torch.float32)
-        req.add, add_bytes = client._tensor_in(add)
-    return req, act_bytes, add_bytes
-
-
-_FORK_ARGS = frozenset({"activation", "scale", "add", "breakpoints", "max_new_tokens", "original", "heads",
-                        "patch_from", "positions", "close", "clamp", "sae"})
-
-
-def _fork_request(client: "Client", kw: dict[str, Any]) -> tuple[ForkRequest, bytes | None, bytes | None]:
-    edit, act, add_b = _edit_request(client, kw.get("activation"), kw.get("scale"), kw.get("add"),
-                                     bool(kw.get("original", False)), kw.get("heads"), kw.get("patch_from"),
-                                     kw.get("positions"), kw.get("clamp"), kw.get("sae"))
-    limit, bps = kw.get("max_new_tokens"), kw.get("breakpoints")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-        raise BadRequestError(f"max_new_tokens must be an integer or None, got {limit!r}")
-    close = kw.get("close", False)
-    if type(close) is not bool:
-        raise BadRequestError(f"close must be True or False, got {close!r}"[:200])
-    return ForkRequest(edit, None if bps is None else plain_breakpoints(bps), limit, close), act, add_b
-
-
-def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:
-    """Breakpoints as JSON values: ``6``, ``[6, 3]``, ``[6, "all", "mlp_out"]`` or a dict."""
-    if isinstance(bps, (int, str, tuple, dict)):
-        bps = [bps]
-    if not isinstance(bps, (list, set, range)) and not hasattr(bps, "__iter__"):
-        raise BreakpointError(f"breakpoints must be a list of layer, (layer, step[, site]) or dict, got {type(bps).__name__}")
-    out = []
-    for b in bps:
-        if isinstance(b, tuple):
-            b = list(b)
-        if hasattr(b, "as_dict"):
-            b = b.as_dict()
-        if isinstance(b, dict) and isinstance(b.get("when"), str):
-            b = {**b, "when": parse_condition(b["when"])}  # parsed here; the server validates the tree
-        out.append(b)
-    return out
+__all__ = ["Run"]
 
 
 def _tokens(brief: RunBrief, base: list[int]) -> list[int]:
@@ -141,7 +58,7 @@ class LensRows(list):
         p.text(repr(self))
 
 
-class Run(FeatureReads):
+class Run:
     """A generation on the server: paused at a breakpoint, done, failed or closed."""
 
     def __init__(self, client: "Client", summary: RunSummary):
@@ -314,6 +231,13 @@ class Run(FeatureReads):
         self._client._remember((), None, dict(zip(reply.text_ids, reply.texts)))  # the table's next read
         return LensRows([(i, float(p)) for i, p in zip(ids, probs)] for ids, probs in zip(reply.ids, reply.probs))
 
+    def features(self, sae: Any, k: int | None = 10, ids: Sequence[int] | None = None) -> FeatureRows:
+        """At a pause at the SAE's layer and site: per position, the ``k`` most active features
+        ``(feature, activation)``, most active first, or with ``ids=[...]`` those features'
+        activations (``k`` ignored). Computed on the server from the paused activation (edits
+        applied), exactly as SAELens's ``encode``."""
+        return self._client._saes.features(self.id, sae, k, ids)
+
     def attention(self) -> torch.Tensor:
         """Block ``layer``'s attention probabilities at the paused step, (batch, heads, queries, keys):
         what ``attn_implementation="eager"`` with ``output_attentions=True`` gives, whatever the server uses."""
@@ -341,8 +265,8 @@ class Run(FeatureReads):
         if (activation is None and scale is None and add is None and not original and heads is None
                 and patch_from is None and positions is None and clamp is None and sae is None):
             return self._update(self._client._call("resume", self.id, self._since()))
-        req, act, add_b = _edit_request(self._client, activation, scale, add, original, heads, patch_from, positions,
-                                        clamp, sae)
+        req, act, add_b = edit_request(self._client, activation, scale, add, original, heads, patch_from, positions,
+                                       clamp, sae)
         return self._update(self._client._call("resume", self.id, self._since(), wire.dumps(req.to_json()), act,
                                                add_b))
 
@@ -371,7 +295,7 @@ class Run(FeatureReads):
         at its end): it keeps nothing there, and its ``token_ids``, ``text`` and ``history()``
         come with this call's reply. ``clamp={4123: 0.0}, sae=s``: SAE feature 4123 set to 0, error term kept.
         """
-        req, act, add_b = _fork_request(self._client, dict(
+        req, act, add_b = fork_request(self._client, dict(
             activation=activation, scale=scale, add=add, breakpoints=breakpoints, max_new_tokens=max_new_tokens,
             original=original, heads=heads, patch_from=patch_from, positions=positions, close=close, clamp=clamp, sae=sae))
         reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b, self._since())
@@ -390,10 +314,10 @@ class Run(FeatureReads):
         for i, kw in enumerate(edits):
             if not isinstance(kw, dict):
                 raise BadRequestError(f"fork_many: edit {i} must be a dict of fork()'s keyword arguments")
-            unknown = sorted(set(kw) - _FORK_ARGS)
+            unknown = sorted(set(kw) - FORK_ARGS)
             if unknown:
-                raise BadRequestError(f"fork_many: edit {i} has unknown argument(s) {unknown}; known: {sorted(_FORK_ARGS)}")
-            req, act, add_b = _fork_request(self._client, kw)
+                raise BadRequestError(f"fork_many: edit {i} has unknown argument(s) {unknown}; known: {sorted(FORK_ARGS)}")
+            req, act, add_b = fork_request(self._client, kw)
             reqs.append(req.to_json())
             payloads += [act, add_b]
         if all(p is None for p in payloads):
@@ -408,7 +332,7 @@ class Run(FeatureReads):
              heads: Sequence[int] | None = None, patch_from: "Run | str | None" = None,
              positions: int | Sequence[int] | None = None) -> "Run":
         """Change the paused activation on the server; later resume/fork start from it."""
-        req, act, add_b = _edit_request(self._client, activation, scale, add, False, heads, patch_from, positions)
+        req, act, add_b = edit_request(self._client, activation, scale, add, False, heads, patch_from, positions)
         return self._update(self._client._call("edit", self.id, wire.dumps(req.to_json()), act, add_b, self._since()))
 
     def next_layer(self) -> "Run":
@@ -423,8 +347,8 @@ class Run(FeatureReads):
     def step_through(self, steps: int, **edit: Any) -> "Run":
         """Apply ``edit`` (``resume``'s keywords; none: no edit) at this pause and go on to the same layer
         and site of the next step, ``steps`` times, on the server in one call (no round trip per step)."""
-        req, act, add_b = _edit_request(self._client, edit.pop("activation", None), edit.pop("scale", None),
-                                        edit.pop("add", None), **edit) if edit else (None, None, None)
+        req, act, add_b = edit_request(self._client, edit.pop("activation", None), edit.pop("scale", None),
+                                       edit.pop("add", None), **edit) if edit else (None, None, None)
         return self._update(self._client._call("step_through", self.id, steps, self._since(),
                                                None if req is None else wire.dumps(req.to_json()), act, add_b))
 
@@ -463,7 +387,13 @@ class Run(FeatureReads):
 
     def watched(self) -> list[dict[str, Any]]:
         """Every watch hit so far: index, layer, site, step, shape, norm/mean/max (overall and per position)."""
-        return self._client._call("watched", self.id)
+        hits = self._client._call("watched", self.id)
+        if type(hits) is not list:
+            raise ProtocolError(f"watched: expected a list of watch hits, got {type(hits).__name__}")
+        try:
+            return [WatchHit.from_json(h).to_json() for h in hits]
+        except BadRequestError as e:  # the server's reply, not this caller's request, is at fault
+            raise ProtocolError(f"watched: {e}") from None
 
     def watched_activation(self, index: int) -> torch.Tensor:
         """The value recorded by watch hit ``index`` (see :meth:`watched`)."""

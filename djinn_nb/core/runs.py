@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UnknownRunError
-from ..schema import RunState, RunSummary
+from ..schema import RunRow, RunState, RunSummary
 from . import graphs, kvcache, offload
 from .specs import Breakpoint, Point, Sampling
 from .trajectory import Trajectory, WatchHit
@@ -238,13 +238,13 @@ class Run:
         the summary carry)."""
         return {k: round(v * 1e3, 4) for k, v in self.timings.items()}
 
-    def row(self) -> dict[str, Any]:
-        """This run's line in a listing (a ``RunRow``), without its tokens."""
+    def row(self) -> RunRow:
+        """This run's line in a listing, without its tokens."""
         cp = self.checkpoint
-        return {"id": self.id, "state": self.state.value, "layer": cp.layer if cp else None,
-                "site": cp.site if cp else None, "step": cp.step if cp else self.step, "tokens": len(self.token_ids),
-                "bytes_held": self.bytes_held(), "offloaded": self.host_pack is not None, "parent": self.parent,
-                "idle_s": round(time.monotonic() - self.last_used, 3)}
+        return RunRow(id=self.id, state=self.state, layer=cp.layer if cp else None, site=cp.site if cp else None,
+                      step=cp.step if cp else self.step, tokens=len(self.token_ids), bytes_held=self.bytes_held(),
+                      offloaded=self.host_pack is not None, parent=self.parent,
+                      idle_s=round(time.monotonic() - self.last_used, 3))
 
     def summary(self, detail: bool = True) -> RunSummary:
         """What a client sees of the run; ``detail`` adds the paused activation's statistics

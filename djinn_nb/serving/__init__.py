@@ -1,7 +1,10 @@
 """Serving: the core behind rpyc, to clients in other processes or on other machines. No IPython.
 
-- ``service``: the ``exposed_`` calls, one connection each; ``debug_calls``: the debugger's;
-  ``replies``: how every call checks its arguments and answers.
+- ``service``: one connection (hello; each ``exposed_`` call handed to its call group); the groups
+  (``run_calls``, ``read_calls``, ``debug_calls``, ``text_calls``, ``sae_calls``, ``branch_calls``,
+  ``patching_calls``, ``transfers``) are given the narrow interfaces of ``parts`` (``context``: the
+  caller; ``requests``: edits checked), never the service; ``replies``: how every call checks its
+  arguments and answers.
 - ``server``: the listener, leases, the budget; ``lease``: what a lease may be; ``users``: tokens
   and quotas; ``embedded``: the in-process server ``connect(embedded=True)`` starts; ``localserver``:
   the per-user background server ``connect()`` starts (``localhome``: its private files).

@@ -1,15 +1,14 @@
 """The exposed calls across runs and over time: batched forks, token probabilities, stepping,
 rewind, the token history.
 
-A mixin of :class:`~djinn_nb.serving.service.DjinnService` (its ``_who``, ``_scope``,
-``_check_quota``, ``_admit`` and state, named by the :class:`ServiceParts` protocol its
-methods take as ``self``), kept apart so each module has one job. Calls that
-run steps do so under the caller's scheduling scope and quotas, as ``generate`` does.
+A class given the caller (a :class:`~djinn_nb.serving.parts.Caller`: its name, scope, quotas
+and admission), what replies carry (:class:`~djinn_nb.serving.parts.Replies`) and the requests'
+checks (:class:`~djinn_nb.serving.parts.Requests`), kept apart so each module has one job. Calls
+that run steps do so under the caller's scheduling scope and quotas, as ``generate`` does.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any
 
 from ..core.forking import ForkSpec
 from ..core.runs import Run
@@ -19,60 +18,41 @@ from ..core.tracing import check_grid
 from ..errors import BadRequestError
 from ..schema import EditRequest, ForkRequest
 from .. import wire
-from .replies import _reply, _since, _str
+from .parts import Caller, Replies, Requests
+from .replies import _since, _str
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # pragma: no cover
     from ..core.engine import Engine
-    from ..core.specs import Edit
-    from .state import ServerState
 
-__all__ = ["DebugCalls", "ServiceParts"]
-
-
-class ServiceParts(Protocol):
-    """What :class:`DebugCalls` uses of the service it is mixed into (``DjinnService``; mypy cannot
-    check that it conforms, as its rpyc base class has no type information: tests/test_lint.py does)."""
-
-    _state: ServerState
-
-    @property
-    def _engine(self) -> Engine: ...
-
-    def _who(self) -> str: ...
-
-    def _scope(self) -> AbstractContextManager[Any]: ...
-
-    def _check_quota(self, max_new_tokens: int | None = None, new_runs: int = 1, adding: int = 0) -> None: ...
-
-    def _admit(self, run: Run) -> None: ...
-
-    def _admit_all(self, runs: list[Run]) -> None: ...
-
-    def _edit(self, req: EditRequest, act: Any, add: Any) -> Edit: ...
-
-    def _check_features(self, breakpoints: Any) -> None: ...
-
-    def _brief(self, run: Run, since: int | None, new: bool = False) -> dict[str, Any]: ...
-
-    def _closed_brief(self, run: Run, since: int | None) -> dict[str, Any]: ...
-
-    def _history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
-
-    def _token_texts(self, ids: Iterable[int]) -> dict[int, str]: ...
+__all__ = ["DebugCalls", "resolve_answer"]
 
 
 class DebugCalls:
-    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``step_through``, ``rewind``, ``history``."""
+    """``fork_many``, ``token_probs``, ``next_layer``, ``next_step``, ``step_through``, ``rewind``,
+    ``causal_trace``, ``history``."""
 
-    @_reply
-    def exposed_fork_many(self: ServiceParts, run_id: Any, requests_json: Any, payloads: Any = (),
-                          since: Any = None) -> list[dict[str, Any]]:
+    def __init__(self, caller: Caller, replies: Replies, requests: Requests):
+        self._caller = caller
+        self._replies = replies
+        self._requests = requests
+
+    @property
+    def _engine(self) -> Engine:
+        return self._caller.engine
+
+    def _stepped(self, run: Run, since: int | None) -> dict[str, Any]:
+        """A run a call stepped: the residency budget applied, then its ``RunBrief``."""
+        self._caller.state.after_change(run)
+        return self._replies.brief(run, since)
+
+    def fork_many(self, run_id: Any, requests_json: Any, payloads: Any = (),
+                  since: Any = None) -> list[dict[str, Any]]:
         """Several forks of one checkpoint (a list of ``ForkRequest``), run as a batch where they can be.
 
         ``payloads``: empty, or two entries per fork (its activation and add bytes, or None).
         Answers a ``RunBrief`` per fork (``since``: how many of the parent's token ids the client holds).
         """
-        owner = self._who()
+        owner = self._caller.who()
         since = _since(since)
         reqs = wire.loads(requests_json, "fork_many request")
         if not isinstance(reqs, list) or not reqs:
@@ -84,25 +64,24 @@ class DebugCalls:
         specs, closes = [], []
         for i, obj in enumerate(reqs):
             req = ForkRequest.from_json(obj)
-            self._check_features(req.breakpoints)
+            self._requests.check_features(req.breakpoints)
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
-            specs.append(ForkSpec(self._edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
+            specs.append(ForkSpec(self._requests.edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
             closes.append(req.close)
         parent = self._engine.get(_str(run_id, "run id"), owner)
         limit = max((s.max_new_tokens or parent.max_new_tokens) for s in specs)
         # admitted on its estimate before any fork exists: every fork may come to hold a whole cache
-        self._check_quota(limit, new_runs=len(specs),
-                          adding=len(specs) * self._state.kv_bytes(len(parent.prompt_ids) + limit))
-        with self._scope():
+        self._caller.check_quota(limit, new_runs=len(specs),
+                          adding=len(specs) * self._caller.state.kv_bytes(len(parent.prompt_ids) + limit))
+        with self._caller.scope():
             runs = self._engine.fork_many(parent.id, specs, owner)
-        self._admit_all(runs)
+        self._caller.admit_all(runs)
         for run in runs:
-            self._state.after_change(run)
-        return [self._closed_brief(run, since) if close else self._brief(run, since, new=True)
+            self._caller.state.after_change(run)
+        return [self._replies.closed_brief(run, since) if close else self._replies.brief(run, since, new=True)
                 for run, close in zip(runs, closes)]
 
-    @_reply
-    def exposed_token_probs(self: ServiceParts, request_json: Any) -> list[float]:
+    def token_probs(self, request_json: Any) -> list[float]:
         """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
         req = wire.loads(request_json, "token_probs request")
         if not isinstance(req, dict) or set(req) != {"runs", "token"} or not isinstance(req["runs"], list):
@@ -110,67 +89,63 @@ class DebugCalls:
         if len(req["runs"]) > 4096:
             raise BadRequestError("token_probs takes at most 4096 runs at once")
         ids = [_str(r, "run id") for r in req["runs"]]
-        return self._engine.token_probs(ids, req["token"], self._who())
+        return self._engine.token_probs(ids, req["token"], self._caller.who())
 
-    @_reply
-    def exposed_next_layer(self: ServiceParts, run_id: Any, since: Any = None) -> dict[str, Any]:
+    def next_layer(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
         since = _since(since)
-        self._check_quota(new_runs=0)
-        with self._scope():
-            return _stepped(self, self._engine.next_layer(_str(run_id, "run id"), self._who()), since)
+        self._caller.check_quota(new_runs=0)
+        with self._caller.scope():
+            return self._stepped(self._engine.next_layer(_str(run_id, "run id"), self._caller.who()), since)
 
-    @_reply
-    def exposed_next_step(self: ServiceParts, run_id: Any, since: Any = None) -> dict[str, Any]:
+    def next_step(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the same layer and site one step later (the run's breakpoints apply afterwards)."""
         since = _since(since)
-        self._check_quota(new_runs=0)
-        with self._scope():
-            return _stepped(self, self._engine.next_step(_str(run_id, "run id"), self._who()), since)
+        self._caller.check_quota(new_runs=0)
+        with self._caller.scope():
+            return self._stepped(self._engine.next_step(_str(run_id, "run id"), self._caller.who()), since)
 
-    @_reply
-    def exposed_step_through(self: ServiceParts, run_id: Any, steps: Any, since: Any = None, request_json: Any = None,
-                             act: Any = None, add: Any = None) -> dict[str, Any]:
+    def step_through(self, run_id: Any, steps: Any, since: Any = None, request_json: Any = None,
+                     act: Any = None, add: Any = None) -> dict[str, Any]:
         """The ``EditRequest`` (or none) applied at the paused site in each of the next ``steps`` steps,
         on the server (core/stepthrough.py); the run's ``RunBrief`` there, or at its end."""
-        owner = self._who()
-        edit = None if request_json is None else self._edit(EditRequest.from_json(wire.loads(request_json, "edit")),
-                                                             act, add)
+        owner = self._caller.who()
+        edit = None if request_json is None else self._requests.edit(
+            EditRequest.from_json(wire.loads(request_json, "edit")), act, add)
         since = _since(since)
         if isinstance(steps, bool) or type(steps) is not int or steps < 1:
             raise BadRequestError(f"steps must be a positive integer, not {steps!r}"[:200])
         run = self._engine.get(_str(run_id, "run id"), owner)
-        self._check_quota(steps, new_runs=0, adding=self._state.kv_bytes(max(0, min(steps, run.max_new_tokens - run.step))))
-        with self._scope():
+        self._caller.check_quota(steps, new_runs=0,
+                                 adding=self._caller.state.kv_bytes(max(0, min(steps, run.max_new_tokens - run.step))))
+        with self._caller.scope():
             run = step_through(self._engine, self._engine.forks, run.id, steps, edit, owner)
-        return _stepped(self, run, since)
+        return self._stepped(run, since)
 
-    @_reply
-    def exposed_rewind(self: ServiceParts, run_id: Any, step: Any, layer: Any = None, site: Any = None,
-                       since: Any = None) -> dict[str, Any]:
+    def rewind(self, run_id: Any, step: Any, layer: Any = None, site: Any = None,
+               since: Any = None) -> dict[str, Any]:
         """A new run paused at (layer, site) of an earlier ``step`` of a paused or finished run
         (``since``: how many of the source's token ids the client holds)."""
-        owner = self._who()
+        owner = self._caller.who()
         since = _since(since)
         if type(step) is not int or (layer is not None and type(layer) is not int):
             raise BadRequestError("step (and layer) must be integers")
         if site is not None and type(site) is not str:
             raise BadRequestError("site must be a string")
         source = self._engine.get(_str(run_id, "run id"), owner)
-        self._check_quota(adding=self._state.kv_bytes(len(source.prompt_ids) + step))
-        with self._scope():
+        self._caller.check_quota(adding=self._caller.state.kv_bytes(len(source.prompt_ids) + step))
+        with self._caller.scope():
             run = self._engine.rewind(source.id, step, layer, site, owner)
-        self._admit(run)
-        self._state.after_change(run)
-        return self._brief(run, since, new=True)
+        self._caller.admit(run)
+        self._caller.state.after_change(run)
+        return self._replies.brief(run, since, new=True)
 
-    @_reply
-    def exposed_causal_trace(self: ServiceParts, request_json: Any) -> dict[str, Any]:
+    def causal_trace(self, request_json: Any) -> dict[str, Any]:
         """ROME's grid in one call: {clean, corrupted (texts or ids), answer (id, text of one token,
         or null), layers, positions (lists or null), site, heads ("all", a list or null: site z),
         cells ([layer, column] pairs or null)}. Answers the rows (null: a cell not computed), both runs'
         own probabilities, the answer and the clean prompt's ids, with the texts a plot labels."""
-        owner = self._who()
+        owner = self._caller.who()
         req = wire.loads(request_json, "causal_trace request")
         keys = {"clean", "corrupted", "answer", "layers", "positions", "site", "heads", "cells"}
         if not isinstance(req, dict) or not set(req) <= keys or not {"clean", "corrupted"} <= set(req):
@@ -182,21 +157,19 @@ class DebugCalls:
         spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), req.get("cells"),
                          engine.parts[0].num_heads)
         # two runs, and a batch of every column's start with its own copy of the cache, at once
-        self._check_quota(1, new_runs=2, adding=(len(spec.columns) + 3) * self._state.kv_bytes(len(clean) + 1))
-        with self._scope():
+        self._caller.check_quota(1, new_runs=2, adding=(len(spec.columns) + 3) * self._caller.state.kv_bytes(len(clean) + 1))
+        with self._caller.scope():
             grid = engine.causal_trace(clean, corrupted, answer, layers, positions, spec.site, owner, spec=spec)
-        texts = self._token_texts([grid.answer] + clean)
+        texts = self._replies.token_texts([grid.answer] + clean)
         return {"rows": grid.rows, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
                 "answer": grid.answer, "layers": spec.traced_layers(), "positions": positions, "heads": spec.heads,
                 "clean_ids": clean,
                 "text_ids": list(texts), "texts": list(texts.values())}
 
-    @_reply
-    def exposed_history(self: ServiceParts, run_id: Any) -> list[dict[str, Any]]:
+    def history(self, run_id: Any) -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy, time_s, and with
         a tokenizer the texts ``token`` and ``topk_tokens``."""
-        return self._history_texts(self._engine.history(_str(run_id, "run id"), self._who()))
-
+        return self._replies.history_texts(self._engine.history(_str(run_id, "run id"), self._caller.who()))
 
 
 def resolve_answer(engine: Any, answer: Any) -> Any:
@@ -210,8 +183,3 @@ def resolve_answer(engine: Any, answer: Any) -> Any:
         return ids[0]
     return answer
 
-
-def _stepped(service: ServiceParts, run: Run, since: int | None) -> dict[str, Any]:
-    """A run a call stepped: the residency budget applied, then its ``RunBrief``."""
-    service._state.after_change(run)
-    return service._brief(run, since)

@@ -1,9 +1,10 @@
 """The exposed call that estimates a patching grid: ``attribution_patching`` (core/attribution.py).
 
-A mixin of :class:`~djinn_nb.serving.service.DjinnService`, kept apart so each module has one
-job. The call makes no run, but a forward kept for a backward holds every layer's activations
-at once, so it is admitted on an estimate of those bytes (``backward_bytes``) before anything
-is computed, as a call that makes runs is admitted on its KV caches.
+A class given the caller (a :class:`~djinn_nb.serving.parts.Caller`) and the texts replies carry
+(:class:`~djinn_nb.serving.parts.Replies`), kept apart so each module has one job. The call
+makes no run, but a forward kept for a backward holds every layer's activations at once, so it
+is admitted on an estimate of those bytes (``backward_bytes``) before anything is computed, as
+a call that makes runs is admitted on its KV caches.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from ..core.patchgrid import grid_spec
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
 from .. import wire
-from .debug_calls import ServiceParts, resolve_answer
-from .replies import _reply
+from .debug_calls import resolve_answer
+from .parts import Caller, Replies
 
 __all__ = ["PatchingCalls", "backward_bytes", "resolve_answer"]
 
@@ -42,8 +43,11 @@ def backward_bytes(config: Any, dtype: torch.dtype, positions: int) -> int:
 class PatchingCalls:
     """``attribution_patching``."""
 
-    @_reply
-    def exposed_attribution_patching(self: ServiceParts, request_json: Any) -> dict[str, Any]:
+    def __init__(self, caller: Caller, replies: Replies):
+        self._caller = caller
+        self._replies = replies
+
+    def attribution_patching(self, request_json: Any) -> dict[str, Any]:
         """The AtP estimate of a causal-trace grid: {clean, corrupted (texts or ids), answer (id, text
         of one token, or null), layers, positions (lists or null), site, heads ("all", a list or null:
         site z), metric ("logit_diff" or "prob"), foil (id or null: logit_diff's other token)}. Answers
@@ -53,7 +57,7 @@ class PatchingCalls:
         if not isinstance(req, dict) or not set(req) <= KEYS or not {"clean", "corrupted"} <= set(req):
             raise BadRequestError(f"attribution_patching takes an object with {sorted(KEYS)} "
                                   "(clean and corrupted required)")
-        engine = self._engine
+        engine = self._caller.engine
         clean, corrupted = engine.encode(req["clean"]), engine.encode(req["corrupted"])
         if len(clean) != len(corrupted):
             raise BadRequestError(f"the clean and corrupted prompts must have the same number of tokens: "
@@ -65,10 +69,10 @@ class PatchingCalls:
         spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), None,
                          engine.parts[0].num_heads)
         # two rows (clean, corrupted) in one graph
-        self._check_quota(1, new_runs=0, adding=2 * backward_bytes(engine.model.config, engine.dtype, len(clean)))
-        with self._scope():
+        self._caller.check_quota(1, new_runs=0, adding=2 * backward_bytes(engine.model.config, engine.dtype, len(clean)))
+        with self._caller.scope():
             grid = attribution_patching(engine, clean, corrupted, spec, answer, metric, req.get("foil"))
-        texts = self._token_texts([grid.answer] + ([grid.foil] if grid.foil is not None else []) + clean)
+        texts = self._replies.token_texts([grid.answer] + ([grid.foil] if grid.foil is not None else []) + clean)
         return {"rows": grid.rows, "metric": grid.metric, "clean_metric": grid.clean_metric,
                 "corrupt_metric": grid.corrupt_metric, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
                 "answer": grid.answer, "foil": grid.foil, "layers": layers, "positions": positions, "heads": spec.heads,

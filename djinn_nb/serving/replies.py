@@ -1,6 +1,7 @@
 """How an exposed call answers: plain arguments checked by type alone, results and errors as JSON text.
 
-Every ``exposed_`` call of the service is wrapped by :func:`_reply`: an argument that is
+Every ``exposed_`` call of the service is wrapped by :func:`_reply` (:func:`served` makes one
+that hands its arguments to a method of one of the service's call groups): an argument that is
 not a plain value is refused without being touched (no ``repr``, no attribute access, so
 no callback into the client), a wrong number of arguments is a ``BadRequestError``, and
 a ``DjinnError`` returns as ``{"ok": false, "error": {"kind", "message"}}`` so the client
@@ -18,7 +19,7 @@ from .. import wire
 
 log = logging.getLogger("djinn_nb.serving.service")
 
-__all__ = ["PLAIN", "_reply", "_since", "_str"]
+__all__ = ["PLAIN", "_reply", "_since", "_str", "served"]
 
 
 PLAIN = (str, bytes, int, float, bool, type(None))
@@ -44,7 +45,8 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
                                           "float, bool, None, or a tuple of those), not a remote object")
             if not least <= len(args) <= len(params):  # what signature.bind checked, at a tenth of the cost
                 raise BadRequestError(f"{name} takes {arity} arguments, got {len(args)}")
-            with self._state.activity, self._caller():  # whatever takes the device turn queues as its caller
+            ctx = self._ctx
+            with ctx.state.activity, ctx.caller():  # whatever takes the device turn queues as its caller
                 result = fn(self, *args)
         except DjinnError as e:
             return wire.dumps({"ok": False, "error": {"kind": e.kind, "message": str(e)}})
@@ -58,6 +60,21 @@ def _reply(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.djinn_call = True  # type: ignore[attr-defined]  # a function attribute; what _rpyc_getattr serves (rpyc's own exposed_get_service_* are not)
     return wrapper
+
+
+def served(group: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """The service's ``exposed_<name>`` for ``method`` (named ``name``) of its call group in attribute
+    ``group``: a :func:`_reply` call with the method's parameters (the arity check reads them) and
+    doc, that hands its arguments to the connection's group."""
+    name = method.__name__
+
+    def call(service: Any, *args: Any) -> Any:
+        return getattr(getattr(service, group), name)(*args)
+
+    call.__name__ = call.__qualname__ = "exposed_" + name
+    call.__doc__ = method.__doc__
+    call.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]  # (self, its parameters)
+    return _reply(call)
 
 
 def _plain(a: Any) -> bool:

@@ -1,5 +1,6 @@
-"""The exposed calls of sparse autoencoders: load, list, unload, read features; and the checks
-that a feature condition or a clamp names an SAE its caller loaded, at the right place.
+"""The exposed calls of sparse autoencoders: load, list, unload, read features (the checks that
+a feature condition or a clamp names an SAE its caller loaded, at the right place, are
+``requests.py``'s).
 
 Why a module of its own: an SAE is an allocation a user asks for like a run (its weights
 are counted to them, refused before they are read if over their share, and capped in
@@ -8,88 +9,52 @@ must name a directory holding SAELens's two files, and no error may quote what a
 (see :mod:`djinn_nb.core.saes`). Uploading the weights from the client is not offered: an
 SAE is read from the server's own disk.
 
-A mixin of :class:`~djinn_nb.serving.service.DjinnService` (its ``_who``, ``_check_bytes``,
-engine and state, as :class:`~djinn_nb.serving.debug_calls.ServiceParts` names them).
+A class given the caller (a :class:`~djinn_nb.serving.parts.Caller`: its name, the engine, the
+byte checks) and the texts replies carry (:class:`~djinn_nb.serving.parts.Replies`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..conditions import feature_terms
-from ..core.features import Clamp, check_feature, check_place, read_features
+from ..core.features import read_features
 from ..core.saes import SAE, SaeRegistry, inspect_dir, load_tensors, parse_hook
-from ..core.specs import parse_breakpoint
-from ..errors import BreakpointError, DjinnError, QuotaError, SaeError
+from ..errors import BreakpointError, QuotaError, SaeError
 from .. import wire
-from .replies import _reply, _str
+from .parts import Caller, Replies
+from .replies import _str
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.engine import Engine
-    from .state import ServerState
 
 __all__ = ["SaeCalls"]
 
 
 class SaeCalls:
-    """``load_sae``, ``saes``, ``unload_sae``, ``features``; ``_clamp`` and ``_check_features`` for the others."""
+    """``load_sae``, ``saes``, ``unload_sae``, ``features``."""
 
-    if TYPE_CHECKING:  # what it uses of the service it is mixed into (DjinnService)
-        _state: ServerState
+    def __init__(self, caller: Caller, replies: Replies):
+        self._caller = caller
+        self._replies = replies
 
-        @property
-        def _engine(self) -> Engine: ...
-
-        def _who(self) -> str: ...
-
-        def _check_bytes(self, owner: str, adding: int = 0) -> None: ...
-
-        def _token_texts(self, ids: Iterable[int]) -> dict[int, str]: ...
+    @property
+    def _engine(self) -> Engine:
+        return self._caller.engine
 
     @property
     def _saes(self) -> SaeRegistry:
         return self._engine.stepper.saes
 
-    # ----- what other calls check -------------------------------------------------
-    def _clamp(self, clamp: dict[str, Any] | None) -> Clamp | None:
-        """An edit's ``clamp`` resolved to the caller's SAE, its features checked."""
-        if clamp is None:
-            return None
-        owner = self._who()
-        sae = self._saes.get(owner, clamp["sae"])
-        self._check_bytes(owner, adding=sae.work_bytes(self._engine.max_positions or 1))  # at most every position
-        return Clamp.of(sae, clamp["features"])
-
-    def _check_features(self, breakpoints: Any) -> None:
-        """Refuse, before a run is made, a condition naming an SAE the caller has not loaded, at
-        another place than the breakpoint's, or a feature it does not have. Breakpoints that do
-        not parse are left to the engine, which says why."""
-        if not isinstance(breakpoints, list):
-            return
-        owner = self._who()
-        for spec in breakpoints:
-            try:
-                bp = parse_breakpoint(spec)
-            except (DjinnError, TypeError, ValueError):
-                continue
-            cond = bp.condition
-            for sae_id, n in sorted(feature_terms(cond)) if cond is not None else ():
-                sae = self._saes.get(owner, sae_id)
-                check_place(sae, bp.layer, bp.site, f"the breakpoint reading feature({sae_id}, {n})")
-                check_feature(sae, n)
-                # each step encodes that step's positions (the prompt's at step 0): at most every position
-                self._check_bytes(owner, adding=sae.work_bytes(self._engine.max_positions or 1))
-
-    # ----- exposed calls ----------------------------------------------------------
-    @_reply
-    def exposed_load_sae(self, request_json: Any) -> dict[str, Any]:
+    # ----- calls (the service's exposed_<name>) -------------------------------------
+    def load_sae(self, request_json: Any) -> dict[str, Any]:
         """{path, site (null: the cfg's hook), id (null: saeN)}: an SAE in SAELens's format read
         from a directory on the server, on the model's device and dtype; its description."""
-        owner = self._who()
+        owner = self._caller.who()
         req = wire.loads(request_json, "load_sae request")
         if not isinstance(req, dict) or "path" not in req or set(req) - {"path", "site", "id"}:
             raise SaeError("load_sae takes {'path': a directory on the server, 'site': (layer, site) or a hook "
                            "name or null, 'id': a name or null}")
-        engine, limits = self._engine, self._state.limits
+        engine, limits = self._engine, self._caller.state.limits
         cap = getattr(limits, "user_max_saes", None)
         have = len(self._saes.owned(owner))
         if cap is not None and have >= cap:
@@ -114,11 +79,11 @@ class SaeCalls:
                            f"{' (heads x head_dim, flattened)' if name == 'z' else ''}")
         sae_id = self._saes.new_id(owner, req.get("id"))
         nbytes = files.numel * engine.dtype.itemsize
-        self._check_bytes(owner, adding=nbytes)  # refused before a byte is read
+        self._caller.check_bytes(owner, adding=nbytes)  # refused before a byte is read
         sae = SAE.build(sae_id, owner, layer, name, files, load_tensors(files), engine.device, engine.dtype)
         self._saes.add(sae)
         try:
-            self._check_bytes(owner)  # another call may have taken the room meanwhile
+            self._caller.check_bytes(owner)  # another call may have taken the room meanwhile
             now = len(self._saes.owned(owner))
             if cap is not None and now > cap:  # or the last slot, from another connection of this user
                 raise QuotaError(f"quota user_max_saes: you have {now - 1} SAEs loaded, of {cap}; unload one first",
@@ -128,15 +93,13 @@ class SaeCalls:
             raise
         return sae.describe()
 
-    @_reply
-    def exposed_saes(self) -> list[dict[str, Any]]:
+    def saes(self) -> list[dict[str, Any]]:
         """The caller's loaded SAEs."""
-        return [s.describe() for s in self._saes.owned(self._who())]
+        return [s.describe() for s in self._saes.owned(self._caller.who())]
 
-    @_reply
-    def exposed_unload_sae(self, sae_id: Any) -> dict[str, Any]:
+    def unload_sae(self, sae_id: Any) -> dict[str, Any]:
         """Free an SAE; refused while a run of the caller's has a condition reading it."""
-        owner = self._who()
+        owner = self._caller.who()
         sae = self._saes.get(owner, _str(sae_id, "SAE id"))
         for run in self._engine.runs(owner):
             for b in run.breakpoints:
@@ -145,14 +108,13 @@ class SaeCalls:
                     raise SaeError(f"run {run.id} has a breakpoint whose condition reads SAE {sae.id}: "
                                    "close that run first")
         self._saes.remove(owner, sae.id)
-        self._state.freed.set()
+        self._caller.state.freed.set()
         return {"id": sae.id, "state": "unloaded"}
 
-    @_reply
-    def exposed_features(self, run_id: Any, request_json: Any) -> dict[str, Any]:
+    def features(self, run_id: Any, request_json: Any) -> dict[str, Any]:
         """{sae, k} or {sae, ids}: at a pause at the SAE's place, per position the top-k (feature,
         activation) or the chosen features' activations; with the positions' token ids and texts."""
-        owner = self._who()
+        owner = self._caller.who()
         req = wire.loads(request_json, "features request")
         if not isinstance(req, dict) or "sae" not in req or set(req) - {"sae", "k", "ids"}:
             raise SaeError("features takes {'sae': an SAE id, 'k': int} or {'sae': id, 'ids': [feature ids]}")
@@ -160,13 +122,13 @@ class SaeCalls:
         run = self._engine.get(_str(run_id, "run id"), owner)
         cp = run.checkpoint
         positions = int(cp.pending.shape[1]) if cp is not None and cp.pending.dim() >= 2 else 1  # (batch, positions, ...)
-        self._check_bytes(owner, adding=sae.work_bytes(positions))  # admitted before it is encoded
+        self._caller.check_bytes(owner, adding=sae.work_bytes(positions))  # admitted before it is encoded
         ids, values = read_features(self._engine, run.id, owner, sae, req.get("k"), req.get("ids"))
         seq = list(run.prompt_ids) + list(run.token_ids)
         step = run.checkpoint.step if run.checkpoint is not None else run.step
         tokens = seq[:len(run.prompt_ids)] if step == 0 else seq[len(run.prompt_ids) + step - 1:][:1]
         tokens = tokens if len(tokens) == len(ids) else []  # a length the table cannot pair is not shown
-        texts = self._token_texts(tokens)
+        texts = self._replies.token_texts(tokens)
         return {"sae": sae.id, "layer": sae.layer, "site": sae.site, "step": step, "ids": ids, "values": values,
                 "token_ids": tokens, "texts": [texts[t] for t in tokens] if texts else None}
 

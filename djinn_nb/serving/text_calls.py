@@ -8,7 +8,8 @@ a fork's (or rewind's) brief and a finished run's carry the run's text, ``genera
 the lens the text of every token it names. A paused run's step brief carries none: pausing
 at every step must not decode the whole sequence at every step.
 
-A mixin of :class:`~djinn_nb.serving.service.DjinnService` (its ``_who`` and engine).
+A class given the caller (a :class:`~djinn_nb.serving.parts.Caller`: its name and the engine);
+it is the other call groups' :class:`~djinn_nb.serving.parts.Replies`.
 """
 from __future__ import annotations
 
@@ -19,11 +20,10 @@ from ..core.runs import Run
 from ..errors import BadRequestError, DjinnError
 from ..schema import RunState
 from .. import wire
-from .replies import _reply
+from .parts import Caller
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.engine import Engine
-    from .state import ServerState
 
 __all__ = ["TextCalls"]
 
@@ -38,29 +38,29 @@ def _ids(value: Any, what: str) -> list[int]:
 
 
 class TextCalls:
-    """``tokenize``, ``decode``, ``decode_each``, ``decode_many``; briefs and summaries with their text."""
+    """``tokenize``, ``decode``, ``decode_each``, ``decode_many``; briefs and summaries with their text
+    (implements :class:`~djinn_nb.serving.parts.Replies`)."""
+
+    def __init__(self, caller: Caller):
+        self._caller = caller
+
+    @property
+    def _engine(self) -> Engine:
+        return self._caller.engine
 
     # ----- what replies carry -----------------------------------------------------
-    if TYPE_CHECKING:  # what it uses of the service it is mixed into (DjinnService)
-        _state: ServerState
-
-        @property
-        def _engine(self) -> Engine: ...
-
-        def _who(self) -> str: ...
-
     def _text(self, ids: list[int]) -> str | None:
         """The text of ``ids``, or None for a model without a tokenizer."""
         return self._engine.decode(ids) if self._engine.tokenizer is not None else None
 
-    def _token_texts(self, ids: Iterable[int]) -> dict[int, str]:
+    def token_texts(self, ids: Iterable[int]) -> dict[int, str]:
         """Each distinct id's own text (none without a tokenizer)."""
         if self._engine.tokenizer is None:
             return {}
         unique = list(dict.fromkeys(ids))
         return dict(zip(unique, self._engine.decode_each(unique)))
 
-    def _brief(self, run: Run, since: int | None, new: bool = False) -> dict[str, Any]:
+    def brief(self, run: Run, since: int | None, new: bool = False) -> dict[str, Any]:
         """The run's ``RunBrief``: with its text for a new run (fork, rewind) or one no longer
         paused (what the caller reads next), without at a pause (a step's brief stays small)."""
         brief = run.brief(since)
@@ -68,59 +68,55 @@ class TextCalls:
         brief["history"] = None
         return brief
 
-    def _closed_brief(self, run: Run, since: int | None) -> dict[str, Any]:
+    def closed_brief(self, run: Run, since: int | None) -> dict[str, Any]:
         """A fork asked to close at once (``ForkRequest.close``): everything a caller can read of
         it, its text and its history with their texts, then the run closed on the server."""
-        brief = self._brief(run, since, new=True)
-        brief["history"] = self._history_texts(self._engine.history(run.id, run.owner))
+        brief = self.brief(run, since, new=True)
+        brief["history"] = self.history_texts(self._engine.history(run.id, run.owner))
         with contextlib.suppress(DjinnError):  # already gone (its lease ended): nothing to free
             self._engine.close(run.id, run.owner)
-        self._state.freed.set()
+        self._caller.state.freed.set()
         brief["state"] = RunState.CLOSED.value
         return brief
 
-    def _summary(self, run: Run) -> dict[str, Any]:
+    def summary(self, run: Run) -> dict[str, Any]:
         """The run's ``RunSummary`` with its text (what the run card shows)."""
         summary = run.summary().to_json()
         summary["text"] = self._text(summary["token_ids"])
         return summary
 
-    def _history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """History records with ``token`` and ``topk_tokens`` texts (with a tokenizer)."""
-        texts = self._token_texts(i for r in records for i in (r["token_id"], *(t for t, _ in r["topk"])))
+        texts = self.token_texts(i for r in records for i in (r["token_id"], *(t for t, _ in r["topk"])))
         if texts:
             for r in records:
                 r["token"] = texts[r["token_id"]]
                 r["topk_tokens"] = [texts[t] for t, _ in r["topk"]]
         return records
 
-    # ----- exposed calls ----------------------------------------------------------
-    @_reply
-    def exposed_tokenize(self, text: Any) -> list[int]:
-        self._who()
+    # ----- calls (the service's exposed_<name>) -------------------------------------
+    def tokenize(self, text: Any) -> list[int]:
+        self._caller.who()
         if type(text) is not str:
             raise BadRequestError("text must be a string")
         return self._engine.encode(text)
 
-    @_reply
-    def exposed_decode(self, ids_json: Any) -> str:
-        self._who()
+    def decode(self, ids_json: Any) -> str:
+        self._caller.who()
         return self._engine.decode(_ids(wire.loads(ids_json, "token ids"), "token ids"))
 
-    @_reply
-    def exposed_decode_each(self, ids_json: Any) -> list[str]:
+    def decode_each(self, ids_json: Any) -> list[str]:
         """The text of each token id on its own."""
-        self._who()
+        self._caller.who()
         ids = _ids(wire.loads(ids_json, "token ids"), "token ids")
         if len(ids) > 1 << 16:
             raise BadRequestError("token ids must be a list of at most 65536 ints")
         return self._engine.decode_each(ids)
 
-    @_reply
-    def exposed_decode_many(self, request_json: Any) -> dict[str, list[str]]:
+    def decode_many(self, request_json: Any) -> dict[str, list[str]]:
         """``{"sequences": [[ids], ...], "tokens": [ids]}``: the text of each sequence and of each
         token on its own, in one call (at most ``MAX_DECODE_IDS`` ids in all)."""
-        self._who()
+        self._caller.who()
         req = wire.loads(request_json, "decode_many request")
         if not isinstance(req, dict) or set(req) - {"sequences", "tokens"}:
             raise BadRequestError("decode_many takes {'sequences': [[token ids], ...], 'tokens': [token ids]}")
