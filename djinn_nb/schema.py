@@ -253,7 +253,8 @@ class RunBrief:
     ``text`` is the text of the run's token ids where the caller reads it next: a new run's (fork,
     rewind) and a run no longer paused, with a tokenizer (None at a step's pause, which stays
     small). ``history`` comes only for a fork closed at once (``ForkRequest.close``): its
-    ``run.history()`` records, texts included.
+    ``run.history()`` records, texts included. ``probs``: the probabilities of a fork's
+    ``ForkRequest.probs_of`` tokens at its last finished step, in that order (a sweep's numbers).
     """
 
     id: str
@@ -271,9 +272,10 @@ class RunBrief:
     timings_ms: dict[str, float]  # the server's parts of the call that answered (read even once closed)
     text: str | None = None
     history: list[dict[str, Any]] | None = None
+    probs: list[float] | None = None
 
     _FIELDS = ("id", "state", "step", "layer", "site", "keep", "tokens", "max_new_tokens", "parent", "offloaded",
-               "error", "v", "timings_ms", "text", "history")
+               "error", "v", "timings_ms", "text", "history", "probs")
 
     @classmethod
     def from_json(cls, obj: Any) -> "RunBrief":
@@ -301,12 +303,15 @@ class RunBrief:
         if (text is not None and type(text) is not str) or (history is not None and (
                 type(history) is not list or not all(type(r) is dict for r in history))):
             raise fail(cls, "text must be a string or null, history a list of objects or null")
+        probs = obj.get("probs")
+        if probs is not None and (type(probs) is not list or not all(type(p) is float for p in probs)):
+            raise fail(cls, "probs must be a list of floats or null")
         return cls(run_id, _STATES.get(state) or _state(cls, state), step, layer, site, keep, tokens, limit, parent,
-                   offloaded, error, v, timings, text, history)
+                   offloaded, error, v, timings, text, history, probs)
 
 
 _BRIEF_KEYS = frozenset(RunBrief._FIELDS)
-_BRIEF_REQUIRED = _BRIEF_KEYS - {"text", "history"}
+_BRIEF_REQUIRED = _BRIEF_KEYS - {"text", "history", "probs"}
 _ROW_KEYS = frozenset(f.name for f in dataclasses.fields(RunRow))
 _STATES = {s.value: s for s in RunState}
 
@@ -377,6 +382,7 @@ class ForkRequest(Message):
     breakpoints: list[Any] | None = None
     max_new_tokens: int | None = None
     close: bool = False
+    probs_of: list[int] | None = None  # token ids whose probability at its last step rides in its reply
 
 
     @classmethod

@@ -80,7 +80,7 @@ def edit_request(
 
 
 FORK_ARGS = frozenset({"activation", "scale", "add", "breakpoints", "max_new_tokens", "original", "heads",
-                       "patch_from", "positions", "close", "clamp", "sae"})
+                       "patch_from", "positions", "close", "clamp", "sae", "probs_of"})
 
 
 def fork_request(client: Sender, kw: dict[str, Any]) -> tuple[ForkRequest, bytes | None, bytes | None]:
@@ -94,7 +94,18 @@ def fork_request(client: Sender, kw: dict[str, Any]) -> tuple[ForkRequest, bytes
     close = kw.get("close", False)
     if type(close) is not bool:
         raise BadRequestError(f"close must be True or False, got {close!r}"[:200])
-    return ForkRequest(edit, None if bps is None else plain_breakpoints(bps), limit, close), act, add_b
+    return ForkRequest(edit, None if bps is None else plain_breakpoints(bps), limit, close,
+                       token_list(kw.get("probs_of"))), act, add_b
+
+
+def token_list(tokens: Any) -> list[int] | None:
+    """``probs_of``: a token id or a list of them (None: none)."""
+    if tokens is None:
+        return None
+    tokens = [tokens] if isinstance(tokens, int) and not isinstance(tokens, bool) else tokens
+    if not isinstance(tokens, (list, tuple)) or not tokens or any(type(t) is not int for t in tokens):
+        raise BadRequestError(f"probs_of must be a token id or a non-empty list of token ids, got {tokens!r}"[:200])
+    return list(tokens)
 
 
 def plain_breakpoints(bps: Iterable[Any]) -> list[Any]:

@@ -66,6 +66,9 @@ class Run:
         self._s = summary
         self._v = summary.v  # the run's version at the last reply; details are current when it is _s.v
         self._history: tuple[int, list[dict[str, Any]]] | None = None  # (version, records) a reply carried
+        self._probs: list[float] | None = None  # a fork_many reply's probabilities of its probs_of tokens
+        #: token id -> probability at its last finished step, for the tokens ``fork_many(probs_of=...)`` named
+        self.probs_of: dict[int, float] = {}
         client._remember(summary.token_ids, summary.text)
 
     @classmethod
@@ -78,6 +81,7 @@ class Run:
                                      max_new_tokens=b.max_new_tokens, parent=b.parent, offloaded=b.offloaded,
                                      error=b.error, v=-1, timings_ms=b.timings_ms))
         run._v = b.v
+        run._probs = b.probs
         client._remember(run._s.token_ids, b.text)
         if b.history is not None:  # a fork closed at once: its history can no longer be asked for
             run._history = (b.v, b.history)
@@ -301,12 +305,15 @@ class Run:
         reply = self._client._call("fork", self.id, wire.dumps(req.to_json()), act, add_b, self._since())
         return Run._from_brief(self._client, reply, self)
 
-    def fork_many(self, edits: Sequence[dict[str, Any]]) -> list["Run"]:
+    def fork_many(self, edits: Sequence[dict[str, Any]], probs_of: int | Sequence[int] | None = None) -> list["Run"]:
         """One new run per dict of :meth:`fork`'s keyword arguments, all from this checkpoint.
 
         The forks run the remaining layers, and the steps after, as one batch on the server
         (each with its own KV cache and its own end); this run stays paused as it was.
         E.g. ``run.fork_many([{"scale": s, "breakpoints": []} for s in (0.5, 1.0, 2.0)])``.
+        ``probs_of`` (a token id or a list; also per dict): each fork's probability of those tokens
+        at its last finished step comes in the same reply, as ``fork.probs_of[token]`` — a sweep in
+        one round trip, forks closed or not (``"close": True``).
         """
         if isinstance(edits, dict) or not isinstance(edits, (list, tuple)) or not edits:
             raise BadRequestError("fork_many takes a non-empty list of dicts of fork()'s keyword arguments")
@@ -317,7 +324,8 @@ class Run:
             unknown = sorted(set(kw) - FORK_ARGS)
             if unknown:
                 raise BadRequestError(f"fork_many: edit {i} has unknown argument(s) {unknown}; known: {sorted(FORK_ARGS)}")
-            req, act, add_b = fork_request(self._client, kw)
+            req, act, add_b = fork_request(self._client, kw if probs_of is None or "probs_of" in kw
+                                           else {**kw, "probs_of": probs_of})
             reqs.append(req.to_json())
             payloads += [act, add_b]
         if all(p is None for p in payloads):
@@ -326,7 +334,10 @@ class Run:
         if type(reply) is not list or len(reply) != len(edits):
             raise ProtocolError(f"fork_many: the server answered {len(reply) if type(reply) is list else reply!r} "
                                 f"runs for {len(edits)} edits"[:200])
-        return [Run._from_brief(self._client, r, self) for r in reply]
+        forks = [Run._from_brief(self._client, r, self) for r in reply]
+        for fork, req_json in zip(forks, reqs):
+            fork.probs_of = dict(zip(req_json.get("probs_of") or (), fork._probs or ()))
+        return forks
 
     def edit(self, activation: torch.Tensor | None = None, scale: float | None = None, add: Any = None,
              heads: Sequence[int] | None = None, patch_from: "Run | str | None" = None,

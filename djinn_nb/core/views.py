@@ -21,7 +21,7 @@ import torch
 from ..errors import BadRequestError, UnsupportedModelError
 from . import kvcache
 from .architecture import Anatomy
-from .runs import Checkpoint
+from .runs import Checkpoint, Run
 from transformers.cache_utils import CacheLayerMixin
 from .sites import RESIDUAL_SITES, BlockParts
 
@@ -64,6 +64,16 @@ def lens_topk_layers(anatomy: Anatomy, layers: list[torch.Tensor], k: int,
         ids.append(torch.cat([p[0] for p in parts]))
         probs.append(torch.cat([p[1] for p in parts]))
     return torch.stack(ids), torch.stack(probs)
+
+
+def probs_of(run: Run, ids: list[int]) -> list[float] | None:
+    """``run``'s probabilities of ``ids`` at its last finished step (None: no finite distribution)."""
+    logits = run.last_logits
+    if logits is None:
+        return None
+    with torch.inference_mode():
+        p = logits.float().softmax(-1).reshape(-1)[torch.tensor(ids, dtype=torch.long, device=logits.device)]
+        return p.tolist() if bool(torch.isfinite(p).all()) else None
 
 
 def check_lens_site(cp: Checkpoint) -> None:

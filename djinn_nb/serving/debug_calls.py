@@ -15,6 +15,7 @@ from ..core.runs import Run
 from ..core.patchgrid import grid_spec
 from ..core.stepthrough import step_through
 from ..core.tracing import check_grid
+from ..core import views
 from ..errors import BadRequestError
 from ..schema import EditRequest, ForkRequest
 from .. import wire
@@ -61,9 +62,13 @@ class DebugCalls:
             p is not None and type(p) is not bytes for p in payloads
         ):
             raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
-        specs, closes = [], []
+        specs, closes, probs_of = [], [], []
+        vocab = int(self._engine.info()["vocab_size"]) or 1
         for i, obj in enumerate(reqs):
             req = ForkRequest.from_json(obj)
+            if req.probs_of is not None and (len(req.probs_of) > 64 or any(not 0 <= t < vocab for t in req.probs_of)):
+                raise BadRequestError(f"fork {i}: probs_of must be at most 64 token ids in 0..{vocab - 1}")
+            probs_of.append(req.probs_of)
             self._requests.check_features(req.breakpoints)
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)
             specs.append(ForkSpec(self._requests.edit(req.edit, act, add), req.breakpoints, req.max_new_tokens))
@@ -78,8 +83,13 @@ class DebugCalls:
         self._caller.admit_all(runs)
         for run in runs:
             self._caller.state.after_change(run)
-        return [self._replies.closed_brief(run, since) if close else self._replies.brief(run, since, new=True)
-                for run, close in zip(runs, closes)]
+        probs = [None if ids is None else views.probs_of(run, ids) for run, ids in zip(runs, probs_of)]
+        briefs = [self._replies.closed_brief(run, since) if close else self._replies.brief(run, since, new=True)
+                  for run, close in zip(runs, closes)]
+        for brief, p in zip(briefs, probs):
+            if p is not None:
+                brief["probs"] = p
+        return briefs
 
     def token_probs(self, request_json: Any) -> list[float]:
         """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
