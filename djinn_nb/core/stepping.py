@@ -353,7 +353,9 @@ class Stepper:
                     here = Point.at(cp.layer, cp.site)
                     later = [p for p in stops + watches if p > here]
                     long = start.shape[0] * start.shape[1] >= SLICE_TOKENS
-                    if run.parent is not None and not later and test is None and self.cuda_graphs and not long:
+                    # a fork's graph replay cannot hand the device on: eager and split only while others wait
+                    if run.parent is not None and not later and test is None and self.cuda_graphs and not (
+                            long and self.contended()):
                         logits = self._continue_fork(run, cp, start)
                     else:
                         run.continued_by = "eager"
