@@ -102,3 +102,29 @@ def test_a_cache_mark_puts_back_append_only_and_in_place_layers_exactly():
     mark.restore(cache)
     assert len(cache.layers) == 2 and cache.layers[0] is grown and grown.keys is kept_keys
     assert float(cache.layers[1].keys.abs().sum()) == 0.0
+
+
+def test_a_batch_rows_bytes_are_counted_without_making_its_views_and_equal_the_made_ones():
+    """``Run.bytes_held``/``storages`` of a batched fork's lazy row (``kvcache.row_views``) equal
+    what the same run counts once its row's views exist (``row_of``)."""
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.core.forking import ForkSpec
+    from djinn_nb.core.kvcache import row_of, row_views
+    from djinn_nb.core.specs import Edit
+
+    engine = Engine(build_random("gpt2-tiny", seed=2), None, "t")
+    parent = engine.generate(list(range(5, 25)), max_new_tokens=3, breakpoints=[{"layer": 4, "step": 1}])
+    forks = engine.fork_many(parent.id, [ForkSpec(Edit(scale=1 + i / 8), [], 3) for i in range(6)])
+    assert all(f._row is not None for f in forks)  # finished in the batch: rows kept lazily
+    lazy = [(f.bytes_held(), dict(f.storages())) for f in forks]
+    assert all(f._row is not None for f in forks)  # counting made no views
+    batch, row, rows = forks[2]._row
+    made = row_of(batch, row, rows)
+    views = row_views(batch, row, rows)
+    tensors = [t for layer in made.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    assert [(int(t.storage_offset()), tuple(t.shape), tuple(t.stride())) for t in tensors] == [v[1:] for v in views]
+    for f in forks:
+        f.cache  # noqa: B018 - reading it makes the row's views
+        f._bytes = None
+    assert [(f.bytes_held(), dict(f.storages())) for f in forks] == lazy
+    assert lazy[0][0] > 0 and len({b for b, _ in lazy}) == 1

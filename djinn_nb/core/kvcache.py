@@ -80,6 +80,23 @@ def row_of(cache: Cache, row: int, rows: int) -> Cache:
     return new
 
 
+def row_views(cache: Cache, row: int, rows: int) -> list[tuple[torch.Tensor, int, tuple, tuple]] | None:
+    """What ``row_of(cache, row, rows)`` would hold, as (tensor it views, storage offset, shape,
+    stride), without making the views (counting a batch's rows cost more than running them);
+    None where ``row_of`` would copy (layers that write in place)."""
+    out: list[tuple[torch.Tensor, int, tuple, tuple]] = []
+    for layer in cache.layers:
+        if type(layer) not in _APPEND_ONLY:
+            return None
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor):
+                if t.dim() > 0 and t.shape[0] == rows:
+                    out.append((t, int(t.storage_offset()) + row * t.stride(0), (1, *t.shape[1:]), tuple(t.stride())))
+                else:
+                    out.append((t, int(t.storage_offset()), tuple(t.shape), tuple(t.stride())))
+    return out
+
+
 def cat_rows(caches: list[Cache], rows: list[int]) -> Cache:
     """One cache holding the rows of ``caches`` in order (``rows[i]`` rows each, same layers and
     lengths): how a batch that ran its step in groups of rows goes on as one batch."""

@@ -205,17 +205,18 @@ class Run:
 
     def _count_bytes(self) -> tuple[int, dict[int, int]]:
         seen: dict[int, tuple[int, int, set]] = {}
-        tensors: list[torch.Tensor] = list(run_tensors(self)) + list(self.logits)
+        lazy = kvcache.row_views(*self._row) if self._row is not None else None  # a batch's row, not yet made
+        tensors: list[torch.Tensor] = list(run_tensors(self, with_cache=lazy is None)) + list(self.logits)
         if self.last_logits is not None:
             tensors.append(self.last_logits)
-        for t in tensors:
+        views_of = [(t, t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in tensors] + (lazy or [])
+        for t, offset, shape, stride in views_of:
             st = t.untyped_storage()
             key = st.data_ptr() or id(t)
             total, cap, views = seen.get(key, (0, st.nbytes(), set()))
-            view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-            if view not in views:
-                views.add(view)
-                total += t.numel() * t.element_size()
+            if (offset, shape, stride) not in views:
+                views.add((offset, shape, stride))
+                total += math.prod(shape) * t.element_size()
             seen[key] = (total, cap, views)
         return sum(min(total, cap) for total, cap, _ in seen.values()), {k: cap for k, (_, cap, _) in seen.items()}
 
@@ -408,10 +409,11 @@ def _activation_stats_batched(f: torch.Tensor) -> dict[str, Any]:
             "position_norm": rows[0], "position_mean": rows[1], "position_max": rows[2]}
 
 
-def run_tensors(run: Run) -> list[torch.Tensor]:
-    """Every tensor a run holds, in ``map_run_tensors``'s order, without touching the run."""
+def run_tensors(run: Run, with_cache: bool = True) -> list[torch.Tensor]:
+    """Every tensor a run holds, in ``map_run_tensors``'s order, without touching the run
+    (``with_cache=False``: all but its KV cache's)."""
     found: list[torch.Tensor] = []
-    cache, cp = run.cache, run.checkpoint
+    cache, cp = (run.cache if with_cache else None), run.checkpoint
     if cache is not None:
         for layer in list(cache.layers):
             found += [t for t in list(vars(layer).values()) if isinstance(t, torch.Tensor)]
