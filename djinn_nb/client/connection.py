@@ -24,6 +24,7 @@ from .. import wire
 from ..wire import sidechannel
 from ..errors import BadRequestError, DjinnError, NoTokenizerError, ProtocolError, error_from_wire
 from ..schema import GenerateRequest, HelloReply, RunRow, RunSummary
+from ..schema_replies import DecodeManyReply, ExpectReply, read_reply
 from ..wire.protocol import DEFAULT_PORT, PROTOCOL
 from ..wire.tls import client_context
 from ..wire.transport import default_spin_s, open_connection
@@ -136,7 +137,7 @@ class Client:
         if t.numel() * t.element_size() < sidechannel.BULK_THRESHOLD:
             return wire.encode_tensor(t)
         meta = {"dtype": wire.dtype_name(t.dtype), "shape": list(t.shape)}
-        slot = _call(self._remote("expect"), wire.dumps(meta))
+        slot = read_reply("expect", ExpectReply, _call(self._remote("expect"), wire.dumps(meta))).to_json()
         sidechannel.push(self.host, slot, t, ssl_context=self._ssl)
         return {"ticket": slot["ticket"]}, None
 
@@ -281,15 +282,14 @@ class Client:
         if want_seqs or want_tokens:
             if not self._info.get("has_tokenizer", True):
                 raise NoTokenizerError(f"{self._info.get('model')} has no tokenizer to decode with")
-            reply = self._call("decode_many", wire.dumps({"sequences": [list(s) for s in want_seqs],
-                                                          "tokens": want_tokens}))
-            texts, token_texts = reply.get("sequences"), reply.get("tokens")
-            if (type(texts) is not list or len(texts) != len(want_seqs) or type(token_texts) is not list
-                    or len(token_texts) != len(want_tokens) or not all(type(t) is str for t in texts + token_texts)):
+            reply = read_reply("decode_many", DecodeManyReply, self._call(
+                "decode_many", wire.dumps({"sequences": [list(s) for s in want_seqs], "tokens": want_tokens})))
+            texts, token_texts = reply.sequences, reply.tokens
+            if len(texts) != len(want_seqs) or len(token_texts) != len(want_tokens):
                 raise ProtocolError("decode_many: the server's texts do not match the ids sent")
             got = dict(zip(want_seqs, texts))
-            for s, text in got.items():
-                self._remember(s, text)
+            for s, said in got.items():
+                self._remember(s, said)
             self._token_texts.update(zip(want_tokens, token_texts))
         else:
             got = {}

@@ -18,6 +18,7 @@ from ..core.tracing import check_grid
 from ..core import views
 from ..errors import BadRequestError
 from ..schema import EditRequest, ForkRequest
+from ..schema_replies import CausalTraceReply
 from .. import wire
 from .parts import Caller, Replies, Requests
 from .replies import _since, _str
@@ -171,10 +172,10 @@ class DebugCalls:
         with self._caller.scope():
             grid = engine.causal_trace(clean, corrupted, answer, layers, positions, spec.site, owner, spec=spec)
         texts = self._replies.token_texts([grid.answer] + clean)
-        return {"rows": grid.rows, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
-                "answer": grid.answer, "layers": spec.traced_layers(), "positions": positions, "heads": spec.heads,
-                "clean_ids": clean,
-                "text_ids": list(texts), "texts": list(texts.values())}
+        return CausalTraceReply(rows=grid.rows, clean_prob=grid.clean_prob, corrupt_prob=grid.corrupt_prob,
+                                answer=grid.answer, layers=spec.traced_layers(), positions=positions,
+                                heads=spec.heads, clean_ids=clean, text_ids=list(texts),
+                                texts=list(texts.values())).to_json()
 
     def history(self, run_id: Any) -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy, time_s, and with

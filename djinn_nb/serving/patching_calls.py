@@ -16,6 +16,7 @@ from ..core.attribution import attribution_patching, check_metric
 from ..core.patchgrid import grid_spec
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
+from ..schema_replies import AttributionReply
 from .. import wire
 from .debug_calls import resolve_answer
 from .parts import Caller, Replies
@@ -73,7 +74,8 @@ class PatchingCalls:
         with self._caller.scope():
             grid = attribution_patching(engine, clean, corrupted, spec, answer, metric, req.get("foil"))
         texts = self._replies.token_texts([grid.answer] + ([grid.foil] if grid.foil is not None else []) + clean)
-        return {"rows": grid.rows, "metric": grid.metric, "clean_metric": grid.clean_metric,
-                "corrupt_metric": grid.corrupt_metric, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
-                "answer": grid.answer, "foil": grid.foil, "layers": layers, "positions": positions, "heads": spec.heads,
-                "clean_ids": clean, "text_ids": list(texts), "texts": list(texts.values())}
+        return AttributionReply(rows=grid.rows, metric=grid.metric, clean_metric=grid.clean_metric,
+                                corrupt_metric=grid.corrupt_metric, clean_prob=grid.clean_prob,
+                                corrupt_prob=grid.corrupt_prob, answer=grid.answer, foil=grid.foil, layers=layers,
+                                positions=positions, heads=spec.heads, clean_ids=clean, text_ids=list(texts),
+                                texts=list(texts.values())).to_json()

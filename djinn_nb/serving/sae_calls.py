@@ -21,6 +21,7 @@ from ..core.features import read_features
 from ..core.saes import SAE, SaeRegistry, inspect_dir, load_tensors, parse_hook
 from ..errors import BreakpointError, QuotaError, SaeError
 from .. import wire
+from ..schema_replies import FeaturesReply, SaeInfo, SaeUnloaded
 from .parts import Caller, Replies
 from .replies import _str
 
@@ -91,11 +92,11 @@ class SaeCalls:
         except QuotaError:
             self._saes.remove(owner, sae_id)
             raise
-        return sae.describe()
+        return SaeInfo(**sae.describe()).to_json()
 
     def saes(self) -> list[dict[str, Any]]:
         """The caller's loaded SAEs."""
-        return [s.describe() for s in self._saes.owned(self._caller.who())]
+        return [SaeInfo(**s.describe()).to_json() for s in self._saes.owned(self._caller.who())]
 
     def unload_sae(self, sae_id: Any) -> dict[str, Any]:
         """Free an SAE; refused while a run of the caller's has a condition reading it."""
@@ -109,7 +110,7 @@ class SaeCalls:
                                    "close that run first")
         self._saes.remove(owner, sae.id)
         self._caller.state.freed.set()
-        return {"id": sae.id, "state": "unloaded"}
+        return SaeUnloaded(sae.id).to_json()
 
     def features(self, run_id: Any, request_json: Any) -> dict[str, Any]:
         """{sae, k} or {sae, ids}: at a pause at the SAE's place, per position the top-k (feature,
@@ -129,8 +130,8 @@ class SaeCalls:
         tokens = seq[:len(run.prompt_ids)] if step == 0 else seq[len(run.prompt_ids) + step - 1:][:1]
         tokens = tokens if len(tokens) == len(ids) else []  # a length the table cannot pair is not shown
         texts = self._replies.token_texts(tokens)
-        return {"sae": sae.id, "layer": sae.layer, "site": sae.site, "step": step, "ids": ids, "values": values,
-                "token_ids": tokens, "texts": [texts[t] for t in tokens] if texts else None}
+        return FeaturesReply(sae=sae.id, layer=sae.layer, site=sae.site, step=step, ids=ids, values=values,
+                             token_ids=tokens, texts=[texts[t] for t in tokens] if texts else None).to_json()
 
 
 def _site_width(engine: Engine, layer: int, site: str) -> int | None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ..core.runs import Run
 from ..errors import BadRequestError, DjinnError
 from ..schema import RunState
+from ..schema_replies import DecodeManyReply
 from .. import wire
 from .parts import Caller
 
@@ -127,4 +128,4 @@ class TextCalls:
         tokens = _ids(req.get("tokens", []), "tokens")
         if sum(map(len, seqs)) + len(tokens) > MAX_DECODE_IDS:
             raise BadRequestError(f"decode_many decodes at most {MAX_DECODE_IDS} token ids at once")
-        return {"sequences": [self._engine.decode(s) for s in seqs], "tokens": self._engine.decode_each(tokens)}
+        return DecodeManyReply([self._engine.decode(s) for s in seqs], self._engine.decode_each(tokens)).to_json()
