@@ -609,3 +609,53 @@ def test_every_call_is_built_and_read_as_its_table_entry(smol, monkeypatch):
         assert wrong == []
     finally:
         conn.close()
+
+
+def test_the_client_reads_each_new_reply_through_its_class(smol):
+    """The client reads causal_trace, attribution_patching, features, load_sae, saes, unload_sae,
+    decode_many, expect and close through their classes: a field more or fewer, or of the wrong
+    type, is a ProtocolError naming the call (never a KeyError in a caller), and the real reply
+    reads as before."""
+    import djinn_nb
+    from djinn_nb.errors import ProtocolError
+    from djinn_nb.notebook.patching import attribution_patching
+    from djinn_nb.notebook.tracing import causal_trace
+
+    server, sae_dir = smol
+    client = djinn_nb.connect(f"127.0.0.1:{server.port}")
+    clean, corrupted = [504, 26052, 28457, 314, 3216, 281], [504, 8941, 28457, 314, 3216, 281]
+    doctors = [lambda r, key: {**r, "extra": 1}, lambda r, key: {k: v for k, v in r.items() if k != key},
+               lambda r, key: {**r, key: "x" if not isinstance(r[key], str) else 3}]
+    fresh = iter(range(1000, 2000))
+    try:
+        sae = client.load_sae(sae_dir, id="read")
+        run = client.generate(clean, max_new_tokens=4, breakpoints=[(3, 0)])
+        assert [s.id for s in client.saes()] == ["read"] and len(run.features(sae, k=3)) == len(clean)
+        uses = {"load_sae": lambda: client.load_sae(sae_dir, id=f"s{next(fresh)}"), "saes": client.saes,
+                "unload_sae": lambda: client.unload_sae(client.load_sae(sae_dir, id=f"s{next(fresh)}")),
+                "features": lambda: run.features(sae, k=3),
+                "decode_many": lambda: client.decode_many([[next(fresh)]]),
+                "expect": lambda: client._tensor_in(torch.zeros(1 << 19)),
+                "causal_trace": lambda: causal_trace(client, clean, corrupted, layers=[0], progress=False),
+                "attribution_patching": lambda: attribution_patching(client, clean, corrupted, layers=[0]),
+                "close": lambda: client.generate(clean, max_new_tokens=1).close()}
+        keys = {"load_sae": "layer", "saes": "layer", "unload_sae": "id", "features": "ids", "decode_many": "sequences",
+                "expect": "port", "causal_trace": "rows", "attribution_patching": "metric", "close": "id"}
+        for name, use in uses.items():
+            real = client._remote(name)
+            for doctor in doctors:
+                def doctored(*a, real=real, doctor=doctor, key=keys[name]):
+                    result = reply(real(*a))["result"]
+                    bad = [doctor(r, key) for r in result] if type(result) is list else doctor(result, key)
+                    return wire.dumps({"ok": True, "result": bad})
+                client._methods[name] = doctored
+                with pytest.raises(ProtocolError, match=name):
+                    use()
+            del client._methods[name]
+        assert run.state == "paused" and [s.id for s in client.saes()][0] == "read" and len(client.saes()) == 4
+        frame = causal_trace(client, clean, corrupted, layers=[0, 1], positions=[0, 1], progress=False)
+        assert frame.shape == (2, 2) and frame.attrs["answer_text"] is not None
+        run.close()
+        assert run.state == "closed" and run.id not in [r["id"] for r in client.runs()]
+    finally:
+        client.close()
