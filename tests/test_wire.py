@@ -465,7 +465,7 @@ TENSOR = "tensor"  # (header JSON, bytes): a tensor payload, or a lens grid's he
 def _replies() -> dict[str, Any]:
     from djinn_nb.schema import (DiffReply, HelloReply, HistoryRecord, LensReply, RunBrief, RunRow, RunSummary,
                                  ServerInfo, WatchHit)
-    from djinn_nb.schema_replies import (AttributionReply, CausalTraceReply, ClosedReply, DecodeManyReply,
+    from djinn_nb.schema_calls import (AttributionReply, CausalTraceReply, ClosedReply, DecodeManyReply,
                                          ExpectReply, FeaturesReply, SaeInfo, SaeUnloaded)
     briefs = ("resume", "fork", "edit", "reset_edit", "offload", "status", "next_layer", "next_step", "step_through",
               "rewind")
@@ -483,6 +483,25 @@ def _replies() -> dict[str, Any]:
 #: (a scalar type, ``[scalar type]``, ``TENSOR``); never an untyped dict. A call added without an
 #: entry here fails ``test_every_call_answers_a_schema_class_or_a_plain_payload``.
 REPLIES = _replies()
+
+
+def _requests() -> dict[str, Any]:
+    from djinn_nb.schema import DiffRequest, EditRequest, ForkRequest, GenerateRequest
+    from djinn_nb.schema_calls import (AttributionRequest, CausalTraceRequest, DecodeManyRequest, FeaturesRequest,
+                                       LensGridRequest, LoadSaeRequest, TokenProbsRequest)
+    plain = ("hello", "info", "summary", "runs", "close", "reset_edit", "offload", "status", "next_layer", "next_step",
+             "rewind", "activation", "logits", "attention", "watched_activation", "lens", "watched", "history",
+             "tokenize", "decode", "decode_each", "saes", "unload_sae", "expect")
+    return {**{name: None for name in plain}, "generate": GenerateRequest, "fork": ForkRequest,
+            "fork_many": ForkRequest, "edit": EditRequest, "resume": EditRequest, "step_through": EditRequest,
+            "diff": DiffRequest, "causal_trace": CausalTraceRequest, "attribution_patching": AttributionRequest,
+            "load_sae": LoadSaeRequest, "features": FeaturesRequest, "decode_many": DecodeManyRequest,
+            "token_probs": TokenProbsRequest, "lens_grid": LensGridRequest}
+
+
+#: the schema class each call reads its JSON request through; None: plain arguments only (run
+#: ids, numbers, JSON lists of token ids, a tensor header that ``wire.check_header`` checks)
+REQUESTS = _requests()
 EXPOSED = sorted(name.removeprefix("exposed_") for name in dir(DjinnService)
                  if name.startswith("exposed_") and getattr(getattr(DjinnService, name), "djinn_call", False))
 
@@ -503,6 +522,8 @@ def test_every_call_answers_a_schema_class_or_a_plain_payload():
     assert set(REPLIES) == set(EXPOSED), ("calls without an entry:", set(EXPOSED) - set(REPLIES),
                                           "entries without a call:", set(REPLIES) - set(EXPOSED))
     assert [name for name, kind in REPLIES.items() if not _typed(kind)] == []
+    assert set(REQUESTS) == set(EXPOSED), set(EXPOSED) ^ set(REQUESTS)
+    assert [name for name, kind in REQUESTS.items() if kind is not None and not _typed(kind)] == []
 
 
 @pytest.fixture(scope="module")
@@ -549,28 +570,35 @@ def _recipes(conn: Any, sae_dir: str) -> list[tuple[str, Any]]:
         ("features", (run, wire.dumps({"sae": "walked", "k": 3}))), ("unload_sae", ("walked",)),
         ("edit", (run, wire.dumps({"scale": 2.0}))), ("reset_edit", (run,)), ("fork", (run, "{}")),
         ("fork_many", (run, "[{}, {\"close\": true}]")), ("next_layer", (run,)), ("next_step", (run,)),
-        ("step_through", (run, 1)), ("rewind", (run, 0)), ("offload", (run,)), ("resume", (run,)),
+        ("step_through", (run, 1, None, "{}")), ("rewind", (run, 0)), ("offload", (run,)),
+        ("resume", (run, None, "{}")),
         ("close", (run,)),
     ]
 
 
 def test_every_call_is_built_and_read_as_its_table_entry(smol, monkeypatch):
-    """Every exposed call, made: a schema-class reply is built on the server through that class
-    (``to_json``) and parses back to the very same JSON; a list of them item by item; a plain
-    payload is what its entry says. A call whose reply went back to a hand-made dict fails here."""
+    """Every exposed call, made: a JSON request is read on the server through its class
+    (``from_json``); a schema-class reply is built there through that class (``to_json``) and parses
+    back to the very same JSON, a list of them item by item; a plain payload is what its entry says.
+    A call whose request or reply went back to a hand-read or hand-made dict fails here."""
     from djinn_nb.messages import Message
     from djinn_nb.schema import RunBrief
     from djinn_nb.wire.protocol import PROTOCOL
 
     server, sae_dir = smol
     built: list[type] = []
-    to_json = Message.to_json
+    to_json, from_json = Message.to_json, Message.__dict__["from_json"].__func__
 
     def spied(self):
         built.append(type(self))
         return to_json(self)
 
+    def parsed(cls, obj):
+        built.append(cls)
+        return from_json(cls, obj)
+
     monkeypatch.setattr(Message, "to_json", spied)
+    monkeypatch.setattr(Message, "from_json", classmethod(parsed))
     conn = raw_connection(server.port, hello=False)
     wrong: list[Any] = []
     try:
@@ -585,6 +613,8 @@ def test_every_call_is_built_and_read_as_its_table_entry(smol, monkeypatch):
             if not msg["ok"]:
                 wrong.append((name, msg["error"]))
                 continue
+            if REQUESTS[name] is not None and REQUESTS[name] not in classes:
+                wrong.append((name, f"request not read through {REQUESTS[name].__name__}"))
             result, kind = msg["result"], REPLIES[name]
             item = kind[0] if type(kind) is list else kind
             items = result if type(kind) is list else [result]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 from ..errors import BadRequestError, SaeError
-from ..schema_replies import FeaturesReply, SaeInfo, SaeUnloaded, read_list, read_reply
+from ..schema_calls import (FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded, read_list,
+                            read_reply)
 from .. import wire
 
 __all__ = ["Calls", "Sae", "Saes", "FeatureRows", "clamp_request", "read_labels"]
@@ -145,7 +146,7 @@ class Saes:
         if isinstance(site, tuple):
             site = list(site)
         names = read_labels(labels)
-        reply = self._client._call("load_sae", wire.dumps({"path": os.fspath(path), "site": site, "id": id}))
+        reply = self._client._call("load_sae", wire.dumps(LoadSaeRequest(os.fspath(path), site, id).to_json()))
         return Sae.from_info(read_reply("load_sae", SaeInfo, reply), names)
 
     def loaded(self) -> list[Sae]:
@@ -155,16 +156,16 @@ class Saes:
         read_reply("unload_sae", SaeUnloaded, self._client._call("unload_sae", sae_id(sae)))
 
     def features(self, run_id: str, sae: Any, k: int | None = 10, ids: Sequence[int] | None = None) -> FeatureRows:
-        req: dict[str, Any] = {"sae": sae_id(sae)}
+        req = FeaturesRequest(sae_id(sae))
         if ids is not None:
             if isinstance(ids, int):
                 ids = [ids]
             if not isinstance(ids, (list, tuple, range)) or any(type(i) is not int for i in ids):
                 raise BadRequestError(f"ids must be a list of feature ids, got {ids!r}"[:200])
-            req["ids"] = list(ids)
+            req.ids = list(ids)
         else:
-            req["k"] = k
-        reply = read_reply("features", FeaturesReply, self._client._call("features", run_id, wire.dumps(req)))
+            req.k = k
+        reply = read_reply("features", FeaturesReply, self._client._call("features", run_id, wire.dumps(req.to_json())))
         rows = FeatureRows([(int(f), float(a)) for f, a in zip(fs, acts)] for fs, acts in zip(reply.ids, reply.values))
         rows.sae, rows.step = reply.sae, reply.step
         rows.token_ids, rows.tokens = list(reply.token_ids), reply.texts

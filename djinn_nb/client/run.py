@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..errors import BadRequestError, DjinnError, ProtocolError
 from ..schema import LensReply, RunBrief, RunState, RunSummary, WatchHit, history_records
-from ..schema_replies import ClosedReply, read_reply
+from ..schema_calls import ClosedReply, read_reply
 from .. import wire
 from .edits import FORK_ARGS, edit_request, fork_request
 from .features import FeatureRows

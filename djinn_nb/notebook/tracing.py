@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ..errors import BadRequestError
-from ..schema_replies import CausalTraceReply, read_reply
+from ..schema_calls import CausalTraceReply, CausalTraceRequest, read_reply
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -114,8 +114,8 @@ def causal_trace(
     first: dict[str, Any] = {}
     try:
         for chunk in chunks:
-            reply = read_reply("causal_trace", CausalTraceReply,
-                               client._call("causal_trace", json.dumps(dict(request, layers=chunk))))
+            sent = json.dumps(CausalTraceRequest(**dict(request, layers=chunk)).to_json())
+            reply = read_reply("causal_trace", CausalTraceReply, client._call("causal_trace", sent))
             first = first or reply.to_json()
             request["answer"] = reply.answer  # the later chunks trace the same answer
             rows.update(zip(reply.layers, reply.rows))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.specs import Edit, Sampling
 from ..schema import EditRequest, ForkRequest, GenerateRequest, ServerInfo
-from ..schema_replies import ClosedReply
+from ..schema_calls import ClosedReply
 from .. import wire
 from .parts import Caller, Replies, Requests
 from .replies import _since, _str

@@ -1,25 +1,30 @@
-"""What the remaining calls answer, typed: the grids (causal trace, attribution patching), SAEs and
-their features, batched decoding, side-channel reservations, and what closing a run or unloading
-an SAE acknowledges.
+"""What the calls around the runs take and answer, typed: the grids (causal trace, attribution
+patching), SAEs and their features, batched decoding and token probabilities, the lens grid,
+side-channel reservations, and what closing a run or unloading an SAE acknowledges.
 
 Why apart from ``schema.py``: that module holds the runs' own messages (states, briefs, summaries,
-listings, edits and forks) and is near its size limit; these are the replies of the calls added
-around them, in the same vocabulary: each a :class:`~djinn_nb.messages.Message` dataclass whose
-fields are annotated once, built on the server (``Cls(...).to_json()``, the same keys the wire
-always carried) and read on the client through :func:`read_reply`/:func:`read_list`, so a
-malformed reply is a ``ProtocolError`` naming the call, never a ``KeyError`` deep in a caller.
+listings, edits and forks) and is near its size limit; these are the requests and replies of the
+calls added around them, in the same vocabulary: each a :class:`~djinn_nb.messages.Message`
+dataclass whose fields are annotated once. A reply is built on the server (``Cls(...).to_json()``,
+the same keys the wire always carried) and read on the client through
+:func:`read_reply`/:func:`read_list`, so a malformed reply is a ``ProtocolError`` naming the call,
+never a ``KeyError`` deep in a caller. A request is read on the server through ``Cls.from_json``
+(unknown keys, missing or mistyped fields refused by name); what a field's items mean (a layer
+in range, a token id in the vocabulary) is checked where it is used, as before.
 Shared vocabulary: no torch, no rpyc; every layer may import it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import BadRequestError, ProtocolError
 from .messages import Message, fail
 
-__all__ = ["AttributionReply", "CausalTraceReply", "ClosedReply", "DecodeManyReply", "ExpectReply",
-           "FeaturesReply", "SaeInfo", "SaeUnloaded", "read_list", "read_reply"]
+__all__ = ["AttributionReply", "AttributionRequest", "CausalTraceReply", "CausalTraceRequest", "ClosedReply",
+           "DecodeManyReply", "DecodeManyRequest", "ExpectReply", "FeaturesReply", "FeaturesRequest",
+           "LensGridRequest", "LoadSaeRequest", "SaeInfo", "SaeUnloaded", "TokenProbsRequest", "read_list",
+           "read_reply"]
 
 M = TypeVar("M", bound=Message)
 
@@ -190,3 +195,80 @@ def _grid_ok(reply: CausalTraceReply | AttributionReply, rows: list[Any]) -> Non
     if len(rows) != len(reply.layers) or not all(_numbers(row, null=True) for row in rows):
         raise fail(cls, f"rows must be {len(reply.layers)} rows (one per layer) of numbers or nulls")
     _texts_ok(cls, reply.text_ids, reply.texts)
+
+
+# ----- requests ---------------------------------------------------------------------------
+@dataclass
+class CausalTraceRequest(Message):
+    """``causal_trace``: the clean and corrupted prompts (texts or ids), the answer (an id, the text
+    of one token, or null: the clean run's greedy next token), layers and positions (null: all),
+    the site, ``heads`` ("all", a list or null: site z) and ``cells`` ([layer, column] pairs or null)."""
+
+    clean: str | list[int]
+    corrupted: str | list[int]
+    answer: int | str | None = None
+    layers: list[int] | None = None
+    positions: list[int] | None = None
+    site: str = "resid_post"
+    heads: str | list[int] | None = None
+    cells: list[Any] | None = None
+
+
+@dataclass
+class AttributionRequest(Message):
+    """``attribution_patching``: as :class:`CausalTraceRequest` (no cells), and the ``metric``
+    (``logit_diff`` or ``prob``) and ``foil`` (``logit_diff``'s other token; null: the default)."""
+
+    clean: str | list[int]
+    corrupted: str | list[int]
+    answer: int | str | None = None
+    layers: list[int] | None = None
+    positions: list[int] | None = None
+    site: str = "resid_post"
+    heads: str | list[int] | None = None
+    metric: str = "logit_diff"
+    foil: int | None = None
+
+
+@dataclass
+class LoadSaeRequest(Message):
+    """``load_sae``: a directory on the server, the site (``[layer, site]``, a hook name, or null:
+    the cfg's hook) and the id (null: ``saeN``)."""
+
+    path: str
+    site: str | list[Any] | None = None
+    id: str | None = None
+
+
+@dataclass
+class FeaturesRequest(Message):
+    """``features``: an SAE id and either ``k`` (the top-k features per position) or ``ids``."""
+
+    sae: str
+    k: int | None = None
+    ids: list[int] | None = None
+
+
+@dataclass
+class DecodeManyRequest(Message):
+    """``decode_many``: sequences of token ids, each decoded whole, and token ids decoded one by one."""
+
+    sequences: list[list[int]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TokenProbsRequest(Message):
+    """``token_probs``: run ids, and the token whose probability each run gives at its last step."""
+
+    runs: list[str]
+    token: int
+
+
+@dataclass
+class LensGridRequest(Message):
+    """``lens_grid``: a prompt (text or ids), the top ``k`` per cell, and the site."""
+
+    prompt: str | list[int]
+    k: int = 1
+    site: str = "resid_post"
