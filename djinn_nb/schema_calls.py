@@ -120,22 +120,23 @@ class SaeInfo(Message):
 @dataclass
 class FeaturesReply(Message):
     """``features``: at a pause at the SAE's place (``sae``, ``layer``, ``site``, ``step``), per
-    position the feature ids and their activations (``ids``/``values``, rows of equal length), and
-    the positions' token ids (``[]`` where they cannot be paired) and texts (with a tokenizer)."""
+    position the feature ids and their activations (``ids``/``values``, rows of equal length; a
+    non-finite activation crosses as null, read as NaN), and the positions' token ids (``[]``
+    where they cannot be paired) and texts (with a tokenizer)."""
 
     sae: str
     layer: int
     site: str
     step: int
     ids: list[list[int]]
-    values: list[list[float]]
+    values: list[list[Any]]  # numbers, or null where not finite
     token_ids: list[int]
     texts: list[str] | None
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.values) or not all(
-                _ints(i) and _numbers(v) and len(i) == len(v) for i, v in zip(self.ids, self.values)):
-            raise fail(type(self), "ids and values must be equal-shaped lists of rows (ints, numbers)")
+                _ints(i) and _numbers(v, null=True) and len(i) == len(v) for i, v in zip(self.ids, self.values)):
+            raise fail(type(self), "ids and values must be equal-shaped lists of rows (ints, numbers or nulls)")
         if not _ints(self.token_ids) or (self.texts is not None and (
                 len(self.texts) != len(self.token_ids) or not all(type(t) is str for t in self.texts))):
             raise fail(type(self), "token_ids must be a list of ints, texts null or one string per token id")

@@ -166,7 +166,8 @@ class Saes:
         else:
             req.k = k
         reply = read_reply("features", FeaturesReply, self._client._call("features", run_id, wire.dumps(req.to_json())))
-        rows = FeatureRows([(int(f), float(a)) for f, a in zip(fs, acts)] for fs, acts in zip(reply.ids, reply.values))
+        rows = FeatureRows([(f, math.nan if a is None else float(a)) for f, a in zip(fs, acts)]
+                           for fs, acts in zip(reply.ids, reply.values))
         rows.sae, rows.step = reply.sae, reply.step
         rows.token_ids, rows.tokens = list(reply.token_ids), reply.texts
         return rows
