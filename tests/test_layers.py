@@ -2,7 +2,7 @@
 
 core (no rpyc) → serving (no IPython) → client → notebook (only the client API), and wire (what
 both ends of the wire share: no model, no IPython) below serving and client;
-``errors``, ``schema`` (with ``messages``, how its classes are checked), ``conditions`` and ``version`` are
+``errors``, ``schema`` and ``schema_calls`` (with ``messages``, how their classes are checked), ``conditions`` and ``version`` are
 shared vocabulary. Every import counts,
 lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (never
 executed) are left out of the cycle check.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "djinn_nb"
-SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.messages", "djinn_nb.version", "djinn_nb.conditions"}
+SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.schema_calls", "djinn_nb.messages", "djinn_nb.version", "djinn_nb.conditions"}
 ALLOWED = {  # layer → layers it may import: client → wire ← serving → core
     "core": {"core"},
     "wire": {"wire"},

@@ -5,6 +5,7 @@ import json
 import math
 import socket
 import struct
+from typing import Any
 
 import pytest
 import torch
@@ -455,3 +456,236 @@ def test_info_runs_and_watched_are_built_and_read_as_their_schema_classes(monkey
         conn.close()
         client.close()
         served.server.close()
+
+
+# ----- every call's reply, typed ----------------------------------------------------------
+TENSOR = "tensor"  # (header JSON, bytes): a tensor payload, or a lens grid's headers and one payload
+
+
+def _replies() -> dict[str, Any]:
+    from djinn_nb.schema import (DiffReply, HelloReply, HistoryRecord, LensReply, RunBrief, RunRow, RunSummary,
+                                 ServerInfo, WatchHit)
+    from djinn_nb.schema_calls import (AttributionReply, CausalTraceReply, ClosedReply, DecodeManyReply,
+                                         ExpectReply, FeaturesReply, SaeInfo, SaeUnloaded)
+    briefs = ("resume", "fork", "edit", "reset_edit", "offload", "status", "next_layer", "next_step", "step_through",
+              "rewind")
+    return {"hello": HelloReply, "info": ServerInfo, "generate": RunSummary, "summary": RunSummary,
+            **{name: RunBrief for name in briefs}, "fork_many": [RunBrief], "runs": [RunRow], "close": ClosedReply,
+            "activation": TENSOR, "logits": TENSOR, "attention": TENSOR, "watched_activation": TENSOR,
+            "lens_grid": TENSOR, "lens": LensReply, "watched": [WatchHit], "expect": ExpectReply,
+            "tokenize": [int], "decode": str, "decode_each": [str], "decode_many": DecodeManyReply,
+            "token_probs": [float], "causal_trace": CausalTraceReply, "history": [HistoryRecord], "diff": DiffReply,
+            "load_sae": SaeInfo, "saes": [SaeInfo], "unload_sae": SaeUnloaded, "features": FeaturesReply,
+            "attribution_patching": AttributionReply}
+
+
+#: what each exposed call answers: a schema class, ``[cls]`` a list of them, or a plain payload
+#: (a scalar type, ``[scalar type]``, ``TENSOR``); never an untyped dict. A call added without an
+#: entry here fails ``test_every_call_answers_a_schema_class_or_a_plain_payload``.
+REPLIES = _replies()
+
+
+def _requests() -> dict[str, Any]:
+    from djinn_nb.schema import DiffRequest, EditRequest, ForkRequest, GenerateRequest
+    from djinn_nb.schema_calls import (AttributionRequest, CausalTraceRequest, DecodeManyRequest, FeaturesRequest,
+                                       LensGridRequest, LoadSaeRequest, TokenProbsRequest)
+    plain = ("hello", "info", "summary", "runs", "close", "reset_edit", "offload", "status", "next_layer", "next_step",
+             "rewind", "activation", "logits", "attention", "watched_activation", "lens", "watched", "history",
+             "tokenize", "decode", "decode_each", "saes", "unload_sae", "expect")
+    return {**{name: None for name in plain}, "generate": GenerateRequest, "fork": ForkRequest,
+            "fork_many": ForkRequest, "edit": EditRequest, "resume": EditRequest, "step_through": EditRequest,
+            "diff": DiffRequest, "causal_trace": CausalTraceRequest, "attribution_patching": AttributionRequest,
+            "load_sae": LoadSaeRequest, "features": FeaturesRequest, "decode_many": DecodeManyRequest,
+            "token_probs": TokenProbsRequest, "lens_grid": LensGridRequest}
+
+
+#: the schema class each call reads its JSON request through; None: plain arguments only (run
+#: ids, numbers, JSON lists of token ids, a tensor header that ``wire.check_header`` checks)
+REQUESTS = _requests()
+EXPOSED = sorted(name.removeprefix("exposed_") for name in dir(DjinnService)
+                 if name.startswith("exposed_") and getattr(getattr(DjinnService, name), "djinn_call", False))
+
+
+def _typed(kind: Any) -> bool:
+    """A schema class (a Message, or the hand-parsed RunBrief), a list of one, or a plain payload."""
+    from djinn_nb.messages import Message
+    from djinn_nb.schema import RunBrief
+
+    if type(kind) is list:
+        return len(kind) == 1 and kind[0] is not dict and _typed(kind[0])
+    return kind == TENSOR or kind in (str, int, float, bool) or kind is RunBrief or (
+        isinstance(kind, type) and issubclass(kind, Message))
+
+
+def test_every_call_answers_a_schema_class_or_a_plain_payload():
+    """The table covers exactly the service's exposed calls, and names no untyped dict."""
+    assert set(REPLIES) == set(EXPOSED), ("calls without an entry:", set(EXPOSED) - set(REPLIES),
+                                          "entries without a call:", set(REPLIES) - set(EXPOSED))
+    assert [name for name, kind in REPLIES.items() if not _typed(kind)] == []
+    assert set(REQUESTS) == set(EXPOSED), set(EXPOSED) ^ set(REQUESTS)
+    assert [name for name, kind in REQUESTS.items() if kind is not None and not _typed(kind)] == []
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The embedded SmolLM2 (a tokenizer: replies carry their texts) served in-process, and an SAE
+    directory for it (layer 3's resid_post)."""
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.core.models import load_model
+    from djinn_nb.serving.server import DjinnServer
+    from test_saes import write_sae
+
+    loaded = load_model(None)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
+    sae_dir = tmp_path_factory.mktemp("sae") / "resid3"
+    write_sae(sae_dir, int(loaded.model.config.hidden_size), "blocks.3.hook_resid_post")
+    server = DjinnServer(engine, "127.0.0.1", 0).start()
+    yield server, str(sae_dir)
+    server.close()
+
+
+def _recipes(conn: Any, sae_dir: str) -> list[tuple[str, Any]]:
+    """Each exposed call with arguments it serves, in an order where each finds what it needs."""
+    clean, corrupted = [504, 26052, 28457, 314, 3216, 281], [504, 8941, 28457, 314, 3216, 281]
+
+    def paused() -> str:
+        req = {"prompt": clean, "max_new_tokens": 8, "breakpoints": [[3, 1]], "watches": [[2, "all"]],
+               "record_logits": True}
+        return reply(conn.root.generate(wire.dumps(req)))["result"]["id"]
+
+    grid = {"clean": clean, "corrupted": corrupted, "layers": [0, 1], "positions": [0, 1]}
+    run = paused()
+    other = reply(conn.root.fork(run, "{}"))["result"]["id"]
+    return [
+        ("info", ()), ("generate", (wire.dumps({"prompt": clean, "max_new_tokens": 2}),)), ("summary", (run,)),
+        ("runs", ()), ("status", (run,)), ("activation", (run,)), ("logits", (run,)), ("attention", (run,)),
+        ("lens", (run, 3)), ("lens_grid", (wire.dumps({"prompt": clean, "k": 2}),)), ("watched", (run,)),
+        ("watched_activation", (run, 0)), ("expect", (wire.dumps({"dtype": "float32", "shape": [4]}),)),
+        ("tokenize", ("The Eiffel Tower",)), ("decode", ("[504, 26052]",)), ("decode_each", ("[504, 26052]",)),
+        ("decode_many", (wire.dumps({"sequences": [[504, 26052], []], "tokens": [281]}),)),
+        ("token_probs", (wire.dumps({"runs": [run, other], "token": 281}),)), ("history", (other,)),
+        ("diff", (wire.dumps({"a": run, "b": other, "layers": [0, 1]}),)),
+        ("causal_trace", (wire.dumps(grid),)), ("attribution_patching", (wire.dumps(grid),)),
+        ("load_sae", (wire.dumps({"path": sae_dir, "site": None, "id": "walked"}),)), ("saes", ()),
+        ("features", (run, wire.dumps({"sae": "walked", "k": 3}))), ("unload_sae", ("walked",)),
+        ("edit", (run, wire.dumps({"scale": 2.0}))), ("reset_edit", (run,)), ("fork", (run, "{}")),
+        ("fork_many", (run, "[{}, {\"close\": true}]")), ("next_layer", (run,)), ("next_step", (run,)),
+        ("step_through", (run, 1, None, "{}")), ("rewind", (run, 0)), ("offload", (run,)),
+        ("resume", (run, None, "{}")),
+        ("close", (run,)),
+    ]
+
+
+def test_every_call_is_built_and_read_as_its_table_entry(smol, monkeypatch):
+    """Every exposed call, made: a JSON request is read on the server through its class
+    (``from_json``); a schema-class reply is built there through that class (``to_json``) and parses
+    back to the very same JSON, a list of them item by item; a plain payload is what its entry says.
+    A call whose request or reply went back to a hand-read or hand-made dict fails here."""
+    from djinn_nb.messages import Message
+    from djinn_nb.schema import RunBrief
+    from djinn_nb.wire.protocol import PROTOCOL
+
+    server, sae_dir = smol
+    built: list[type] = []
+    to_json, from_json = Message.to_json, Message.__dict__["from_json"].__func__
+
+    def spied(self):
+        built.append(type(self))
+        return to_json(self)
+
+    def parsed(cls, obj):
+        built.append(cls)
+        return from_json(cls, obj)
+
+    monkeypatch.setattr(Message, "to_json", spied)
+    monkeypatch.setattr(Message, "from_json", classmethod(parsed))
+    conn = raw_connection(server.port, hello=False)
+    wrong: list[Any] = []
+    try:
+        def made(name: str, args: Any) -> tuple[str, Any, list[type]]:
+            built.clear()
+            return name, getattr(conn.root, name)(*args), list(built)
+
+        answers = [made("hello", (PROTOCOL, None))]
+        answers += [made(name, args) for name, args in _recipes(conn, sae_dir)]
+        for name, raw, classes in answers:
+            msg = reply(raw)
+            if not msg["ok"]:
+                wrong.append((name, msg["error"]))
+                continue
+            if REQUESTS[name] is not None and REQUESTS[name] not in classes:
+                wrong.append((name, f"request not read through {REQUESTS[name].__name__}"))
+            result, kind = msg["result"], REPLIES[name]
+            item = kind[0] if type(kind) is list else kind
+            items = result if type(kind) is list else [result]
+            if type(kind) is list and (type(result) is not list or not result):
+                wrong.append((name, "expected a non-empty list", type(result).__name__))
+            elif kind == TENSOR:
+                if not (isinstance(raw, tuple) and type(raw[1]) is bytes and type(result) is dict):
+                    wrong.append((name, "expected a tensor payload"))
+            elif item in (str, int, float, bool):
+                if not all(type(x) is item for x in items):
+                    wrong.append((name, "expected", item.__name__, str(result)[:80]))
+            elif item is RunBrief:
+                for x in items:
+                    RunBrief.from_json(x)
+            else:
+                if item not in classes:
+                    wrong.append((name, f"not built through {item.__name__}", sorted({c.__name__ for c in classes})))
+                for x in items:
+                    if item.from_json(x).to_json() != x:
+                        wrong.append((name, "does not parse back to the same JSON"))
+        assert {name for name, *_ in answers} == set(REPLIES)  # every call was made
+        assert wrong == []
+    finally:
+        conn.close()
+
+
+def test_the_client_reads_each_new_reply_through_its_class(smol):
+    """The client reads causal_trace, attribution_patching, features, load_sae, saes, unload_sae,
+    decode_many, expect and close through their classes: a field more or fewer, or of the wrong
+    type, is a ProtocolError naming the call (never a KeyError in a caller), and the real reply
+    reads as before."""
+    import djinn_nb
+    from djinn_nb.errors import ProtocolError
+    from djinn_nb.notebook.patching import attribution_patching
+    from djinn_nb.notebook.tracing import causal_trace
+
+    server, sae_dir = smol
+    client = djinn_nb.connect(f"127.0.0.1:{server.port}")
+    clean, corrupted = [504, 26052, 28457, 314, 3216, 281], [504, 8941, 28457, 314, 3216, 281]
+    doctors = [lambda r, key: {**r, "extra": 1}, lambda r, key: {k: v for k, v in r.items() if k != key},
+               lambda r, key: {**r, key: "x" if not isinstance(r[key], str) else 3}]
+    fresh = iter(range(1000, 2000))
+    try:
+        sae = client.load_sae(sae_dir, id="read")
+        run = client.generate(clean, max_new_tokens=4, breakpoints=[(3, 0)])
+        assert [s.id for s in client.saes()] == ["read"] and len(run.features(sae, k=3)) == len(clean)
+        uses = {"load_sae": lambda: client.load_sae(sae_dir, id=f"s{next(fresh)}"), "saes": client.saes,
+                "unload_sae": lambda: client.unload_sae(client.load_sae(sae_dir, id=f"s{next(fresh)}")),
+                "features": lambda: run.features(sae, k=3),
+                "decode_many": lambda: client.decode_many([[next(fresh)]]),
+                "expect": lambda: client._tensor_in(torch.zeros(1 << 19)),
+                "causal_trace": lambda: causal_trace(client, clean, corrupted, layers=[0], progress=False),
+                "attribution_patching": lambda: attribution_patching(client, clean, corrupted, layers=[0]),
+                "close": lambda: client.generate(clean, max_new_tokens=1).close()}
+        keys = {"load_sae": "layer", "saes": "layer", "unload_sae": "id", "features": "ids", "decode_many": "sequences",
+                "expect": "port", "causal_trace": "rows", "attribution_patching": "metric", "close": "id"}
+        for name, use in uses.items():
+            real = client._remote(name)
+            for doctor in doctors:
+                def doctored(*a, real=real, doctor=doctor, key=keys[name]):
+                    result = reply(real(*a))["result"]
+                    bad = [doctor(r, key) for r in result] if type(result) is list else doctor(result, key)
+                    return wire.dumps({"ok": True, "result": bad})
+                client._methods[name] = doctored
+                with pytest.raises(ProtocolError, match=name):
+                    use()
+            del client._methods[name]
+        assert run.state == "paused" and [s.id for s in client.saes()][0] == "read" and len(client.saes()) == 4
+        frame = causal_trace(client, clean, corrupted, layers=[0, 1], positions=[0, 1], progress=False)
+        assert frame.shape == (2, 2) and frame.attrs["answer_text"] is not None
+        run.close()
+        assert run.state == "closed" and run.id not in [r["id"] for r in client.runs()]
+    finally:
+        client.close()

@@ -24,6 +24,8 @@ from .. import wire
 from ..wire import sidechannel
 from ..errors import BadRequestError, DjinnError, NoTokenizerError, ProtocolError, error_from_wire
 from ..schema import GenerateRequest, HelloReply, RunRow, RunSummary
+from ..schema_calls import (DecodeManyReply, DecodeManyRequest, ExpectReply, LensGridRequest, TokenProbsRequest,
+                            read_reply)
 from ..wire.protocol import DEFAULT_PORT, PROTOCOL
 from ..wire.tls import client_context
 from ..wire.transport import default_spin_s, open_connection
@@ -136,7 +138,7 @@ class Client:
         if t.numel() * t.element_size() < sidechannel.BULK_THRESHOLD:
             return wire.encode_tensor(t)
         meta = {"dtype": wire.dtype_name(t.dtype), "shape": list(t.shape)}
-        slot = _call(self._remote("expect"), wire.dumps(meta))
+        slot = read_reply("expect", ExpectReply, _call(self._remote("expect"), wire.dumps(meta))).to_json()
         sidechannel.push(self.host, slot, t, ssl_context=self._ssl)
         return {"ticket": slot["ticket"]}, None
 
@@ -215,7 +217,7 @@ class Client:
         ``{"ids": (layers, positions, k) long, "probs": (layers, positions, k) float}``."""
         if not isinstance(prompt, str):
             prompt = [int(t) for t in prompt]
-        reply = self._call("lens_grid", wire.dumps({"prompt": prompt, "k": k, "site": site}))
+        reply = self._call("lens_grid", wire.dumps(LensGridRequest(prompt, k, site).to_json()))
         if not (type(reply) is tuple and len(reply) == 2 and type(reply[0]) is dict and reply[0].keys() == {"ids", "probs"}
                 and type(reply[1]) is bytes):
             raise ProtocolError("lens_grid: expected the ids' and probabilities' headers and one payload")
@@ -230,7 +232,7 @@ class Client:
     def token_probs(self, runs: Sequence[Run | str], token: int) -> list[float]:
         """Each run's probability of ``token`` at its last finished step, computed on the server."""
         ids = [self._run_id(r) for r in runs]
-        return self._call("token_probs", wire.dumps({"runs": ids, "token": token}))
+        return self._call("token_probs", wire.dumps(TokenProbsRequest(ids, token).to_json()))
 
     # ----- sparse autoencoders (client/features.py) --------------------------------
     def load_sae(self, path: str, site: Any = None, id: str | None = None, labels: Any = None) -> Sae:
@@ -281,15 +283,14 @@ class Client:
         if want_seqs or want_tokens:
             if not self._info.get("has_tokenizer", True):
                 raise NoTokenizerError(f"{self._info.get('model')} has no tokenizer to decode with")
-            reply = self._call("decode_many", wire.dumps({"sequences": [list(s) for s in want_seqs],
-                                                          "tokens": want_tokens}))
-            texts, token_texts = reply.get("sequences"), reply.get("tokens")
-            if (type(texts) is not list or len(texts) != len(want_seqs) or type(token_texts) is not list
-                    or len(token_texts) != len(want_tokens) or not all(type(t) is str for t in texts + token_texts)):
+            reply = read_reply("decode_many", DecodeManyReply, self._call(
+                "decode_many", wire.dumps(DecodeManyRequest([list(s) for s in want_seqs], want_tokens).to_json())))
+            texts, token_texts = reply.sequences, reply.tokens
+            if len(texts) != len(want_seqs) or len(token_texts) != len(want_tokens):
                 raise ProtocolError("decode_many: the server's texts do not match the ids sent")
             got = dict(zip(want_seqs, texts))
-            for s, text in got.items():
-                self._remember(s, text)
+            for s, said in got.items():
+                self._remember(s, said)
             self._token_texts.update(zip(want_tokens, token_texts))
         else:
             got = {}

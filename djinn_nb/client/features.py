@@ -16,7 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
-from ..errors import BadRequestError, ProtocolError, SaeError
+from ..errors import BadRequestError, SaeError
+from ..schema_calls import (FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded, read_list,
+                            read_reply)
 from .. import wire
 
 __all__ = ["Calls", "Sae", "Saes", "FeatureRows", "clamp_request", "read_labels"]
@@ -40,15 +42,10 @@ class Sae:
     labels: dict[int, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_reply(cls, reply: Any, labels: dict[int, str] | None = None) -> "Sae":
-        if not isinstance(reply, dict):
-            raise ProtocolError("load_sae: expected an object")
-        try:
-            return cls(str(reply["id"]), int(reply["layer"]), str(reply["site"]), str(reply["hook"]),
-                       int(reply["d_in"]), int(reply["d_sae"]), str(reply["architecture"]),
-                       None if reply["k"] is None else int(reply["k"]), int(reply["bytes"]), dict(labels or {}))
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError("load_sae: the server's description of the SAE is malformed") from None
+    def from_info(cls, info: SaeInfo, labels: dict[int, str] | None = None) -> "Sae":
+        """The handle of a loaded SAE the server described (``load_sae``, ``saes``)."""
+        return cls(info.id, info.layer, info.site, info.hook, info.d_in, info.d_sae, info.architecture, info.k,
+                   info.bytes, dict(labels or {}))
 
     def label(self, feature: int) -> str | None:
         return self.labels.get(feature)
@@ -149,27 +146,28 @@ class Saes:
         if isinstance(site, tuple):
             site = list(site)
         names = read_labels(labels)
-        reply = self._client._call("load_sae", wire.dumps({"path": os.fspath(path), "site": site, "id": id}))
-        return Sae.from_reply(reply, names)
+        reply = self._client._call("load_sae", wire.dumps(LoadSaeRequest(os.fspath(path), site, id).to_json()))
+        return Sae.from_info(read_reply("load_sae", SaeInfo, reply), names)
 
     def loaded(self) -> list[Sae]:
-        return [Sae.from_reply(r) for r in self._client._call("saes")]
+        return [Sae.from_info(info) for info in read_list("saes", SaeInfo, self._client._call("saes"))]
 
     def unload(self, sae: Any) -> None:
-        self._client._call("unload_sae", sae_id(sae))
+        read_reply("unload_sae", SaeUnloaded, self._client._call("unload_sae", sae_id(sae)))
 
     def features(self, run_id: str, sae: Any, k: int | None = 10, ids: Sequence[int] | None = None) -> FeatureRows:
-        req: dict[str, Any] = {"sae": sae_id(sae)}
+        req = FeaturesRequest(sae_id(sae))
         if ids is not None:
             if isinstance(ids, int):
                 ids = [ids]
             if not isinstance(ids, (list, tuple, range)) or any(type(i) is not int for i in ids):
                 raise BadRequestError(f"ids must be a list of feature ids, got {ids!r}"[:200])
-            req["ids"] = list(ids)
+            req.ids = list(ids)
         else:
-            req["k"] = k
-        reply = self._client._call("features", run_id, wire.dumps(req))
-        rows = FeatureRows([(int(f), float(a)) for f, a in zip(fs, acts)] for fs, acts in zip(reply["ids"], reply["values"]))
-        rows.sae, rows.step = str(reply["sae"]), int(reply["step"])
-        rows.token_ids, rows.tokens = list(reply["token_ids"]), reply.get("texts")
+            req.k = k
+        reply = read_reply("features", FeaturesReply, self._client._call("features", run_id, wire.dumps(req.to_json())))
+        rows = FeatureRows([(f, math.nan if a is None else float(a)) for f, a in zip(fs, acts)]
+                           for fs, acts in zip(reply.ids, reply.values))
+        rows.sae, rows.step = reply.sae, reply.step
+        rows.token_ids, rows.tokens = list(reply.token_ids), reply.texts
         return rows

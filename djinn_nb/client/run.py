@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..errors import BadRequestError, DjinnError, ProtocolError
 from ..schema import LensReply, RunBrief, RunState, RunSummary, WatchHit, history_records
+from ..schema_calls import ClosedReply, read_reply
 from .. import wire
 from .edits import FORK_ARGS, edit_request, fork_request
 from .features import FeatureRows
@@ -423,7 +424,7 @@ class Run:
     def close(self) -> None:
         """Free the run's server memory now."""
         if self.state != RunState.CLOSED:
-            self._client._call("close", self.id)
+            read_reply("close", ClosedReply, self._client._call("close", self.id))
             self._s.state = RunState.CLOSED
 
     def __enter__(self) -> "Run":

@@ -13,6 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import BadRequestError
+from ..schema_calls import AttributionReply, AttributionRequest, read_reply
 from .tracing import GRID_SITES, _prompt, answer_label, check_layers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,10 +63,11 @@ def attribution_patching(
                                "positions": None if positions is None else list(positions)}
     if site == "z":
         request["heads"] = "all" if heads is None else heads if isinstance(heads, str) else list(heads)
-    reply = client._call("attribution_patching", json.dumps(request))
-    frame = _frame(pd, reply, reply["layers"], dict(zip(reply["layers"], reply["rows"])), site)
-    frame.attrs.update(metric=reply["metric"], clean_metric=reply["clean_metric"], corrupt_metric=reply["corrupt_metric"],
-                       foil=reply["foil"], estimate=True)
+    sent = json.dumps(AttributionRequest(**request).to_json())
+    reply = read_reply("attribution_patching", AttributionReply, client._call("attribution_patching", sent))
+    frame = _frame(pd, reply.to_json(), reply.layers, dict(zip(reply.layers, reply.rows)), site)
+    frame.attrs.update(metric=reply.metric, clean_metric=reply.clean_metric, corrupt_metric=reply.corrupt_metric,
+                       foil=reply.foil, estimate=True)
     return frame
 
 

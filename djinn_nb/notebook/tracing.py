@@ -12,6 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ..errors import BadRequestError
+from ..schema_calls import CausalTraceReply, CausalTraceRequest, read_reply
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -109,14 +110,15 @@ def causal_trace(
     calls = min(PROGRESS_CALLS, len(wanted)) if progress and pairs is None else 1
     chunks = [wanted[i * len(wanted) // calls:(i + 1) * len(wanted) // calls] for i in range(calls)]
     bar = _progress(progress, len(wanted))
-    rows: dict[int, list[float]] = {}
+    rows: dict[int, list[float | None]] = {}
     first: dict[str, Any] = {}
     try:
         for chunk in chunks:
-            reply = client._call("causal_trace", json.dumps(dict(request, layers=chunk)))
-            first = first or reply
-            request["answer"] = reply["answer"]  # the later chunks trace the same answer
-            rows.update(zip(reply["layers"], reply["rows"]))
+            sent = json.dumps(CausalTraceRequest(**dict(request, layers=chunk)).to_json())
+            reply = read_reply("causal_trace", CausalTraceReply, client._call("causal_trace", sent))
+            first = first or reply.to_json()
+            request["answer"] = reply.answer  # the later chunks trace the same answer
+            rows.update(zip(reply.layers, reply.rows))
             if bar is not None:
                 bar.update(len(chunk))
     finally:
@@ -125,7 +127,7 @@ def causal_trace(
     return _frame(pd, first, wanted, rows, site)
 
 
-def _frame(pd: Any, first: dict[str, Any], wanted: list[int], rows: dict[int, list[float]], site: str) -> "pd.DataFrame":
+def _frame(pd: Any, first: dict[str, Any], wanted: list[int], rows: dict[int, list[float | None]], site: str) -> "pd.DataFrame":
     """The grid as a DataFrame: the layers asked for as index (a row not computed: NaN), positions
     (or heads at ``z``) as columns."""
     ids, chosen, heads = first["clean_ids"], first["positions"], first.get("heads") or []

@@ -18,6 +18,7 @@ from ..core.tracing import check_grid
 from ..core import views
 from ..errors import BadRequestError
 from ..schema import EditRequest, ForkRequest
+from ..schema_calls import CausalTraceReply, CausalTraceRequest, TokenProbsRequest
 from .. import wire
 from .parts import Caller, Replies, Requests
 from .replies import _since, _str
@@ -93,13 +94,11 @@ class DebugCalls:
 
     def token_probs(self, request_json: Any) -> list[float]:
         """{runs: [ids], token: id}: each run's probability of ``token`` at its last finished step."""
-        req = wire.loads(request_json, "token_probs request")
-        if not isinstance(req, dict) or set(req) != {"runs", "token"} or not isinstance(req["runs"], list):
-            raise BadRequestError("token_probs takes {'runs': [run ids], 'token': token id}")
-        if len(req["runs"]) > 4096:
+        req = TokenProbsRequest.from_json(wire.loads(request_json, "token_probs request"))
+        if len(req.runs) > 4096:
             raise BadRequestError("token_probs takes at most 4096 runs at once")
-        ids = [_str(r, "run id") for r in req["runs"]]
-        return self._engine.token_probs(ids, req["token"], self._caller.who())
+        ids = [_str(r, "run id") for r in req.runs]
+        return self._engine.token_probs(ids, req.token, self._caller.who())
 
     def next_layer(self, run_id: Any, since: Any = None) -> dict[str, Any]:
         """Pause at the next block's output in the same step (the run's breakpoints apply afterwards)."""
@@ -156,25 +155,21 @@ class DebugCalls:
         cells ([layer, column] pairs or null)}. Answers the rows (null: a cell not computed), both runs'
         own probabilities, the answer and the clean prompt's ids, with the texts a plot labels."""
         owner = self._caller.who()
-        req = wire.loads(request_json, "causal_trace request")
-        keys = {"clean", "corrupted", "answer", "layers", "positions", "site", "heads", "cells"}
-        if not isinstance(req, dict) or not set(req) <= keys or not {"clean", "corrupted"} <= set(req):
-            raise BadRequestError(f"causal_trace takes an object with {sorted(keys)} (clean and corrupted required)")
+        req = CausalTraceRequest.from_json(wire.loads(request_json, "causal_trace request"))
         engine = self._engine
-        clean, corrupted = engine.encode(req["clean"]), engine.encode(req["corrupted"])
-        answer = resolve_answer(engine, req.get("answer"))
-        layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
-        spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), req.get("cells"),
-                         engine.parts[0].num_heads)
+        clean, corrupted = engine.encode(req.clean), engine.encode(req.corrupted)
+        answer = resolve_answer(engine, req.answer)
+        layers, positions = check_grid(engine.num_layers, len(clean), req.layers, req.positions)
+        spec = grid_spec(req.site, layers, positions, req.heads, req.cells, engine.parts[0].num_heads)
         # two runs, and a batch of every column's start with its own copy of the cache, at once
         self._caller.check_quota(1, new_runs=2, adding=(len(spec.columns) + 3) * self._caller.state.kv_bytes(len(clean) + 1))
         with self._caller.scope():
             grid = engine.causal_trace(clean, corrupted, answer, layers, positions, spec.site, owner, spec=spec)
         texts = self._replies.token_texts([grid.answer] + clean)
-        return {"rows": grid.rows, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
-                "answer": grid.answer, "layers": spec.traced_layers(), "positions": positions, "heads": spec.heads,
-                "clean_ids": clean,
-                "text_ids": list(texts), "texts": list(texts.values())}
+        return CausalTraceReply(rows=grid.rows, clean_prob=grid.clean_prob, corrupt_prob=grid.corrupt_prob,
+                                answer=grid.answer, layers=spec.traced_layers(), positions=positions,
+                                heads=spec.heads, clean_ids=clean, text_ids=list(texts),
+                                texts=list(texts.values())).to_json()
 
     def history(self, run_id: Any) -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy, time_s, and with

@@ -16,14 +16,12 @@ from ..core.attribution import attribution_patching, check_metric
 from ..core.patchgrid import grid_spec
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
+from ..schema_calls import AttributionReply, AttributionRequest
 from .. import wire
 from .debug_calls import resolve_answer
 from .parts import Caller, Replies
 
 __all__ = ["PatchingCalls", "backward_bytes", "resolve_answer"]
-
-KEYS = {"clean", "corrupted", "answer", "layers", "positions", "site", "heads", "metric", "foil"}
-
 
 def backward_bytes(config: Any, dtype: torch.dtype, positions: int) -> int:
     """About what one forward kept for a backward holds: per layer and position, a few dozen
@@ -53,27 +51,24 @@ class PatchingCalls:
         site z), metric ("logit_diff" or "prob"), foil (id or null: logit_diff's other token)}. Answers
         the rows (the estimated change of the metric per cell), the metric in both runs, both runs'
         p(answer), the answer, the foil and the clean prompt's ids, with the texts a plot labels."""
-        req = wire.loads(request_json, "attribution_patching request")
-        if not isinstance(req, dict) or not set(req) <= KEYS or not {"clean", "corrupted"} <= set(req):
-            raise BadRequestError(f"attribution_patching takes an object with {sorted(KEYS)} "
-                                  "(clean and corrupted required)")
+        req = AttributionRequest.from_json(wire.loads(request_json, "attribution_patching request"))
         engine = self._caller.engine
-        clean, corrupted = engine.encode(req["clean"]), engine.encode(req["corrupted"])
+        clean, corrupted = engine.encode(req.clean), engine.encode(req.corrupted)
         if len(clean) != len(corrupted):
             raise BadRequestError(f"the clean and corrupted prompts must have the same number of tokens: "
                                   f"{len(clean)} vs {len(corrupted)}")
         engine.check_positions(len(clean), 1)
-        answer = resolve_answer(engine, req.get("answer"))
-        metric = check_metric(req.get("metric", "logit_diff"))
-        layers, positions = check_grid(engine.num_layers, len(clean), req.get("layers"), req.get("positions"))
-        spec = grid_spec(req.get("site", "resid_post"), layers, positions, req.get("heads"), None,
-                         engine.parts[0].num_heads)
+        answer = resolve_answer(engine, req.answer)
+        metric = check_metric(req.metric)
+        layers, positions = check_grid(engine.num_layers, len(clean), req.layers, req.positions)
+        spec = grid_spec(req.site, layers, positions, req.heads, None, engine.parts[0].num_heads)
         # two rows (clean, corrupted) in one graph
         self._caller.check_quota(1, new_runs=0, adding=2 * backward_bytes(engine.model.config, engine.dtype, len(clean)))
         with self._caller.scope():
-            grid = attribution_patching(engine, clean, corrupted, spec, answer, metric, req.get("foil"))
+            grid = attribution_patching(engine, clean, corrupted, spec, answer, metric, req.foil)
         texts = self._replies.token_texts([grid.answer] + ([grid.foil] if grid.foil is not None else []) + clean)
-        return {"rows": grid.rows, "metric": grid.metric, "clean_metric": grid.clean_metric,
-                "corrupt_metric": grid.corrupt_metric, "clean_prob": grid.clean_prob, "corrupt_prob": grid.corrupt_prob,
-                "answer": grid.answer, "foil": grid.foil, "layers": layers, "positions": positions, "heads": spec.heads,
-                "clean_ids": clean, "text_ids": list(texts), "texts": list(texts.values())}
+        return AttributionReply(rows=grid.rows, metric=grid.metric, clean_metric=grid.clean_metric,
+                                corrupt_metric=grid.corrupt_metric, clean_prob=grid.clean_prob,
+                                corrupt_prob=grid.corrupt_prob, answer=grid.answer, foil=grid.foil, layers=layers,
+                                positions=positions, heads=spec.heads, clean_ids=clean, text_ids=list(texts),
+                                texts=list(texts.values())).to_json()

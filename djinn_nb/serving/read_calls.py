@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.runs import activation_stats
 from ..errors import BadRequestError
 from ..schema import LensReply, WatchHit
+from ..schema_calls import LensGridRequest
 from .. import wire
 from .parts import Caller, Replies, Tensors
 from .replies import _str
@@ -79,14 +80,10 @@ class ReadCalls:
         headers ``{"ids", "probs"}`` and one payload, the ids' bytes then the probabilities'."""
         caller = self._caller
         caller.who()
-        req = wire.loads(request_json, "lens grid request")
-        if not isinstance(req, dict) or "prompt" not in req or set(req) - {"prompt", "k", "site"}:
-            raise BadRequestError("lens_grid takes {'prompt': text or ids, 'k': int, 'site': str}")
-        if not isinstance(req["prompt"], (str, list)):
-            raise BadRequestError("prompt must be a string or a list of token ids")
+        req = LensGridRequest.from_json(wire.loads(request_json, "lens grid request"))
         # admitted on its prompt pass's cache (one hidden state per layer rides with it)
-        caller.check_quota(1, new_runs=0, adding=caller.state.kv_bytes(max(1, prompt_positions(req["prompt"]))))
-        ids, probs = self._engine.lens_grid(req["prompt"], req.get("k", 1), req.get("site", "resid_post"))
+        caller.check_quota(1, new_runs=0, adding=caller.state.kv_bytes(max(1, prompt_positions(req.prompt))))
+        ids, probs = self._engine.lens_grid(req.prompt, req.k, req.site)
         # as tensors, not JSON lists: layers x positions x k numbers cost ~6 ms of JSON a call
         (ids_meta, ids_bytes), (probs_meta, probs_bytes) = wire.encode_tensor(ids), wire.encode_tensor(probs)
         return {"ids": ids_meta, "probs": probs_meta}, ids_bytes + probs_bytes

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.specs import Edit, Sampling
 from ..schema import EditRequest, ForkRequest, GenerateRequest, ServerInfo
+from ..schema_calls import ClosedReply
 from .. import wire
 from .parts import Caller, Replies, Requests
 from .replies import _since, _str
@@ -151,4 +152,4 @@ class RunCalls:
             owner = next((r.owner for r in self._engine.all_runs() if r.id == run_id), owner)
         self._engine.close(run_id, owner)
         self._caller.state.freed.set()
-        return {"id": run_id, "state": "closed"}
+        return ClosedReply(run_id).to_json()

@@ -14,13 +14,14 @@ byte checks) and the texts replies carry (:class:`~djinn_nb.serving.parts.Replie
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..conditions import feature_terms
 from ..core.features import read_features
 from ..core.saes import SAE, SaeRegistry, inspect_dir, load_tensors, parse_hook
-from ..errors import BreakpointError, QuotaError, SaeError
+from ..errors import BadRequestError, BreakpointError, QuotaError, SaeError
 from .. import wire
+from ..schema_calls import FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded
 from .parts import Caller, Replies
 from .replies import _str
 
@@ -50,18 +51,16 @@ class SaeCalls:
         """{path, site (null: the cfg's hook), id (null: saeN)}: an SAE in SAELens's format read
         from a directory on the server, on the model's device and dtype; its description."""
         owner = self._caller.who()
-        req = wire.loads(request_json, "load_sae request")
-        if not isinstance(req, dict) or "path" not in req or set(req) - {"path", "site", "id"}:
-            raise SaeError("load_sae takes {'path': a directory on the server, 'site': (layer, site) or a hook "
-                           "name or null, 'id': a name or null}")
+        req = _request(LoadSaeRequest, request_json, "load_sae takes {'path': a directory on the server, "
+                       "'site': (layer, site) or a hook name or null, 'id': a name or null}")
         engine, limits = self._engine, self._caller.state.limits
         cap = getattr(limits, "user_max_saes", None)
         have = len(self._saes.owned(owner))
         if cap is not None and have >= cap:
             raise QuotaError(f"quota user_max_saes: you have {have} SAEs loaded, of {cap}; unload one first",
                              quota="user_max_saes")
-        files = inspect_dir(req["path"], getattr(limits, "sae_dirs", None))
-        site = req.get("site")
+        files = inspect_dir(req.path, getattr(limits, "sae_dirs", None))
+        site = req.site
         if site is None:
             if files.hook is None:
                 raise SaeError("cfg.json names no hook: pass site=(layer, site) or 'blocks.N.hook_resid_pre'")
@@ -77,7 +76,7 @@ class SaeCalls:
                            f"{' (heads flattened)' if files.reshape_z else ''}; layer {layer} {name} of this "
                            f"model has {width if width is not None else 'another shape'}"
                            f"{' (heads x head_dim, flattened)' if name == 'z' else ''}")
-        sae_id = self._saes.new_id(owner, req.get("id"))
+        sae_id = self._saes.new_id(owner, req.id)
         nbytes = files.numel * engine.dtype.itemsize
         self._caller.check_bytes(owner, adding=nbytes)  # refused before a byte is read
         sae = SAE.build(sae_id, owner, layer, name, files, load_tensors(files), engine.device, engine.dtype)
@@ -91,11 +90,11 @@ class SaeCalls:
         except QuotaError:
             self._saes.remove(owner, sae_id)
             raise
-        return sae.describe()
+        return SaeInfo(**sae.describe()).to_json()
 
     def saes(self) -> list[dict[str, Any]]:
         """The caller's loaded SAEs."""
-        return [s.describe() for s in self._saes.owned(self._caller.who())]
+        return [SaeInfo(**s.describe()).to_json() for s in self._saes.owned(self._caller.who())]
 
     def unload_sae(self, sae_id: Any) -> dict[str, Any]:
         """Free an SAE; refused while a run of the caller's has a condition reading it."""
@@ -109,28 +108,38 @@ class SaeCalls:
                                    "close that run first")
         self._saes.remove(owner, sae.id)
         self._caller.state.freed.set()
-        return {"id": sae.id, "state": "unloaded"}
+        return SaeUnloaded(sae.id).to_json()
 
     def features(self, run_id: Any, request_json: Any) -> dict[str, Any]:
         """{sae, k} or {sae, ids}: at a pause at the SAE's place, per position the top-k (feature,
         activation) or the chosen features' activations; with the positions' token ids and texts."""
         owner = self._caller.who()
-        req = wire.loads(request_json, "features request")
-        if not isinstance(req, dict) or "sae" not in req or set(req) - {"sae", "k", "ids"}:
-            raise SaeError("features takes {'sae': an SAE id, 'k': int} or {'sae': id, 'ids': [feature ids]}")
-        sae = self._saes.get(owner, req["sae"])
+        req = _request(FeaturesRequest, request_json,
+                       "features takes {'sae': an SAE id, 'k': int} or {'sae': id, 'ids': [feature ids]}")
+        sae = self._saes.get(owner, req.sae)
         run = self._engine.get(_str(run_id, "run id"), owner)
         cp = run.checkpoint
         positions = int(cp.pending.shape[1]) if cp is not None and cp.pending.dim() >= 2 else 1  # (batch, positions, ...)
         self._caller.check_bytes(owner, adding=sae.work_bytes(positions))  # admitted before it is encoded
-        ids, values = read_features(self._engine, run.id, owner, sae, req.get("k"), req.get("ids"))
+        ids, values = read_features(self._engine, run.id, owner, sae, req.k, req.ids)
         seq = list(run.prompt_ids) + list(run.token_ids)
         step = run.checkpoint.step if run.checkpoint is not None else run.step
         tokens = seq[:len(run.prompt_ids)] if step == 0 else seq[len(run.prompt_ids) + step - 1:][:1]
         tokens = tokens if len(tokens) == len(ids) else []  # a length the table cannot pair is not shown
         texts = self._replies.token_texts(tokens)
-        return {"sae": sae.id, "layer": sae.layer, "site": sae.site, "step": step, "ids": ids, "values": values,
-                "token_ids": tokens, "texts": [texts[t] for t in tokens] if texts else None}
+        return FeaturesReply(sae=sae.id, layer=sae.layer, site=sae.site, step=step, ids=ids, values=values,
+                             token_ids=tokens, texts=[texts[t] for t in tokens] if texts else None).to_json()
+
+
+R = TypeVar("R", LoadSaeRequest, FeaturesRequest)
+
+
+def _request(cls: type[R], request_json: Any, usage: str) -> R:
+    """A request read through its class; refused as an ``SaeError`` saying what the call takes."""
+    try:
+        return cls.from_json(wire.loads(request_json, f"{usage.split()[0]} request"))
+    except BadRequestError as e:
+        raise SaeError(f"{usage}: {e}"[:400]) from None
 
 
 def _site_width(engine: Engine, layer: int, site: str) -> int | None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ..core.runs import Run
 from ..errors import BadRequestError, DjinnError
 from ..schema import RunState
+from ..schema_calls import DecodeManyReply, DecodeManyRequest
 from .. import wire
 from .parts import Caller
 
@@ -117,14 +118,9 @@ class TextCalls:
         """``{"sequences": [[ids], ...], "tokens": [ids]}``: the text of each sequence and of each
         token on its own, in one call (at most ``MAX_DECODE_IDS`` ids in all)."""
         self._caller.who()
-        req = wire.loads(request_json, "decode_many request")
-        if not isinstance(req, dict) or set(req) - {"sequences", "tokens"}:
-            raise BadRequestError("decode_many takes {'sequences': [[token ids], ...], 'tokens': [token ids]}")
-        seqs = req.get("sequences", [])
-        if not isinstance(seqs, list):
-            raise BadRequestError("sequences must be a list of lists of token ids")
-        seqs = [_ids(s, "each sequence") for s in seqs]
-        tokens = _ids(req.get("tokens", []), "tokens")
+        req = DecodeManyRequest.from_json(wire.loads(request_json, "decode_many request"))
+        seqs = [_ids(s, "each sequence") for s in req.sequences]
+        tokens = _ids(req.tokens, "tokens")
         if sum(map(len, seqs)) + len(tokens) > MAX_DECODE_IDS:
             raise BadRequestError(f"decode_many decodes at most {MAX_DECODE_IDS} token ids at once")
-        return {"sequences": [self._engine.decode(s) for s in seqs], "tokens": self._engine.decode_each(tokens)}
+        return DecodeManyReply([self._engine.decode(s) for s in seqs], self._engine.decode_each(tokens)).to_json()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import BadRequestError
+from ..schema_calls import ExpectReply
 from .. import wire
 from ..wire import sidechannel
 from .parts import Caller
@@ -61,4 +62,4 @@ class Transfers:
         meta = wire.loads(meta_json, "tensor header")
         _, _, nbytes = wire.check_header(meta, state.max_payload)
         self._caller.check_bytes(self._caller.who(), adding=nbytes)  # a reservation counts to its user, like a run
-        return state.bulk.expect(meta, state.max_payload, self._caller.who(), self._key)
+        return ExpectReply(**state.bulk.expect(meta, state.max_payload, self._caller.who(), self._key)).to_json()
