@@ -4,29 +4,14 @@ graph) give exactly the tokens of plain HF ``generate`` with the same edit made 
 reach the graph path, so these are the checks that the graph replay is exact."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from djinn_nb.core import reference
 from djinn_nb.core.engine import Engine
-from djinn_nb.core.models import load_model
 from djinn_nb.core.specs import Edit
 
-#: ``load_model`` sources, space-separated in ``DJINN_GPU_MODELS``.
-GPU_MODELS = os.environ.get("DJINN_GPU_MODELS", "random:gpt2 random:llama-7b").split()
-SEQ, NEW = 128, 8
-
-
-@pytest.fixture(scope="module", params=GPU_MODELS)
-def engine(request) -> Engine:
-    source = request.param
-    loaded = load_model(source, device="cuda:0", dtype="bfloat16" if "7b" in source else "float32")
-    eng = Engine(loaded.model, loaded.tokenizer, source)
-    yield eng
-    del eng, loaded
-    torch.cuda.empty_cache()
+SEQ, NEW = 128, 8  # the engine fixture (one per model of DJINN_GPU_MODELS) is conftest.py's
 
 
 @pytest.fixture(scope="module")

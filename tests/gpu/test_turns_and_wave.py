@@ -7,20 +7,9 @@ import torch
 
 from djinn_nb.core import stepping
 from djinn_nb.core.engine import Engine
-from djinn_nb.core.models import load_model
 from djinn_nb.core.pause import output_hidden
 
-from test_gpu_exactness import GPU_MODELS, hf  # tests/gpu is on the path (no package)
-
-
-@pytest.fixture(scope="module", params=GPU_MODELS)
-def engine(request) -> Engine:
-    source = request.param
-    loaded = load_model(source, device="cuda:0", dtype="bfloat16" if "7b" in source else "float32")
-    eng = Engine(loaded.model, loaded.tokenizer, source)
-    yield eng
-    del eng, loaded
-    torch.cuda.empty_cache()
+from test_gpu_exactness import hf  # tests/gpu is on the path; the engine fixture is conftest.py's
 
 
 def _prompt(engine: Engine, n: int) -> list[int]:
