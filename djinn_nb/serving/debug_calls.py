@@ -64,11 +64,12 @@ class DebugCalls:
         ):
             raise BadRequestError("payloads must be a tuple of bytes or None, two per fork (or empty)")
         specs, closes, probs_of = [], [], []
-        vocab = int(self._engine.info()["vocab_size"]) or 1
         for i, obj in enumerate(reqs):
             req = ForkRequest.from_json(obj)
-            if req.probs_of is not None and (len(req.probs_of) > 64 or any(not 0 <= t < vocab for t in req.probs_of)):
-                raise BadRequestError(f"fork {i}: probs_of must be at most 64 token ids in 0..{vocab - 1}")
+            if req.probs_of is not None:
+                vocab = int(getattr(self._engine.model.config, "vocab_size", 0)) or 1
+                if len(req.probs_of) > 64 or any(not 0 <= t < vocab for t in req.probs_of):
+                    raise BadRequestError(f"fork {i}: probs_of must be at most 64 token ids in 0..{vocab - 1}")
             probs_of.append(req.probs_of)
             self._requests.check_features(req.breakpoints)
             act, add = (payloads[2 * i], payloads[2 * i + 1]) if payloads else (None, None)

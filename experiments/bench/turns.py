@@ -25,11 +25,7 @@ from djinn_nb.core.models import load_model
 from djinn_nb.core.threads import apply_thread_setting
 
 from ..exp3_whitebox.exp3lib.env import environment, write_json
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ..exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.rounds):
             for name, (split, halves, fn) in cases.items():
                 variant(split, halves)
-                _sync(engine.device)
+                sync()
                 t0 = time.perf_counter()
                 fn()
-                _sync(engine.device)
+                sync()
                 times[name].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows[str(n)] = {"median_ms": med, "logits_equal_model_forward": same,
