@@ -128,3 +128,31 @@ def test_a_batch_rows_bytes_are_counted_without_making_its_views_and_equal_the_m
         f._bytes = None
     assert [(f.bytes_held(), dict(f.storages())) for f in forks] == lazy
     assert lazy[0][0] > 0 and len({b for b, _ in lazy}) == 1
+
+
+def test_a_batch_rows_count_is_made_once_and_holds_with_other_tensors_beside_the_row():
+    """The count of a batch's row is shared by its rows (``kvcache.row_count``, made once per
+    snapshot); a fork that also holds its own tensors (recorded logits) counts them beside its
+    lazy row, the same as once the row's views exist."""
+    from djinn_nb.core import kvcache
+    from djinn_nb.core.engine import Engine
+    from djinn_nb.core.forking import ForkSpec
+    from djinn_nb.core.specs import Edit
+
+    engine = Engine(build_random("gpt2-tiny", seed=3), None, "t")
+    for record in (False, True):
+        parent = engine.generate(list(range(5, 25)), max_new_tokens=3, breakpoints=[{"layer": 4, "step": 1}],
+                                 record_logits=record)
+        forks = engine.fork_many(parent.id, [ForkSpec(Edit(scale=1 + i / 8), [], 3) for i in range(5)])
+        snapshot, _, rows = forks[0]._row
+        assert all(f._row[0] is snapshot for f in forks)
+        lazy = [(f.bytes_held(), dict(f.storages())) for f in forks]
+        assert snapshot in kvcache._ROW_COUNTS and kvcache._ROW_COUNTS[snapshot][0] == rows
+        assert all(f._row is not None for f in forks)  # counting made no views
+        assert all(bool(f.logits) == record for f in forks)
+        for f in forks:
+            f.cache  # noqa: B018 - reading it makes the row's views
+            f._bytes = None
+        assert [(f.bytes_held(), dict(f.storages())) for f in forks] == lazy
+        if record:  # the recorded logits are counted too
+            assert lazy[0][0] > kvcache.row_count(snapshot, rows)[0]

@@ -10,6 +10,8 @@ was, the one way back for the NaN guard and the conditional breakpoints alike.
 from __future__ import annotations
 
 import copy
+import math
+import weakref
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -95,6 +97,44 @@ def row_views(cache: Cache, row: int, rows: int) -> list[tuple[torch.Tensor, int
                 else:
                     out.append((t, int(t.storage_offset()), tuple(t.shape), tuple(t.stride())))
     return out
+
+
+def count_views(tensors: list[torch.Tensor], views: list[tuple[torch.Tensor, int, tuple, tuple]]
+                 ) -> tuple[int, dict[int, int]]:
+    """The bytes ``tensors`` and ``views`` (tensor viewed, storage offset, shape, stride) hold: each
+    distinct view once, at most its storage's size per storage; and ``{storage key: its size}``."""
+    seen: dict[int, tuple[int, int, set]] = {}
+    for t, offset, shape, stride in [(t, t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in tensors] + views:
+        st = t.untyped_storage()
+        key = st.data_ptr() or id(t)
+        total, cap, kept = seen.get(key, (0, st.nbytes(), set()))
+        if (offset, shape, stride) not in kept:
+            kept.add((offset, shape, stride))
+            total += math.prod(shape) * t.element_size()
+        seen[key] = (total, cap, kept)
+    return sum(min(total, cap) for total, cap, _ in seen.values()), {k: cap for k, (_, cap, _) in seen.items()}
+
+
+#: per batch snapshot: (rows, what one row holds: its bytes and ``{storage key: storage size}``)
+_ROW_COUNTS: "weakref.WeakKeyDictionary[Cache, tuple[int, tuple[int, dict[int, int]]]]" = weakref.WeakKeyDictionary()
+
+
+def row_count(cache: Cache, rows: int) -> tuple[int, dict[int, int]] | None:
+    """What any one row of ``cache`` (a batch snapshot ``rows`` wide that no longer changes)
+    holds: the bytes of its views (each view once, at most its storage's size per storage) and
+    ``{storage key: the storage's size}`` (not to be changed: every row shares it). The same for
+    every row, so a batch of 64 forks counts it once, not 64 times (admitting a 16-fork batch
+    spent more host time counting rows than the GPU took to run them). None where ``row_views``
+    is."""
+    known = _ROW_COUNTS.get(cache)
+    if known is not None and known[0] == rows:
+        return known[1]
+    views = row_views(cache, 0, rows)
+    if views is None:
+        return None
+    counted = count_views([], views)
+    _ROW_COUNTS[cache] = (rows, counted)
+    return counted
 
 
 def cat_rows(caches: list[Cache], rows: list[int]) -> Cache:

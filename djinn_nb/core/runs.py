@@ -204,21 +204,23 @@ class Run:
         return self._bytes[2]
 
     def _count_bytes(self) -> tuple[int, dict[int, int]]:
-        seen: dict[int, tuple[int, int, set]] = {}
-        lazy = kvcache.row_views(*self._row) if self._row is not None else None  # a batch's row, not yet made
-        tensors: list[torch.Tensor] = list(run_tensors(self, with_cache=lazy is None)) + list(self.logits)
-        if self.last_logits is not None:
-            tensors.append(self.last_logits)
-        views_of = [(t, t.storage_offset(), tuple(t.shape), tuple(t.stride())) for t in tensors] + (lazy or [])
-        for t, offset, shape, stride in views_of:
-            st = t.untyped_storage()
-            key = st.data_ptr() or id(t)
-            total, cap, views = seen.get(key, (0, st.nbytes(), set()))
-            if (offset, shape, stride) not in views:
-                views.add((offset, shape, stride))
-                total += math.prod(shape) * t.element_size()
-            seen[key] = (total, cap, views)
-        return sum(min(total, cap) for total, cap, _ in seen.values()), {k: cap for k, (_, cap, _) in seen.items()}
+        if self._row is None:
+            return kvcache.count_views(self._tensors(with_cache=True), [])
+        # a batch's row, not yet made: counted once for all the batch's rows (kvcache.row_count)
+        counted = kvcache.row_count(self._row[0], self._row[2])
+        others = self._tensors(with_cache=False)
+        if counted is None:
+            return kvcache.count_views(self._tensors(with_cache=True), [])
+        if not others:  # a finished fork's row is all it holds
+            return counted
+        own, caps = kvcache.count_views(others, [])
+        if caps.keys().isdisjoint(counted[1]):  # its own tensors (the last logits) share no storage with the row
+            return own + counted[0], {**counted[1], **caps}
+        return kvcache.count_views(others, kvcache.row_views(*self._row) or [])
+
+    def _tensors(self, with_cache: bool) -> list[torch.Tensor]:
+        found = run_tensors(self, with_cache) + list(self.logits)
+        return found + [self.last_logits] if self.last_logits is not None else found
 
     def brief(self, since: int | None = None) -> dict[str, Any]:
         """Where the run is, in a few fields: what most calls answer. ``since``: how many of the
