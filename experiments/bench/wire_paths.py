@@ -1,4 +1,4 @@
-"""The transfer paths that ``bench_server.py`` times against each other, one function per path.
+"""The transfer paths that ``server.py`` (``python -m experiments.bench.server``) times against each other, one function per path.
 
 Every function moves ``n`` bytes of float32 tensor data over loopback and
 returns a list of wall-clock seconds, one per repeat (after one warm-up). The
