@@ -14,7 +14,7 @@ import torch
 import djinn_nb
 from djinn_nb.core.reference import edit_at, generate, hf_model, scale
 from djinn_nb.errors import BadRequestError, BreakpointError, DjinnError, QuotaError, UnknownRunError
-from experiments.round_trips import count_requests
+from experiments.harness.round_trips import count_requests
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 N = 8

@@ -1,5 +1,5 @@
 """Every result a benchmark writes says what it was measured with: device name, commit and dtype
-(a README figure was labelled fp32 that had been measured in bf16, and bench_fork recorded no dtype)."""
+(a README figure was labelled fp32 that had been measured in bf16, and the fork benchmark recorded no dtype)."""
 from __future__ import annotations
 
 import ast
@@ -77,3 +77,31 @@ def test_the_causal_trace_benchmark_runs_and_its_three_grids_agree(tmp_path):
     out = json.loads(next(tmp_path.glob("causal_trace_*.json")).read_text())
     assert set(out["trace"]["ms"]) >= {"djinn_causal_trace", "torch_hooks_batched_per_layer"}
     assert max(out["trace"]["max_abs_diff_vs_hooks"].values()) < 1e-6
+
+
+def test_the_top_level_of_experiments_holds_no_script():
+    """The benchmarks are experiments/bench/ (one per figure), the one-off investigations
+    experiments/probes/, what benchmarks and tests share experiments/harness/; a ``bench_*.py`` (or
+    any other module) back at the top level makes experiments/ a pile again."""
+    stray = sorted(p.name for p in EXPERIMENTS.glob("*.py") if p.name != "__init__.py")
+    assert not [n for n in stray if n.startswith("bench_")], f"move these to experiments/bench/ without the bench_ prefix: {stray}"
+    assert not stray, f"experiments/ top level: move these to bench/, probes/ or harness/: {stray}"
+    assert not list((EXPERIMENTS / "bench").glob("bench_*.py")), "experiments/bench/ names its scripts without the bench_ prefix"
+
+
+SCRIPTS = sorted(p.stem for d in ("bench", "probes") for p in (EXPERIMENTS / d).glob("*.py")
+                 if p.stem != "__init__" and "def main(" in p.read_text())
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_benchmark_and_probe_imports_and_parses_its_options(name, capsys):
+    """Each script still imports from where it sits (its relative imports) and answers ``--help``
+    through ``main(argv)``, as ``python -m experiments.<bench|probes>.<name> --help`` does."""
+    import importlib
+
+    package = "bench" if (EXPERIMENTS / "bench" / f"{name}.py").exists() else "probes"
+    module = importlib.import_module(f"experiments.{package}.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out

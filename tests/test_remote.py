@@ -1,7 +1,7 @@
 """Over a real network's latency: each action costs its compute plus a few round trips.
 
 A ``djinn-server`` (the embedded SmolLM2, in this process) seen through
-``experiments/latency_proxy.py``: every byte delayed 12.5 ms each way (25 ms round trip), on
+``experiments/harness/latency_proxy.py``: every byte delayed 12.5 ms each way (25 ms round trip), on
 both channels. Each action's wall time through the link, less the same action's on loopback
 measured beside it, must stay within 3 round trips (issue 21's goal) plus a margin for a busy
 2-core machine; a large activation crosses on the side channel through the link.
@@ -16,7 +16,7 @@ import torch
 import djinn_nb
 from djinn_nb.serving.embedded import start_embedded_server
 from djinn_nb.wire import sidechannel
-from experiments.latency_proxy import DelayedServer
+from experiments.harness.latency_proxy import DelayedServer
 
 RTT = 0.025
 PROMPT = "The Eiffel Tower is located in the city of"

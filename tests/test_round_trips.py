@@ -12,7 +12,7 @@ import pytest
 from IPython.utils.capture import capture_output
 
 from ipython_shell import djinn_shell, magic
-from experiments.round_trips import count_requests
+from experiments.harness.round_trips import count_requests
 
 import djinn_nb
 from djinn_nb.notebook.formatters import run_card

@@ -13,7 +13,7 @@ import djinn_nb
 from djinn_nb.core.reference import hf_model
 from djinn_nb.core.architecture import find_anatomy
 from djinn_nb.errors import ActivationError, BadRequestError, NonFiniteError, QuotaError, RunStateError
-from experiments.round_trips import count_requests
+from experiments.harness.round_trips import count_requests
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 N = 10

@@ -11,7 +11,7 @@ import torch
 import djinn_nb
 from djinn_nb.core.reference import hf_model
 from djinn_nb.errors import BadRequestError
-from experiments.round_trips import count_requests
+from experiments.harness.round_trips import count_requests
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0]

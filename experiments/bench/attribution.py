@@ -21,6 +21,7 @@ from typing import Any
 
 import djinn_nb
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 
 PAIRS = [
@@ -88,9 +89,7 @@ def summary(pairs: list[dict[str, Any]], ks: list[int], top: int) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    add_model_args(p, model=None, device="cpu", model_help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--sites", default=",".join(SITES))
     p.add_argument("--ks", default="10,20,50", help="the estimate's top k cells in which the exact top cells are sought")
     p.add_argument("--top", type=int, default=10)

@@ -22,15 +22,14 @@ import djinn_nb
 from djinn_nb.core.models import load_model
 from djinn_nb.core.threads import apply_thread_setting
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, write_json
-from ..server_process import djinn_server
+from ..harness.server_process import djinn_server
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--positions", type=int, default=16)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default="experiments/out/attribution_cost")

@@ -20,16 +20,15 @@ import torch
 import djinn_nb
 from djinn_nb.core.models import load_model
 
-from ..bench_patching import trace_section
+from .patching import trace_section
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from ..server_process import djinn_server
+from ..harness.server_process import djinn_server
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    add_model_args(p)
     p.add_argument("--positions", type=int, default=16)
     p.add_argument("--trace-repeats", type=int, default=3)
     p.add_argument("--no-per-cell", action="store_true", help="leave out the per-cell hook loop and nnsight")

@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 
 import djinn_nb
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, write_json
-from ..server_process import djinn_server
+from ..harness.server_process import djinn_server
 
 
 def write_sae(path: Path, d_in: int, d_sae: int, hook: str) -> None:
@@ -54,9 +55,7 @@ def medians(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--d-sae", type=int, default=32768)
     p.add_argument("--positions", type=int, default=128)

@@ -25,8 +25,9 @@ from djinn_nb.core.models import load_model
 from djinn_nb.core.threads import apply_thread_setting
 from djinn_nb.serving.embedded import start_embedded_server
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, write_json
-from ..server_process import djinn_server
+from ..harness.server_process import djinn_server
 
 
 def _sync(device: torch.device) -> None:
@@ -36,9 +37,7 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--positions", type=int, default=128)
     p.add_argument("--k", type=int, default=1)
     p.add_argument("--rounds", type=int, default=15)

@@ -46,12 +46,12 @@ def fresh(model: str | None, embedded: bool, env: dict[str, str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=7)
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     home = tempfile.mkdtemp(prefix="djinn-home-")
     env = {**os.environ, "DJINN_HOME": home, "PYTHONPATH": str(ROOT)}
     from djinn_nb.serving import localhome

@@ -3,7 +3,7 @@
     python -m experiments.bench.remote --rtt 0 5 25 --out DIR
 
 The embedded SmolLM2 behind a server in this process, reached on loopback and through
-``experiments/latency_proxy.py`` at each ``--rtt`` (milliseconds, both channels). Per action: the
+``experiments/harness/latency_proxy.py`` at each ``--rtt`` (milliseconds, both channels). Per action: the
 rpyc requests it sends (counted at the protocol level), its fastest wall time of ``--rounds``
 interleaved with the same action on loopback, and that time less the loopback one in round trips
 (the goal: at most 3, i.e. wall ≤ compute + 3 × RTT). Floor: one round trip per action.
@@ -18,9 +18,10 @@ from typing import Any, Callable
 import djinn_nb
 from djinn_nb.serving.embedded import start_embedded_server
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, write_json
-from ..latency_proxy import DelayedServer
-from ..round_trips import count_requests  # the counter tests/test_round_trips.py uses
+from ..harness.latency_proxy import DelayedServer
+from ..harness.round_trips import count_requests  # the counter tests/test_round_trips.py uses
 
 PROMPT = "The Eiffel Tower is located in the city of"
 
@@ -48,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rtt", type=float, nargs="+", default=[0.0, 5.0, 25.0])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--model", default=None, help="djinn-server's --model (default: the embedded SmolLM2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    add_model_args(p, model=None, device="cpu", model_help="djinn-server's --model (default: the embedded SmolLM2)")
     p.add_argument("--out", default="experiments/out/remote")
     args = p.parse_args(argv)
     server = start_embedded_server(args.model, args.device, args.dtype)

@@ -18,19 +18,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 import djinn_nb
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, write_json
-from ..server_process import djinn_server
+from ..harness.server_process import djinn_server
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt", type=int, default=32)

@@ -67,11 +67,11 @@ def run_config(env_changes: dict[str, str | None], repeats: int) -> dict:
     return json.loads(p.stdout.split("RESULT ", 1)[1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="experiments/results/cpu-2core/threads.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from experiments.exp3_whitebox.exp3lib.env import environment
 
     results = []

@@ -24,15 +24,14 @@ from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 from djinn_nb.core.threads import apply_thread_setting
 
+from ..exp3_whitebox.exp3lib.cli import add_model_args
 from ..exp3_whitebox.exp3lib.env import environment, write_json
 from ..exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    add_model_args(p)
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--out", default="experiments/out/turns")

@@ -2,7 +2,7 @@
 its text within the move's compute + 100 ms, in at most 2 requests.
 
 A ``djinn-server`` (the embedded SmolLM2, in a process of its own) is reached by the notebook's
-kernel through ``experiments/latency_proxy.py``: every byte delayed 12.5 ms each way on both
+kernel through ``experiments/harness/latency_proxy.py``: every byte delayed 12.5 ms each way on both
 channels (rpyc and the side channel). The notebook connects with ``%djinn_connect`` to the
 proxy's address and shows ``%djinn_steer``'s slider; real Chromium (the same setup and skip
 policy as ``test_jupyterlab.py``) moves it by typing a value into its readout and by the arrow
@@ -15,7 +15,7 @@ keys, as a person would. For each move:
   ``showing scale v``, the text beside it; it is painted at the next frame) is within the
   move's compute + 100 ms;
 - the kernel's client sent at most 2 rpyc requests for it (counted at the protocol level,
-  ``experiments/round_trips.py``).
+  ``experiments/harness/round_trips.py``).
 
 **Compute** is the server's own time for the very fork the move made: the ``timings_ms`` of
 that fork's reply (``fork_copy`` + ``execute``, measured on the server around the call), read in
@@ -70,7 +70,7 @@ s.close()
 _SETUP = '''%load_ext djinn_nb
 import json
 import djinn_nb.notebook.widgets as widgets
-from experiments.round_trips import count_requests
+from experiments.harness.round_trips import count_requests
 
 client = %djinn_connect {far}
 counting = count_requests(client)  # kept: the counter runs while this object lives
@@ -143,7 +143,7 @@ _KERNEL = f"""async (code) => {{
 def far_server(lab, tmp_path_factory):
     """The server in its own process (its compute never shares a GIL with the proxy or the
     browser's driver), and the proxy in front of it: (address, far address)."""
-    from experiments.latency_proxy import DelayedServer
+    from experiments.harness.latency_proxy import DelayedServer
 
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -260,7 +260,7 @@ def _record(moves: list[dict]) -> None:
     keys = ("wanted", "browser_ms", "compute_ms", "over_compute_ms", "latency_ms", "link_ms", "busy_shown_ms", "requests")
     write_json(ARTIFACTS / "slider_latency.json", {
         "benchmark": "steering slider moves in JupyterLab (headless Chromium) through a link of 25 ms round trip "
-                     "(experiments/latency_proxy.py, both channels); tests/browser/test_slider_latency.py",
+                     "(experiments/harness/latency_proxy.py, both channels); tests/browser/test_slider_latency.py",
         "model": "embedded SmolLM2-135M, 12 new tokens per fork, layer 10",
         "rtt_ms": RTT_MS, "goal": "shown within compute + 100 ms (median); worst within compute + 100 ms + 50% compute",
         "compute": "the server's timings_ms of the move's own fork (fork_copy + execute)",

@@ -1,7 +1,7 @@
 """GPU-only tests: skipped where CUDA is absent (the CPU suite cannot reach CUDA graphs).
 
 ``DJINN_GPU_MODELS`` (space-separated ``load_model`` sources, default
-``random:gpt2 random:llama-7b``) picks the models; ``experiments/gpu_exactness.py``
+``random:gpt2 random:llama-7b``) picks the models; ``experiments/bench/gpu_exactness.py``
 runs these tests on the device machine and writes their outcome as JSON.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Small-call latency through the client (issue 14, goal <= 1.15x a bare rpyc echo call).
 
-    python -m experiments.bench_calls [--rounds 15] [--calls 200] [--out DIR]
+    python -m experiments.bench.calls [--rounds 15] [--calls 200] [--out DIR]
 
 Measured side by side in one run, each against a server in another process over
 loopback with TCP_NODELAY on both ends:
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ECHO_SERVER = r"""
 import socket, sys, time, rpyc
@@ -128,7 +128,7 @@ def _times(fn: Callable[[], Any], n: int) -> list[float]:
 
 
 def versions() -> dict[str, Any]:
-    from .exp3_whitebox.exp3lib.env import environment
+    from ..exp3_whitebox.exp3lib.env import environment
 
     env = environment("cpu", None)  # small calls: no tensors of a model are timed
     try:
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:16s} {v['us_median']:8.1f} {v['ratio_to_rpyc_echo']:7.2f} "
               f"{v['ratio_p25']:6.2f}..{v['ratio_p75']:<6.2f}{extra}")
     if args.out:
-        from .exp3_whitebox.exp3lib.env import write_json
+        from ..exp3_whitebox.exp3lib.env import write_json
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         name = f"bench_calls{'_' + args.label if args.label else ''}.json"

@@ -1,6 +1,6 @@
 """Pausing at every step through the client (issue 14, goal: <= 5 % of a step).
 
-    python -m experiments.bench_client_pause --model random:gpt2 --device cuda:0 [--out DIR]
+    python -m experiments.bench.client_pause --model random:gpt2 --device cuda:0 [--out DIR]
 
 A ``djinn-server`` in another process; the client generates ``--new-tokens`` tokens from a
 ``--seq``-token prompt two ways, interleaved round by round: plain (``generate``, no breakpoint:
@@ -22,9 +22,9 @@ import torch
 
 import djinn_nb
 
-from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .server_process import djinn_server
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..harness.server_process import djinn_server
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     add_generation_args(p)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--spin-us", type=int, default=None, help="the client's spin_us (default: connect()'s default)")
-    p.add_argument("--out", default="experiments/out/bench_client_pause")
+    p.add_argument("--out", default="experiments/out/client_pause")
     args = p.parse_args(argv)
     with djinn_server(args.model, args.device, args.dtype) as address:
         client = djinn_nb.connect(address, spin_us=args.spin_us)

@@ -1,6 +1,6 @@
 """Batched forks and causal tracing, through the client to a ``djinn-server`` process (issue 10).
 
-    python -m experiments.bench_patching --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
+    python -m experiments.bench.patching --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
 
 1. From one checkpoint (layer ``--layer``, prompt pass, ``--seq`` tokens), to the next token:
    one ``fork``, sixteen ``fork`` calls one after another, and one ``fork_many`` of sixteen,
@@ -26,9 +26,10 @@ from djinn_nb.core.architecture import find_anatomy
 from djinn_nb.core.models import load_model
 from djinn_nb.core.pause import Trace
 
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, stats, sync
-from .server_process import djinn_server
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, stats, sync
+from ..harness.server_process import djinn_server
 
 def gemm_floor_ms(model: torch.nn.Module, after_layer: int, tokens: int, rows: int, repeats: int = 20) -> float:
     """The time of the matrix products alone that finishing a prompt pass from ``after_layer`` takes
@@ -239,17 +240,14 @@ def _value(saved: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    add_generation_args(p, new_tokens=None)  # forks and grids run to one token
     p.add_argument("--layer", type=int, default=6)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--forks", type=int, default=16)
     p.add_argument("--positions", type=int, default=16)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--trace-repeats", type=int, default=3)
     p.add_argument("--no-trace", action="store_true", help="only the forks (and the floor), no causal-tracing grid")
-    p.add_argument("--out", default="experiments/out/bench_patching")
+    p.add_argument("--out", default="experiments/out/patching")
     args = p.parse_args(argv)
     with djinn_server(args.model, args.device, args.dtype) as address:
         client = djinn_nb.connect(address)

@@ -1,6 +1,6 @@
 """Rewind to a decoding step vs that step itself (issue 11's goal: <= 1.2x), in paired rounds.
 
-    python -m experiments.bench_navigation --model random:gpt2 --device cuda:0 --out DIR
+    python -m experiments.bench.navigation --model random:gpt2 --device cuda:0 --out DIR
 
 One finished greedy generation is the source. For a decoding step k and the
 middle layer, each round measures, in a shuffled order:
@@ -32,9 +32,9 @@ import torch
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 
-from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .exp3_whitebox.exp3lib.timing import sync
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--min-rounds", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=120.0, help="stop adding rounds after this long")
-    p.add_argument("--out", default="experiments/out/bench_navigation")
+    p.add_argument("--out", default="experiments/out/navigation")
     args = p.parse_args(argv)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     engine = Engine(loaded.model, loaded.tokenizer, args.model)

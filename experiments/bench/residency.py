@@ -1,6 +1,6 @@
 """Residency benchmark (issue 3): offload/restore of paused runs, and what paused runs cost others.
 
-    python -m experiments.bench_residency --model random:gpt2 --device cuda:0 --out DIR
+    python -m experiments.bench.residency --model random:gpt2 --device cuda:0 --out DIR
 
 1. Restore of an offloaded paused run vs a raw pinned host-to-device copy of the
    same number of bytes (goal <= 1.2x), at several prompt lengths.
@@ -24,8 +24,9 @@ import torch
 from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, sync
+from ..exp3_whitebox.exp3lib.cli import add_model_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio, sync
 
 
 def restore_vs_raw(engine: Engine, seq: int, layer: int, repeats: int) -> dict:
@@ -116,9 +117,7 @@ def run_b_latency(engine: Engine, idle: Engine, paused: int, seq: int, layer: in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    add_model_args(p)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 1000])
     p.add_argument("--paused", type=int, default=32)
     p.add_argument("--repeats", type=int, default=30)

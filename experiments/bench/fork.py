@@ -1,6 +1,6 @@
 """Fork latency through the client to a separate ``djinn-server`` process (issue 2's goal).
 
-    python -m experiments.bench_fork --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
+    python -m experiments.bench.fork --model random:gpt2 --device cuda:0 --layer 6 --seq 128 --out DIR
 
 A run paused at (layer, step 0) with max_new_tokens=1 is forked to its end again
 and again, end to end through the client on loopback (the fork's first two runs
@@ -22,20 +22,18 @@ import djinn_nb
 from djinn_nb.core.architecture import find_anatomy
 from djinn_nb.core.models import load_model
 
-from .exp3_whitebox.exp3lib import eager
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio
-from .server_process import djinn_server
+from ..exp3_whitebox.exp3lib import eager
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.timing import Case, measure_interleaved, ratio
+from ..harness.server_process import djinn_server
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None)
+    add_generation_args(p, new_tokens=None)  # a fork runs to one token
     p.add_argument("--layer", type=int, default=6)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=100)
-    p.add_argument("--out", default="experiments/out/bench_fork")
+    p.add_argument("--out", default="experiments/out/fork")
     args = p.parse_args(argv)
     with djinn_server(args.model, args.device, args.dtype) as address:
         client = djinn_nb.connect(address)

@@ -1,8 +1,8 @@
 """A Llama-70B-shape model split over several GPUs of one host (issue 14, item 4), in-process.
 
-    python -m experiments.bench_70b --gpus 4 --out $OUT                 # 70B shape, bf16, ~140 GB
-    python -m experiments.bench_70b --shape 7b --gpus 2 --out $OUT      # the fallback
-    python -m experiments.bench_70b --shape tiny --out /tmp/b70         # the script's logic, on CPU
+    python -m experiments.bench.multi_gpu --gpus 4 --out $OUT                 # 70B shape, bf16, ~140 GB
+    python -m experiments.bench.multi_gpu --shape 7b --gpus 2 --out $OUT      # the fallback
+    python -m experiments.bench.multi_gpu --shape tiny --out /tmp/b70         # the script's logic, on CPU
 
 No hub and no server (no rpyc needed): random weights, built without a host copy —
 the model is made under accelerate's ``init_empty_weights``, a device map comes from
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fork-repeats", type=int, default=20)
     p.add_argument("--part-seconds", type=float, default=90.0, help="time box per part")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="experiments/out/bench_70b")
+    p.add_argument("--out", default="experiments/out/multi_gpu")
     a = p.parse_args(argv)
     gpus = (torch.cuda.device_count() if a.gpus is None else a.gpus) if torch.cuda.is_available() else 0
     if a.gpus and gpus < a.gpus:
@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from djinn_nb.core.engine import Engine
     from djinn_nb.core.specs import Edit
 
-    from .exp3_whitebox.exp3lib import eager
-    from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-    from .exp3_whitebox.exp3lib.timing import Case, measure_interleaved
+    from ..exp3_whitebox.exp3lib import eager
+    from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+    from ..exp3_whitebox.exp3lib.timing import Case, measure_interleaved
 
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Warm start (issue 14, goal <= 3 s): ``djinn_nb.connect()`` of the embedded default, ready to generate.
 
-    python -m experiments.bench_warm_start [--n 7] [--out experiments/results/cpu-2core/warm_start]
+    python -m experiments.bench.warm_start [--n 7] [--out experiments/results/cpu-2core/warm_start]
 
 Each sample is a fresh Python process (nothing imported, the converted model already
 cached under ``~/.cache/djinn_nb`` or ``$DJINN_CACHE``; run once cold first if it is
@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import gc, json, os, resource, sys, time
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = _child(PHASES)
     load_after = os.getloadavg()
     med = {k: statistics.median(s[k] for s in samples) for k in samples[0] if k != "text"}
-    from .exp3_whitebox.exp3lib.env import environment, write_json
+    from ..exp3_whitebox.exp3lib.env import environment, write_json
 
     out = {
         "what": "djinn_nb.connect() of the embedded default (converted model cached) in fresh processes",

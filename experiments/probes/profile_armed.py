@@ -1,9 +1,9 @@
 """Where an armed step's extra host time goes: plain and armed generations under cProfile, per function.
 
-    python -m experiments.profile_armed --model random:gpt2 --device cuda:0 --dtype float32 --out DIR
+    python -m experiments.probes.profile_armed --model random:gpt2 --device cuda:0 --dtype float32 --out DIR
 
 First times whole generations (alternating plain / armed at the middle layer at every step,
-resumed in-process, as ``bench_armed``'s ``armed``) for the extra time per pause; then runs
+resumed in-process, as ``experiments/bench/armed.py``'s ``armed``) for the extra time per pause; then runs
 each under cProfile (alternating too, one profiler per kind) and lists, per function, its own time per step in the armed runs less
 that in the plain runs, and the calls per step it adds: the rows at the top are what a pause
 adds, those at the bottom what the hand-run continuation saves (HF's output handling, say).
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .exp3_whitebox.exp3lib.timing import sync
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.timing import sync
 
 
 def _own_times(profile: cProfile.Profile) -> dict[tuple, tuple[int, float]]:

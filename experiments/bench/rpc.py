@@ -1,6 +1,6 @@
 """Small-call latency (issue 2/3): where a client round trip's time goes.
 
-    python -m experiments.bench_rpc [--out DIR]
+    python -m experiments.bench.rpc [--out DIR]
 
 Medians of many round trips, each measured side by side in one run:
 a raw TCP ping-pong between two threads of one process and between two
@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 ECHO = (
     "import socket,sys\n"
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in res.items():
         print(f"{k:30s} {v:.3f} ms")
     if args.out:
-        from .exp3_whitebox.exp3lib.env import environment, write_json
+        from ..exp3_whitebox.exp3lib.env import environment, write_json
 
         write_json(Path(args.out) / "bench_rpc.json", {**res, "environment": environment("cpu", None)})
     return 0

@@ -1,7 +1,7 @@
 """Sites inside a block on a GPU: exactness, fork latency from mlp_out vs the block output, lens grid cost.
 
-    python -m experiments.bench_sites --model random:gpt2 --dtype float32 --layer 6 --out DIR
-    python -m experiments.bench_sites --model random:llama-7b --dtype bfloat16 --layer 16 --out DIR
+    python -m experiments.bench.sites --model random:gpt2 --dtype float32 --layer 6 --out DIR
+    python -m experiments.bench.sites --model random:llama-7b --dtype bfloat16 --layer 16 --out DIR
 
 1. Exactness: one run pausing at every site of ``layer`` at the prompt pass and at a
    decoding step resumes to the tokens of the unpaused run; a fork with ``scale`` at each
@@ -29,6 +29,8 @@ from djinn_nb.core.engine import Engine
 from djinn_nb.core.models import load_model
 from djinn_nb.core.sites import SITES
 from djinn_nb.core.specs import Edit
+
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
 
 
 def _sync(device: torch.device) -> None:
@@ -107,14 +109,11 @@ def lens_grid_cost(engine: Engine, prompt: list[int], rounds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_generation_args(p, dtype="float32", new_tokens=None)  # forks run to one token
     p.add_argument("--layer", type=int, default=6)
-    p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--out", default="experiments/out/bench_sites")
+    p.add_argument("--out", default="experiments/out/sites")
     a = p.parse_args(argv)
     loaded = load_model(a.model, device=a.device, dtype=a.dtype)
     engine = Engine(loaded.model, loaded.tokenizer, loaded.name)
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                 "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
                 "transformers": __import__("transformers").__version__},
     }
-    from .exp3_whitebox.exp3lib.env import environment, write_json
+    from ..exp3_whitebox.exp3lib.env import environment, write_json
 
     result["environment"] = environment(a.device, str(engine.dtype))
     write_json(Path(a.out) / f"bench_sites_{a.model.replace(':', '_').replace('/', '_')}.json", result)

@@ -1,6 +1,6 @@
 """Armed-breakpoint overhead (issue 5's goal: <= 1 %), measured in paired rounds.
 
-    python -m experiments.bench_armed --model random:gpt2 --device cuda:0 --out DIR
+    python -m experiments.bench.armed --model random:gpt2 --device cuda:0 --out DIR
 
 Whole greedy generations in one process on the engine, variants per round in a
 shuffled order: plain; a breakpoint at (middle layer, every step) paused and
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from .exp3_whitebox.exp3lib.cli import add_generation_args
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
-from .exp3_whitebox.exp3lib.timing import sync
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.timing import sync
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=130.0, help="stop adding rounds after this long")
     p.add_argument("--package", default="djinn_nb",
                    help="the package to measure, e.g. djinn_nb_base: another commit's djinn_nb, renamed")
-    p.add_argument("--out", default="experiments/out/bench_armed")
+    p.add_argument("--out", default="experiments/out/armed")
     args = p.parse_args(argv)
     Engine = importlib.import_module(f"{args.package}.core.engine").Engine
     load_model = importlib.import_module(f"{args.package}.core.models").load_model

@@ -1,7 +1,7 @@
 """Figures for the README's reliability rows: a shared server under load and under attack.
 
-    python -m experiments.bench_sharing --out experiments/results/cpu-2core/bench_sharing
-    python -m experiments.bench_sharing --model random:gpt2 --device cuda:0 --out DIR   # on a GPU
+    python -m experiments.bench.reliability --out experiments/results/cpu-2core/bench_sharing
+    python -m experiments.bench.reliability --model random:gpt2 --device cuda:0 --out DIR   # on a GPU
 
 Starts real ``djinn-server`` processes on loopback (the test helpers in
 ``tests/server_proc.py``: a 4-block GPT-2 512 wide, TLS, a users file) and records:
@@ -28,7 +28,7 @@ from djinn_nb import wire
 from djinn_nb.wire.protocol import PROTOCOL
 from djinn_nb.wire.transport import open_connection
 
-from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 
 PROMPT = [5, 17, 42, 99, 3, 250, 11, 7]
 
@@ -46,12 +46,12 @@ def fork_ms(run) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def main() -> int:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None, help="default: a 4-block GPT-2 512 wide (the tests' model)")
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     gen, lab = _lab(args.model, args.device)
     out: dict = {"environment": environment(args.device, model_dtype(None, args.device, args.model or "random")), "model": args.model or "gpt2-4x512 (tests)"}
     try:

@@ -1,7 +1,7 @@
 """Server benchmark (issue 3): tensor wire throughput vs a raw socket, and bytes sent per default step.
 
-    python -m experiments.bench_server --out experiments/results/cpu-2core/bench_server
-    python -m experiments.bench_server --out $OUT --device cuda:0      # on the GPU machine
+    python -m experiments.bench.server --out experiments/results/cpu-2core/bench_server
+    python -m experiments.bench.server --out $OUT --device cuda:0      # on the GPU machine
 
 Writes ``bench_server.json`` (numbers, predictions, versions, machine) and
 ``bench_server.md`` (the same as tables) into ``--out``. Runs from the
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..exp3_whitebox.exp3lib.cli import add_generation_args
 
 #: Written before measuring (see experiments/results/*/bench_server.md for the outcome).
 PREDICTIONS = {
@@ -71,7 +73,7 @@ def _cpu_model() -> str:
 
 def bench_wire(sizes: dict[str, int], repeats: int) -> list[dict[str, Any]]:
     """Every path at every size, interleaved per size so that load changes hit all paths alike."""
-    from wire_paths import PATHS, YARDSTICK
+    from .wire_paths import PATHS, YARDSTICK
 
     rows = []
     for label, n in sizes.items():
@@ -91,13 +93,14 @@ def bench_wire(sizes: dict[str, int], repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_step_bytes(model: str, device: str, seq: int, new_tokens: int, layer: int) -> dict[str, Any]:
+def bench_step_bytes(model: str, device: str, seq: int, new_tokens: int, layer: int,
+                     dtype: str | None = None) -> dict[str, Any]:
     """Bytes on the client's socket for each default call of a paused-at-every-step run."""
     from djinn_nb.client import Client
     from djinn_nb.serving.server import DjinnServer, build_engine
 
     t0 = time.perf_counter()
-    engine = build_engine(model, device)
+    engine = build_engine(model, device, dtype)
     load_s = time.perf_counter() - t0
     server = DjinnServer(engine, "127.0.0.1", 0).start()
     client = Client("127.0.0.1", server.port)
@@ -164,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory for bench_server.json and bench_server.md")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {list(SIZES)}")
-    p.add_argument("--model", default="random:gpt2")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=4)
+    add_generation_args(p, device="cpu", new_tokens=4)
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--skip-wire", action="store_true")
     p.add_argument("--skip-steps", action="store_true")
@@ -175,16 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from .exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
+    from ..exp3_whitebox.exp3lib.env import environment, model_dtype, write_json
 
     result: dict[str, Any] = {"versions": versions(), "predictions": PREDICTIONS, "args": vars(args),
-                              "environment": environment(args.device, model_dtype(None, args.device, args.model))}
+                              "environment": environment(args.device, model_dtype(args.dtype, args.device, args.model))}
     if not args.skip_wire:
         print("wire throughput:", flush=True)
         result["wire"] = bench_wire({k: SIZES[k] for k in args.sizes.split(",")}, args.repeats)
     if not args.skip_steps:
         print("bytes per step:", flush=True)
-        result["step_bytes"] = bench_step_bytes(args.model, args.device, args.seq, args.new_tokens, args.layer)
+        result["step_bytes"] = bench_step_bytes(args.model, args.device, args.seq, args.new_tokens, args.layer, args.dtype)
         print(json.dumps({k: v for k, v in result["step_bytes"].items() if k != "calls"}), flush=True)
     write_json(out / "bench_server.json", result)
     (out / "bench_server.md").write_text(markdown(result))

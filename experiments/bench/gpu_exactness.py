@@ -2,7 +2,7 @@
 and forks, eager, captured and replayed as CUDA graphs, against plain HF generate with the same
 hook; the tail graph itself) and writes their outcome with the machine's versions.
 
-    python -m experiments.gpu_exactness --models random:gpt2 random:llama-7b --out DIR
+    python -m experiments.bench.gpu_exactness --models random:gpt2 random:llama-7b --out DIR
 
 The checks live in the tests (they skip without CUDA); this runner only records them in
 ``DIR/gpu_exactness.json``. Exits non-zero on any failure.
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from .exp3_whitebox.exp3lib.env import environment, write_json
+from ..exp3_whitebox.exp3lib.env import environment, write_json
 
-TESTS = Path(__file__).resolve().parents[1] / "tests" / "gpu"
+TESTS = Path(__file__).resolve().parents[2] / "tests" / "gpu"
 
 
 class _Record:

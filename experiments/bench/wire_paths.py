@@ -1,4 +1,4 @@
-"""The transfer paths that ``bench_server.py`` times against each other, one function per path.
+"""The transfer paths that ``server.py`` (``python -m experiments.bench.server``) times against each other, one function per path.
 
 Every function moves ``n`` bytes of float32 tensor data over loopback and
 returns a list of wall-clock seconds, one per repeat (after one warm-up). The
@@ -20,7 +20,7 @@ from rpyc.utils.factory import connect_channel
 
 from djinn_nb import wire
 from djinn_nb.wire import sidechannel
-from djinn_nb.client import Client, Run
+from djinn_nb.client import Client
 from djinn_nb.serving.server import DjinnServer
 from djinn_nb.wire.transport import RPYC_CONFIG, FastChannel, FastSocketStream, open_connection, tune_socket
 
@@ -110,7 +110,13 @@ class StubEngine:
         self.tensor = tensor
 
     def info(self) -> dict[str, Any]:
-        return {"model": "stub", "num_layers": 1, "hidden_size": self.tensor.shape[-1], "device": "cpu", "dtype": "float32"}
+        """Every field the server's typed ``hello`` reply carries (an engine's ``info()``)."""
+        from djinn_nb.core.threads import describe as describe_threads
+
+        return {"model": "stub", "architecture": "stub", "num_layers": 1, "hidden_size": int(self.tensor.shape[-1]),
+                "num_heads": 1, "vocab_size": 1, "device": "cpu", "dtype": "float32", "has_tokenizer": False,
+                "block_path": "stub", "sites": ["resid_post"], "parameters": 0, "max_positions": None,
+                "generation_config_ignored": [], **describe_threads()}
 
     def activation(self, run_id: str, owner: str = "", original: bool = False) -> torch.Tensor:
         return self.tensor
@@ -123,9 +129,8 @@ def rpyc_activation(n: int, repeats: int) -> list[float]:
     """``Run.activation()`` through the real DjinnServer and Client (engine stubbed to a preset tensor)."""
     server = DjinnServer(StubEngine(torch.randn(1, n // 4 // 256, 256)), "127.0.0.1", 0).start()
     client = Client("127.0.0.1", server.port)
-    run = Run(client, {"id": "r1", "state": "paused"})
-    try:
-        return _timed(run.activation, repeats)
+    try:  # what ``Run.activation()`` sends, without a run summary the stub engine has none of
+        return _timed(lambda: client._tensor_out("activation", "r1", False), repeats)
     finally:
         client.close()
         server.close()
