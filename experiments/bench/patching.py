@@ -4,8 +4,11 @@
 
 1. From one checkpoint (layer ``--layer``, prompt pass, ``--seq`` tokens), to the next token:
    one ``fork``, sixteen ``fork`` calls one after another, and one ``fork_many`` of sixteen,
-   interleaved round by round. Goal: fork_many(16) <= 3x one fork. Beside them, the floor: the
-   later blocks' matrix products alone for one and for sixteen forks (``gemm_floor_ms``).
+   interleaved round by round. Goal: fork_many(16) <= 3x one fork. Beside them, two floors, in
+   this process on the same random weights: the batch's remaining layers alone, replayed as the
+   one CUDA graph ``fork_many`` captures (``graph_floor_ms``; issue 23's floor, goal: fork_many(16)
+   <= 1.2x it; on a CPU, the batch's eager rest of step), and the later blocks' matrix products
+   alone (``gemm_floor_ms``), for one fork and for sixteen.
 2. A causal-tracing grid (every layer x ``--positions`` positions of a prompt pair differing at
    a few positions) three ways, in the same process and run: ``djinn_nb.causal_trace`` through
    the client; plain PyTorch forward hooks on this process's copy of the same random model, one
@@ -75,6 +78,48 @@ def gemm_floor_ms(model: torch.nn.Module, after_layer: int, tokens: int, rows: i
             sync()
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1e3)
+    return stats(times).median_ms
+
+
+def graph_floor_ms(loaded: Any, prompt: list[int], layer: int, rows: int, repeats: int = 20) -> float:
+    """The rest of the paused step for ``rows`` forks alone: on a GPU, the CUDA graph ``fork_many``
+    (or, for one row, ``fork``) captures, replayed (copy in the starts, replay; what no fork can
+    skip); on a CPU, the batch's eager ``continue_from``. From an engine in this process."""
+    from djinn_nb.core import kvcache
+    from djinn_nb.core.engine import Engine, ForkSpec
+    from djinn_nb.core.specs import Edit
+
+    engine = Engine(loaded.model, loaded.tokenizer, "floor")
+    parent = engine.generate(prompt, 1, breakpoints=[layer])
+    specs = [ForkSpec(Edit(scale=1.0 + 0.01 * i), [], None) for i in range(rows)]
+    for _ in range(3):  # the second batch of a size captures its graph
+        for run in engine.fork_many(parent.id, specs):
+            engine.close(run.id)
+    cp = parent.checkpoint
+    assert cp is not None
+    graph = cp.graphs.graph if rows == 1 else cp.graphs.batched.get(rows)
+    start = torch.cat([cp.hidden] * rows)
+
+    def rest() -> None:
+        with torch.inference_mode():
+            if graph is not None:
+                graph.replay(start)
+                return
+            cache = kvcache.fork_cache(parent.cache)
+            cache.batch_repeat_interleave(rows)
+            a = kvcache.swap_cache(cp.args, parent.cache, cache)
+            kw = kvcache.swap_cache(cp.kwargs, parent.cache, cache)
+            engine.stepper.continue_from(cp.layer, cp.site, start, a, kw, {})
+
+    times = []
+    for i in range(repeats + 3):
+        sync()
+        t0 = time.perf_counter()
+        rest()
+        sync()
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1e3)
+    engine.close(parent.id)
     return stats(times).median_ms
 
 
@@ -282,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         seq_ = res[f"{args.forks}_forks_one_by_one"][0]
         many = res[f"fork_many_{args.forks}"][0]
 
-        model = load_model(args.model, device=args.device, dtype=args.dtype).model
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+        model = loaded.model
         floor_one = gemm_floor_ms(model, args.layer, args.seq, 1)
         floor_many = gemm_floor_ms(model, args.layer, args.seq, args.forks)
+        graph_one = graph_floor_ms(loaded, prompt, args.layer, 1)
+        graph_many = graph_floor_ms(loaded, prompt, args.layer, args.forks)
         out = {
             "benchmark": "batched forks and causal tracing through the client to a djinn-server subprocess",
             "model": args.model, "dtype": args.dtype, "layer": args.layer, "seq_len": args.seq,
@@ -296,16 +344,28 @@ def main(argv: list[str] | None = None) -> int:
             "gemm_floor_ms": {"one": floor_one, f"many_{args.forks}": floor_many,
                               "what": "the later blocks' matrix products alone (one CUDA graph on a GPU)"},
             "gemm_floor_many_over_one_fork": ratio(floor_many, one.median_ms),
+            "graph_floor_ms": {"one": graph_one, f"many_{args.forks}": graph_many,
+                               "what": "the batch's remaining layers and head alone, replayed as the CUDA graph "
+                                       "fork_many captures (on a CPU: its eager rest of step)"},
+            "fork_many_over_graph_floor": ratio(many.median_ms, graph_many),
+            "one_fork_over_graph_floor": ratio(one.median_ms, graph_one),
+            # what a call costs beyond its layers, and what the 15 more forks cost beyond theirs
+            "fixed_call_ms": one.median_ms - graph_one,
+            "fork_many_beyond_one_fork_over_floor_beyond": ratio(many.median_ms - one.median_ms, graph_many - graph_one),
         }
         if not args.no_trace:
             out.update(trace_section(args, client, model, vocab, n_layers))
         client.close()
-    name = f"bench_patching_{args.model.replace(':', '_')}_L{args.layer}_s{args.seq}.json"
+    dtype = str(model_dtype(args.dtype, args.device, args.model)).replace("torch.", "")
+    name = f"bench_patching_{args.model.replace(':', '_')}_L{args.layer}_s{args.seq}_{dtype}.json"
     write_json(Path(args.out) / name, out)
     print(f"{args.model}: one fork {one.median_ms:.2f} ms, {args.forks} one by one {seq_.median_ms:.2f} ms "
           f"({out['one_by_one_over_one_fork']:.1f}x), fork_many({args.forks}) {many.median_ms:.2f} ms "
           f"({out['fork_many_over_one_fork']:.2f}x); tokens equal: {all(tokens_equal)}; the {args.forks} forks' "
-          f"matrix products alone {floor_many:.2f} ms ({out['gemm_floor_many_over_one_fork']:.2f}x one fork)")
+          f"matrix products alone {floor_many:.2f} ms ({out['gemm_floor_many_over_one_fork']:.2f}x one fork); "
+          f"graph floor one {graph_one:.2f} ms, {args.forks} {graph_many:.2f} ms: fork_many/floor "
+          f"{out['fork_many_over_graph_floor']:.2f}x, beyond one fork "
+          f"{out['fork_many_beyond_one_fork_over_floor_beyond']:.2f}x")
     if "trace" in out:
         t = out["trace"]
         print(f"trace {t['layers']}x{t['positions']}: " + ", ".join(f"{k} {v['median_ms']:.0f} ms" for k, v in t["ms"].items())

@@ -153,6 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     prof.disable()
     texts = [_stats(prof, "Engine.fork_many x10")]
+    if cuda:  # the device's side: how much of a call the GPU is busy
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+            for _ in range(5):
+                closing(engine_many)
+            sync()
+        events = tprof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 5 / 1e3
+        medians["engine_gpu_busy_per_call"] = busy
+        report.append(f"GPU busy per engine fork_many: {busy:.3f} ms (kernels' own time, summed)")
+        texts.append("===== torch.profiler, Engine.fork_many x5, by the device's own time\n"
+                     + events.table(sort_by="self_cuda_time_total", row_limit=25))
     profiling["on"] = True  # the server's side alone (one profiler at a time on Python >= 3.12)
     for _ in range(10):
         closing(client_many)
