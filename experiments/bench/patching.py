@@ -303,17 +303,26 @@ def main(argv: list[str] | None = None) -> int:
         parent = client.generate(prompt, max_new_tokens=1, breakpoints=[args.layer])
         scales = [1.0 + 0.01 * i for i in range(args.forks)]
 
+        server_parts: dict[str, list[dict[str, float]]] = {}  # the server's own timings of a call's first fork
+
         def close_all(runs: Any) -> None:
             for r in runs if isinstance(runs, list) else [runs]:
                 r.close()
 
+        def noting(case: str) -> Any:
+            def teardown(runs: Any) -> None:
+                server_parts.setdefault(case, []).append(dict((runs[0] if isinstance(runs, list) else runs).timings_ms))
+                close_all(runs)
+            return teardown
+
         res = measure_interleaved(
             {
-                "one_fork": Case(lambda _: parent.fork(scale=1.0, breakpoints=[]), teardown=close_all),
+                "one_fork": Case(lambda _: parent.fork(scale=1.0, breakpoints=[]), teardown=noting("one_fork")),
                 f"{args.forks}_forks_one_by_one": Case(
                     lambda _: [parent.fork(scale=s, breakpoints=[]) for s in scales], teardown=close_all),
                 f"fork_many_{args.forks}": Case(
-                    lambda _: parent.fork_many([{"scale": s, "breakpoints": []} for s in scales]), teardown=close_all),
+                    lambda _: parent.fork_many([{"scale": s, "breakpoints": []} for s in scales]),
+                    teardown=noting(f"fork_many_{args.forks}")),
             },
             warmup=3,
             repeats=args.repeats,
@@ -351,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             "one_fork_over_graph_floor": ratio(one.median_ms, graph_one),
             # what a call costs beyond its layers, and what the 15 more forks cost beyond theirs
             "fixed_call_ms": one.median_ms - graph_one,
+            "server_timings_ms": {case: {k: stats([p.get(k, 0.0) for p in parts]).median_ms for k in parts[-1]}
+                                  for case, parts in server_parts.items()},
             "fork_many_beyond_one_fork_over_floor_beyond": ratio(many.median_ms - one.median_ms, graph_many - graph_one),
         }
         if not args.no_trace:
