@@ -35,7 +35,8 @@ def _per_step(run: Callable[[int], Any], new_tokens: int, repeats: int) -> tuple
     """Median ms per decoding step: (time of ``new_tokens`` − time of 1) / (new_tokens − 1)."""
     out = run(new_tokens)  # warm-up (and the tokens)
     run(1)
-    longs, shorts = [], []
+    longs: list[float] = []
+    shorts: list[float] = []
     for _ in range(repeats):
         for n, into in ((new_tokens, longs), (1, shorts)):
             sync()
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(n: int) -> list[int]:
             with torch.inference_mode():
                 kw: dict[str, Any] = {"cache_implementation": cache} if cache else {}
-                out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,  # type: ignore[operator]
                                      pad_token_id=0, **kw)
             return out[0, len(ids):].tolist()
         return run
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             per_step[name], tokens[name] = _per_step(fn, args.new_tokens, args.repeats)
         except Exception as e:  # noqa: BLE001
             errors[name] = f"{type(e).__name__}: {e}"[:500]
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    weight_bytes = sum(int(t.numel()) * t.element_size() for t in model.parameters())
     floor_ms = weight_bytes / args.bandwidth * 1e3
     ref = tokens.get("hf_static")
     out = {
