@@ -11,9 +11,10 @@ one embedded in this process); this package's client talks to it over rpyc.
 
 Layers, lowest first (a test keeps each from importing a higher one):
 ``core`` (model and runs; no rpyc) → ``serving`` (rpyc server; no IPython) →
-``client`` (this API) → ``notebook`` (magics, display, widgets; only the client API);
-``wire`` (the codec, protocol, transport, side channel, TLS) is shared by serving and client.
-``errors``, ``schema``, ``conditions`` and ``version`` are shared vocabulary every layer may use.
+``client`` (this API) → ``notebook`` (magics, display, widgets; the client API, and the
+wire's typed replies it renders); ``wire`` (the typed messages, codec, protocol, transport,
+side channel, TLS) is shared by serving and client; core knows nothing of it.
+``errors``, ``states``, ``conditions`` and ``version`` are shared vocabulary every layer may use.
 """
 from typing import TYPE_CHECKING, Any
 

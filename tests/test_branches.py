@@ -251,7 +251,7 @@ def test_another_users_run_is_unknown_and_a_diff_is_admitted_on_its_estimate(sav
 
 
 def test_every_reply_field_is_checked_by_the_client():
-    from djinn_nb.schema import DiffReply
+    from djinn_nb.wire.messages import DiffReply
 
     good = dict(a="r1", b="r2", prompt_len=2, tokens_a=[1], tokens_b=[2], layers=[0, 1], steps=[0],
                 site="resid_post", divergence=0, distance=[[0.5], [None]], norm=[[1.0], [None]], kl=[0.1],

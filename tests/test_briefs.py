@@ -9,7 +9,7 @@ import torch
 
 import djinn_nb
 from djinn_nb.errors import BadRequestError, ProtocolError
-from djinn_nb.schema import RunBrief
+from djinn_nb.wire.messages import RunBrief
 from djinn_nb import wire
 
 from serving import NEW_TOKENS, PROMPT, raw_connection, reply, serve
@@ -158,7 +158,9 @@ def test_a_forks_server_timings_come_with_its_reply_and_outlive_it(served, clien
 def test_a_brief_that_keeps_more_than_the_client_has_is_a_protocol_error(served, client):
     run = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, breakpoints=[(3, "all")])
     run.resume()
-    lying = {**served.engine.get(run.id).brief(0), "keep": 5, "tokens": []}
+    from djinn_nb.serving import run_views
+
+    lying = {**run_views.brief(served.engine.get(run.id), 0).to_json(), "keep": 5, "tokens": []}
     with pytest.raises(ProtocolError, match="kept 5 token ids of the 1"):
         run._update(lying)
     assert run.token_ids == served.reference[:1]  # the handle is unchanged
@@ -177,7 +179,7 @@ def test_a_plain_resume_sends_no_edit(served, client):
 
 
 def test_listing_rows_match_the_engine_and_bad_rows_are_refused(served, client):
-    from djinn_nb.schema import RunRow
+    from djinn_nb.wire.messages import RunRow
     a = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, breakpoints=[(3, "all")])
     b = client.generate(PROMPT, max_new_tokens=2)
     rows = {r["id"]: r for r in client.runs()}

@@ -8,7 +8,7 @@ import pytest
 import djinn_nb
 from djinn_nb.notebook import display as D
 from djinn_nb.notebook.formatters import client_card, run_card
-from djinn_nb.schema import RunSummary
+from djinn_nb.wire.messages import RunSummary
 
 PROMPT = [3, 1, 4, 1, 5]
 

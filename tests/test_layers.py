@@ -1,9 +1,11 @@
 """The package's layers, as the README describes them, checked on its source.
 
 core (no rpyc) → serving (no IPython) → client → notebook (only the client API), and wire (what
-both ends of the wire share: no model, no IPython) below serving and client;
-``errors``, ``schema`` and ``schema_calls`` (with ``messages``, how their classes are checked), ``conditions`` and ``version`` are
-shared vocabulary. Every import counts,
+both ends of the wire share: the typed messages, the codec, transport, side channel, TLS; no
+model, no IPython) below serving and client: client → wire ← serving → core. Core knows nothing
+of the wire. The notebook reads the wire's typed vocabulary (``wire.messages``, ``wire.calls``:
+the replies it renders) and nothing else of it. ``errors``, ``states`` (a run's state),
+``conditions`` and ``version`` are shared vocabulary every layer may use. Every import counts,
 lazy ones inside functions included; only ``if TYPE_CHECKING:`` blocks (never
 executed) are left out of the cycle check.
 """
@@ -15,7 +17,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "djinn_nb"
-SHARED = {"djinn_nb.errors", "djinn_nb.schema", "djinn_nb.schema_calls", "djinn_nb.messages", "djinn_nb.version", "djinn_nb.conditions"}
+SHARED = {"djinn_nb.errors", "djinn_nb.states", "djinn_nb.version", "djinn_nb.conditions"}
+#: the wire's typed messages (and how they are checked): what the notebook may read of the wire
+VOCABULARY = {"djinn_nb.wire", "djinn_nb.wire.messages", "djinn_nb.wire.calls", "djinn_nb.wire.typed"}
 ALLOWED = {  # layer → layers it may import: client → wire ← serving → core
     "core": {"core"},
     "wire": {"wire"},
@@ -98,8 +102,12 @@ def _layer(module: str) -> str | None:
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_each_module_imports_only_its_own_layer_and_those_below(module):
+    _check_layers(module, MODULES[module])
+
+
+def _check_layers(module: str, path: Path) -> None:
     layer = _layer(module)
-    for target, _ in _imports(MODULES[module]):
+    for target, _ in _imports(path):
         if target == "djinn_nb":
             pytest.fail(f"{module} imports the package's own __init__ (import the module it needs)")
         if module in SHARED and target.startswith("djinn_nb"):
@@ -108,7 +116,7 @@ def test_each_module_imports_only_its_own_layer_and_those_below(module):
             if layer in FORBIDDEN_THIRD_PARTY:
                 assert target.split(".")[0] not in FORBIDDEN_THIRD_PARTY[layer], f"{module} ({layer}) imports {target}"
             continue
-        if target in SHARED:
+        if target in SHARED or (layer == "notebook" and target in VOCABULARY and target != "djinn_nb.wire"):
             continue
         target_layer = _layer(target)
         assert target_layer in ALLOWED[layer], f"{module} ({layer}) imports {target} ({target_layer})"
@@ -155,6 +163,27 @@ def test_the_checker_sees_a_violation():
         fake.unlink()
     assert ("djinn_nb.client", True) in imports
     assert _layer("djinn_nb.client") not in ALLOWED["core"]
+
+
+def test_core_knows_nothing_of_the_wire():
+    """No core or shared module imports the wire, its typed messages included (serving builds a
+    run's brief, row and summary from core's fields: serving/run_views.py), nor the old top-level
+    paths of those messages (no shims); a probe importing the wire's messages from core is caught."""
+    def wire_imports(path: Path) -> list[str]:
+        return [t for t, _ in _imports(path) if t == "djinn_nb.wire" or t.startswith("djinn_nb.wire.")]
+
+    core = {m: p for m, p in MODULES.items() if _layer(m) == "core" or m in SHARED}
+    assert len(core) > 30 and {m: wire_imports(p) for m, p in core.items() if wire_imports(p)} == {}
+    assert not any(m in MODULES for m in ("djinn_nb.schema", "djinn_nb.schema_calls", "djinn_nb.messages"))
+    fake = PKG / "core" / "_wire_probe_tmp.py"
+    fake.write_text("from ..wire.messages import RunBrief\n")
+    try:
+        found = wire_imports(fake)
+        with pytest.raises(AssertionError, match=r"\(core\) imports djinn_nb.wire.messages \(wire\)"):
+            _check_layers("djinn_nb.core._wire_probe_tmp", fake)
+    finally:
+        fake.unlink()
+    assert found == ["djinn_nb.wire.messages"]
 
 
 def test_no_collaborator_is_a_mixin_of_the_engine():

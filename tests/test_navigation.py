@@ -105,7 +105,7 @@ def test_conditions_that_are_not_conditions_are_refused(setup, when):
 
 def test_the_server_validates_a_tree_it_is_sent(setup):
     client = setup[0]
-    from djinn_nb.schema import GenerateRequest
+    from djinn_nb.wire.messages import GenerateRequest
     from djinn_nb import wire
 
     for tree in ({"term": "os.system", "op": "<", "value": 1}, {"call": "eval"}, {"term": "step", "op": "in", "value": 1},

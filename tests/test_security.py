@@ -13,7 +13,7 @@ import rpyc
 from rpyc.core import consts
 
 import djinn_nb
-from djinn_nb.schema import RunSummary
+from djinn_nb.wire.messages import RunSummary
 from djinn_nb.wire.protocol import PROTOCOL
 from djinn_nb import wire
 from djinn_nb.errors import AuthenticationError, UnknownRunError

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import BadRequestError
-from ..schema import DiffReply, DiffRequest
+from ..wire.messages import DiffReply, DiffRequest
 from .. import wire
 from .run import Run
 

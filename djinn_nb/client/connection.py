@@ -2,7 +2,7 @@
 
 ``connect()`` reaches a running ``djinn-server``, the per-user local server (``local.py``), or an
 embedded one in this process; either way the client speaks the same rpyc protocol, with requests and
-summaries typed by :mod:`djinn_nb.schema` and tensors as ``(dtype, shape, bytes)``.
+summaries typed by :mod:`djinn_nb.wire.messages` and tensors as ``(dtype, shape, bytes)``.
 
 Over a real network each round trip is the link's latency, so every call is one rpyc
 request (the method's name travels with its arguments: no lookup first), and texts are
@@ -23,9 +23,9 @@ from rpyc.core import consts
 from .. import wire
 from ..wire import sidechannel
 from ..errors import BadRequestError, DjinnError, NoTokenizerError, ProtocolError, error_from_wire
-from ..schema import GenerateRequest, HelloReply, RunRow, RunSummary
-from ..schema_calls import (DecodeManyReply, DecodeManyRequest, ExpectReply, LensGridRequest, TokenProbsRequest,
+from ..wire.calls import (DecodeManyReply, DecodeManyRequest, ExpectReply, LensGridRequest, TokenProbsRequest,
                             read_reply)
+from ..wire.messages import GenerateRequest, HelloReply, RunRow, RunSummary
 from ..wire.protocol import DEFAULT_PORT, PROTOCOL
 from ..wire.tls import client_context
 from ..wire.transport import default_spin_s, open_connection
@@ -202,7 +202,7 @@ class Client:
         return Run(self, RunSummary.from_json(self._call("generate", wire.dumps(req.to_json()))))
 
     def runs(self) -> list[dict[str, Any]]:
-        """This client's runs on the server, one dict each (``djinn_nb.schema.RunRow``'s fields):
+        """This client's runs on the server, one dict each (``djinn_nb.wire.messages.RunRow``'s fields):
         id, state, layer, site, step, tokens, bytes_held, offloaded, parent, idle_s."""
         rows = self._call("runs")
         if type(rows) is not list:

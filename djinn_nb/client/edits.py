@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 from ..conditions import parse as parse_condition
 from ..errors import ActivationError, BadRequestError, BreakpointError
-from ..schema import EditRequest, ForkRequest
+from ..wire.messages import EditRequest, ForkRequest
 from .features import clamp_request
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 from ..errors import BadRequestError, SaeError
-from ..schema_calls import (FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded, read_list,
+from ..wire.calls import (FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded, read_list,
                             read_reply)
 from .. import wire
 

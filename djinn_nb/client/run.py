@@ -1,9 +1,9 @@
 """``Run``: a handle on a generation whose state lives on the server.
 
-A step, fork or refresh answers a :class:`~djinn_nb.schema.RunBrief`: where the
+A step, fork or refresh answers a :class:`~djinn_nb.wire.messages.RunBrief`: where the
 run is and the token ids this client does not have yet, a few dozen bytes — a
 pause at every step then costs little more than rpyc's own round trip. The rest of
-a :class:`~djinn_nb.schema.RunSummary` (the paused activation's statistics, the
+a :class:`~djinn_nb.wire.messages.RunSummary` (the paused activation's statistics, the
 top-k, bytes held, timings, breakpoints) is fetched the first time a property asks
 for it after the run changed, and kept while the run's version stays the same.
 Tensors cross only when asked for (``activation()``, ``logits()``).
@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..errors import BadRequestError, DjinnError, ProtocolError
-from ..schema import LensReply, RunBrief, RunState, RunSummary, WatchHit, history_records
-from ..schema_calls import ClosedReply, read_reply
+from ..states import RunState
+from ..wire.calls import ClosedReply, read_reply
+from ..wire.messages import LensReply, RunBrief, RunSummary, WatchHit, history_records
 from .. import wire
 from .edits import FORK_ARGS, edit_request, fork_request
 from .features import FeatureRows
@@ -209,7 +210,7 @@ class Run:
 
     @property
     def summary(self) -> dict[str, Any]:
-        """Everything about the run, as plain values (see ``djinn_nb.schema.RunSummary``); asked
+        """Everything about the run, as plain values (see ``djinn_nb.wire.messages.RunSummary``); asked
         for again only if the run changed since it was last read."""
         return self._details().to_json()
 
@@ -380,7 +381,7 @@ class Run:
         cached = self._history
         records = cached[1] if cached is not None and cached[0] == self._v else self._client._call("history", self.id)
         try:
-            out = history_records(records)  # checked field by field (djinn_nb.schema.HistoryRecord)
+            out = history_records(records)  # checked field by field (djinn_nb.wire.messages.HistoryRecord)
         except BadRequestError as e:
             raise ProtocolError(f"history: {e}") from None
         _take_texts(self._client, records)

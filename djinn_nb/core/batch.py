@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..schema import RunState
+from ..states import RunState
 from . import graphs, kvcache
 from .runs import Checkpoint, Run
 from .nanguard import logits_finite

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import torch
 
 from ..errors import BadRequestError, BreakpointError, RunStateError
-from ..schema import RunState
+from ..states import RunState
 from . import kvcache
 from .scheduler import CallStopped
 from .sites import RESIDUAL_SITES, SITES

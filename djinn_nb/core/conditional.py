@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..conditions import evaluate, feature_terms, terms_of
-from ..schema import RunState
+from ..states import RunState
 from . import kvcache
 from .saes import SAE, SaeRegistry
 from .runs import Checkpoint, Run

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, NoReturn, Sequence
 import torch
 
 from ..errors import BadRequestError, BreakpointError, ExecutionError, NoTokenizerError, RunStateError
-from ..schema import RunState
+from ..states import RunState
 from . import tracing, views
 from .architecture import Anatomy, check_split_is_exact, find_anatomy
 from .forking import Forks, ForkSpec

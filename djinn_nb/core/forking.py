@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..errors import ActivationError, BadRequestError, ExecutionError
-from ..schema import RunState
+from ..states import RunState
 from . import kvcache
 from .batch import ForkBatch
 from .edits import PatchSource, apply_edit

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import NonFiniteError
-from ..schema import RunState
+from ..states import RunState
 from . import kvcache
 from .trajectory import Mark
 

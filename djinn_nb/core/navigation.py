@@ -15,14 +15,24 @@ nothing else of it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 from ..errors import BadRequestError, BreakpointError, RunStateError
-from ..schema import HistoryRecord, RunState
+from ..states import RunState
 from .host import RunHost
 from .runs import Run
 from .sites import DEFAULT_SITE
 from .specs import Point
+
+
+class TokenRecord(NamedTuple):
+    """One generated token as :meth:`Navigator.history` reads it (serving makes it a ``HistoryRecord``)."""
+
+    step: int
+    token_id: int
+    topk: list[tuple[int, float]]  # (token id, probability) when it was picked
+    entropy: float  # nats
+    time_s: float | None  # after the run's first timed token; None for tokens a fork or rewind took over
 
 
 class Navigator:
@@ -90,7 +100,7 @@ class Navigator:
             host.advance(run, None)
         return run
 
-    def history(self, run_id: str, owner: str = "") -> list[dict[str, Any]]:
+    def history(self, run_id: str, owner: str = "") -> list[TokenRecord]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy (nats), and
         time_s: when it was picked, in seconds after this run's first timed token (None for the
         tokens a fork or rewind took over from its source, which this run did not time)."""
@@ -101,8 +111,8 @@ class Navigator:
             times = run.token_times
             untimed = len(run.token_ids) - len(times)
             return [
-                HistoryRecord(i, t, [(int(j), math.exp(lp)) for j, lp in top], h,
-                              None if i < untimed else round(times[i - untimed] - times[0], 7)).to_json()
+                TokenRecord(i, t, [(int(j), math.exp(lp)) for j, lp in top], h,
+                            None if i < untimed else round(times[i - untimed] - times[0], 7))
                 for i, (t, top, h) in enumerate(zip(run.token_ids, run.topk, run.entropies))
             ]
 

@@ -1,7 +1,9 @@
 """A run's server-side state: its checkpoint, KV cache, tokens, and the tensors it holds.
 
 The :class:`~djinn_nb.core.engine.Engine` drives runs; this module only describes
-them and walks their tensors (for ``bytes_held``, offload and restore).
+them and walks their tensors (for ``bytes_held``, offload and restore). What a client is
+told of a run (its brief, listing row and summary) is built by serving
+(:mod:`djinn_nb.serving.run_views`) from these fields: core knows nothing of the wire.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UnknownRunError
-from ..schema import RunRow, RunState, RunSummary
+from ..states import RunState
 from . import graphs, kvcache, offload
 from .specs import Breakpoint, Point, Sampling
 from .trajectory import Trajectory, WatchHit
@@ -222,72 +224,15 @@ class Run:
         found = run_tensors(self, with_cache) + list(self.logits)
         return found + [self.last_logits] if self.last_logits is not None else found
 
-    def brief(self, since: int | None = None) -> dict[str, Any]:
-        """Where the run is, in a few fields: what most calls answer. ``since``: how many of the
-        run's (or, for a new run, its source's) token ids the client already has; only the ids
-        after ``keep`` are sent (a run's tokens only grow, and a fork's or rewind's start with
-        its source's). ``v`` tells the client whether the details it holds are stale."""
-        tokens = self.token_ids
-        keep = 0 if since is None else min(since, len(tokens))
+    def pending_stats(self) -> dict[str, Any] | None:
+        """The paused activation's statistics (:func:`activation_stats`: a device read), or None
+        when not paused; worked out once per pending tensor (edits and restores replace it)."""
         cp = self.checkpoint
-        return {"id": self.id, "state": self.state.value, "step": cp.step if cp else self.step,
-                "layer": cp.layer if cp else None, "site": cp.site if cp else None, "keep": keep,
-                "tokens": tokens[keep:], "max_new_tokens": self.max_new_tokens, "parent": self.parent,
-                "offloaded": self.host_pack is not None, "error": self.error, "v": self.lock.version,
-                "timings_ms": self.timings_ms()}
-
-    def timings_ms(self) -> dict[str, float]:
-        """The server's parts of the last call on this run, in milliseconds (what ``brief`` and
-        the summary carry)."""
-        return {k: round(v * 1e3, 4) for k, v in self.timings.items()}
-
-    def row(self) -> RunRow:
-        """This run's line in a listing, without its tokens."""
-        cp = self.checkpoint
-        return RunRow(id=self.id, state=self.state, layer=cp.layer if cp else None, site=cp.site if cp else None,
-                      step=cp.step if cp else self.step, tokens=len(self.token_ids), bytes_held=self.bytes_held(),
-                      offloaded=self.host_pack is not None, parent=self.parent,
-                      idle_s=round(time.monotonic() - self.last_used, 3))
-
-    def summary(self, detail: bool = True) -> RunSummary:
-        """What a client sees of the run; ``detail`` adds the paused activation's statistics
-        (a device read) and the top-k — listings leave them out (and the tensors alone)."""
-        version = self.lock.version  # read first: a change while this is built leaves it stale, not wrong
-        cp = self.checkpoint
-        activation = None
-        if detail and cp is not None:
-            if cp.stats is None or cp.stats[0] is not cp.pending:  # edits and restores replace pending
-                cp.stats = (cp.pending, activation_stats(cp.pending))
-            activation = {
-                "shape": list(cp.pending.shape),
-                "dtype": str(cp.pending.dtype).replace("torch.", ""),
-                "edited": cp.edited,
-                **cp.stats[1],
-            }
-        return RunSummary(
-            id=self.id,
-            state=self.state,
-            step=cp.step if cp else self.step,
-            layer=self.layer,
-            site=self.site,
-            token_ids=list(self.token_ids),
-            prompt_ids=list(self.prompt_ids),
-            max_new_tokens=self.max_new_tokens,
-            breakpoints=[b.as_dict() for b in self.breakpoints],
-            watches=[b.as_dict() for b in self.watches],
-            watched=len(self.watch_log),
-            bytes_held=self.bytes_held(),
-            offloaded=self.offloaded,
-            parent=self.parent,
-            error=self.error,
-            held=self.held,
-            timings_ms=self.timings_ms(),
-            continued_by=self.continued_by,
-            topk=[list(x) for x in self.topk[-1]] if detail and self.topk else None,
-            activation=activation,
-            idle_s=round(time.monotonic() - self.last_used, 3),
-            v=version,
-        )
+        if cp is None:
+            return None
+        if cp.stats is None or cp.stats[0] is not cp.pending:
+            cp.stats = (cp.pending, activation_stats(cp.pending))
+        return cp.stats[1]
 
 
 def _get_cache(run: Run) -> Any:

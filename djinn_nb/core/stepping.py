@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ExecutionError
-from ..schema import RunState
+from ..states import RunState
 from . import graphs, kvcache
 from .architecture import Anatomy, run_tail
 from .pause import StopForward, Trace, output_hidden

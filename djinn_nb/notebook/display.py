@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from ..conditions import to_text
 from ..errors import DjinnError
-from ..schema import RunState, RunSummary
+from ..states import RunState
+from ..wire.messages import RunSummary
 from .compare import Comparison, changed_positions, compare_html
 
 if TYPE_CHECKING:  # pragma: no cover

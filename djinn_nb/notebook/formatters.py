@@ -9,7 +9,7 @@ from typing import Any
 
 from ..client import Client, Run
 from ..errors import DjinnError
-from ..schema import RunSummary
+from ..wire.messages import RunSummary
 from .display import client_html, run_html
 
 

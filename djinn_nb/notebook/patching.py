@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import BadRequestError
-from ..schema_calls import AttributionReply, AttributionRequest, read_reply
+from ..wire.calls import AttributionReply, AttributionRequest, read_reply
 from .tracing import GRID_SITES, _prompt, answer_label, check_layers
 
 if TYPE_CHECKING:  # pragma: no cover

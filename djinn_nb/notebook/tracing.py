@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from ..errors import BadRequestError
-from ..schema_calls import CausalTraceReply, CausalTraceRequest, read_reply
+from ..wire.calls import CausalTraceReply, CausalTraceRequest, read_reply
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

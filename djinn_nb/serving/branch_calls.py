@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core import branches
 from ..errors import QuotaError
-from ..schema import DiffReply, DiffRequest
+from ..wire.messages import DiffReply, DiffRequest
 from .. import wire
 from .parts import Caller, Replies
 

@@ -17,8 +17,8 @@ from ..core.stepthrough import step_through
 from ..core.tracing import check_grid
 from ..core import views
 from ..errors import BadRequestError
-from ..schema import EditRequest, ForkRequest
-from ..schema_calls import CausalTraceReply, CausalTraceRequest, TokenProbsRequest
+from ..wire.calls import CausalTraceReply, CausalTraceRequest, TokenProbsRequest
+from ..wire.messages import EditRequest, ForkRequest
 from .. import wire
 from .parts import Caller, Replies, Requests
 from .replies import _since, _str
@@ -175,7 +175,7 @@ class DebugCalls:
     def history(self, run_id: Any) -> list[dict[str, Any]]:
         """One record per generated token: step, token_id, topk [(id, prob)], entropy, time_s, and with
         a tokenizer the texts ``token`` and ``topk_tokens``."""
-        return self._replies.history_texts(self._engine.history(_str(run_id, "run id"), self._caller.who()))
+        return self._replies.history(self._engine.history(_str(run_id, "run id"), self._caller.who()))
 
 
 def resolve_answer(engine: Any, answer: Any) -> Any:

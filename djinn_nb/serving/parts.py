@@ -9,7 +9,7 @@ class given only these:
 - :class:`Caller` (``context.CallContext``): who is calling, the scope a call runs in, the
   quota checks made before a call allocates and the admission of the runs it made;
 - :class:`Replies` (``text_calls.TextCalls``): what replies carry (a run's brief or summary
-  with its text, history records and token ids with their texts);
+  with its text, history records and token ids with their texts; built by ``run_views``);
 - :class:`Requests` (``requests.Requests``): a request made the engine's (an ``EditRequest``
   an ``Edit``, a breakpoint's feature conditions checked);
 - :class:`Tensors` (``transfers.Transfers``): tensors in and out, inline or on the side channel.
@@ -23,9 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from ..core.engine import Engine
+    from ..core.navigation import TokenRecord
     from ..core.runs import Run
     from ..core.specs import Edit
-    from ..schema import EditRequest
+    from ..wire.messages import EditRequest
     from .state import ServerState
 
 __all__ = ["Caller", "Replies", "Requests", "Tensors"]
@@ -71,7 +72,7 @@ class Replies(Protocol):
 
     def summary(self, run: Run) -> dict[str, Any]: ...
 
-    def history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    def history(self, records: list[TokenRecord]) -> list[dict[str, Any]]: ...
 
     def token_texts(self, ids: Iterable[int]) -> dict[int, str]: ...
 

@@ -16,7 +16,7 @@ from ..core.attribution import attribution_patching, check_metric
 from ..core.patchgrid import grid_spec
 from ..core.tracing import check_grid
 from ..errors import BadRequestError
-from ..schema_calls import AttributionReply, AttributionRequest
+from ..wire.calls import AttributionReply, AttributionRequest
 from .. import wire
 from .debug_calls import resolve_answer
 from .parts import Caller, Replies

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.runs import activation_stats
 from ..errors import BadRequestError
-from ..schema import LensReply, WatchHit
-from ..schema_calls import LensGridRequest
+from ..wire.calls import LensGridRequest
+from ..wire.messages import LensReply, WatchHit
 from .. import wire
 from .parts import Caller, Replies, Tensors
 from .replies import _str

@@ -17,7 +17,7 @@ from ..core.features import Clamp, check_feature, check_place
 from ..core.saes import SaeRegistry
 from ..core.specs import Edit, parse_breakpoint
 from ..errors import DjinnError
-from ..schema import EditRequest
+from ..wire.messages import EditRequest
 from .parts import Caller, Tensors
 
 if TYPE_CHECKING:  # pragma: no cover

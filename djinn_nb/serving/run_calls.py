@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..core.specs import Edit, Sampling
-from ..schema import EditRequest, ForkRequest, GenerateRequest, ServerInfo
-from ..schema_calls import ClosedReply
+from ..wire.calls import ClosedReply
+from ..wire.messages import EditRequest, ForkRequest, GenerateRequest, ServerInfo
 from .. import wire
+from . import run_views
 from .parts import Caller, Replies, Requests
 from .replies import _since, _str
 
@@ -142,7 +143,7 @@ class RunCalls:
         owner = self._caller.who()
         mine = self._engine.all_runs() if self._caller.admin else self._engine.runs(owner)
         runs = sorted(mine, key=lambda r: int(r.id[1:].split("-")[0]))
-        return [r.row().to_json() for r in runs]
+        return [run_views.row(r).to_json() for r in runs]
 
     def close(self, run_id: Any) -> dict[str, Any]:
         """Free a run (an admin closes any run, as its owner would)."""

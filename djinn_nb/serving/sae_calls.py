@@ -21,7 +21,7 @@ from ..core.features import read_features
 from ..core.saes import SAE, SaeRegistry, inspect_dir, load_tensors, parse_hook
 from ..errors import BadRequestError, BreakpointError, QuotaError, SaeError
 from .. import wire
-from ..schema_calls import FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded
+from ..wire.calls import FeaturesReply, FeaturesRequest, LoadSaeRequest, SaeInfo, SaeUnloaded
 from .parts import Caller, Replies
 from .replies import _str
 

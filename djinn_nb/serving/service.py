@@ -32,7 +32,7 @@ from typing import Any
 import rpyc
 
 from ..errors import BadRequestError, ProtocolError, QuotaError
-from ..schema import HelloReply
+from ..wire.messages import HelloReply
 from ..version import __version__
 from ..wire.protocol import PROTOCOL
 from ..wire.transport import FastChannel

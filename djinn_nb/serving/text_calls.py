@@ -18,15 +18,19 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..core.runs import Run
 from ..errors import BadRequestError, DjinnError
-from ..schema import RunState
-from ..schema_calls import DecodeManyReply, DecodeManyRequest
+from ..states import RunState
+from ..wire.calls import DecodeManyReply, DecodeManyRequest
 from .. import wire
+from . import run_views
 from .parts import Caller
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.engine import Engine
+    from ..core.navigation import TokenRecord
 
 __all__ = ["TextCalls"]
+
+_PAUSED = RunState.PAUSED  # read once: an enum member's lookup is on every brief's path
 
 #: The most token ids one ``decode_many`` call decodes, over all its sequences and tokens.
 MAX_DECODE_IDS = 1 << 20
@@ -64,36 +68,29 @@ class TextCalls:
     def brief(self, run: Run, since: int | None, new: bool = False) -> dict[str, Any]:
         """The run's ``RunBrief``: with its text for a new run (fork, rewind) or one no longer
         paused (what the caller reads next), without at a pause (a step's brief stays small)."""
-        brief = run.brief(since)
-        brief["text"] = self._text(run.token_ids) if new or run.state != RunState.PAUSED else None
-        brief["history"] = None
-        return brief
+        text = self._text(run.token_ids) if new or run.state is not _PAUSED else None
+        return run_views.brief(run, since, text).to_json()
 
     def closed_brief(self, run: Run, since: int | None) -> dict[str, Any]:
         """A fork asked to close at once (``ForkRequest.close``): everything a caller can read of
         it, its text and its history with their texts, then the run closed on the server."""
-        brief = self.brief(run, since, new=True)
-        brief["history"] = self.history_texts(self._engine.history(run.id, run.owner))
+        brief = run_views.brief(run, since, self._text(run.token_ids))
+        brief.history = self.history(self._engine.history(run.id, run.owner))
         with contextlib.suppress(DjinnError):  # already gone (its lease ended): nothing to free
             self._engine.close(run.id, run.owner)
         self._caller.state.freed.set()
-        brief["state"] = RunState.CLOSED.value
-        return brief
+        brief.state = RunState.CLOSED
+        return brief.to_json()
 
     def summary(self, run: Run) -> dict[str, Any]:
         """The run's ``RunSummary`` with its text (what the run card shows)."""
-        summary = run.summary().to_json()
-        summary["text"] = self._text(summary["token_ids"])
-        return summary
+        return run_views.summary(run, self._text(run.token_ids)).to_json()
 
-    def history_texts(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """History records with ``token`` and ``topk_tokens`` texts (with a tokenizer)."""
-        texts = self.token_texts(i for r in records for i in (r["token_id"], *(t for t, _ in r["topk"])))
-        if texts:
-            for r in records:
-                r["token"] = texts[r["token_id"]]
-                r["topk_tokens"] = [texts[t] for t, _ in r["topk"]]
-        return records
+    def history(self, records: list[TokenRecord]) -> list[dict[str, Any]]:
+        """``run.history()``'s records (``HistoryRecord``), with ``token`` and ``topk_tokens`` texts
+        (with a tokenizer)."""
+        texts = self.token_texts(i for r in records for i in (r.token_id, *(t for t, _ in r.topk)))
+        return [r.to_json() for r in run_views.history(records, texts)]
 
     # ----- calls (the service's exposed_<name>) -------------------------------------
     def tokenize(self, text: Any) -> list[int]:

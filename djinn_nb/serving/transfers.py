@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import BadRequestError
-from ..schema_calls import ExpectReply
+from ..wire.calls import ExpectReply
 from .. import wire
 from ..wire import sidechannel
 from .parts import Caller

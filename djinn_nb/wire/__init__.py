@@ -1,5 +1,8 @@
 """What both ends of the wire share: the client imports it, the server imports it, core never does.
 
+- ``messages``: the runs' typed messages (briefs, summaries, listing rows, history, lens, info,
+  watch hits, diffs; the generate/edit/fork/diff requests); ``calls``: the other calls' requests
+  and replies; ``typed``: ``Message``, how each is checked (one ``from_json`` per class);
 - ``codec`` (re-exported here: ``wire.dumps``, ``wire.loads``, ``wire.encode_tensor`` …): JSON
   and ``(dtype, shape, bytes)`` tensors, validated on arrival;
 - ``protocol``: the constants both ends agree on (the protocol version, the default port);
@@ -7,8 +10,8 @@
 - ``sidechannel``: a ticketed bulk socket for tensors of 1 MiB or more;
 - ``tls``: both channels under TLS.
 
-The typed messages themselves (briefs, summaries, requests) are ``djinn_nb.schema``, shared
-vocabulary every layer may use. The layers' shape is client → wire ← serving → core.
+The layers' shape is client → wire ← serving → core: serving builds the messages from core's
+runs (``serving.run_views``); a run's state is the shared ``djinn_nb.states.RunState``.
 """
 from .codec import (
     DEFAULT_MAX_PAYLOAD,

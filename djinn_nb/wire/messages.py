@@ -1,11 +1,13 @@
-"""What crosses the wire, typed: run states, run summaries, listing rows, history, lens, server info,
-watch hits and requests.
+"""What crosses the wire about runs, typed: run briefs, run summaries, listing rows, history, lens,
+server info, watch hits, and the requests that start, edit, fork and compare runs.
 
-Server and client share these dataclasses. Each has one ``from_json`` that
+Server and client share these dataclasses (serving builds them from a core run in
+:mod:`djinn_nb.serving.run_views`; core never imports them). Each has one ``from_json`` that
 validates a decoded JSON object (unknown or missing keys, wrong types, as its
-fields' annotations say: see :mod:`djinn_nb.messages`) and raises
+fields' annotations say: see :mod:`djinn_nb.wire.typed`) and raises
 ``BadRequestError`` naming the field, so neither side reads a run through
-string keys. No torch, no rpyc: every layer may import this module.
+string keys. No torch, no rpyc. A run's state is :class:`djinn_nb.states.RunState`, shared
+with core.
 Tensors are not part of a request's JSON; they travel beside it as a header
 plus bytes, or as a side-channel ticket (``TensorRef``).
 """
@@ -14,23 +16,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
-from .messages import Message, fail
-
-
-class RunState(str, Enum):
-    """Where a run is; a ``str`` so that it crosses JSON as its value."""
-
-    RUNNING = "running"
-    PAUSED = "paused"
-    DONE = "done"
-    CLOSED = "closed"
-    FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
+from ..states import RunState
+from .typed import Message, fail
 
 
 #: A tensor beside a request: an inline header (``{"dtype", "shape"}``, bytes sent separately)
@@ -241,7 +230,7 @@ class WatchHit(Message):
             raise fail(type(self), "shape must be a list of ints, the per-position statistics lists of numbers")
 
 
-@dataclass
+@dataclass(slots=True)  # slots: built on every step's and fork's path, on both ends
 class RunBrief:
     """What a step, fork or refresh answers: where the run is, and the token ids the client lacks.
 
@@ -276,6 +265,19 @@ class RunBrief:
 
     _FIELDS = ("id", "state", "step", "layer", "site", "keep", "tokens", "max_new_tokens", "parent", "offloaded",
                "error", "v", "timings_ms", "text", "history", "probs")
+
+    def to_json(self) -> dict[str, Any]:
+        """The brief as the wire carries it, by hand (no field walk: fork_many builds dozens per call;
+        ``_value_``: the state's str without ``value``'s property); ``probs`` only where a fork asked for
+        them (``text`` and ``history`` always, null if none)."""
+        obj: dict[str, Any] = {
+            "id": self.id, "state": self.state._value_, "step": self.step, "layer": self.layer, "site": self.site,
+            "keep": self.keep, "tokens": self.tokens, "max_new_tokens": self.max_new_tokens, "parent": self.parent,
+            "offloaded": self.offloaded, "error": self.error, "v": self.v, "timings_ms": self.timings_ms,
+            "text": self.text, "history": self.history}
+        if self.probs is not None:
+            obj["probs"] = self.probs
+        return obj
 
     @classmethod
     def from_json(cls, obj: Any) -> "RunBrief":

@@ -1,12 +1,12 @@
 """How a typed message is checked: ``from_json``/``to_json`` for a dataclass of plain JSON values.
 
-Why apart from ``schema.py``: that module is the vocabulary (which messages cross the wire, and
+Why apart from ``messages.py`` and ``calls.py``: those are the vocabulary (which messages cross the wire, and
 their fields); this is the one way each is read. A message's checks come from its fields' own
 annotations — ``int``, ``float`` (an int is accepted), ``str``, ``bool``, ``list[...]``,
 ``dict[...]``, a union of those, ``| None`` for a field that may be null; any other type is
 the class's own to check (``__post_init__``) — so a field's type is stated once. A message
 refuses unknown and missing fields, wrong types and non-finite numbers with a
-``BadRequestError`` naming the class and the field. Shared vocabulary: no torch, no rpyc.
+``BadRequestError`` naming the class and the field. No torch, no rpyc.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, ClassVar, Union
 
-from .errors import BadRequestError
+from ..errors import BadRequestError
 
 __all__ = ["Message", "check", "fail"]
 

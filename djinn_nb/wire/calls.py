@@ -2,24 +2,24 @@
 patching), SAEs and their features, batched decoding and token probabilities, the lens grid,
 side-channel reservations, and what closing a run or unloading an SAE acknowledges.
 
-Why apart from ``schema.py``: that module holds the runs' own messages (states, briefs, summaries,
+Why apart from ``messages.py``: that module holds the runs' own messages (briefs, summaries,
 listings, edits and forks) and is near its size limit; these are the requests and replies of the
-calls added around them, in the same vocabulary: each a :class:`~djinn_nb.messages.Message`
+calls added around them, in the same vocabulary: each a :class:`~djinn_nb.wire.typed.Message`
 dataclass whose fields are annotated once. A reply is built on the server (``Cls(...).to_json()``,
 the same keys the wire always carried) and read on the client through
 :func:`read_reply`/:func:`read_list`, so a malformed reply is a ``ProtocolError`` naming the call,
 never a ``KeyError`` deep in a caller. A request is read on the server through ``Cls.from_json``
 (unknown keys, missing or mistyped fields refused by name); what a field's items mean (a layer
 in range, a token id in the vocabulary) is checked where it is used, as before.
-Shared vocabulary: no torch, no rpyc; every layer may import it.
+No torch, no rpyc: both ends of the wire import it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import BadRequestError, ProtocolError
-from .messages import Message, fail
+from ..errors import BadRequestError, ProtocolError
+from .typed import Message, fail
 
 __all__ = ["AttributionReply", "AttributionRequest", "CausalTraceReply", "CausalTraceRequest", "ClosedReply",
            "DecodeManyReply", "DecodeManyRequest", "ExpectReply", "FeaturesReply", "FeaturesRequest",
