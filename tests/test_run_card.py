@@ -102,3 +102,27 @@ def test_a_single_heads_attention_title_fits_its_figure(client):
     box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width
     run.close()
+
+
+def test_the_run_card_reads_the_summary_the_client_already_checked(client, monkeypatch):
+    """Rendering a run parses nothing again: the card reads the typed summary the client checked once
+    when it arrived (``Run.details``), and a run that changed is asked for once."""
+    from djinn_nb.wire.messages import RunSummary
+
+    run = client.generate(PROMPT, max_new_tokens=3, breakpoints=[1])
+    run.summary  # noqa: B018 - the summary, read and checked once
+    parses = []
+    real = RunSummary.from_json.__func__
+
+    def counting(cls, obj):
+        parses.append(obj)
+        return real(cls, obj)
+
+    monkeypatch.setattr(RunSummary, "from_json", classmethod(counting))
+    assert run.details is run._details() and "layer 1" in run_card(run)
+    assert parses == []
+    run.resume()  # the run changed: one summary asked for and checked, for the card and the property alike
+    run_card(run)
+    run.summary  # noqa: B018
+    assert len(parses) == 1
+    run.close()

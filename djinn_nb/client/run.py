@@ -214,6 +214,11 @@ class Run:
         for again only if the run changed since it was last read."""
         return self._details().to_json()
 
+    @property
+    def details(self) -> RunSummary:
+        """``summary`` as the typed record it was read into (checked once, when it arrived)."""
+        return self._details()
+
     # ----- tensors ----------------------------------------------------------------
     def activation(self, original: bool = False) -> torch.Tensor:
         """The paused activation on this machine's CPU: (batch, positions, hidden), or at ``z``

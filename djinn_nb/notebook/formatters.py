@@ -9,12 +9,11 @@ from typing import Any
 
 from ..client import Client, Run
 from ..errors import DjinnError
-from ..wire.messages import RunSummary
 from .display import client_html, run_html
 
 
 def run_card(run: Run) -> str:
-    return run_html(RunSummary.from_json(run.summary), run.client)
+    return run_html(run.details, run.client)
 
 
 def client_card(client: Client) -> str:
